@@ -1,0 +1,368 @@
+"""SQLAlchemy 2.0 typed models of every table, matching the migrations exactly.
+
+The migrations are the source of truth for the schema; a test runs Alembic's
+autogenerate comparison at head and fails on any difference, so these models
+cannot drift from them. Constraint and index names follow one naming
+convention, which the migrations spell out literally.
+
+Status columns are VARCHAR(20) holding the lowercase words of the StrEnums
+below, guarded by CHECK constraints in the database.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    CheckConstraint,
+    DateTime,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    Uuid,
+    false,
+    func,
+    text,
+    true,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING_CONVENTION = {
+    "pk": "pk_%(table_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+}
+
+
+class ReleaseStatus(StrEnum):
+    DRAFT = "draft"
+    PROMOTED = "promoted"
+    IN_PROGRESS = "in_progress"
+    TESTING = "testing"
+    COMPLETED = "completed"
+    ROLLED_BACK = "rolled_back"
+
+
+class DeploymentStatus(StrEnum):
+    PENDING = "pending"
+    AWAITING_APPROVAL = "awaiting_approval"
+    IN_PROGRESS = "in_progress"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    REJECTED = "rejected"
+    CANCELLED = "cancelled"
+    ROLLED_BACK = "rolled_back"
+
+
+class StageStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+class ApprovalStatus(StrEnum):
+    PENDING = "pending"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+
+
+class RollbackStatus(StrEnum):
+    PENDING = "pending"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class EnvironmentType(StrEnum):
+    """Declared in promotion order: development -> staging -> production."""
+
+    DEVELOPMENT = "development"
+    STAGING = "staging"
+    PRODUCTION = "production"
+
+
+ACTIVE_DEPLOYMENT_STATUSES = (
+    DeploymentStatus.PENDING,
+    DeploymentStatus.AWAITING_APPROVAL,
+    DeploymentStatus.IN_PROGRESS,
+)
+
+STANDARD_STAGES = ("build", "test", "security_scan", "deploy", "smoke_test")
+
+
+def _one_of(column: str, vocabulary: type[StrEnum]) -> CheckConstraint:
+    """CHECK that a column holds one word of its vocabulary (named ck_<table>_<column>)."""
+    words = ", ".join(f"'{member.value}'" for member in vocabulary)
+    return CheckConstraint(f"{column} IN ({words})", name=column)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {
+        uuid.UUID: Uuid(),
+        datetime: DateTime(timezone=True),
+        dict[str, Any]: JSONB,
+        list[str]: JSONB,
+    }
+
+
+def _uuid_pk() -> Mapped[uuid.UUID]:
+    return mapped_column(primary_key=True, default=uuid.uuid4, server_default=func.gen_random_uuid())
+
+
+def _created_at() -> Mapped[datetime]:
+    return mapped_column(server_default=func.now())
+
+
+def _updated_at() -> Mapped[datetime]:
+    return mapped_column(server_default=func.now(), onupdate=func.now())
+
+
+def _user_fk(nullable: bool = False) -> Mapped[Any]:
+    """Users are deactivated, never deleted: every reference to them restricts deletion."""
+    return mapped_column(ForeignKey("users.id", ondelete="RESTRICT"), nullable=nullable, index=True)
+
+
+class Team(Base):
+    __tablename__ = "teams"
+    __table_args__ = (
+        UniqueConstraint("name"),
+        CheckConstraint("member_count >= 0", name="member_count"),
+    )
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    name: Mapped[str] = mapped_column(String(100))
+    description: Mapped[str | None] = mapped_column(Text)
+    slack_channel: Mapped[str | None] = mapped_column(String(100))
+    member_count: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now(), index=True)
+    updated_at: Mapped[datetime] = _updated_at()
+
+
+class User(Base):
+    __tablename__ = "users"
+    __table_args__ = (UniqueConstraint("email"), UniqueConstraint("username"))
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    email: Mapped[str] = mapped_column(String(255))
+    username: Mapped[str] = mapped_column(String(100))
+    full_name: Mapped[str | None] = mapped_column(String(200))
+    hashed_password: Mapped[str] = mapped_column(String(255))
+    is_active: Mapped[bool] = mapped_column(server_default=true())
+    is_admin: Mapped[bool] = mapped_column(server_default=false())
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now(), index=True)
+    updated_at: Mapped[datetime] = _updated_at()
+
+
+class Environment(Base):
+    __tablename__ = "environments"
+    __table_args__ = (UniqueConstraint("name"), _one_of("environment_type", EnvironmentType))
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    name: Mapped[str] = mapped_column(String(100))
+    description: Mapped[str | None] = mapped_column(Text)
+    environment_type: Mapped[str] = mapped_column(String(20), index=True)
+    config_path: Mapped[str | None] = mapped_column(String(500))
+    is_active: Mapped[bool] = mapped_column(server_default=true())
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _updated_at()
+
+
+class Service(Base):
+    __tablename__ = "services"
+    __table_args__ = (UniqueConstraint("name"),)
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    name: Mapped[str] = mapped_column(String(100))
+    description: Mapped[str | None] = mapped_column(Text)
+    repository_url: Mapped[str | None] = mapped_column(String(500))
+    team_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("teams.id", ondelete="RESTRICT"), index=True
+    )
+    slack_channel: Mapped[str | None] = mapped_column(String(100))
+    owner_id: Mapped[uuid.UUID | None] = _user_fk(nullable=True)
+    is_active: Mapped[bool] = mapped_column(server_default=true())
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now(), index=True)
+    updated_at: Mapped[datetime] = _updated_at()
+
+
+class Release(Base):
+    __tablename__ = "releases"
+    __table_args__ = (UniqueConstraint("service_id", "version"), _one_of("status", ReleaseStatus))
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    service_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("services.id", ondelete="RESTRICT"), index=True
+    )
+    version: Mapped[str] = mapped_column(String(50), index=True)
+    status: Mapped[str] = mapped_column(
+        String(20), server_default=ReleaseStatus.DRAFT.value, index=True
+    )
+    release_notes: Mapped[str | None] = mapped_column(Text)
+    git_commit: Mapped[str | None] = mapped_column(String(40))
+    created_by: Mapped[uuid.UUID] = _user_fk()
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _updated_at()
+
+
+class Deployment(Base):
+    __tablename__ = "deployments"
+    __table_args__ = (
+        Index("ix_deployments_release_id_environment_id", "release_id", "environment_id"),
+        _one_of("status", DeploymentStatus),
+    )
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    release_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("releases.id", ondelete="RESTRICT"), index=True
+    )
+    environment_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("environments.id", ondelete="RESTRICT"), index=True
+    )
+    status: Mapped[str] = mapped_column(
+        String(20), server_default=DeploymentStatus.PENDING.value, index=True
+    )
+    deployed_by: Mapped[uuid.UUID] = _user_fk()
+    deployed_at: Mapped[datetime | None]
+    completed_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _updated_at()
+
+    stages: Mapped[list[PipelineStage]] = relationship(
+        order_by="PipelineStage.order", lazy="raise", passive_deletes=True
+    )
+    approvals: Mapped[list[Approval]] = relationship(
+        order_by="Approval.created_at", lazy="raise", passive_deletes=True
+    )
+    metrics: Mapped[list[DeploymentMetric]] = relationship(
+        order_by="DeploymentMetric.metric_name", lazy="raise", passive_deletes=True
+    )
+
+
+def _deployment_child_fk() -> Mapped[uuid.UUID]:
+    """Children of a deployment go with it."""
+    return mapped_column(ForeignKey("deployments.id", ondelete="CASCADE"), index=True)
+
+
+class Approval(Base):
+    __tablename__ = "approvals"
+    __table_args__ = (_one_of("status", ApprovalStatus),)
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    deployment_id: Mapped[uuid.UUID] = _deployment_child_fk()
+    approver_id: Mapped[uuid.UUID] = _user_fk()
+    status: Mapped[str] = mapped_column(
+        String(20), server_default=ApprovalStatus.PENDING.value, index=True
+    )
+    notes: Mapped[str | None] = mapped_column(Text)
+    approved_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _updated_at()
+
+
+class AuditLog(Base):
+    """Append-only: rows are written once and never updated or deleted."""
+
+    __tablename__ = "audit_logs"
+    __table_args__ = (
+        Index("ix_audit_logs_resource_type_resource_id", "resource_type", "resource_id"),
+    )
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    user_id: Mapped[uuid.UUID | None] = _user_fk(nullable=True)
+    action: Mapped[str] = mapped_column(String(50), index=True)
+    resource_type: Mapped[str] = mapped_column(String(50))
+    resource_id: Mapped[str | None] = mapped_column(String(100))
+    details: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    ip_address: Mapped[str | None] = mapped_column(String(45))
+    user_agent: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now(), index=True)
+
+
+class Rollback(Base):
+    __tablename__ = "rollbacks"
+    __table_args__ = (_one_of("status", RollbackStatus),)
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    deployment_id: Mapped[uuid.UUID] = _deployment_child_fk()
+    target_release_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("releases.id", ondelete="RESTRICT"), index=True
+    )
+    reason: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(
+        String(20), server_default=RollbackStatus.PENDING.value, index=True
+    )
+    initiated_by: Mapped[uuid.UUID] = _user_fk()
+    completed_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _updated_at()
+
+
+class Runbook(Base):
+    __tablename__ = "runbooks"
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    title: Mapped[str] = mapped_column(String(200), index=True)
+    content: Mapped[str] = mapped_column(Text)
+    service_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("services.id", ondelete="RESTRICT"), index=True
+    )
+    environment_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("environments.id", ondelete="RESTRICT"), index=True
+    )
+    tags: Mapped[list[str]] = mapped_column(server_default=text("'[]'::jsonb"))
+    created_by: Mapped[uuid.UUID] = _user_fk()
+    is_active: Mapped[bool] = mapped_column(server_default=true())
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _updated_at()
+
+
+class DeploymentMetric(Base):
+    """One value per (deployment, metric name): a deployment carries duration, CPU and memory."""
+
+    __tablename__ = "deployment_metrics"
+    __table_args__ = (UniqueConstraint("deployment_id", "metric_name"),)
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    deployment_id: Mapped[uuid.UUID] = _deployment_child_fk()
+    metric_name: Mapped[str] = mapped_column(String(100), index=True)
+    metric_value: Mapped[float] = mapped_column(Double)
+    unit: Mapped[str | None] = mapped_column(String(20))
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _updated_at()
+
+
+class PipelineStage(Base):
+    __tablename__ = "pipeline_stages"
+    __table_args__ = (
+        _one_of("status", StageStatus),
+        CheckConstraint('"order" >= 0', name="order"),
+        CheckConstraint("timeout_seconds > 0", name="timeout_seconds"),
+    )
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    deployment_id: Mapped[uuid.UUID] = _deployment_child_fk()
+    name: Mapped[str] = mapped_column(String(100))
+    order: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(
+        String(20), server_default=StageStatus.PENDING.value, index=True
+    )
+    timeout_seconds: Mapped[int] = mapped_column(Integer, server_default=text("1800"))
+    started_at: Mapped[datetime | None]
+    completed_at: Mapped[datetime | None]
+    output: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _updated_at()
