@@ -120,7 +120,9 @@ class Base(DeclarativeBase):
 
 
 def _uuid_pk() -> Mapped[uuid.UUID]:
-    return mapped_column(primary_key=True, default=uuid.uuid4, server_default=func.gen_random_uuid())
+    return mapped_column(
+        primary_key=True, default=uuid.uuid4, server_default=func.gen_random_uuid()
+    )
 
 
 def _created_at() -> Mapped[datetime]:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import bcrypt
-from sqlalchemy import URL, select, text
+from sqlalchemy import URL, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared import schema
@@ -78,6 +78,8 @@ class SeedUser:
     team: str
 
 
+# fmt: off
+# The data set is laid out as tables, one row a line.
 USERS = (
     SeedUser("admin", "Avery Admin", "admin", "Platform"),
     SeedUser("lena", "Lena Fischer", "lead", "Platform"),
@@ -309,6 +311,8 @@ AUDIT_TRAIL = (
     ("tom", "deploy", "deployment", "D8", 30 - 2 / 24, {"environment": "development"}),
 )
 
+# fmt: on
+
 USER_AGENTS = {
     "admin": "grpcurl/v1.8.9 grpc-go/1.61.0",
     "lena": "relman-cli/0.1 grpc-python/1.85.1",
@@ -351,56 +355,120 @@ def build(now: datetime, password_hashes: list[str]) -> list[Base]:
 
     for name, description, channel in TEAMS:
         members = sum(1 for u in USERS if u.team == name)
-        rows.append(Team(id=team_id[name], name=name, description=description,
-                         slack_channel=channel, member_count=members,
-                         created_at=created, updated_at=created))
+        rows.append(
+            Team(
+                id=team_id[name],
+                name=name,
+                description=description,
+                slack_channel=channel,
+                member_count=members,
+                created_at=created,
+                updated_at=created,
+            )
+        )
     for user, password_hash in zip(USERS, password_hashes, strict=True):
-        rows.append(User(id=user_id[user.username], email=f"{user.username}@relman.example",
-                         username=user.username, full_name=user.full_name,
-                         hashed_password=password_hash, is_active=True,
-                         is_admin=user.role == "admin", created_at=created, updated_at=created))
+        rows.append(
+            User(
+                id=user_id[user.username],
+                email=f"{user.username}@relman.example",
+                username=user.username,
+                full_name=user.full_name,
+                hashed_password=password_hash,
+                is_active=True,
+                is_admin=user.role == "admin",
+                created_at=created,
+                updated_at=created,
+            )
+        )
     for name, env_type, description, config_path in ENVIRONMENTS:
-        rows.append(Environment(id=env_id[name], name=name, environment_type=env_type.value,
-                                description=description, config_path=config_path,
-                                is_active=True, created_at=created, updated_at=created))
+        rows.append(
+            Environment(
+                id=env_id[name],
+                name=name,
+                environment_type=env_type.value,
+                description=description,
+                config_path=config_path,
+                is_active=True,
+                created_at=created,
+                updated_at=created,
+            )
+        )
     for name, team, owner, description in SERVICES:
-        rows.append(Service(id=service_id[name], name=name, description=description,
-                            repository_url=f"https://git.relman.example/{team.lower()}/{name}",
-                            team_id=team_id[team], owner_id=user_id[owner],
-                            slack_channel=f"#{name}", is_active=True,
-                            created_at=created, updated_at=created))
+        rows.append(
+            Service(
+                id=service_id[name],
+                name=name,
+                description=description,
+                repository_url=f"https://git.relman.example/{team.lower()}/{name}",
+                team_id=team_id[team],
+                owner_id=user_id[owner],
+                slack_channel=f"#{name}",
+                is_active=True,
+                created_at=created,
+                updated_at=created,
+            )
+        )
     for key, service, version, status, author, day, notes in RELEASES:
-        rows.append(Release(id=release_id[key], service_id=service_id[service], version=version,
-                            status=status.value, release_notes=notes,
-                            git_commit=_git_commit(service, version),
-                            created_by=user_id[author], created_at=at.day(day),
-                            updated_at=at.day(day)))
+        rows.append(
+            Release(
+                id=release_id[key],
+                service_id=service_id[service],
+                version=version,
+                status=status.value,
+                release_notes=notes,
+                git_commit=_git_commit(service, version),
+                created_by=user_id[author],
+                created_at=at.day(day),
+                updated_at=at.day(day),
+            )
+        )
 
     deployment_created: dict[str, datetime] = {}
     deployment_completed: dict[str, datetime] = {}
     for d in DEPLOYMENTS:
         created_at = at.day(d.created)
-        deployed_at = (created_at + timedelta(minutes=d.deployed_after_min)
-                       if d.deployed_after_min is not None else None)
-        completed_at = (created_at + timedelta(minutes=d.completed_after_min)
-                        if d.completed_after_min is not None else None)
+        deployed_at = (
+            created_at + timedelta(minutes=d.deployed_after_min)
+            if d.deployed_after_min is not None
+            else None
+        )
+        completed_at = (
+            created_at + timedelta(minutes=d.completed_after_min)
+            if d.completed_after_min is not None
+            else None
+        )
         deployment_created[d.key] = created_at
         if completed_at is not None:
             deployment_completed[d.key] = completed_at
-        rows.append(Deployment(id=deployment_id[d.key], release_id=release_id[d.release],
-                               environment_id=env_id[d.environment], status=d.status.value,
-                               deployed_by=user_id[d.deployer], deployed_at=deployed_at,
-                               completed_at=completed_at, created_at=created_at,
-                               updated_at=completed_at or deployed_at or created_at))
+        rows.append(
+            Deployment(
+                id=deployment_id[d.key],
+                release_id=release_id[d.release],
+                environment_id=env_id[d.environment],
+                status=d.status.value,
+                deployed_by=user_id[d.deployer],
+                deployed_at=deployed_at,
+                completed_at=completed_at,
+                created_at=created_at,
+                updated_at=completed_at or deployed_at or created_at,
+            )
+        )
 
     for deployment, approver, status, after_min, notes in APPROVALS:
         requested = deployment_created[deployment]
         voted = requested + timedelta(minutes=after_min) if after_min is not None else None
-        rows.append(Approval(id=seed_id("approval", f"{deployment}:{approver}"),
-                             deployment_id=deployment_id[deployment],
-                             approver_id=user_id[approver], status=status.value, notes=notes,
-                             approved_at=voted, created_at=requested,
-                             updated_at=voted or requested))
+        rows.append(
+            Approval(
+                id=seed_id("approval", f"{deployment}:{approver}"),
+                deployment_id=deployment_id[deployment],
+                approver_id=user_id[approver],
+                status=status.value,
+                notes=notes,
+                approved_at=voted,
+                created_at=requested,
+                updated_at=voted or requested,
+            )
+        )
 
     deployments = {d.key: d for d in DEPLOYMENTS}
     for deployment, runs in STAGE_RUNS.items():
@@ -411,49 +479,93 @@ def build(now: datetime, password_hashes: list[str]) -> list[Base]:
             zip(STANDARD_STAGES, runs, strict=True)
         ):
             started = first_start + timedelta(minutes=start_min) if start_min is not None else None
-            completed = (started + timedelta(minutes=duration_min)
-                         if started is not None and duration_min is not None else None)
-            rows.append(PipelineStage(id=seed_id("stage", f"{deployment}:{name}"),
-                                      deployment_id=deployment_id[deployment], name=name,
-                                      order=order, status=status.value, timeout_seconds=1800,
-                                      started_at=started, completed_at=completed, output=output,
-                                      created_at=created_at,
-                                      updated_at=completed or started or created_at))
+            completed = (
+                started + timedelta(minutes=duration_min)
+                if started is not None and duration_min is not None
+                else None
+            )
+            rows.append(
+                PipelineStage(
+                    id=seed_id("stage", f"{deployment}:{name}"),
+                    deployment_id=deployment_id[deployment],
+                    name=name,
+                    order=order,
+                    status=status.value,
+                    timeout_seconds=1800,
+                    started_at=started,
+                    completed_at=completed,
+                    output=output,
+                    created_at=created_at,
+                    updated_at=completed or started or created_at,
+                )
+            )
 
     for deployment, name, value, unit in METRICS:
         recorded = deployment_completed[deployment]
-        rows.append(DeploymentMetric(id=seed_id("metric", f"{deployment}:{name}"),
-                                     deployment_id=deployment_id[deployment], metric_name=name,
-                                     metric_value=value, unit=unit, created_at=recorded,
-                                     updated_at=recorded))
+        rows.append(
+            DeploymentMetric(
+                id=seed_id("metric", f"{deployment}:{name}"),
+                deployment_id=deployment_id[deployment],
+                metric_name=name,
+                metric_value=value,
+                unit=unit,
+                created_at=recorded,
+                updated_at=recorded,
+            )
+        )
 
     rollback_times: dict[str, datetime] = {}
     for key, deployment, target, initiator, after_min, reason in ROLLBACKS:
         started = deployment_completed[deployment] + timedelta(minutes=after_min)
         finished = started + timedelta(minutes=31)
         rollback_times[deployment] = started
-        rows.append(Rollback(id=seed_id("rollback", key), deployment_id=deployment_id[deployment],
-                             target_release_id=release_id[target], reason=reason,
-                             status=RollbackStatus.COMPLETED.value,
-                             initiated_by=user_id[initiator], completed_at=finished,
-                             created_at=started, updated_at=finished))
+        rows.append(
+            Rollback(
+                id=seed_id("rollback", key),
+                deployment_id=deployment_id[deployment],
+                target_release_id=release_id[target],
+                reason=reason,
+                status=RollbackStatus.COMPLETED.value,
+                initiated_by=user_id[initiator],
+                completed_at=finished,
+                created_at=started,
+                updated_at=finished,
+            )
+        )
 
     for title, service, environment, tags, author, day, content in RUNBOOKS:
-        rows.append(Runbook(id=seed_id("runbook", title), title=title, content=content,
-                            service_id=service_id[service] if service else None,
-                            environment_id=env_id[environment] if environment else None,
-                            tags=tags, created_by=user_id[author], is_active=True,
-                            created_at=at.day(day), updated_at=at.day(day)))
+        rows.append(
+            Runbook(
+                id=seed_id("runbook", title),
+                title=title,
+                content=content,
+                service_id=service_id[service] if service else None,
+                environment_id=env_id[environment] if environment else None,
+                tags=tags,
+                created_by=user_id[author],
+                is_active=True,
+                created_at=at.day(day),
+                updated_at=at.day(day),
+            )
+        )
 
     resource_ids = {**release_id, **deployment_id, **service_id}
     for index, (user, action, resource_type, resource, day, details) in enumerate(AUDIT_TRAIL):
         when = rollback_times[resource] if day is None else at.day(day)
         resource_id = resource_ids.get(resource) or seed_id(resource_type, resource)
-        rows.append(AuditLog(id=seed_id("audit", str(index)), user_id=user_id[user],
-                             action=action, resource_type=resource_type,
-                             resource_id=str(resource_id), details=details,
-                             ip_address=f"10.20.0.{11 + index % 7}",
-                             user_agent=USER_AGENTS[user], created_at=when))
+        rows.append(
+            AuditLog(
+                id=seed_id("audit", str(index)),
+                user_id=user_id[user],
+                action=action,
+                resource_type=resource_type,
+                resource_id=str(resource_id),
+                details=details,
+                ip_address=f"10.20.0.{11 + index % 7}",
+                user_agent=USER_AGENTS[user],
+                created_at=when,
+            )
+        )
     return rows
 
 
@@ -476,8 +588,9 @@ async def seed(url: URL) -> bool:
                 raise SeedError(
                     f"database is at revision {revision or 'none'}, not {head}: run `make migrate`"
                 )
-            await session.execute(text("SELECT pg_advisory_xact_lock(:key)"),
-                                  {"key": SEED_LOCK_KEY})
+            await session.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": SEED_LOCK_KEY}
+            )
             if await session.get(User, seed_id("user", "admin")) is not None:
                 return False
             hashes = await asyncio.gather(
@@ -510,9 +623,14 @@ class SeedError(RuntimeError):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shared.seed", description=__doc__.split("\n")[0])
-    parser.add_argument("--reset", action="store_true",
-                        help="drop the schema, migrate to head and seed again (destroys all data)")
+    parser = argparse.ArgumentParser(
+        prog="python -m shared.seed", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--reset",
+        action="store_true",
+        help="drop the schema, migrate to head and seed again (destroys all data)",
+    )
     args = parser.parse_args(argv)
     url = database_url()
     target = url.render_as_string(hide_password=True)
@@ -526,8 +644,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seed: {exc}", file=sys.stderr)
         return 2
     if added:
-        print(f"seeded {target}: 3 teams, 8 users, 5 services, 3 environments, 10 releases, "
-              f"8 deployments (password of every user: {SEED_PASSWORD})")
+        print(
+            f"seeded {target}: 3 teams, 8 users, 5 services, 3 environments, 10 releases, "
+            f"8 deployments (password of every user: {SEED_PASSWORD})"
+        )
     else:
         print(f"database already seeded ({target}): nothing added")
     return 0

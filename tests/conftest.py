@@ -28,10 +28,8 @@ from shared.db import create_engine, database_url, libpq_dsn
 
 
 @asynccontextmanager
-async def scratch_database(
-    server: URL, *, revision: str | None = "head"
-) -> AsyncIterator[URL]:
-    """A new empty database on `server`, migrated to `revision` (None: not migrated), dropped after."""
+async def scratch_database(server: URL, *, revision: str | None = "head") -> AsyncIterator[URL]:
+    """A new database on `server`, migrated to `revision` (None: left empty), dropped after."""
     name = f"relman_test_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(libpq_dsn(server))
     try:
