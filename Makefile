@@ -5,6 +5,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
+PROTOS := $(wildcard protos/relman/v1/*.proto)
+GENERATED := relman/v1/.generated
+
 .PHONY: install migrate seed test lint protos run bench clean
 
 install: $(STAMP)
@@ -16,21 +19,35 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# Generated code lands in relman/v1/ (imported as relman.v1.*); never edited, never committed.
+protos: $(GENERATED)
+
+$(GENERATED): $(PROTOS) $(STAMP)
+	rm -rf relman
+	mkdir -p relman/v1
+	$(PY) -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+	touch relman/__init__.py relman/v1/__init__.py $(GENERATED)
+
 migrate: install
 	$(PY) -m alembic upgrade head
 
 seed: migrate
 	$(PY) -m shared.seed
 
-test: install
+# Embedded PostgreSQL unless DATABASE_URL is set; migrate, seed once, serve until Ctrl-C.
+run: protos
+	$(PY) -m shared.run
+
+test: protos
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint: install
+lint: protos
+	cd protos && ../$(VENV)/bin/buf lint
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
-# Filled by later issues: code generation, both servers, benchmark.
-protos run bench: install
-	@echo "make $@: not built yet" >&2; exit 2
+bench: protos
+	@echo "make bench: not built yet" >&2; exit 2
 
 clean:
-	rm -rf $(VENV) .data .pytest_cache
+	rm -rf $(VENV) .data .pytest_cache relman

@@ -7,11 +7,12 @@ both services and the tests all ask it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from sqlalchemy import URL, make_url
+from sqlalchemy import URL, make_url, text
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -64,6 +65,9 @@ def libpq_dsn(url: URL) -> str:
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
+CONNECT_TIMEOUT_S = 5.0
+
+
 def create_engine(url: URL, *, pool_size: int = 10) -> AsyncEngine:
     """An engine with a fixed-size pool (no overflow), so pool x processes stays predictable."""
     return create_async_engine(
@@ -71,6 +75,7 @@ def create_engine(url: URL, *, pool_size: int = 10) -> AsyncEngine:
         pool_size=pool_size,
         max_overflow=0,
         pool_pre_ping=True,
+        connect_args={"timeout": CONNECT_TIMEOUT_S},
     )
 
 
@@ -79,10 +84,33 @@ def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
 
 
-@asynccontextmanager
-async def transaction(
-    sessions: async_sessionmaker[AsyncSession],
-) -> AsyncIterator[AsyncSession]:
-    """One unit of work: commit on success, roll back on any exception."""
-    async with sessions() as session, session.begin():
-        yield session
+class Database:
+    """One process's connection pool and its units of work."""
+
+    def __init__(self, url: URL, *, pool_size: int = 10) -> None:
+        self.url = url
+        self.engine = create_engine(url, pool_size=pool_size)
+        self.sessions = session_factory(self.engine)
+
+    @asynccontextmanager
+    async def transaction(self, deadline_s: float | None = None) -> AsyncIterator[AsyncSession]:
+        """One unit of work: commit on success, roll back on any exception.
+
+        With `deadline_s` (the caller's remaining time) both the wait for a pooled
+        connection and every statement are bounded by it, so a call never outlives
+        its deadline inside the database.
+        """
+        async with asyncio.timeout(deadline_s):
+            async with self.sessions() as session, session.begin():
+                if deadline_s is not None:
+                    timeout_ms = max(1, int(deadline_s * 1000))
+                    await session.execute(text(f"SET LOCAL statement_timeout = {timeout_ms}"))
+                yield session
+
+    async def ping(self, timeout_s: float) -> None:
+        """Raises unless the database answers `SELECT 1` within `timeout_s`."""
+        async with asyncio.timeout(timeout_s), self.engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()

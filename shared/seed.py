@@ -34,7 +34,7 @@ from sqlalchemy import URL, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared import schema
-from shared.db import create_engine, database_url, describe, session_factory, transaction
+from shared.db import Database, database_url, describe
 from shared.models import (
     STANDARD_STAGES,
     Approval,
@@ -580,9 +580,9 @@ async def _migrated_to_head(session: AsyncSession) -> str | None:
 async def seed(url: URL) -> bool:
     """Insert the sample data set unless it is there. Returns True when rows were added."""
     head = schema.head_revision()
-    engine = create_engine(url, pool_size=1)
+    database = Database(url, pool_size=1)
     try:
-        async with transaction(session_factory(engine)) as session:
+        async with database.transaction() as session:
             revision = await _migrated_to_head(session)
             if revision != head:
                 raise SeedError(
@@ -604,18 +604,18 @@ async def seed(url: URL) -> bool:
                 await session.flush()
             return True
     finally:
-        await engine.dispose()
+        await database.dispose()
 
 
 async def drop_schema(url: URL) -> None:
     """Drop everything relman created (tables, trigger functions, alembic_version)."""
-    engine = create_engine(url, pool_size=1)
+    database = Database(url, pool_size=1)
     try:
-        async with engine.begin() as connection:
-            await connection.execute(text("DROP SCHEMA public CASCADE"))
-            await connection.execute(text("CREATE SCHEMA public"))
+        async with database.transaction() as session:
+            await session.execute(text("DROP SCHEMA public CASCADE"))
+            await session.execute(text("CREATE SCHEMA public"))
     finally:
-        await engine.dispose()
+        await database.dispose()
 
 
 class SeedError(RuntimeError):

@@ -1,57 +1,27 @@
-"""Test harness: a real PostgreSQL, a fresh database per test run.
+"""Test fixtures: a real PostgreSQL, a fresh database per test run, real relman processes.
 
 The server is the one DATABASE_URL names (its database is only used to connect
 for CREATE/DROP DATABASE) or, with DATABASE_URL unset, the embedded PostgreSQL
 under .data/. Every run creates `relman_test_<random>`, migrates it to head and
-drops it at the end; tests that need a database of their own (migration
-round-trips, seed counts) use `scratch_database`.
+drops it at the end; tests that need a database of their own use
+`tests.harness.scratch_database`.
 
 pytest-asyncio runs every test and fixture in one session-wide event loop
-(pyproject.toml), so engines and channels made in fixtures are usable in tests.
+(pyproject.toml), so engines, processes and channels made in fixtures are
+usable in every test.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
-import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
-import asyncpg
+import grpc
 import pytest
 from sqlalchemy import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared import schema
-from shared.db import create_engine, database_url, libpq_dsn
-
-
-@asynccontextmanager
-async def scratch_database(server: URL, *, revision: str | None = "head") -> AsyncIterator[URL]:
-    """A new database on `server`, migrated to `revision` (None: left empty), dropped after."""
-    name = f"relman_test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(libpq_dsn(server))
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = server.set(database=name)
-    try:
-        if revision is not None:
-            await asyncio.to_thread(schema.upgrade, url, revision)
-        yield url
-    finally:
-        admin = await asyncpg.connect(libpq_dsn(server))
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
-
-
-def env_for(url: URL) -> dict[str, str]:
-    """The environment for a subprocess (CLI, server) that should use database `url`."""
-    return {**os.environ, "DATABASE_URL": libpq_dsn(url)}
+from shared.db import create_engine, database_url
+from tests.harness import RelmanProcess, client_address, env_for, scratch_database
 
 
 @pytest.fixture(scope="session")
@@ -72,3 +42,30 @@ async def engine(db_url: URL) -> AsyncIterator[AsyncEngine]:
     engine = create_engine(db_url, pool_size=5)
     yield engine
     await engine.dispose()
+
+
+@pytest.fixture(scope="session")
+async def relman(db_url: URL) -> AsyncIterator[RelmanProcess]:
+    """Both services started the way `make run` starts them, on free ports, seeded database."""
+    process = await RelmanProcess.start(
+        ["-m", "shared.run"],
+        env_for(db_url, DEPLOY_SVC_ADDR="127.0.0.1:0", AUDIT_SVC_ADDR="127.0.0.1:0"),
+    )
+    try:
+        await process.wait_listening("deploy_svc", "audit_svc")
+        yield process
+    finally:
+        code = await process.stop()
+        assert code == 0, process.output
+
+
+@pytest.fixture(scope="session")
+async def deploy_channel(relman: RelmanProcess) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(client_address(relman.addresses["deploy_svc"])) as ch:
+        yield ch
+
+
+@pytest.fixture(scope="session")
+async def audit_channel(relman: RelmanProcess) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(client_address(relman.addresses["audit_svc"])) as ch:
+        yield ch

@@ -14,7 +14,7 @@ from sqlalchemy import URL
 from shared import schema
 from shared.db import create_engine, libpq_dsn
 from shared.models import Base
-from tests.conftest import scratch_database
+from tests.harness import scratch_database
 
 REVISION_ID = re.compile(r"^(\d{3})_[a-z0-9_]+$")
 

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import URL
 
 from shared.db import libpq_dsn
-from tests.conftest import scratch_database
+from tests.harness import scratch_database
 
 UUID = "uuid"
 TS = "timestamp with time zone"

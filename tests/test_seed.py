@@ -18,7 +18,7 @@ from shared import PROJECT_ROOT
 from shared.db import libpq_dsn
 from shared.models import Base
 from shared.seed import SEED_PASSWORD
-from tests.conftest import env_for, scratch_database
+from tests.harness import env_for, scratch_database
 
 EXPECTED_COUNTS = {
     "teams": 3,

@@ -1,0 +1,13 @@
+"""`python -m audit_svc`: the audit service (AuditService), port 50052."""
+
+import sys
+
+from audit_svc.servicer import register
+from shared.server import ServiceSpec, main
+
+SPEC = ServiceSpec(
+    name="audit_svc", address=lambda settings: settings.audit_addr, register=register
+)
+
+if __name__ == "__main__":
+    sys.exit(main(SPEC))

@@ -1,0 +1,13 @@
+"""`python -m deploy_svc`: the deployment service (DeployService and AuthService), port 50051."""
+
+import sys
+
+from deploy_svc.servicer import register
+from shared.server import ServiceSpec, main
+
+SPEC = ServiceSpec(
+    name="deploy_svc", address=lambda settings: settings.deploy_addr, register=register
+)
+
+if __name__ == "__main__":
+    sys.exit(main(SPEC))

@@ -1,0 +1,115 @@
+"""Settings from the environment, validated once at start-up.
+
+A bad value stops the process with one line naming the variable (exit code 2),
+never later in the middle of a call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A setting is malformed; the message names the variable and the problem."""
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    cert: Path
+    key: Path
+    client_ca: Path | None  # set: clients must present a certificate signed by it
+
+
+@dataclass(frozen=True)
+class Settings:
+    deploy_addr: str
+    audit_addr: str
+    shutdown_grace_s: float
+    db_pool_size: int
+    token_ttl_s: int
+    prod_required_approvals: int
+    tls: TlsFiles | None
+    log_level: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        reader = _Reader(env)
+        return cls(
+            deploy_addr=reader.address("DEPLOY_SVC_ADDR", "[::]:50051"),
+            audit_addr=reader.address("AUDIT_SVC_ADDR", "[::]:50052"),
+            shutdown_grace_s=reader.number("SHUTDOWN_GRACE_S", 10.0, minimum=0.0),
+            db_pool_size=reader.integer("DB_POOL_SIZE", 10, minimum=1, maximum=100),
+            token_ttl_s=reader.integer("TOKEN_TTL_S", 43200, minimum=60),
+            prod_required_approvals=reader.integer(
+                "PROD_REQUIRED_APPROVALS", 1, minimum=1, maximum=10
+            ),
+            tls=reader.tls(),
+            log_level=reader.log_level("LOG_LEVEL", "INFO"),
+        )
+
+
+class _Reader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def raw(self, name: str) -> str | None:
+        value = self.env.get(name, "").strip()
+        return value or None
+
+    def integer(self, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
+        raw = self.raw(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not a whole number") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
+            raise ConfigError(f"{name}={value} is out of range (must be {bound})")
+        return value
+
+    def number(self, name: str, default: float, *, minimum: float) -> float:
+        raw = self.raw(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not a number") from None
+        if not value >= minimum or value == float("inf"):
+            raise ConfigError(f"{name}={raw} is out of range (must be >= {minimum})")
+        return value
+
+    def address(self, name: str, default: str) -> str:
+        """host:port, with IPv6 hosts in brackets ([::]:50051); port 0 picks a free port."""
+        value = self.raw(name) or default
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ConfigError(f"{name}={value!r} is not host:port (e.g. [::]:50051)")
+        return value
+
+    def tls(self) -> TlsFiles | None:
+        cert, key, ca = (self.raw(n) for n in ("TLS_CERT", "TLS_KEY", "TLS_CLIENT_CA"))
+        if cert is None and key is None:
+            if ca is not None:
+                raise ConfigError("TLS_CLIENT_CA needs TLS_CERT and TLS_KEY")
+            return None
+        if cert is None or key is None:
+            raise ConfigError("TLS_CERT and TLS_KEY must be set together")
+        paths = {"TLS_CERT": cert, "TLS_KEY": key, "TLS_CLIENT_CA": ca}
+        for name, path in paths.items():
+            if path is not None and not os.access(path, os.R_OK):
+                raise ConfigError(f"{name}={path!r} is not a readable file")
+        return TlsFiles(Path(cert), Path(key), Path(ca) if ca else None)
+
+    def log_level(self, name: str, default: str) -> str:
+        value = (self.raw(name) or default).upper()
+        if value not in logging.getLevelNamesMapping():
+            raise ConfigError(f"{name}={value!r} is not a log level (DEBUG, INFO, WARNING, ERROR)")
+        return value

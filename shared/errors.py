@@ -1,0 +1,160 @@
+"""Domain exceptions, and their one mapping to gRPC statuses with rich details (AIP-193).
+
+The domain raises these without knowing gRPC; the interceptor in shared.server
+turns each into a status whose details carry a google.rpc.ErrorInfo (reason,
+domain "relman", the ids involved) and, for INVALID_ARGUMENT, a
+google.rpc.BadRequest with one field violation per bad field. Database
+failures become UNAVAILABLE, DEADLINE_EXCEEDED or ABORTED; anything else is a
+bug: INTERNAL, logged with its traceback, answered without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import asyncpg
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+from sqlalchemy import exc as sa_exc
+
+DOMAIN = "relman"
+log = logging.getLogger("relman.errors")
+
+
+class DomainError(Exception):
+    """A refusal the caller can act on. Subclasses fix the status code and default reason."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    default_reason: str = "INTERNAL"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: dict[str, str] | None = None,
+        field_violations: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.default_reason
+        self.metadata = {key: str(value) for key, value in (metadata or {}).items()}
+        self.field_violations = dict(field_violations or {})
+
+    def to_status(self) -> grpc.Status:
+        details = [
+            error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN, metadata=self.metadata)
+        ]
+        if self.field_violations:
+            details.append(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
+                        for f, d in self.field_violations.items()
+                    ]
+                )
+            )
+        packed = []
+        for detail in details:
+            any_detail = any_pb2.Any()
+            any_detail.Pack(detail)
+            packed.append(any_detail)
+        return rpc_status.to_status(
+            status_pb2.Status(
+                code=getattr(code_pb2, self.code.name), message=self.message, details=packed
+            )
+        )
+
+
+class InvalidArgument(DomainError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    default_reason = "INVALID_ARGUMENT"
+
+    @classmethod
+    def field(cls, field: str, description: str, **kwargs) -> InvalidArgument:
+        """One bad field: `InvalidArgument.field("runbook_id", "not a UUID")`."""
+        return cls(f"{field}: {description}", field_violations={field: description}, **kwargs)
+
+
+class NotFound(DomainError):
+    code = grpc.StatusCode.NOT_FOUND
+    default_reason = "NOT_FOUND"
+
+
+class AlreadyExists(DomainError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    default_reason = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(DomainError):
+    """A rule blocks the action: do not retry until the state changes."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    default_reason = "FAILED_PRECONDITION"
+
+
+class Aborted(DomainError):
+    """A lost race: retrying is safe."""
+
+    code = grpc.StatusCode.ABORTED
+    default_reason = "ABORTED"
+
+
+class Unauthenticated(DomainError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    default_reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(DomainError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    default_reason = "PERMISSION_DENIED"
+
+
+class Unavailable(DomainError):
+    """The database cannot be reached: retry with backoff."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    default_reason = "DATABASE_UNAVAILABLE"
+
+
+class DeadlineExceeded(DomainError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    default_reason = "DEADLINE_EXCEEDED"
+
+
+class Unimplemented(DomainError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+    default_reason = "NOT_IMPLEMENTED"
+
+
+_RETRYABLE_SQLSTATES = {"40001", "40P01"}  # serialization failure, deadlock
+_CONNECTION_ERRORS = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.InterfaceError,
+)
+
+
+def from_exception(exc: BaseException) -> DomainError:
+    """The status a failure maps to: domain errors as they are, database trouble by kind."""
+    if isinstance(exc, DomainError):
+        return exc
+    cause = exc.orig if isinstance(exc, sa_exc.DBAPIError) and exc.orig is not None else exc
+    # SQLAlchemy's asyncpg adapter keeps the driver's exception as __cause__.
+    driver_error = getattr(cause, "__cause__", None) or cause
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError) or isinstance(
+        driver_error, asyncpg.QueryCanceledError
+    ):
+        return DeadlineExceeded("the call's deadline passed while waiting for the database")
+    if getattr(driver_error, "sqlstate", None) in _RETRYABLE_SQLSTATES:
+        return Aborted("the transaction lost a race with another; retry", reason="CONFLICT")
+    if isinstance(driver_error, _CONNECTION_ERRORS) or (
+        isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+    ):
+        return Unavailable("the database is unreachable; retry with backoff")
+    log.error("unexpected error", exc_info=exc)
+    return DomainError("internal error", reason="INTERNAL")

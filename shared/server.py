@@ -1,0 +1,324 @@
+"""The one place a relman gRPC server is built, started and stopped.
+
+Both `python -m deploy_svc` and `python -m audit_svc` call `main(spec)`:
+settings are validated, the database is reached (a short bounded retry), the
+server gets the error-mapping interceptor, health and reflection, and listens.
+
+Health (grpc.health.v1): the overall service "" is liveness, SERVING while the
+process runs; each `relman.v1.*` service is readiness, following a periodic
+database check and turning NOT_SERVING at shutdown. On SIGTERM or SIGINT
+readiness turns NOT_SERVING first, then `stop(grace)` lets calls in flight
+finish (new calls are refused), the pool is disposed and the process exits 0.
+
+A start-up failure (bad setting, unreachable database, address in use) is one
+line on stderr and exit code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from shared.config import ConfigError, Settings
+from shared.db import Database, DatabaseUrlError, database_url, describe
+from shared.errors import Unimplemented, from_exception
+
+log = logging.getLogger("relman.server")
+
+# Largest message either way. A LogActions batch or a runbook fits easily; export
+# chunks are ~64 KiB. Bigger requests are refused with RESOURCE_EXHAUSTED.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+READINESS_INTERVAL_S = 2.0
+READINESS_PING_TIMEOUT_S = 2.0
+STARTUP_DB_WAIT_S = 5.0
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """What makes one relman process: its name, its address setting, its servicers."""
+
+    name: str  # "deploy_svc"
+    address: Callable[[Settings], str]
+    # Adds the servicers to the server; returns their full service names.
+    register: Callable[[grpc.aio.Server, Database, Settings], Sequence[str]]
+
+
+class StartupError(RuntimeError):
+    """The process cannot start; the message is the one line printed."""
+
+
+# -- errors -------------------------------------------------------------------------------
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Turns any exception a handler raises into a proper status (shared.errors)."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        return None if handler is None else _map_errors(handler)
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    await context.abort_with_status(from_exception(exc).to_status())
+
+
+def _guard_unary(behaviour):
+    async def guarded(request, context):
+        try:
+            return await behaviour(request, context)
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            await _abort(context, exc)
+
+    return guarded
+
+
+def _guard_stream(behaviour):
+    if not inspect.isasyncgenfunction(behaviour):
+        return _guard_unary(behaviour)  # a coroutine that writes with context.write()
+
+    async def guarded(request, context):
+        try:
+            async for response in behaviour(request, context):
+                yield response
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            await _abort(context, exc)
+
+    return guarded
+
+
+def _map_errors(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    codec = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(_guard_unary(handler.unary_unary), **codec)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(_guard_stream(handler.unary_stream), **codec)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(_guard_unary(handler.stream_unary), **codec)
+    return grpc.stream_stream_rpc_method_handler(_guard_stream(handler.stream_stream), **codec)
+
+
+def with_unimplemented(servicer, service: ServiceDescriptor):
+    """Gives every RPC the servicer does not define yet an UNIMPLEMENTED answer naming it.
+
+    relman's handlers are all async; what is still synchronous is the generated base
+    class's placeholder ("Method not implemented!"), replaced here by one that says
+    which RPC is missing.
+    """
+    for method in service.methods:
+        handler = getattr(servicer, method.name)
+        if inspect.iscoroutinefunction(handler) or inspect.isasyncgenfunction(handler):
+            continue
+        full_name = f"{service.full_name}/{method.name}"
+        error = Unimplemented(f"{full_name} is not implemented yet", metadata={"method": full_name})
+        setattr(servicer, method.name, _unimplemented(error, method.server_streaming))
+    return servicer
+
+
+def _unimplemented(error: Unimplemented, streaming: bool):
+    if streaming:
+
+        async def stream(request, context):
+            raise error
+            yield  # an async generator, as streaming handlers are
+
+        return stream
+
+    async def unary(request, context):
+        raise error
+
+    return unary
+
+
+# -- health -------------------------------------------------------------------------------
+
+
+class Readiness:
+    """Keeps the readiness of `services` equal to "the database answers"."""
+
+    def __init__(self, health_servicer, services: Sequence[str], database: Database) -> None:
+        self.health = health_servicer
+        self.services = list(services)
+        self.database = database
+        self.stopping = asyncio.Event()
+        self.ready: bool | None = None
+
+    async def set(self, ready: bool) -> None:
+        if ready != self.ready:
+            log.log(
+                logging.INFO if ready else logging.WARNING,
+                "readiness: %s",
+                "SERVING" if ready else "NOT_SERVING (database unreachable)",
+            )
+        self.ready = ready
+        for service in self.services:
+            await self.health.set(service, SERVING if ready else NOT_SERVING)
+
+    async def watch(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                await self.database.ping(READINESS_PING_TIMEOUT_S)
+                ready = True
+            except Exception:
+                ready = False
+            if self.stopping.is_set():
+                return
+            await self.set(ready)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), READINESS_INTERVAL_S)
+
+    async def shut_down(self) -> None:
+        """Readiness NOT_SERVING for good; liveness ("") stays SERVING until exit."""
+        self.stopping.set()
+        for service in self.services:
+            await self.health.set(service, NOT_SERVING)
+        log.info("readiness: NOT_SERVING (shutting down)")
+
+
+# -- start and stop -------------------------------------------------------------------------
+
+
+async def _wait_for_database(database: Database) -> None:
+    deadline = time.monotonic() + STARTUP_DB_WAIT_S
+    delay = 0.2
+    while True:
+        try:
+            await database.ping(min(READINESS_PING_TIMEOUT_S, STARTUP_DB_WAIT_S))
+            return
+        except Exception as exc:
+            if time.monotonic() + delay > deadline:
+                reason = (
+                    str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                )
+                raise StartupError(
+                    f"cannot reach the {describe(database.url)} "
+                    f"after {STARTUP_DB_WAIT_S:.0f} s: {reason}"
+                ) from None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    tls = settings.tls
+    if tls is None:
+        return None
+    return grpc.ssl_server_credentials(
+        [(tls.key.read_bytes(), tls.cert.read_bytes())],
+        root_certificates=tls.client_ca.read_bytes() if tls.client_ca else None,
+        require_client_auth=tls.client_ca is not None,
+    )
+
+
+def _bind(server: grpc.aio.Server, address: str, settings: Settings) -> str:
+    """Listens on `address`; returns it with the port actually bound (for port 0)."""
+    credentials = _server_credentials(settings)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise StartupError(f"cannot listen on {address}: the address is in use or not available")
+    host = address.rpartition(":")[0]
+    return f"{host}:{port}"
+
+
+async def serve(spec: ServiceSpec, settings: Settings, database: Database) -> int:
+    try:
+        return await _serve(spec, settings, database)
+    finally:
+        await database.dispose()
+
+
+async def _serve(spec: ServiceSpec, settings: Settings, database: Database) -> int:
+    await _wait_for_database(database)
+
+    server = grpc.aio.server(
+        interceptors=[ErrorMappingInterceptor()],
+        options=[
+            ("grpc.so_reuseport", 0),  # a second process on the same port must fail, not share
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    services = list(spec.register(server, database, settings))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    readiness = Readiness(health_servicer, services, database)
+    await readiness.set(True)
+    reflection.enable_server_reflection(
+        [*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    listening = _bind(server, spec.address(settings), settings)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    await server.start()
+    mode = (
+        "plaintext" if settings.tls is None else ("mutual TLS" if settings.tls.client_ca else "TLS")
+    )
+    log.info(
+        "%s listening on %s (%s), using the %s", spec.name, listening, mode, describe(database.url)
+    )
+    watcher = asyncio.create_task(readiness.watch())
+    try:
+        await stop.wait()
+    finally:
+        await readiness.shut_down()
+        watcher.cancel()
+        log.info(
+            "%s stopping: calls in flight have %.0f s to finish",
+            spec.name,
+            settings.shutdown_grace_s,
+        )
+        await server.stop(settings.shutdown_grace_s)
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        log.info("%s stopped", spec.name)
+    return 0
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def main(spec: ServiceSpec) -> int:
+    """Entry point of `python -m <service>`: exit 0 after a clean stop, 2 if it cannot start."""
+    try:
+        settings = Settings.from_env()
+        configure_logging(settings.log_level)
+        database = Database(database_url(), pool_size=settings.db_pool_size)
+        return asyncio.run(serve(spec, settings, database))
+    except (ConfigError, DatabaseUrlError, StartupError) as exc:
+        print(f"{spec.name}: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,22 @@
+"""Checks of request fields, each failing with a field violation that names the field."""
+
+from __future__ import annotations
+
+import uuid
+
+from shared.errors import InvalidArgument
+
+
+def parse_uuid(field: str, value: str) -> uuid.UUID:
+    """A required id: a UUID in its canonical text form."""
+    if not value:
+        raise InvalidArgument.field(field, "is required")
+    try:
+        parsed = uuid.UUID(value)
+    except ValueError:
+        raise InvalidArgument.field(field, f"{value[:64]!r} is not a UUID") from None
+    if str(parsed) != value.lower():
+        raise InvalidArgument.field(
+            field, "must be a UUID like 123e4567-e89b-12d3-a456-426614174000"
+        )
+    return parsed

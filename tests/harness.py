@@ -1,0 +1,169 @@
+"""Helpers the tests share: scratch databases, relman processes, channels, error details.
+
+Everything is real: databases are created on the server under test, services run
+as `python -m deploy_svc` / `python -m audit_svc` processes (or through
+`python -m shared.run`, as `make run` does) on free ports, and waits are for
+events (a log line, a health status), never fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import asyncpg
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+from sqlalchemy import URL
+
+from shared import PROJECT_ROOT, schema
+from shared.db import libpq_dsn
+
+VENV_BIN = os.path.dirname(sys.executable)
+LISTENING = re.compile(r"(?P<service>\w+) listening on (?P<address>\S+)")
+START_TIMEOUT_S = 60
+
+
+@asynccontextmanager
+async def scratch_database(server: URL, *, revision: str | None = "head") -> AsyncIterator[URL]:
+    """A new database on `server`, migrated to `revision` (None: left empty), dropped after."""
+    name = f"relman_test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(libpq_dsn(server))
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = server.set(database=name)
+    try:
+        if revision is not None:
+            await asyncio.to_thread(schema.upgrade, url, revision)
+        yield url
+    finally:
+        admin = await asyncpg.connect(libpq_dsn(server))
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+def env_for(url: URL, **settings: str) -> dict[str, str]:
+    """The environment of a subprocess that should use database `url` (and `settings`)."""
+    return {
+        **os.environ,
+        "DATABASE_URL": libpq_dsn(url),
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        **settings,
+    }
+
+
+@dataclass
+class RelmanProcess:
+    """A running relman process; its stderr is collected line by line as it comes."""
+
+    process: asyncio.subprocess.Process
+    lines: list[str] = field(default_factory=list)
+    addresses: dict[str, str] = field(default_factory=dict)  # service name -> host:port
+    _reader: asyncio.Task | None = None
+    _line_seen: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @classmethod
+    async def start(cls, args: Sequence[str], env: dict[str, str]) -> RelmanProcess:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            *args,
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        running = cls(process)
+        running._reader = asyncio.create_task(running._read())
+        return running
+
+    async def _read(self) -> None:
+        assert self.process.stderr is not None
+        async for raw in self.process.stderr:
+            line = raw.decode(errors="replace").rstrip("\n")
+            self.lines.append(line)
+            if match := LISTENING.search(line):
+                self.addresses[match["service"]] = match["address"]
+            self._line_seen.set()
+        self._line_seen.set()
+
+    async def wait_for_line(self, pattern: str, within_s: float = START_TIMEOUT_S) -> str:
+        """The first stderr line matching `pattern`, waiting for it as lines arrive."""
+        regex = re.compile(pattern)
+        async with asyncio.timeout(within_s):
+            while True:
+                for line in self.lines:
+                    if regex.search(line):
+                        return line
+                if self._reader is not None and self._reader.done():
+                    raise AssertionError(f"process ended before {pattern!r}:\n{self.output}")
+                self._line_seen.clear()
+                await self._line_seen.wait()
+
+    async def wait_listening(self, *services: str) -> dict[str, str]:
+        for service in services:
+            await self.wait_for_line(rf"{service} listening on ")
+        return {service: self.addresses[service] for service in services}
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        self.process.send_signal(signum)
+
+    async def wait(self, within_s: float) -> int:
+        async with asyncio.timeout(within_s):
+            code = await self.process.wait()
+            if self._reader is not None:
+                await self._reader
+            return code
+
+    async def stop(self, within_s: float = 30) -> int:
+        if self.process.returncode is None:
+            self.signal(signal.SIGTERM)
+        try:
+            return await self.wait(within_s)
+        except TimeoutError:
+            self.process.kill()
+            return await self.wait(within_s)
+
+
+def client_address(address: str) -> str:
+    """Where a client connects to a server listening on `address` ([::] or 0.0.0.0 -> loopback)."""
+    host, _, port = address.rpartition(":")
+    if host in ("[::]", "0.0.0.0", ""):
+        host = "127.0.0.1"
+    return f"{host}:{port}"
+
+
+def error_details(error: grpc.aio.AioRpcError) -> tuple[error_details_pb2.ErrorInfo, list]:
+    """The google.rpc.ErrorInfo of a failed call, and its BadRequest field violations."""
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            break
+    else:
+        raise AssertionError(f"no rich status details on {error.code()}: {error.details()}")
+    info = error_details_pb2.ErrorInfo()
+    violations = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            detail.Unpack(info)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            detail.Unpack(bad_request)
+            violations.extend(bad_request.field_violations)
+    assert info.domain == "relman", status
+    return info, violations

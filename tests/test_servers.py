@@ -1,0 +1,350 @@
+"""Both servers as real processes: health, reflection, errors, limits, start-up and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shlex
+import signal
+import socket
+
+import asyncpg
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from relman.v1 import audit_pb2, auth_pb2, deploy_pb2, deploy_pb2_grpc
+from shared import PROJECT_ROOT
+from shared.db import libpq_dsn
+from shared.seed import seed_id
+from tests.harness import RelmanProcess, client_address, env_for, error_details
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICES = {
+    "deploy_svc": ["relman.v1.DeployService", "relman.v1.AuthService"],
+    "audit_svc": ["relman.v1.AuditService"],
+}
+DESCRIBED_MESSAGES = {
+    "deploy_svc": (
+        "relman.v1.Release",
+        ["string version = 3;", ".relman.v1.ReleaseStatus status = 4;"],
+    ),
+    "audit_svc": (
+        "relman.v1.AuditLog",
+        ["string action = 5;", ".google.protobuf.Struct details = 8;"],
+    ),
+}
+IMPLEMENTED = {"relman.v1.DeployService/GetRunbook"}
+GUIDE_ID = str(seed_id("runbook", "Deployment guide"))
+
+
+async def grpcurl(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        "grpcurl",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    return process.returncode, out.decode(), err.decode()
+
+
+@pytest.mark.parametrize("process_name", list(SERVICES))
+async def test_liveness_and_readiness_are_serving(relman, process_name):
+    address = client_address(relman.addresses[process_name])
+    async with grpc.aio.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ["", *SERVICES[process_name]]:
+            response = await health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert response.status == SERVING, service
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await health.Check(health_pb2.HealthCheckRequest(service="relman.v1.Nope"))
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize("process_name", list(SERVICES))
+async def test_grpcurl_lists_and_describes_through_reflection(relman, db_url, process_name):
+    address = client_address(relman.addresses[process_name])
+    env = env_for(db_url)
+    code, out, err = await grpcurl("-plaintext", address, "list", env=env)
+    assert code == 0, err
+    listed = set(out.split())
+    assert set(SERVICES[process_name]) <= listed
+    assert "grpc.health.v1.Health" in listed
+
+    service = SERVICES[process_name][0]
+    code, out, err = await grpcurl("-plaintext", address, "describe", service, env=env)
+    assert code == 0, err
+    assert f"service {service.rpartition('.')[2]} {{" in out
+    message, fields = DESCRIBED_MESSAGES[process_name]
+    code, out, err = await grpcurl("-plaintext", address, "describe", message, env=env)
+    assert code == 0, err
+    for declaration in fields:
+        assert declaration in out
+
+
+def _all_methods():
+    for module in (deploy_pb2, auth_pb2, audit_pb2):
+        for service in module.DESCRIPTOR.services_by_name.values():
+            process = "audit_svc" if service.name == "AuditService" else "deploy_svc"
+            for method in service.methods:
+                yield process, service.full_name, method
+
+
+UNIMPLEMENTED = [
+    pytest.param(process, f"{service}/{method.name}", method, id=f"{service}/{method.name}")
+    for process, service, method in _all_methods()
+    if f"{service}/{method.name}" not in IMPLEMENTED
+]
+
+
+@pytest.mark.parametrize(("process_name", "full_name", "method"), UNIMPLEMENTED)
+async def test_rpcs_not_built_yet_say_which_is_unimplemented(
+    relman, process_name, full_name, method
+):
+    address = client_address(relman.addresses[process_name])
+    path = f"/{full_name}"
+    codec = {"request_serializer": lambda _: b"", "response_deserializer": bytes}
+    async with grpc.aio.insecure_channel(address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            if method.client_streaming and method.server_streaming:
+                call = channel.stream_stream(path, **codec)(iter([b""]))
+                async for _ in call:
+                    pass
+            elif method.client_streaming:
+                await channel.stream_unary(path, **codec)(iter([b""]))
+            elif method.server_streaming:
+                async for _ in channel.unary_stream(path, **codec)(b""):
+                    pass
+            else:
+                await channel.unary_unary(path, **codec)(b"")
+    assert failure.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert full_name in failure.value.details()
+    info, _ = error_details(failure.value)
+    assert info.reason == "NOT_IMPLEMENTED"
+    assert info.metadata["method"] == full_name
+
+
+async def test_get_runbook_returns_the_seeded_markdown(deploy_channel):
+    stub = deploy_pb2_grpc.DeployServiceStub(deploy_channel)
+    runbook = await stub.GetRunbook(deploy_pb2.GetRunbookRequest(runbook_id=GUIDE_ID))
+    assert runbook.id == GUIDE_ID
+    assert runbook.title == "Deployment guide"
+    assert runbook.content.startswith("# Deployment guide")
+    assert list(runbook.tags) == ["deployment", "guide"]
+    assert runbook.created_by == str(seed_id("user", "lena"))
+    assert runbook.created_at.seconds > 0
+
+
+async def test_unknown_runbook_is_not_found_with_its_id(deploy_channel):
+    stub = deploy_pb2_grpc.DeployServiceStub(deploy_channel)
+    missing = "00000000-0000-4000-8000-000000000000"
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await stub.GetRunbook(deploy_pb2.GetRunbookRequest(runbook_id=missing))
+    assert failure.value.code() == grpc.StatusCode.NOT_FOUND
+    info, violations = error_details(failure.value)
+    assert info.reason == "RUNBOOK_NOT_FOUND"
+    assert info.metadata["runbook_id"] == missing
+    assert violations == []
+
+
+@pytest.mark.parametrize(
+    ("runbook_id", "complaint"),
+    [
+        ("", "is required"),
+        ("not-a-uuid", "is not a UUID"),
+        ("x\x00y", "is not a UUID"),
+        ("{" + GUIDE_ID + "}", "must be a UUID like"),
+    ],
+)
+async def test_malformed_runbook_id_is_a_field_violation(deploy_channel, runbook_id, complaint):
+    stub = deploy_pb2_grpc.DeployServiceStub(deploy_channel)
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await stub.GetRunbook(deploy_pb2.GetRunbookRequest(runbook_id=runbook_id))
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info, violations = error_details(failure.value)
+    assert info.reason == "INVALID_ARGUMENT"
+    assert [(v.field, complaint in v.description) for v in violations] == [("runbook_id", True)]
+
+
+async def test_requests_over_the_size_limit_are_refused(deploy_channel):
+    stub = deploy_pb2_grpc.DeployServiceStub(deploy_channel)
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await stub.GetRunbook(deploy_pb2.GetRunbookRequest(runbook_id="a" * (5 * 1024 * 1024)))
+    assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # The server is unharmed.
+    runbook = await stub.GetRunbook(deploy_pb2.GetRunbookRequest(runbook_id=GUIDE_ID))
+    assert runbook.title == "Deployment guide"
+
+
+async def _blocked_on(connection: asyncpg.Connection, table: str) -> int:
+    """How many other backends wait for a lock with a query on `table`."""
+    # Inside a transaction pg_stat_activity is a snapshot: take a fresh one each time.
+    await connection.execute("SELECT pg_stat_clear_snapshot()")
+    return await connection.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        " AND query ILIKE $1 AND pid <> pg_backend_pid()",
+        f"%{table}%",
+    )
+
+
+async def _blocked_on_none(connection: asyncpg.Connection) -> bool:
+    return await _blocked_on(connection, "runbooks") == 0
+
+
+async def _poll(condition, within_s: float = 30) -> None:
+    """Polls an async condition until it holds (the database has no event for it)."""
+    async with asyncio.timeout(within_s):
+        while not await condition():  # noqa: ASYNC110 - nothing to await but the poll
+            await asyncio.sleep(0.02)
+
+
+async def test_deadline_bounds_the_database_work(deploy_channel, db_url):
+    """A call stuck behind a lock ends at its deadline, and so does its query."""
+    stub = deploy_pb2_grpc.DeployServiceStub(deploy_channel)
+    locker = await asyncpg.connect(libpq_dsn(db_url))
+    try:
+        async with locker.transaction():
+            await locker.execute("LOCK TABLE runbooks IN ACCESS EXCLUSIVE MODE")
+            with pytest.raises(grpc.aio.AioRpcError) as failure:
+                await stub.GetRunbook(
+                    deploy_pb2.GetRunbookRequest(runbook_id=GUIDE_ID), timeout=0.5
+                )
+            assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            # The statement timeout (the call's remaining time) ended the query in the
+            # database as well: no backend is left waiting on the lock.
+            await _poll(lambda: _blocked_on_none(locker))
+    finally:
+        await locker.close()
+
+
+async def test_sigterm_lets_the_call_in_flight_finish(relman, db_url):
+    """Readiness turns NOT_SERVING first, the blocked call then completes, exit code 0."""
+    process = await RelmanProcess.start(
+        ["-m", "deploy_svc"],
+        env_for(db_url, DEPLOY_SVC_ADDR="127.0.0.1:0", SHUTDOWN_GRACE_S="20"),
+    )
+    locker = await asyncpg.connect(libpq_dsn(db_url))
+    try:
+        address = client_address((await process.wait_listening("deploy_svc"))["deploy_svc"])
+        async with grpc.aio.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            stub = deploy_pb2_grpc.DeployServiceStub(channel)
+            watch = health.Watch(health_pb2.HealthCheckRequest(service="relman.v1.DeployService"))
+            assert (await watch.read()).status == SERVING
+
+            lock = locker.transaction()
+            await lock.start()
+            await locker.execute("LOCK TABLE runbooks IN ACCESS EXCLUSIVE MODE")
+            in_flight = stub.GetRunbook(  # the call starts now; awaited below
+                deploy_pb2.GetRunbookRequest(runbook_id=GUIDE_ID), timeout=60
+            )
+            await _poll(lambda: _blocked_on(locker, "runbooks"))
+
+            process.signal(signal.SIGTERM)
+            assert (await watch.read()).status == NOT_SERVING
+            assert not in_flight.done()
+            watch.cancel()
+
+            await lock.rollback()  # let the call through
+            runbook = await in_flight
+            assert runbook.title == "Deployment guide"
+        assert await process.wait(within_s=20) == 0
+        assert any("stopped" in line for line in process.lines)
+    finally:
+        await locker.close()
+        await process.stop()
+
+
+def _free_port_held() -> socket.socket:
+    held = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    return held
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"DATABASE_URL": "mysql://root@127.0.0.1/relman"}, r"DATABASE_URL must start with"),
+        (
+            {"DATABASE_URL": "postgresql://relman@127.0.0.1:1/relman"},
+            r"cannot reach the database relman on 127\.0\.0\.1:1 after",
+        ),
+        ({"SHUTDOWN_GRACE_S": "soon"}, r"SHUTDOWN_GRACE_S='soon' is not a number"),
+        ({"DB_POOL_SIZE": "0"}, r"DB_POOL_SIZE=0 is out of range"),
+        ({"DEPLOY_SVC_ADDR": "50051"}, r"DEPLOY_SVC_ADDR='50051' is not host:port"),
+        ({"TLS_CERT": "/nonexistent/cert.pem"}, r"TLS_CERT and TLS_KEY must be set together"),
+        ({"LOG_LEVEL": "chatty"}, r"LOG_LEVEL='CHATTY' is not a log level"),
+    ],
+    ids=["bad-url", "unreachable", "grace", "pool", "address", "tls", "log-level"],
+)
+async def test_start_up_failures_are_one_line_and_exit_2(db_url, settings, message):
+    env = env_for(db_url, DEPLOY_SVC_ADDR="127.0.0.1:0")
+    env.update(settings)
+    process = await RelmanProcess.start(["-m", "deploy_svc"], env)
+    assert await process.wait(within_s=30) == 2
+    assert len(process.lines) == 1, process.output
+    assert process.lines[0].startswith("deploy_svc: ")
+    assert re.search(message, process.lines[0]), process.lines[0]
+
+
+async def test_port_in_use_is_one_line_and_exit_2(db_url):
+    held = _free_port_held()
+    try:
+        port = held.getsockname()[1]
+        process = await RelmanProcess.start(
+            ["-m", "audit_svc"], env_for(db_url, AUDIT_SVC_ADDR=f"127.0.0.1:{port}")
+        )
+        assert await process.wait(within_s=30) == 2
+        errors = [line for line in process.lines if line.startswith("audit_svc: ")]
+        assert errors == [
+            f"audit_svc: cannot listen on 127.0.0.1:{port}: the address is in use or not available"
+        ]
+        assert "Traceback" not in process.output
+    finally:
+        held.close()
+
+
+def _readme_grpcurl_lines() -> list[str]:
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    blocks = re.findall(r"```sh\n(.*?)```", readme, flags=re.S)
+    return [
+        line.strip()
+        for block in blocks
+        for line in block.splitlines()
+        if line.strip().startswith("grpcurl ")
+    ]
+
+
+README_LINES = _readme_grpcurl_lines()
+
+
+def test_readme_has_grpcurl_examples():
+    assert len(README_LINES) >= 4
+    assert any(" list" in line for line in README_LINES)
+    assert any("grpc.health.v1.Health/Check" in line for line in README_LINES)
+
+
+@pytest.mark.parametrize("line", README_LINES)
+async def test_readme_grpcurl_line_works(relman, db_url, line):
+    """Each grpcurl line of the README, run as written against `make run`'s addresses."""
+    command = line.replace("localhost:50051", client_address(relman.addresses["deploy_svc"]))
+    command = command.replace("localhost:50052", client_address(relman.addresses["audit_svc"]))
+    assert shlex.split(command)[0] == "grpcurl"
+    process = await asyncio.create_subprocess_exec(
+        "bash",
+        "-o",
+        "pipefail",
+        "-c",
+        command,
+        env=env_for(db_url),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+    if "Health/Check" in line:
+        assert '"status": "SERVING"' in out.decode()
