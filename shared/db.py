@@ -79,18 +79,14 @@ def create_engine(url: URL, *, pool_size: int = 10) -> AsyncEngine:
     )
 
 
-def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    """Sessions keep loaded objects usable after commit (no lazy reload outside the loop)."""
-    return async_sessionmaker(engine, expire_on_commit=False)
-
-
 class Database:
     """One process's connection pool and its units of work."""
 
     def __init__(self, url: URL, *, pool_size: int = 10) -> None:
         self.url = url
         self.engine = create_engine(url, pool_size=pool_size)
-        self.sessions = session_factory(self.engine)
+        # Loaded objects stay usable after commit: no lazy reload outside the transaction.
+        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
 
     @asynccontextmanager
     async def transaction(self, deadline_s: float | None = None) -> AsyncIterator[AsyncSession]:

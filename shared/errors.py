@@ -10,7 +10,6 @@ bug: INTERNAL, logged with its traceback, answered without it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import asyncpg
@@ -146,9 +145,7 @@ def from_exception(exc: BaseException) -> DomainError:
     cause = exc.orig if isinstance(exc, sa_exc.DBAPIError) and exc.orig is not None else exc
     # SQLAlchemy's asyncpg adapter keeps the driver's exception as __cause__.
     driver_error = getattr(cause, "__cause__", None) or cause
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError) or isinstance(
-        driver_error, asyncpg.QueryCanceledError
-    ):
+    if isinstance(exc, TimeoutError) or isinstance(driver_error, asyncpg.QueryCanceledError):
         return DeadlineExceeded("the call's deadline passed while waiting for the database")
     if getattr(driver_error, "sqlstate", None) in _RETRYABLE_SQLSTATES:
         return Aborted("the transaction lost a race with another; retry", reason="CONFLICT")

@@ -18,9 +18,8 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from sqlalchemy import URL
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared.db import create_engine, database_url
+from shared.db import database_url
 from tests.harness import RelmanProcess, client_address, env_for, scratch_database
 
 
@@ -35,13 +34,6 @@ async def db_url(server_url: URL) -> AsyncIterator[URL]:
     """This run's own database, migrated to head."""
     async with scratch_database(server_url) as url:
         yield url
-
-
-@pytest.fixture(scope="session")
-async def engine(db_url: URL) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(db_url, pool_size=5)
-    yield engine
-    await engine.dispose()
 
 
 @pytest.fixture(scope="session")
