@@ -8,9 +8,8 @@ from __future__ import annotations
 import grpc
 
 from relman.v1 import audit_pb2, audit_pb2_grpc
-from shared.config import Settings
 from shared.db import Database
-from shared.server import with_unimplemented
+from shared.server import Resources, with_unimplemented
 
 AUDIT_SERVICE = audit_pb2.DESCRIPTOR.services_by_name["AuditService"]
 
@@ -20,8 +19,8 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         self.database = database
 
 
-def register(server: grpc.aio.Server, database: Database, settings: Settings) -> list[str]:
+def register(server: grpc.aio.Server, resources: Resources) -> list[str]:
     audit_pb2_grpc.add_AuditServiceServicer_to_server(
-        with_unimplemented(AuditServicer(database), AUDIT_SERVICE), server
+        with_unimplemented(AuditServicer(resources.database), AUDIT_SERVICE), server
     )
     return [AUDIT_SERVICE.full_name]

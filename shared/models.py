@@ -86,6 +86,16 @@ class RollbackStatus(StrEnum):
     FAILED = "failed"
 
 
+class Role(StrEnum):
+    """What a user may do (shared.auth maps each role to its permissions)."""
+
+    ADMIN = "admin"
+    LEAD = "lead"
+    DEVELOPER = "developer"
+    VIEWER = "viewer"
+    SERVICE = "service"
+
+
 class EnvironmentType(StrEnum):
     """Declared in promotion order: development -> staging -> production."""
 
@@ -156,7 +166,12 @@ class Team(Base):
 
 class User(Base):
     __tablename__ = "users"
-    __table_args__ = (UniqueConstraint("email"), UniqueConstraint("username"))
+    __table_args__ = (
+        UniqueConstraint("email"),
+        UniqueConstraint("username"),
+        _one_of("role", Role),
+        CheckConstraint("is_admin = (role = 'admin')", name="is_admin_matches_role"),
+    )
 
     id: Mapped[uuid.UUID] = _uuid_pk()
     email: Mapped[str] = mapped_column(String(255))
@@ -165,8 +180,28 @@ class User(Base):
     hashed_password: Mapped[str] = mapped_column(String(255))
     is_active: Mapped[bool] = mapped_column(server_default=true())
     is_admin: Mapped[bool] = mapped_column(server_default=false())
+    role: Mapped[str] = mapped_column(String(20), server_default=Role.VIEWER.value)
     created_at: Mapped[datetime] = mapped_column(server_default=func.now(), index=True)
     updated_at: Mapped[datetime] = _updated_at()
+
+
+class ApiToken(Base):
+    """A bearer token: Login's (name "login") or a long-lived one for an internal caller.
+
+    Only the SHA-256 of the token is stored; the token itself is shown once.
+    """
+
+    __tablename__ = "api_tokens"
+    __table_args__ = (UniqueConstraint("token_hash"),)
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    user_id: Mapped[uuid.UUID] = _user_fk()
+    token_hash: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = _created_at()
+    expires_at: Mapped[datetime | None]
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
 
 
 class Environment(Base):

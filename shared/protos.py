@@ -20,3 +20,22 @@ def timestamp(value: datetime | None) -> Timestamp | None:
 def id_text(value: uuid.UUID | None) -> str:
     """An optional id as proto3 text: "" when unset."""
     return "" if value is None else str(value)
+
+
+def enum_to_proto(enum_type, value: str | None) -> int:
+    """A vocabulary word as its proto enum number: "lead" -> ROLE_LEAD (None -> 0)."""
+    if value is None:
+        return 0
+    prefix = _enum_prefix(enum_type)
+    return enum_type.Value(f"{prefix}{value.upper()}")
+
+
+def enum_from_proto(enum_type, number: int) -> str | None:
+    """A proto enum number as its vocabulary word; None for _UNSPECIFIED or unknown numbers."""
+    if number == 0 or number not in enum_type.values():
+        return None
+    return enum_type.Name(number).removeprefix(_enum_prefix(enum_type)).lower()
+
+
+def _enum_prefix(enum_type) -> str:
+    return enum_type.Name(0).removesuffix("UNSPECIFIED")

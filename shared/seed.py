@@ -49,6 +49,7 @@ from shared.models import (
     PipelineStage,
     Release,
     ReleaseStatus,
+    Role,
     Rollback,
     RollbackStatus,
     Runbook,
@@ -74,21 +75,21 @@ def seed_id(kind: str, name: str) -> uuid.UUID:
 class SeedUser:
     username: str
     full_name: str
-    role: str  # the role issue 4's migration gives this user; only `admin` is stored now
+    role: Role
     team: str
 
 
 # fmt: off
 # The data set is laid out as tables, one row a line.
 USERS = (
-    SeedUser("admin", "Avery Admin", "admin", "Platform"),
-    SeedUser("lena", "Lena Fischer", "lead", "Platform"),
-    SeedUser("marco", "Marco Rossi", "lead", "Backend"),
-    SeedUser("priya", "Priya Nair", "developer", "Platform"),
-    SeedUser("tom", "Tom Becker", "developer", "Backend"),
-    SeedUser("sofia", "Sofia Alves", "developer", "Frontend"),
-    SeedUser("victor", "Victor Chen", "viewer", "Backend"),
-    SeedUser("wendy", "Wendy Park", "viewer", "Frontend"),
+    SeedUser("admin", "Avery Admin", Role.ADMIN, "Platform"),
+    SeedUser("lena", "Lena Fischer", Role.LEAD, "Platform"),
+    SeedUser("marco", "Marco Rossi", Role.LEAD, "Backend"),
+    SeedUser("priya", "Priya Nair", Role.DEVELOPER, "Platform"),
+    SeedUser("tom", "Tom Becker", Role.DEVELOPER, "Backend"),
+    SeedUser("sofia", "Sofia Alves", Role.DEVELOPER, "Frontend"),
+    SeedUser("victor", "Victor Chen", Role.VIEWER, "Backend"),
+    SeedUser("wendy", "Wendy Park", Role.VIEWER, "Frontend"),
 )
 
 TEAMS = (
@@ -375,7 +376,8 @@ def build(now: datetime, password_hashes: list[str]) -> list[Base]:
                 full_name=user.full_name,
                 hashed_password=password_hash,
                 is_active=True,
-                is_admin=user.role == "admin",
+                role=user.role.value,
+                is_admin=user.role == Role.ADMIN,
                 created_at=created,
                 updated_at=created,
             )

@@ -31,6 +31,8 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from shared.actor import current_actor
+from shared.auth import Authenticator
 from shared.config import ConfigError, Settings
 from shared.db import Database, DatabaseUrlError, database_url, describe
 from shared.errors import Unimplemented, from_exception
@@ -49,20 +51,32 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @dataclass(frozen=True)
+class Resources:
+    """What a process's servicers are built with."""
+
+    database: Database
+    settings: Settings
+    authenticator: Authenticator
+
+
+@dataclass(frozen=True)
 class ServiceSpec:
     """What makes one relman process: its name, its address setting, its servicers."""
 
     name: str  # "deploy_svc"
     address: Callable[[Settings], str]
     # Adds the servicers to the server; returns their full service names.
-    register: Callable[[grpc.aio.Server, Database, Settings], Sequence[str]]
+    register: Callable[[grpc.aio.Server, Resources], Sequence[str]]
 
 
 class StartupError(RuntimeError):
     """The process cannot start; the message is the one line printed."""
 
 
-# -- errors -------------------------------------------------------------------------------
+# -- interceptors ------------------------------------------------------------------------
+#
+# Both wrap the handler's own coroutine (or async generator), so they run in the
+# task that serves the call: the caller's Actor set here is what the servicer sees.
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
@@ -70,15 +84,66 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        return None if handler is None else _map_errors(handler)
+        return None if handler is None else _rewrap(handler, _map_errors)
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Admits each call (shared.auth) and makes its Actor `current_actor` for the handler."""
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        self.authenticator = authenticator
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or self.authenticator.is_open(method):
+            return handler
+        return _rewrap(handler, lambda behaviour: self._admitting(behaviour, method))
+
+    def _admitting(self, behaviour, method: str):
+        admit = self.authenticator.admit
+
+        if inspect.isasyncgenfunction(behaviour):
+
+            async def admitted_stream(request, context):
+                reset = current_actor.set(await admit(method, context))
+                try:
+                    async for response in behaviour(request, context):
+                        yield response
+                finally:
+                    current_actor.reset(reset)
+
+            return admitted_stream
+
+        async def admitted(request, context):
+            reset = current_actor.set(await admit(method, context))
+            try:
+                return await behaviour(request, context)
+            finally:
+                current_actor.reset(reset)
+
+        return admitted
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     await context.abort_with_status(from_exception(exc).to_status())
 
 
-def _guard_unary(behaviour):
-    async def guarded(request, context):
+def _map_errors(behaviour):
+    if inspect.isasyncgenfunction(behaviour):
+
+        async def guarded_stream(request, context):
+            try:
+                async for response in behaviour(request, context):
+                    yield response
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                await _abort(context, exc)
+
+        return guarded_stream
+
+    async def guarded(request, context):  # also stream handlers that write with context.write()
         try:
             return await behaviour(request, context)
         except (grpc.aio.AbortError, asyncio.CancelledError):
@@ -89,34 +154,19 @@ def _guard_unary(behaviour):
     return guarded
 
 
-def _guard_stream(behaviour):
-    if not inspect.isasyncgenfunction(behaviour):
-        return _guard_unary(behaviour)  # a coroutine that writes with context.write()
-
-    async def guarded(request, context):
-        try:
-            async for response in behaviour(request, context):
-                yield response
-        except (grpc.aio.AbortError, asyncio.CancelledError):
-            raise
-        except Exception as exc:
-            await _abort(context, exc)
-
-    return guarded
-
-
-def _map_errors(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def _rewrap(handler: grpc.RpcMethodHandler, wrap) -> grpc.RpcMethodHandler:
+    """The same handler with its behaviour passed through `wrap`."""
     codec = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(_guard_unary(handler.unary_unary), **codec)
+        return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary), **codec)
     if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(_guard_stream(handler.unary_stream), **codec)
+        return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream), **codec)
     if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(_guard_unary(handler.stream_unary), **codec)
-    return grpc.stream_stream_rpc_method_handler(_guard_stream(handler.stream_stream), **codec)
+        return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary), **codec)
+    return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream), **codec)
 
 
 def with_unimplemented(servicer, service: ServiceDescriptor):
@@ -256,15 +306,17 @@ async def serve(spec: ServiceSpec, settings: Settings, database: Database) -> in
 async def _serve(spec: ServiceSpec, settings: Settings, database: Database) -> int:
     await _wait_for_database(database)
 
+    authenticator = Authenticator(database)
     server = grpc.aio.server(
-        interceptors=[ErrorMappingInterceptor()],
+        # The first is outermost: refusals raised while admitting are mapped too.
+        interceptors=[ErrorMappingInterceptor(), AuthInterceptor(authenticator)],
         options=[
             ("grpc.so_reuseport", 0),  # a second process on the same port must fail, not share
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
     )
-    services = list(spec.register(server, database, settings))
+    services = list(spec.register(server, Resources(database, settings, authenticator)))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     readiness = Readiness(health_servicer, services, database)

@@ -20,3 +20,24 @@ def parse_uuid(field: str, value: str) -> uuid.UUID:
             field, "must be a UUID like 123e4567-e89b-12d3-a456-426614174000"
         )
     return parsed
+
+
+def optional_uuid(field: str, value: str) -> uuid.UUID | None:
+    """An optional id: "" means unset."""
+    return parse_uuid(field, value) if value else None
+
+
+def text(field: str, value: str, max_length: int, *, required: bool = True) -> str | None:
+    """A string for a column of `max_length` characters: no NUL, not too long, maybe required.
+
+    Returns None for an empty optional value, so that it is stored as NULL.
+    """
+    if "\x00" in value:
+        raise InvalidArgument.field(field, "must not contain NUL characters")
+    if len(value) > max_length:
+        raise InvalidArgument.field(field, f"is longer than {max_length} characters")
+    if not value.strip():
+        if required:
+            raise InvalidArgument.field(field, "is required")
+        return None
+    return value

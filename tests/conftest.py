@@ -17,10 +17,21 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from sqlalchemy import URL
+from sqlalchemy import URL, select
 
-from shared.db import database_url
-from tests.harness import RelmanProcess, client_address, env_for, scratch_database
+from shared.db import Database, database_url
+from shared.models import Role, User
+from shared.tokens import issue_token
+from tests.harness import RelmanProcess, client_address, env_for, run_cli, scratch_database
+
+# A seeded user of each role (the service user is made by the tokens CLI).
+USER_OF_ROLE = {
+    Role.ADMIN: "admin",
+    Role.LEAD: "lena",
+    Role.DEVELOPER: "priya",
+    Role.VIEWER: "victor",
+    Role.SERVICE: "ci-bot",
+}
 
 
 @pytest.fixture(scope="session")
@@ -61,3 +72,34 @@ async def deploy_channel(relman: RelmanProcess) -> AsyncIterator[grpc.aio.Channe
 async def audit_channel(relman: RelmanProcess) -> AsyncIterator[grpc.aio.Channel]:
     async with grpc.aio.insecure_channel(client_address(relman.addresses["audit_svc"])) as ch:
         yield ch
+
+
+@pytest.fixture(scope="session")
+async def database(relman: RelmanProcess, db_url: URL) -> AsyncIterator[Database]:
+    """The test run's database, migrated and seeded (by `make run`'s path)."""
+    database = Database(db_url, pool_size=2)
+    yield database
+    await database.dispose()
+
+
+@pytest.fixture(scope="session")
+async def tokens(database: Database, db_url: URL) -> dict[Role, str]:
+    """A bearer token for a user of each role."""
+    result = run_cli(
+        db_url,
+        "shared.tokens",
+        "create",
+        "--user",
+        USER_OF_ROLE[Role.SERVICE],
+        "--name",
+        "tests",
+        "--service-user",
+    )
+    assert result.returncode == 0, result.stderr
+    minted = {Role.SERVICE: result.stdout.strip()}
+    async with database.transaction() as session:
+        for role, username in USER_OF_ROLE.items():
+            if role != Role.SERVICE:
+                user = await session.scalar(select(User).where(User.username == username))
+                minted[role], _ = await issue_token(session, user, "tests", None)
+    return minted

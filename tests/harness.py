@@ -12,6 +12,7 @@ import asyncio
 import os
 import re
 import signal
+import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -61,6 +62,24 @@ def env_for(url: URL, **settings: str) -> dict[str, str]:
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         **settings,
     }
+
+
+def run_cli(url: URL, module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Runs `python -m module args` against database `url`."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=PROJECT_ROOT,
+        env=env_for(url),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying `token`."""
+    return (("authorization", f"Bearer {token}"),)
 
 
 @dataclass

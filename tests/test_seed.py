@@ -7,18 +7,16 @@ the rows breaking it; every such query must come back empty.
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import asyncpg
 import bcrypt
 import pytest
 from sqlalchemy import URL
 
-from shared import PROJECT_ROOT
 from shared.db import libpq_dsn
 from shared.models import Base
 from shared.seed import SEED_PASSWORD
-from tests.harness import env_for, scratch_database
+from tests.harness import run_cli, scratch_database
 
 EXPECTED_COUNTS = {
     "teams": 3,
@@ -37,15 +35,7 @@ EXPECTED_COUNTS = {
 
 
 def run_seed(url: URL, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "shared.seed", *args],
-        cwd=PROJECT_ROOT,
-        env=env_for(url),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_cli(url, "shared.seed", *args)
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +82,8 @@ async def test_names_of_the_design_document(seeded):
         "staging": "staging",
         "production": "production",
     }
+    roles = dict(await connection.fetch("SELECT role, count(*) FROM users GROUP BY role"))
+    assert roles == {"admin": 1, "lead": 2, "developer": 3, "viewer": 2}
     assert await connection.fetchval("SELECT count(*) FROM users WHERE is_admin") == 1
     stages = await connection.fetch(
         'SELECT deployment_id, array_agg(name ORDER BY "order") AS names'
@@ -171,6 +163,14 @@ RULE_VIOLATIONS = {
     "no approval by the deployer": """
         SELECT a.id FROM approvals a JOIN deployments d ON d.id = a.deployment_id
         WHERE a.approver_id = d.deployed_by
+    """,
+    "only leads and admins vote, and only they deploy to production": """
+        SELECT a.id FROM approvals a JOIN users u ON u.id = a.approver_id
+        WHERE u.role NOT IN ('lead', 'admin')
+        UNION ALL
+        SELECT d.id FROM deployments d JOIN environments e ON e.id = d.environment_id
+        JOIN users u ON u.id = d.deployed_by
+        WHERE e.environment_type = 'production' AND u.role NOT IN ('lead', 'admin')
     """,
     "one vote per approver and deployment": """
         SELECT deployment_id, approver_id FROM approvals GROUP BY 1, 2 HAVING count(*) > 1

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import re
-import shlex
 import signal
 import socket
 
@@ -13,11 +13,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from audit_svc.servicer import AuditServicer
+from deploy_svc.servicer import AuthServicer, DeployServicer
 from relman.v1 import audit_pb2, auth_pb2, deploy_pb2, deploy_pb2_grpc
 from shared import PROJECT_ROOT
 from shared.db import libpq_dsn
+from shared.models import Role
 from shared.seed import seed_id
-from tests.harness import RelmanProcess, client_address, env_for, error_details
+from tests.harness import RelmanProcess, bearer, client_address, env_for, error_details
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -35,8 +38,18 @@ DESCRIBED_MESSAGES = {
         ["string action = 5;", ".google.protobuf.Struct details = 8;"],
     ),
 }
-IMPLEMENTED = {"relman.v1.DeployService/GetRunbook"}
+SERVICERS = {
+    "relman.v1.DeployService": DeployServicer,
+    "relman.v1.AuthService": AuthServicer,
+    "relman.v1.AuditService": AuditServicer,
+}
 GUIDE_ID = str(seed_id("runbook", "Deployment guide"))
+
+
+@pytest.fixture(scope="module")
+def viewer(tokens):
+    """Call metadata of a viewer, who may read the catalogue."""
+    return bearer(tokens[Role.VIEWER])
 
 
 async def grpcurl(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
@@ -96,30 +109,32 @@ def _all_methods():
 UNIMPLEMENTED = [
     pytest.param(process, f"{service}/{method.name}", method, id=f"{service}/{method.name}")
     for process, service, method in _all_methods()
-    if f"{service}/{method.name}" not in IMPLEMENTED
+    if not inspect.iscoroutinefunction(getattr(SERVICERS[service], method.name))
 ]
 
 
 @pytest.mark.parametrize(("process_name", "full_name", "method"), UNIMPLEMENTED)
 async def test_rpcs_not_built_yet_say_which_is_unimplemented(
-    relman, process_name, full_name, method
+    relman, tokens, process_name, full_name, method
 ):
+    """Called by an admin, who holds every permission, each missing RPC names itself."""
     address = client_address(relman.addresses[process_name])
     path = f"/{full_name}"
     codec = {"request_serializer": lambda _: b"", "response_deserializer": bytes}
+    auth = {"metadata": bearer(tokens[Role.ADMIN])}
     async with grpc.aio.insecure_channel(address) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as failure:
             if method.client_streaming and method.server_streaming:
-                call = channel.stream_stream(path, **codec)(iter([b""]))
+                call = channel.stream_stream(path, **codec)(iter([b""]), **auth)
                 async for _ in call:
                     pass
             elif method.client_streaming:
-                await channel.stream_unary(path, **codec)(iter([b""]))
+                await channel.stream_unary(path, **codec)(iter([b""]), **auth)
             elif method.server_streaming:
-                async for _ in channel.unary_stream(path, **codec)(b""):
+                async for _ in channel.unary_stream(path, **codec)(b"", **auth):
                     pass
             else:
-                await channel.unary_unary(path, **codec)(b"")
+                await channel.unary_unary(path, **codec)(b"", **auth)
     assert failure.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert full_name in failure.value.details()
     info, _ = error_details(failure.value)
@@ -127,9 +142,11 @@ async def test_rpcs_not_built_yet_say_which_is_unimplemented(
     assert info.metadata["method"] == full_name
 
 
-async def test_get_runbook_returns_the_seeded_markdown(deploy_channel):
+async def test_get_runbook_returns_the_seeded_markdown(deploy_channel, viewer):
     stub = deploy_pb2_grpc.DeployServiceStub(deploy_channel)
-    runbook = await stub.GetRunbook(deploy_pb2.GetRunbookRequest(runbook_id=GUIDE_ID))
+    runbook = await stub.GetRunbook(
+        deploy_pb2.GetRunbookRequest(runbook_id=GUIDE_ID), metadata=viewer
+    )
     assert runbook.id == GUIDE_ID
     assert runbook.title == "Deployment guide"
     assert runbook.content.startswith("# Deployment guide")
@@ -138,11 +155,11 @@ async def test_get_runbook_returns_the_seeded_markdown(deploy_channel):
     assert runbook.created_at.seconds > 0
 
 
-async def test_unknown_runbook_is_not_found_with_its_id(deploy_channel):
+async def test_unknown_runbook_is_not_found_with_its_id(deploy_channel, viewer):
     stub = deploy_pb2_grpc.DeployServiceStub(deploy_channel)
     missing = "00000000-0000-4000-8000-000000000000"
     with pytest.raises(grpc.aio.AioRpcError) as failure:
-        await stub.GetRunbook(deploy_pb2.GetRunbookRequest(runbook_id=missing))
+        await stub.GetRunbook(deploy_pb2.GetRunbookRequest(runbook_id=missing), metadata=viewer)
     assert failure.value.code() == grpc.StatusCode.NOT_FOUND
     info, violations = error_details(failure.value)
     assert info.reason == "RUNBOOK_NOT_FOUND"
@@ -159,23 +176,29 @@ async def test_unknown_runbook_is_not_found_with_its_id(deploy_channel):
         ("{" + GUIDE_ID + "}", "must be a UUID like"),
     ],
 )
-async def test_malformed_runbook_id_is_a_field_violation(deploy_channel, runbook_id, complaint):
+async def test_malformed_runbook_id_is_a_field_violation(
+    deploy_channel, viewer, runbook_id, complaint
+):
     stub = deploy_pb2_grpc.DeployServiceStub(deploy_channel)
     with pytest.raises(grpc.aio.AioRpcError) as failure:
-        await stub.GetRunbook(deploy_pb2.GetRunbookRequest(runbook_id=runbook_id))
+        await stub.GetRunbook(deploy_pb2.GetRunbookRequest(runbook_id=runbook_id), metadata=viewer)
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     info, violations = error_details(failure.value)
     assert info.reason == "INVALID_ARGUMENT"
     assert [(v.field, complaint in v.description) for v in violations] == [("runbook_id", True)]
 
 
-async def test_requests_over_the_size_limit_are_refused(deploy_channel):
+async def test_requests_over_the_size_limit_are_refused(deploy_channel, viewer):
     stub = deploy_pb2_grpc.DeployServiceStub(deploy_channel)
     with pytest.raises(grpc.aio.AioRpcError) as failure:
-        await stub.GetRunbook(deploy_pb2.GetRunbookRequest(runbook_id="a" * (5 * 1024 * 1024)))
+        await stub.GetRunbook(
+            deploy_pb2.GetRunbookRequest(runbook_id="a" * (5 * 1024 * 1024)), metadata=viewer
+        )
     assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     # The server is unharmed.
-    runbook = await stub.GetRunbook(deploy_pb2.GetRunbookRequest(runbook_id=GUIDE_ID))
+    runbook = await stub.GetRunbook(
+        deploy_pb2.GetRunbookRequest(runbook_id=GUIDE_ID), metadata=viewer
+    )
     assert runbook.title == "Deployment guide"
 
 
@@ -201,7 +224,7 @@ async def _poll(condition, within_s: float = 30) -> None:
             await asyncio.sleep(0.02)
 
 
-async def test_deadline_bounds_the_database_work(deploy_channel, db_url):
+async def test_deadline_bounds_the_database_work(deploy_channel, db_url, viewer):
     """A call stuck behind a lock ends at its deadline, and so does its query."""
     stub = deploy_pb2_grpc.DeployServiceStub(deploy_channel)
     locker = await asyncpg.connect(libpq_dsn(db_url))
@@ -210,7 +233,7 @@ async def test_deadline_bounds_the_database_work(deploy_channel, db_url):
             await locker.execute("LOCK TABLE runbooks IN ACCESS EXCLUSIVE MODE")
             with pytest.raises(grpc.aio.AioRpcError) as failure:
                 await stub.GetRunbook(
-                    deploy_pb2.GetRunbookRequest(runbook_id=GUIDE_ID), timeout=0.5
+                    deploy_pb2.GetRunbookRequest(runbook_id=GUIDE_ID), timeout=0.5, metadata=viewer
                 )
             assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             # The statement timeout (the call's remaining time) ended the query in the
@@ -220,7 +243,7 @@ async def test_deadline_bounds_the_database_work(deploy_channel, db_url):
         await locker.close()
 
 
-async def test_sigterm_lets_the_call_in_flight_finish(relman, db_url):
+async def test_sigterm_lets_the_call_in_flight_finish(relman, db_url, viewer):
     """Readiness turns NOT_SERVING first, the blocked call then completes, exit code 0."""
     process = await RelmanProcess.start(
         ["-m", "deploy_svc"],
@@ -239,7 +262,7 @@ async def test_sigterm_lets_the_call_in_flight_finish(relman, db_url):
             await lock.start()
             await locker.execute("LOCK TABLE runbooks IN ACCESS EXCLUSIVE MODE")
             in_flight = stub.GetRunbook(  # the call starts now; awaited below
-                deploy_pb2.GetRunbookRequest(runbook_id=GUIDE_ID), timeout=60
+                deploy_pb2.GetRunbookRequest(runbook_id=GUIDE_ID), timeout=60, metadata=viewer
             )
             await _poll(lambda: _blocked_on(locker, "runbooks"))
 
@@ -308,43 +331,41 @@ async def test_port_in_use_is_one_line_and_exit_2(db_url):
         held.close()
 
 
-def _readme_grpcurl_lines() -> list[str]:
+def _readme_grpcurl_blocks() -> list[str]:
+    """The README's ```sh blocks that call grpcurl, each a script run as written."""
     readme = (PROJECT_ROOT / "README.md").read_text()
     blocks = re.findall(r"```sh\n(.*?)```", readme, flags=re.S)
-    return [
-        line.strip()
-        for block in blocks
-        for line in block.splitlines()
-        if line.strip().startswith("grpcurl ")
-    ]
+    return [block for block in blocks if "grpcurl " in block]
 
 
-README_LINES = _readme_grpcurl_lines()
+README_BLOCKS = _readme_grpcurl_blocks()
 
 
 def test_readme_has_grpcurl_examples():
-    assert len(README_LINES) >= 4
-    assert any(" list" in line for line in README_LINES)
-    assert any("grpc.health.v1.Health/Check" in line for line in README_LINES)
+    lines = [line for block in README_BLOCKS for line in block.splitlines()]
+    assert any(line.startswith("grpcurl -plaintext localhost:50051 list") for line in lines)
+    assert any("grpc.health.v1.Health/Check" in line for line in lines)
+    assert any('-H "authorization: Bearer $TOKEN"' in line for line in lines)
 
 
-@pytest.mark.parametrize("line", README_LINES)
-async def test_readme_grpcurl_line_works(relman, db_url, line):
-    """Each grpcurl line of the README, run as written against `make run`'s addresses."""
-    command = line.replace("localhost:50051", client_address(relman.addresses["deploy_svc"]))
-    command = command.replace("localhost:50052", client_address(relman.addresses["audit_svc"]))
-    assert shlex.split(command)[0] == "grpcurl"
+@pytest.mark.parametrize("block", README_BLOCKS, ids=lambda b: b.splitlines()[0][:60])
+async def test_readme_grpcurl_block_works(relman, db_url, block):
+    """Each grpcurl example of the README, run as written against `make run`'s addresses."""
+    script = block.replace("localhost:50051", client_address(relman.addresses["deploy_svc"]))
+    script = script.replace("localhost:50052", client_address(relman.addresses["audit_svc"]))
     process = await asyncio.create_subprocess_exec(
         "bash",
-        "-o",
+        "-euo",
         "pipefail",
         "-c",
-        command,
+        script,
         env=env_for(db_url),
+        cwd=PROJECT_ROOT,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     out, err = await process.communicate()
-    assert process.returncode == 0, err.decode()
-    if "Health/Check" in line:
+    assert process.returncode == 0, f"{script}\n{err.decode()}"
+    assert "ERROR" not in out.decode()
+    if "Health/Check" in script:
         assert '"status": "SERVING"' in out.decode()

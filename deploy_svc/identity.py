@@ -1,0 +1,227 @@
+"""Logins and user administration (domain layer of AuthService).
+
+Login never says which part was wrong: an unknown user is checked against a
+dummy hash, and unknown user, wrong password and deactivated user all get the
+same UNAUTHENTICATED answer, in about the same time. bcrypt (cost 12) runs in a
+worker thread and never while a database connection is held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import bcrypt
+from sqlalchemy import func, or_, select
+
+from shared import audit_log, tokens
+from shared.actor import Actor
+from shared.db import Database
+from shared.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unauthenticated,
+)
+from shared.models import ApiToken, Role, User
+from shared.validation import text
+
+BCRYPT_COST = 12
+PASSWORD_MAX_BYTES = 72  # bcrypt ignores (bcrypt 5 refuses) anything longer
+# A cost-12 hash of a random password nobody knows: unknown users are checked against it.
+DUMMY_HASH = b"$2b$12$R9D7xE0wAKfUvLP49tMyr..qZBn9Aoe8.CFFanuVaanNLKLPmxXp6"
+USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+UPDATABLE_FIELDS = ("role", "is_active", "full_name")
+
+
+def check_password(field: str, password: str) -> bytes:
+    """1 to 72 bytes of UTF-8 without NUL, as bcrypt needs."""
+    if not password:
+        raise InvalidArgument.field(field, "is required")
+    if "\x00" in password:
+        raise InvalidArgument.field(field, "must not contain NUL characters")
+    encoded = password.encode()
+    if len(encoded) > PASSWORD_MAX_BYTES:
+        raise InvalidArgument.field(field, f"is longer than {PASSWORD_MAX_BYTES} bytes")
+    return encoded
+
+
+def _password_matches(password: bytes, stored: bytes) -> bool:
+    try:
+        return bcrypt.checkpw(password, stored)
+    except ValueError:  # an unusable hash (service users have none)
+        return False
+
+
+async def hash_password(password: bytes) -> str:
+    hashed = await asyncio.to_thread(bcrypt.hashpw, password, bcrypt.gensalt(BCRYPT_COST))
+    return hashed.decode()
+
+
+async def login(
+    db: Database, actor: Actor, username: str, password: str, ttl_s: int
+) -> tuple[str, ApiToken, User]:
+    """A new login token for valid credentials; every refusal looks the same and is audited."""
+    username = text("username", username, 100)
+    secret_bytes = check_password("password", password)
+    async with db.transaction() as session:
+        user = await session.scalar(select(User).where(User.username == username))
+    stored = user.hashed_password.encode() if user is not None else DUMMY_HASH
+    matches = await asyncio.to_thread(_password_matches, secret_bytes, stored)
+    if user is None or not matches or not user.is_active:
+        async with db.transaction() as session:
+            await audit_log.append(
+                session,
+                actor,
+                "login_failed",
+                "user",
+                user.id if user else None,
+                {"username": username},
+            )
+        raise Unauthenticated("invalid username or password", reason="INVALID_CREDENTIALS")
+    async with db.transaction() as session:
+        expires_at = datetime.now(UTC) + timedelta(seconds=ttl_s)
+        secret, token = await tokens.issue_token(session, user, "login", expires_at)
+        signed_in = actor.signed_in(user.id, user.username, Role(user.role), token.id)
+        await audit_log.append(
+            session, signed_in, "login", "user", user.id, {"token_id": str(token.id)}
+        )
+    return secret, token, user
+
+
+async def logout(db: Database, actor: Actor) -> None:
+    """Revokes the token the call was made with."""
+    async with db.transaction() as session:
+        token = await session.get(ApiToken, actor.token_id, with_for_update=True)
+        token.revoked_at = datetime.now(UTC)
+        await audit_log.append(
+            session, actor, "logout", "user", actor.user_id, {"token_id": str(actor.token_id)}
+        )
+
+
+async def get_user(db: Database, user_id: uuid.UUID) -> User:
+    async with db.transaction() as session:
+        user = await session.get(User, user_id)
+    if user is None:
+        raise NotFound(
+            f"user {user_id} does not exist",
+            reason="USER_NOT_FOUND",
+            metadata={"user_id": str(user_id)},
+        )
+    return user
+
+
+async def create_user(
+    db: Database,
+    actor: Actor,
+    *,
+    username: str,
+    email: str,
+    full_name: str,
+    password: str,
+    role: Role | None,
+    request_id: uuid.UUID | None,
+) -> User:
+    """A new user. Service users may have no password: they use API tokens only."""
+    username = text("username", username, 100)
+    if not USERNAME.fullmatch(username):
+        raise InvalidArgument.field(
+            "username", "must start with a letter or digit and hold only letters, digits, . _ -"
+        )
+    email = text("email", email, 255)
+    if not EMAIL.fullmatch(email):
+        raise InvalidArgument.field("email", "is not an e-mail address")
+    full_name = text("full_name", full_name, 200, required=False)
+    if role is None:
+        raise InvalidArgument.field("role", "is required")
+    if password or role != Role.SERVICE:
+        hashed = await hash_password(check_password("password", password))
+    else:
+        hashed = tokens.UNUSABLE_PASSWORD
+    async with db.transaction() as session:
+        if request_id is not None and (earlier := await session.get(User, request_id)):
+            if (earlier.username, earlier.email, earlier.role) != (username, email, role.value):
+                raise InvalidArgument.field(
+                    "request_id",
+                    "was already used for a different request",
+                    reason="REQUEST_ID_REUSED",
+                )
+            return earlier
+        clash = await session.scalar(
+            select(User).where(or_(User.username == username, User.email == email))
+        )
+        if clash is not None:
+            field = "username" if clash.username == username else "email"
+            raise AlreadyExists(
+                f"a user with this {field} exists",
+                reason="USER_EXISTS",
+                metadata={"user_id": str(clash.id), "field": field},
+            )
+        user = User(
+            id=request_id or uuid.uuid4(),
+            username=username,
+            email=email,
+            full_name=full_name,
+            hashed_password=hashed,
+            role=role.value,
+            is_admin=role == Role.ADMIN,
+            is_active=True,
+        )
+        session.add(user)
+        await session.flush()
+        await session.refresh(user)
+        await audit_log.append(
+            session, actor, "create", "user", user.id, {"username": username, "role": role.value}
+        )
+    return user
+
+
+async def update_user(
+    db: Database, actor: Actor, user_id: uuid.UUID, changes: dict[str, object]
+) -> tuple[User, bool]:
+    """Applies `changes` (role, is_active, full_name); returns the user and whether its
+    tokens were revoked (deactivation). Leaving no active admin is refused."""
+    async with db.transaction() as session:
+        user = await session.get(User, user_id, with_for_update=True)
+        if user is None:
+            raise NotFound(
+                f"user {user_id} does not exist",
+                reason="USER_NOT_FOUND",
+                metadata={"user_id": str(user_id)},
+            )
+        changed = {}
+        for field, value in changes.items():
+            old = getattr(user, field)
+            if old != value:
+                changed[field] = [old, value]
+                setattr(user, field, value)
+        if "role" in changed:
+            user.is_admin = user.role == Role.ADMIN
+        revoked = False
+        if changed.get("is_active", [None, True])[1] is False:
+            revoked = await tokens.revoke_user_tokens(session, user.id) > 0
+        await session.flush()
+        admins = await session.scalar(
+            select(func.count()).select_from(User).where(User.is_admin, User.is_active)
+        )
+        if admins == 0:
+            raise FailedPrecondition(
+                "this change would leave no active admin",
+                reason="LAST_ADMIN",
+                metadata={"user_id": str(user_id)},
+            )
+        if changed:
+            await audit_log.append(
+                session,
+                actor,
+                "update",
+                "user",
+                user.id,
+                {"changed": changed, "tokens_revoked": revoked},
+            )
+        await session.refresh(user)
+    return user, revoked

@@ -1,0 +1,40 @@
+"""The one function that appends audit rows, used by both services.
+
+It runs inside the caller's transaction, so a change and its audit record
+commit or roll back together: no state change without its audit record.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from shared.actor import Actor
+from shared.models import AuditLog
+
+
+async def append(
+    session: AsyncSession,
+    actor: Actor,
+    action: str,
+    resource_type: str,
+    resource_id: uuid.UUID | str | None = None,
+    details: dict[str, Any] | None = None,
+) -> uuid.UUID:
+    """Appends one row recording that `actor` did `action` to a resource; returns its id."""
+    return await session.scalar(
+        insert(AuditLog)
+        .values(
+            user_id=actor.user_id,
+            action=action,
+            resource_type=resource_type,
+            resource_id=None if resource_id is None else str(resource_id),
+            details=details or {},
+            ip_address=actor.peer,
+            user_agent=actor.user_agent,
+        )
+        .returning(AuditLog.id)
+    )

@@ -1,0 +1,121 @@
+"""The one keyset paginator and page-token codec (AIP-158), used by every List RPC.
+
+Pages walk `(created_at, id)` (newest first by default), never OFFSET, so a deep
+page costs what the first does and rows inserted meanwhile neither repeat nor
+shift the walk. The page token is opaque to callers: the last row's key plus a
+fingerprint of the filters it was made for; a token that does not decode, or
+that comes back with other filters, is INVALID_ARGUMENT.
+
+`total_size` is exact up to EXACT_TOTAL_LIMIT matches and PostgreSQL's planner
+estimate above, so counting never costs more than a bounded scan.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Select, func, select, text, tuple_
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import InstrumentedAttribute
+
+from shared.errors import InvalidArgument
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+EXACT_TOTAL_LIMIT = 10_000
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[Any]
+    next_page_token: str
+    total_size: int
+
+
+def page_size(requested: int) -> int:
+    """0 means the default; above the maximum is capped (AIP-158); negative is refused."""
+    if requested < 0:
+        raise InvalidArgument.field("page_size", "must not be negative")
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def _fingerprint(filters: Mapping[str, Any]) -> str:
+    canonical = json.dumps(filters, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def encode_token(created_at: datetime, row_id: uuid.UUID, filters: Mapping[str, Any]) -> str:
+    payload = {"k": [created_at.isoformat(), str(row_id)], "f": _fingerprint(filters)}
+    raw = json.dumps(payload, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_token(token: str, filters: Mapping[str, Any]) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        payload = json.loads(raw)
+        created_at = datetime.fromisoformat(payload["k"][0])
+        row_id = uuid.UUID(payload["k"][1])
+        fingerprint = payload["f"]
+    except (ValueError, KeyError, IndexError, TypeError, binascii.Error):
+        raise InvalidArgument.field(
+            "page_token", "is not a token this API returned", reason="INVALID_PAGE_TOKEN"
+        ) from None
+    if fingerprint != _fingerprint(filters):
+        raise InvalidArgument.field(
+            "page_token",
+            "was made for other filters: repeat the first request's filters",
+            reason="PAGE_TOKEN_FILTER_MISMATCH",
+        )
+    return created_at, row_id
+
+
+async def paginate(
+    session: AsyncSession,
+    query: Select,
+    *,
+    created_at: InstrumentedAttribute,
+    row_id: InstrumentedAttribute,
+    filters: Mapping[str, Any],
+    requested_size: int,
+    page_token: str,
+    newest_first: bool = True,
+) -> Page:
+    """One page of `query` (already filtered) in `(created_at, id)` order."""
+    size = page_size(requested_size)
+    page_query = query
+    if page_token:
+        after = tuple_(*decode_token(page_token, filters))
+        key = tuple_(created_at, row_id)
+        page_query = page_query.where(key < after if newest_first else key > after)
+    order = (created_at.desc(), row_id.desc()) if newest_first else (created_at, row_id)
+    rows = list((await session.scalars(page_query.order_by(*order).limit(size + 1))).all())
+    next_token = ""
+    if len(rows) > size:
+        rows = rows[:size]
+        last = rows[-1]
+        next_token = encode_token(getattr(last, created_at.key), getattr(last, row_id.key), filters)
+    return Page(rows, next_token, await total_size(session, query))
+
+
+async def total_size(session: AsyncSession, query: Select) -> int:
+    """Exact count up to EXACT_TOTAL_LIMIT; above it, the planner's estimate."""
+    bounded = query.order_by(None).limit(EXACT_TOTAL_LIMIT + 1).subquery()
+    count = await session.scalar(select(func.count()).select_from(bounded))
+    if count <= EXACT_TOTAL_LIMIT:
+        return count
+    compiled = query.order_by(None).compile(
+        dialect=session.bind.dialect, compile_kwargs={"literal_binds": True}
+    )
+    plan = await session.scalar(text(f"EXPLAIN (FORMAT JSON) {compiled}"))
+    if isinstance(plan, str):
+        plan = json.loads(plan)
+    return max(int(plan[0]["Plan"]["Plan Rows"]), count)
