@@ -18,12 +18,11 @@ from sqlalchemy import func, or_, select
 
 from shared import audit_log, tokens
 from shared.actor import Actor
-from shared.db import Database
+from shared.db import Database, load
 from shared.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
-    NotFound,
     Unauthenticated,
 )
 from shared.models import ApiToken, Role, User
@@ -105,14 +104,7 @@ async def logout(db: Database, actor: Actor) -> None:
 
 async def get_user(db: Database, user_id: uuid.UUID) -> User:
     async with db.transaction() as session:
-        user = await session.get(User, user_id)
-    if user is None:
-        raise NotFound(
-            f"user {user_id} does not exist",
-            reason="USER_NOT_FOUND",
-            metadata={"user_id": str(user_id)},
-        )
-    return user
+        return await load(session, User, user_id)
 
 
 async def create_user(
@@ -186,13 +178,7 @@ async def update_user(
     """Applies `changes` (role, is_active, full_name); returns the user and whether its
     tokens were revoked (deactivation). Leaving no active admin is refused."""
     async with db.transaction() as session:
-        user = await session.get(User, user_id, with_for_update=True)
-        if user is None:
-            raise NotFound(
-                f"user {user_id} does not exist",
-                reason="USER_NOT_FOUND",
-                metadata={"user_id": str(user_id)},
-            )
+        user = await load(session, User, user_id, for_update=True)
         changed = {}
         for field, value in changes.items():
             old = getattr(user, field)

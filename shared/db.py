@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
 from sqlalchemy import URL, make_url, text
 from sqlalchemy.ext.asyncio import (
@@ -20,7 +22,10 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from shared.errors import NotFound
+
 ASYNC_DRIVER = "postgresql+asyncpg"
+T = TypeVar("T")
 
 
 class DatabaseUrlError(ValueError):
@@ -110,3 +115,19 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+async def load(session: AsyncSession, model: type[T], row_id, *, for_update: bool = False) -> T:
+    """The row of `model` with this id, or NOT_FOUND naming the resource and the id.
+
+    `for_update` locks the row for the rest of the transaction (SELECT ... FOR UPDATE).
+    """
+    row = await session.get(model, row_id, with_for_update=for_update)
+    if row is None:
+        resource = re.sub(r"(?<!^)(?=[A-Z])", "_", model.__name__).lower()  # ApiToken -> api_token
+        raise NotFound(
+            f"{resource.replace('_', ' ')} {row_id} does not exist",
+            reason=f"{resource.upper()}_NOT_FOUND",
+            metadata={f"{resource}_id": str(row_id)},
+        )
+    return row

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from shared import audit_log
 from shared.actor import Actor
 from shared.auth import new_token, token_hash
-from shared.db import Database, database_url
+from shared.db import Database, database_url, load
 from shared.errors import DomainError, InvalidArgument, NotFound
 from shared.models import ApiToken, Role, User
 from shared.pagination import Page, paginate
@@ -93,13 +93,7 @@ async def list_tokens(
 
 async def revoke_token(session: AsyncSession, actor: Actor, token_id: uuid.UUID) -> ApiToken:
     """Revokes a token (a second revocation changes nothing and is not an error)."""
-    token = await session.get(ApiToken, token_id, with_for_update=True)
-    if token is None:
-        raise NotFound(
-            f"api token {token_id} does not exist",
-            reason="API_TOKEN_NOT_FOUND",
-            metadata={"token_id": str(token_id)},
-        )
+    token = await load(session, ApiToken, token_id, for_update=True)
     if token.revoked_at is None:
         token.revoked_at = datetime.now(UTC)
         await audit_log.append(

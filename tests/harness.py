@@ -186,3 +186,56 @@ def error_details(error: grpc.aio.AioRpcError) -> tuple[error_details_pb2.ErrorI
             violations.extend(bad_request.field_violations)
     assert info.domain == "relman", status
     return info, violations
+
+
+async def grpcurl(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    """Runs the real grpcurl; returns its exit code, stdout and stderr."""
+    process = await asyncio.create_subprocess_exec(
+        "grpcurl", *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await process.communicate()
+    return process.returncode, out.decode(), err.decode()
+
+
+async def call_empty(
+    channel: grpc.aio.Channel,
+    method: str,
+    metadata=(),
+    *,
+    client_streaming: bool = False,
+    server_streaming: bool = False,
+) -> grpc.aio.AioRpcError | None:
+    """Calls any RPC ("pkg.Service/Method") with an empty request; returns its error, if any."""
+    path = f"/{method}"
+    codec = {"request_serializer": lambda _: b"", "response_deserializer": bytes}
+    options = {"metadata": metadata, "timeout": 30}
+    try:
+        if client_streaming and server_streaming:
+            async for _ in channel.stream_stream(path, **codec)(iter([b""]), **options):
+                pass
+        elif client_streaming:
+            await channel.stream_unary(path, **codec)(iter([b""]), **options)
+        elif server_streaming:
+            async for _ in channel.unary_stream(path, **codec)(b"", **options):
+                pass
+        else:
+            await channel.unary_unary(path, **codec)(b"", **options)
+    except grpc.aio.AioRpcError as error:
+        return error
+    return None
+
+
+def method_shape(method: str) -> dict[str, bool]:
+    """Whether a relman RPC streams requests and/or responses, from the proto descriptors."""
+    from relman.v1 import audit_pb2, auth_pb2, deploy_pb2
+
+    service_name, _, name = method.partition("/")
+    for module in (deploy_pb2, auth_pb2, audit_pb2):
+        for service in module.DESCRIPTOR.services_by_name.values():
+            if service.full_name == service_name:
+                descriptor = service.methods_by_name[name]
+                return {
+                    "client_streaming": descriptor.client_streaming,
+                    "server_streaming": descriptor.server_streaming,
+                }
+    raise KeyError(method)

@@ -21,9 +21,12 @@ from tests.conftest import USER_OF_ROLE
 from tests.harness import (
     RelmanProcess,
     bearer,
+    call_empty,
     client_address,
     env_for,
     error_details,
+    grpcurl,
+    method_shape,
     run_cli,
 )
 
@@ -40,16 +43,9 @@ SEEDED = {
 
 
 async def grpcurl_lines(*args: str, env: dict[str, str]) -> list[str]:
-    process = await asyncio.create_subprocess_exec(
-        "grpcurl",
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await process.communicate()
-    assert process.returncode == 0, err.decode()
-    return out.decode().split()
+    code, out, err = await grpcurl(*args, env=env)
+    assert code == 0, err
+    return out.split()
 
 
 @pytest.fixture(scope="module")
@@ -67,21 +63,8 @@ async def reflected_methods(relman, db_url) -> list[tuple[str, str]]:
 
 async def call(channel: grpc.aio.Channel, method: str, metadata=()) -> grpc.StatusCode:
     """Calls any RPC with an empty request; returns the status code it ends with."""
-    path = f"/{method}"
-    codec = {"request_serializer": lambda _: b"", "response_deserializer": bytes}
-    stream_in = method.endswith(("/LogActions",))
-    stream_out = method.endswith(("/WatchDeployment", "/ExportAuditLogs", "/Watch"))
-    try:
-        if stream_in:
-            await channel.stream_unary(path, **codec)(iter([b""]), metadata=metadata, timeout=10)
-        elif stream_out:
-            async for _ in channel.unary_stream(path, **codec)(b"", metadata=metadata, timeout=10):
-                pass
-        else:
-            await channel.unary_unary(path, **codec)(b"", metadata=metadata, timeout=10)
-    except grpc.aio.AioRpcError as error:
-        return error.code()
-    return grpc.StatusCode.OK
+    error = await call_empty(channel, method, metadata, **method_shape(method))
+    return grpc.StatusCode.OK if error is None else error.code()
 
 
 def channel_to(relman, process: str) -> grpc.aio.Channel:
@@ -307,24 +290,14 @@ async def test_rpc_by_role_matrix(relman, reflected_methods, database, role):
         if method.split("/")[0] in OPEN_SERVICES or method.endswith("/Logout"):
             continue
         async with channel_to(relman, process) as channel:
-            try:
-                path = f"/{method}"
-                codec = {"request_serializer": lambda _: b"", "response_deserializer": bytes}
-                if method.endswith("/LogActions"):
-                    await channel.stream_unary(path, **codec)(iter([b""]), metadata=bearer(token))
-                elif method.endswith(("/WatchDeployment", "/ExportAuditLogs")):
-                    async for _ in channel.unary_stream(path, **codec)(b"", metadata=bearer(token)):
-                        pass
-                else:
-                    await channel.unary_unary(path, **codec)(b"", metadata=bearer(token))
-                outcomes[method] = (grpc.StatusCode.OK, None)
-            except grpc.aio.AioRpcError as error:
-                permission = None
-                if error.code() == grpc.StatusCode.PERMISSION_DENIED:
-                    info, _ = error_details(error)
-                    assert info.reason == "MISSING_PERMISSION"
-                    permission = info.metadata["permission"]
-                outcomes[method] = (error.code(), permission)
+            error = await call_empty(channel, method, bearer(token), **method_shape(method))
+        code = grpc.StatusCode.OK if error is None else error.code()
+        permission = None
+        if code == grpc.StatusCode.PERMISSION_DENIED:
+            info, _ = error_details(error)
+            assert info.reason == "MISSING_PERMISSION"
+            permission = info.metadata["permission"]
+        outcomes[method] = (code, permission)
     for method, (code, permission) in outcomes.items():
         lacking = _expectation(role, method)
         if lacking is None:

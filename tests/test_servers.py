@@ -20,7 +20,15 @@ from shared import PROJECT_ROOT
 from shared.db import libpq_dsn
 from shared.models import Role
 from shared.seed import seed_id
-from tests.harness import RelmanProcess, bearer, client_address, env_for, error_details
+from tests.harness import (
+    RelmanProcess,
+    bearer,
+    call_empty,
+    client_address,
+    env_for,
+    error_details,
+    grpcurl,
+)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -50,18 +58,6 @@ GUIDE_ID = str(seed_id("runbook", "Deployment guide"))
 def viewer(tokens):
     """Call metadata of a viewer, who may read the catalogue."""
     return bearer(tokens[Role.VIEWER])
-
-
-async def grpcurl(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        "grpcurl",
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await process.communicate()
-    return process.returncode, out.decode(), err.decode()
 
 
 @pytest.mark.parametrize("process_name", list(SERVICES))
@@ -119,25 +115,18 @@ async def test_rpcs_not_built_yet_say_which_is_unimplemented(
 ):
     """Called by an admin, who holds every permission, each missing RPC names itself."""
     address = client_address(relman.addresses[process_name])
-    path = f"/{full_name}"
-    codec = {"request_serializer": lambda _: b"", "response_deserializer": bytes}
-    auth = {"metadata": bearer(tokens[Role.ADMIN])}
     async with grpc.aio.insecure_channel(address) as channel:
-        with pytest.raises(grpc.aio.AioRpcError) as failure:
-            if method.client_streaming and method.server_streaming:
-                call = channel.stream_stream(path, **codec)(iter([b""]), **auth)
-                async for _ in call:
-                    pass
-            elif method.client_streaming:
-                await channel.stream_unary(path, **codec)(iter([b""]), **auth)
-            elif method.server_streaming:
-                async for _ in channel.unary_stream(path, **codec)(b"", **auth):
-                    pass
-            else:
-                await channel.unary_unary(path, **codec)(b"", **auth)
-    assert failure.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert full_name in failure.value.details()
-    info, _ = error_details(failure.value)
+        error = await call_empty(
+            channel,
+            full_name,
+            bearer(tokens[Role.ADMIN]),
+            client_streaming=method.client_streaming,
+            server_streaming=method.server_streaming,
+        )
+    assert error is not None
+    assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert full_name in error.details()
+    info, _ = error_details(error)
     assert info.reason == "NOT_IMPLEMENTED"
     assert info.metadata["method"] == full_name
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from relman.v1 import auth_pb2, auth_pb2_grpc
 from shared.models import Role
-from tests.harness import RelmanProcess, bearer, env_for
+from tests.harness import RelmanProcess, bearer, env_for, grpcurl
 
 
 def _name(common_name: str) -> x509.Name:
@@ -121,15 +120,8 @@ async def _who_am_i(address: str, credentials, token: str):
 
 
 async def _grpcurl(db_url, *args: str) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        "grpcurl",
-        *args,
-        env=env_for(db_url),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await process.communicate()
-    return process.returncode, out.decode()
+    code, out, err = await grpcurl(*args, env=env_for(db_url))
+    return code, out + err
 
 
 async def test_tls_through_a_channel_and_grpcurl(db_url, pki, tokens):
