@@ -49,9 +49,12 @@ def peer_address(peer: str | None) -> str | None:
     else:
         return None
     try:
-        return str(ipaddress.ip_address(host))
+        address = ipaddress.ip_address(host)
     except ValueError:
         return None
+    # A dual-stack listener ([::]) may see IPv4 clients as ::ffff:a.b.c.d.
+    mapped = getattr(address, "ipv4_mapped", None)
+    return str(mapped or address)
 
 
 def user_agent(metadata) -> str | None:
