@@ -47,3 +47,119 @@ def api_token(row: models.ApiToken) -> auth_pb2.ApiToken:
         last_used_at=timestamp(row.last_used_at),
         revoked_at=timestamp(row.revoked_at),
     )
+
+
+def team(row: models.Team) -> common_pb2.Team:
+    return common_pb2.Team(
+        id=str(row.id),
+        name=row.name,
+        description=row.description or "",
+        slack_channel=row.slack_channel or "",
+        member_count=row.member_count,
+        created_at=timestamp(row.created_at),
+        updated_at=timestamp(row.updated_at),
+    )
+
+
+def environment(row: models.Environment) -> common_pb2.Environment:
+    return common_pb2.Environment(
+        id=str(row.id),
+        name=row.name,
+        description=row.description or "",
+        environment_type=enum_to_proto(common_pb2.EnvironmentType, row.environment_type),
+        config_path=row.config_path or "",
+        is_active=row.is_active,
+        created_at=timestamp(row.created_at),
+        updated_at=timestamp(row.updated_at),
+    )
+
+
+def service(row: models.Service) -> common_pb2.Service:
+    return common_pb2.Service(
+        id=str(row.id),
+        name=row.name,
+        description=row.description or "",
+        repository_url=row.repository_url or "",
+        team_id=str(row.team_id),
+        slack_channel=row.slack_channel or "",
+        owner_id=id_text(row.owner_id),
+        is_active=row.is_active,
+        created_at=timestamp(row.created_at),
+        updated_at=timestamp(row.updated_at),
+    )
+
+
+def release(row: models.Release) -> common_pb2.Release:
+    return common_pb2.Release(
+        id=str(row.id),
+        service_id=str(row.service_id),
+        version=row.version,
+        status=enum_to_proto(common_pb2.ReleaseStatus, row.status),
+        release_notes=row.release_notes or "",
+        git_commit=row.git_commit or "",
+        created_by=str(row.created_by),
+        created_at=timestamp(row.created_at),
+        updated_at=timestamp(row.updated_at),
+    )
+
+
+def stage(row: models.PipelineStage) -> common_pb2.PipelineStage:
+    return common_pb2.PipelineStage(
+        id=str(row.id),
+        deployment_id=str(row.deployment_id),
+        name=row.name,
+        order=row.order,
+        status=enum_to_proto(common_pb2.StageStatus, row.status),
+        timeout_seconds=row.timeout_seconds,
+        started_at=timestamp(row.started_at),
+        completed_at=timestamp(row.completed_at),
+        output=row.output or "",
+        created_at=timestamp(row.created_at),
+        updated_at=timestamp(row.updated_at),
+    )
+
+
+def approval(row: models.Approval) -> common_pb2.Approval:
+    return common_pb2.Approval(
+        id=str(row.id),
+        deployment_id=str(row.deployment_id),
+        approver_id=str(row.approver_id),
+        status=enum_to_proto(common_pb2.ApprovalStatus, row.status),
+        notes=row.notes or "",
+        approved_at=timestamp(row.approved_at),
+        created_at=timestamp(row.created_at),
+        updated_at=timestamp(row.updated_at),
+    )
+
+
+def metric(row: models.DeploymentMetric) -> common_pb2.DeploymentMetric:
+    return common_pb2.DeploymentMetric(
+        id=str(row.id),
+        deployment_id=str(row.deployment_id),
+        metric_name=row.metric_name,
+        metric_value=row.metric_value,
+        unit=row.unit or "",
+        created_at=timestamp(row.created_at),
+        updated_at=timestamp(row.updated_at),
+    )
+
+
+def deployment(row: models.Deployment, view: int = common_pb2.DEPLOYMENT_VIEW_BASIC):
+    """A deployment with the children its view asks for (loaded by the domain)."""
+    message = common_pb2.Deployment(
+        id=str(row.id),
+        release_id=str(row.release_id),
+        environment_id=str(row.environment_id),
+        status=enum_to_proto(common_pb2.DeploymentStatus, row.status),
+        deployed_by=str(row.deployed_by),
+        deployed_at=timestamp(row.deployed_at),
+        completed_at=timestamp(row.completed_at),
+        created_at=timestamp(row.created_at),
+        updated_at=timestamp(row.updated_at),
+    )
+    if view in (common_pb2.DEPLOYMENT_VIEW_WITH_STAGES, common_pb2.DEPLOYMENT_VIEW_FULL):
+        message.stages.extend(stage(s) for s in row.stages)
+    if view == common_pb2.DEPLOYMENT_VIEW_FULL:
+        message.approvals.extend(approval(a) for a in row.approvals)
+        message.metrics.extend(metric(m) for m in row.metrics)
+    return message

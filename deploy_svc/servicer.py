@@ -12,13 +12,12 @@ from datetime import UTC
 import grpc
 from google.protobuf import empty_pb2
 
-from deploy_svc import catalog, convert, identity
+from deploy_svc import catalog, convert, deployments, identity, releases
 from relman.v1 import auth_pb2, auth_pb2_grpc, common_pb2, deploy_pb2, deploy_pb2_grpc
 from shared import tokens
 from shared.actor import current_actor
-from shared.db import Database
 from shared.errors import InvalidArgument
-from shared.models import Role
+from shared.models import Role, StageStatus
 from shared.protos import enum_from_proto, timestamp
 from shared.server import Resources, with_unimplemented
 from shared.validation import optional_uuid, parse_uuid, text
@@ -27,13 +26,235 @@ DEPLOY_SERVICE = deploy_pb2.DESCRIPTOR.services_by_name["DeployService"]
 AUTH_SERVICE = auth_pb2.DESCRIPTOR.services_by_name["AuthService"]
 
 
+def _enum(field: str, enum_type, number: int, *, required: bool) -> str | None:
+    """A proto enum as its vocabulary word; _UNSPECIFIED is None (or refused if required)."""
+    word = enum_from_proto(enum_type, number)
+    if word is None and (required or number != 0):
+        names = ", ".join(n for n in enum_type.keys() if not n.endswith("_UNSPECIFIED"))
+        raise InvalidArgument.field(field, f"must be one of {names}")
+    return word
+
+
+def _page(response_type, field: str, page, convert_item):
+    return response_type(
+        **{field: [convert_item(item) for item in page.items]},
+        next_page_token=page.next_page_token,
+        total_size=page.total_size,
+    )
+
+
 class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
-    def __init__(self, database: Database) -> None:
-        self.database = database
+    def __init__(self, resources: Resources) -> None:
+        self.database = resources.database
+        self.required_approvals = resources.settings.prod_required_approvals
+
+    def _transaction(self, context: grpc.aio.ServicerContext):
+        return self.database.transaction(context.time_remaining())
+
+    # releases
+
+    async def CreateRelease(self, request, context):
+        service_id = parse_uuid("service_id", request.service_id)
+        request_id = optional_uuid("request_id", request.request_id)
+        async with self._transaction(context) as session:
+            release = await releases.create_release(
+                session,
+                current_actor.get(),
+                service_id=service_id,
+                version=request.version,
+                release_notes=request.release_notes,
+                git_commit=request.git_commit,
+                request_id=request_id,
+            )
+            return convert.release(release)
+
+    async def GetRelease(self, request, context):
+        release_id = parse_uuid("release_id", request.release_id)
+        async with self._transaction(context) as session:
+            return convert.release(await releases.get_release(session, release_id))
+
+    async def ListReleases(self, request, context):
+        service_id = optional_uuid("service_id", request.service_id)
+        status = _enum("status", common_pb2.ReleaseStatus, request.status, required=False)
+        async with self._transaction(context) as session:
+            page = await releases.list_releases(
+                session,
+                service_id=service_id,
+                status=status,
+                page_size=request.page_size,
+                page_token=request.page_token,
+            )
+        return _page(deploy_pb2.ListReleasesResponse, "releases", page, convert.release)
+
+    # deployments
+
+    async def _with_stages(self, session, deployment) -> common_pb2.Deployment:
+        loaded = await deployments.get_deployment_with_stages(session, deployment.id)
+        return convert.deployment(loaded, common_pb2.DEPLOYMENT_VIEW_WITH_STAGES)
+
+    async def CreateDeployment(self, request, context):
+        release_id = parse_uuid("release_id", request.release_id)
+        environment_id = parse_uuid("environment_id", request.environment_id)
+        request_id = optional_uuid("request_id", request.request_id)
+        async with self._transaction(context) as session:
+            deployment = await deployments.create_deployment(
+                session,
+                current_actor.get(),
+                release_id,
+                environment_id,
+                list(request.stage_names),
+                request_id,
+            )
+            return await self._with_stages(session, deployment)
+
+    async def PromoteRelease(self, request, context):
+        release_id = parse_uuid("release_id", request.release_id)
+        environment_id = parse_uuid("target_environment_id", request.target_environment_id)
+        reviewer_ids = [
+            parse_uuid(f"reviewer_ids[{i}]", value) for i, value in enumerate(request.reviewer_ids)
+        ]
+        request_id = optional_uuid("request_id", request.request_id)
+        async with self._transaction(context) as session:
+            deployment = await deployments.promote_release(
+                session,
+                current_actor.get(),
+                release_id,
+                environment_id,
+                reviewer_ids,
+                request_id,
+            )
+            return await self._with_stages(session, deployment)
+
+    async def GetDeployment(self, request, context):
+        deployment_id = parse_uuid("deployment_id", request.deployment_id)
+        view = request.view
+        if view not in common_pb2.DeploymentView.values():
+            raise InvalidArgument.field("view", "is not a DeploymentView")
+        async with self._transaction(context) as session:
+            if view == common_pb2.DEPLOYMENT_VIEW_FULL:
+                row = await deployments.get_deployment_with_metrics(session, deployment_id)
+            elif view == common_pb2.DEPLOYMENT_VIEW_WITH_STAGES:
+                row = await deployments.get_deployment_with_stages(session, deployment_id)
+            else:
+                row = await deployments.get_deployment(session, deployment_id)
+            return convert.deployment(row, view or common_pb2.DEPLOYMENT_VIEW_BASIC)
+
+    async def ListDeployments(self, request, context):
+        filters = {
+            "service_id": optional_uuid("service_id", request.service_id),
+            "release_id": optional_uuid("release_id", request.release_id),
+            "environment_id": optional_uuid("environment_id", request.environment_id),
+            "status": _enum("status", common_pb2.DeploymentStatus, request.status, required=False),
+        }
+        async with self._transaction(context) as session:
+            page = await deployments.list_deployments(
+                session, **filters, page_size=request.page_size, page_token=request.page_token
+            )
+        return _page(deploy_pb2.ListDeploymentsResponse, "deployments", page, convert.deployment)
+
+    async def ListLiveDeployments(self, request, context):
+        service_id = optional_uuid("service_id", request.service_id)
+        async with self._transaction(context) as session:
+            live = await deployments.list_live_deployments(session, service_id)
+        return deploy_pb2.ListLiveDeploymentsResponse(
+            live_deployments=[
+                deploy_pb2.LiveDeployment(
+                    service_id=str(item.service_id),
+                    environment_id=str(item.environment_id),
+                    live_release=convert.release(item.live_release) if item.live_release else None,
+                    live_deployment=(
+                        convert.deployment(item.live_deployment) if item.live_deployment else None
+                    ),
+                    active_deployment=(
+                        convert.deployment(item.active_deployment)
+                        if item.active_deployment
+                        else None
+                    ),
+                )
+                for item in live
+            ]
+        )
+
+    async def UpdatePipelineStage(self, request, context):
+        stage_id = parse_uuid("stage_id", request.stage_id)
+        status = StageStatus(_enum("status", common_pb2.StageStatus, request.status, required=True))
+        async with self._transaction(context) as session:
+            stage = await deployments.update_pipeline_stage(
+                session, current_actor.get(), stage_id, status, request.output
+            )
+            return convert.stage(stage)
+
+    async def CancelDeployment(self, request, context):
+        deployment_id = parse_uuid("deployment_id", request.deployment_id)
+        async with self._transaction(context) as session:
+            deployment = await deployments.cancel_deployment(
+                session, current_actor.get(), deployment_id, request.reason
+            )
+            return await self._with_stages(session, deployment)
+
+    async def _vote(self, request, context, approve: bool):
+        deployment_id = parse_uuid("deployment_id", request.deployment_id)
+        async with self._transaction(context) as session:
+            approval = await deployments.vote(
+                session,
+                current_actor.get(),
+                deployment_id,
+                approve,
+                request.notes,
+                self.required_approvals,
+            )
+            return convert.approval(approval)
+
+    async def ApproveDeployment(self, request, context):
+        return await self._vote(request, context, approve=True)
+
+    async def RejectDeployment(self, request, context):
+        return await self._vote(request, context, approve=False)
+
+    # catalogue
+
+    async def ListEnvironments(self, request, context):
+        async with self._transaction(context) as session:
+            page = await catalog.list_environments(
+                session, page_size=request.page_size, page_token=request.page_token
+            )
+        return _page(deploy_pb2.ListEnvironmentsResponse, "environments", page, convert.environment)
+
+    async def ListServices(self, request, context):
+        team_id = optional_uuid("team_id", request.team_id)
+        async with self._transaction(context) as session:
+            page = await catalog.list_services(
+                session,
+                team_id=team_id,
+                page_size=request.page_size,
+                page_token=request.page_token,
+            )
+        return _page(deploy_pb2.ListServicesResponse, "services", page, convert.service)
+
+    async def ListTeams(self, request, context):
+        async with self._transaction(context) as session:
+            page = await catalog.list_teams(
+                session, page_size=request.page_size, page_token=request.page_token
+            )
+        return _page(deploy_pb2.ListTeamsResponse, "teams", page, convert.team)
+
+    async def ListRunbooks(self, request, context):
+        service_id = optional_uuid("service_id", request.service_id)
+        environment_id = optional_uuid("environment_id", request.environment_id)
+        async with self._transaction(context) as session:
+            page = await catalog.list_runbooks(
+                session,
+                service_id=service_id,
+                environment_id=environment_id,
+                tag=request.tag,
+                page_size=request.page_size,
+                page_token=request.page_token,
+            )
+        return _page(deploy_pb2.ListRunbooksResponse, "runbooks", page, convert.runbook)
 
     async def GetRunbook(self, request, context: grpc.aio.ServicerContext):
         runbook_id = parse_uuid("runbook_id", request.runbook_id)
-        async with self.database.transaction(context.time_remaining()) as session:
+        async with self._transaction(context) as session:
             return convert.runbook(await catalog.get_runbook(session, runbook_id))
 
 
@@ -146,7 +367,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
 
 def register(server: grpc.aio.Server, resources: Resources) -> list[str]:
     deploy_pb2_grpc.add_DeployServiceServicer_to_server(
-        with_unimplemented(DeployServicer(resources.database), DEPLOY_SERVICE), server
+        with_unimplemented(DeployServicer(resources), DEPLOY_SERVICE), server
     )
     auth_pb2_grpc.add_AuthServiceServicer_to_server(
         with_unimplemented(AuthServicer(resources), AUTH_SERVICE), server

@@ -21,6 +21,7 @@ from sqlalchemy import (
     DateTime,
     Double,
     ForeignKey,
+    ForeignKeyConstraint,
     Index,
     Integer,
     MetaData,
@@ -238,7 +239,12 @@ class Service(Base):
 
 class Release(Base):
     __tablename__ = "releases"
-    __table_args__ = (UniqueConstraint("service_id", "version"), _one_of("status", ReleaseStatus))
+    __table_args__ = (
+        UniqueConstraint("service_id", "version"),
+        # The target of deployments' composite key: a deployment's service is its release's.
+        UniqueConstraint("id", "service_id"),
+        _one_of("status", ReleaseStatus),
+    )
 
     id: Mapped[uuid.UUID] = _uuid_pk()
     service_id: Mapped[uuid.UUID] = mapped_column(
@@ -259,6 +265,20 @@ class Deployment(Base):
     __tablename__ = "deployments"
     __table_args__ = (
         Index("ix_deployments_release_id_environment_id", "release_id", "environment_id"),
+        # At most one active deployment per service and environment, whatever the code does.
+        Index(
+            "uq_deployments_one_active",
+            "service_id",
+            "environment_id",
+            unique=True,
+            postgresql_where=text("status IN ('pending', 'awaiting_approval', 'in_progress')"),
+        ),
+        ForeignKeyConstraint(
+            ["release_id", "service_id"],
+            ["releases.id", "releases.service_id"],
+            name="fk_deployments_release_id_service_id_releases",
+            ondelete="RESTRICT",
+        ),
         _one_of("status", DeploymentStatus),
     )
 
@@ -266,6 +286,7 @@ class Deployment(Base):
     release_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("releases.id", ondelete="RESTRICT"), index=True
     )
+    service_id: Mapped[uuid.UUID] = mapped_column(index=True)
     environment_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("environments.id", ondelete="RESTRICT"), index=True
     )
@@ -296,7 +317,10 @@ def _deployment_child_fk() -> Mapped[uuid.UUID]:
 
 class Approval(Base):
     __tablename__ = "approvals"
-    __table_args__ = (_one_of("status", ApprovalStatus),)
+    __table_args__ = (
+        UniqueConstraint("deployment_id", "approver_id"),  # a vote is cast once
+        _one_of("status", ApprovalStatus),
+    )
 
     id: Mapped[uuid.UUID] = _uuid_pk()
     deployment_id: Mapped[uuid.UUID] = _deployment_child_fk()
@@ -385,6 +409,7 @@ class DeploymentMetric(Base):
 class PipelineStage(Base):
     __tablename__ = "pipeline_stages"
     __table_args__ = (
+        UniqueConstraint("deployment_id", "order"),
         _one_of("status", StageStatus),
         CheckConstraint('"order" >= 0', name="order"),
         CheckConstraint("timeout_seconds > 0", name="timeout_seconds"),

@@ -425,6 +425,7 @@ def build(now: datetime, password_hashes: list[str]) -> list[Base]:
             )
         )
 
+    release_service = {key: service for key, service, *_ in RELEASES}
     deployment_created: dict[str, datetime] = {}
     deployment_completed: dict[str, datetime] = {}
     for d in DEPLOYMENTS:
@@ -446,6 +447,7 @@ def build(now: datetime, password_hashes: list[str]) -> list[Base]:
             Deployment(
                 id=deployment_id[d.key],
                 release_id=release_id[d.release],
+                service_id=service_id[release_service[d.release]],
                 environment_id=env_id[d.environment],
                 status=d.status.value,
                 deployed_by=user_id[d.deployer],

@@ -1,0 +1,597 @@
+"""Deployments (domain layer): the one deploy path, approvals, pipeline stages, cancel, reads.
+
+The rules of DESIGN.md section 4 live here, each also held by the database where
+it can be (migration 003):
+- promotion order development -> staging -> production;
+- one active deployment per service and environment: a transaction-scoped
+  advisory lock serializes concurrent attempts, and a partial unique index
+  backs it;
+- production deployments wait for PROD_REQUIRED_APPROVALS votes of leads or
+  admins other than the deployer; one rejection ends them; votes are final;
+- stages run in order, timestamps are the server's, a failed stage fails the
+  deployment and skips the rest, and the deployment follows its stages;
+- the release's status is derived again after every change, and every change
+  writes its audit row in the same transaction.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import func, select, text
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import selectinload
+
+from deploy_svc.releases import refresh_status
+from shared import audit_log
+from shared.actor import Actor
+from shared.auth import require
+from shared.db import load
+from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, PermissionDenied
+from shared.models import (
+    ACTIVE_DEPLOYMENT_STATUSES,
+    STANDARD_STAGES,
+    Approval,
+    ApprovalStatus,
+    Deployment,
+    DeploymentStatus,
+    Environment,
+    EnvironmentType,
+    PipelineStage,
+    Release,
+    Role,
+    StageStatus,
+    User,
+)
+from shared.pagination import Page, paginate
+from shared.validation import text as text_field
+
+PROMOTION_ORDER = list(EnvironmentType)
+STAGE_OUTPUT_MAX = 64 * 1024
+MAX_STAGES = 20
+DONE_STAGES = (StageStatus.SUCCEEDED, StageStatus.SKIPPED)
+TERMINAL = {
+    DeploymentStatus.SUCCEEDED,
+    DeploymentStatus.FAILED,
+    DeploymentStatus.REJECTED,
+    DeploymentStatus.CANCELLED,
+    DeploymentStatus.ROLLED_BACK,
+}
+STAGE_MOVES = {  # from -> the statuses it may move to
+    StageStatus.PENDING: {StageStatus.RUNNING, StageStatus.SKIPPED},
+    StageStatus.RUNNING: {StageStatus.SUCCEEDED, StageStatus.FAILED},
+}
+
+
+@dataclass(frozen=True)
+class DeployRequest:
+    release_id: uuid.UUID
+    environment_id: uuid.UUID
+    stage_names: Sequence[str]
+    reviewer_ids: Sequence[uuid.UUID]
+    request_id: uuid.UUID | None
+    action: str  # "deploy" (CreateDeployment) or "promote" (PromoteRelease)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _is_production(environment: Environment) -> bool:
+    return environment.environment_type == EnvironmentType.PRODUCTION
+
+
+# -- the one deploy path ----------------------------------------------------------------------
+
+
+async def create_deployment(
+    session: AsyncSession,
+    actor: Actor,
+    release_id: uuid.UUID,
+    environment_id: uuid.UUID,
+    stage_names: Sequence[str],
+    request_id: uuid.UUID | None,
+) -> Deployment:
+    """Deploys a release to an environment, with the standard stages or `stage_names`."""
+    return await _deploy(
+        session,
+        actor,
+        DeployRequest(release_id, environment_id, stage_names, (), request_id, "deploy"),
+    )
+
+
+async def promote_release(
+    session: AsyncSession,
+    actor: Actor,
+    release_id: uuid.UUID,
+    target_env_id: uuid.UUID,
+    reviewer_ids: Sequence[uuid.UUID],
+    request_id: uuid.UUID | None,
+) -> Deployment:
+    """Promotes a release to the next environment with the five standard stages."""
+    return await _deploy(
+        session,
+        actor,
+        DeployRequest(release_id, target_env_id, (), reviewer_ids, request_id, "promote"),
+    )
+
+
+def _stage_names(names: Sequence[str]) -> list[str]:
+    if not names:
+        return list(STANDARD_STAGES)
+    if len(names) > MAX_STAGES:
+        raise InvalidArgument.field("stage_names", f"at most {MAX_STAGES} stages")
+    checked = [text_field(f"stage_names[{i}]", name, 100) for i, name in enumerate(names)]
+    if len(set(checked)) != len(checked):
+        raise InvalidArgument.field("stage_names", "must not repeat a name")
+    return checked
+
+
+async def _deploy(session: AsyncSession, actor: Actor, request: DeployRequest) -> Deployment:
+    stage_names = _stage_names(request.stage_names)
+    if request.request_id is not None and (
+        earlier := await session.get(Deployment, request.request_id)
+    ):
+        if (earlier.release_id, earlier.environment_id) != (
+            request.release_id,
+            request.environment_id,
+        ):
+            raise InvalidArgument.field(
+                "request_id",
+                "was already used for a different request",
+                reason="REQUEST_ID_REUSED",
+            )
+        return earlier
+
+    release = await load(session, Release, request.release_id)
+    environment = await load(session, Environment, request.environment_id)
+    if not environment.is_active:
+        raise FailedPrecondition(
+            f"environment {environment.name} is deactivated",
+            reason="ENVIRONMENT_INACTIVE",
+            metadata={"environment_id": str(environment.id)},
+        )
+    production = _is_production(environment)
+    if production:
+        require(actor, "deployments.write.production")
+    if request.reviewer_ids and not production:
+        raise InvalidArgument.field("reviewer_ids", "only production deployments have reviewers")
+    await _check_promotion_order(session, release, environment)
+
+    # One active deployment per service and environment: take the lock, then look.
+    await session.execute(
+        text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
+        {"key": f"deploy:{release.service_id}:{environment.id}"},
+    )
+    blocking = await session.scalar(
+        select(Deployment.id).where(
+            Deployment.service_id == release.service_id,
+            Deployment.environment_id == environment.id,
+            Deployment.status.in_(ACTIVE_DEPLOYMENT_STATUSES),
+        )
+    )
+    if blocking is not None:
+        raise FailedPrecondition(
+            f"deployment {blocking} is still active in {environment.name}",
+            reason="ACTIVE_DEPLOYMENT_EXISTS",
+            metadata={
+                "blocking_deployment_id": str(blocking),
+                "environment_id": str(environment.id),
+            },
+        )
+    reviewers = await _reviewers(session, actor, request.reviewer_ids)
+
+    deployment = Deployment(
+        id=request.request_id or uuid.uuid4(),
+        release_id=release.id,
+        service_id=release.service_id,
+        environment_id=environment.id,
+        status=(DeploymentStatus.AWAITING_APPROVAL if production else DeploymentStatus.PENDING),
+        deployed_by=actor.user_id,
+    )
+    session.add(deployment)
+    await session.flush()
+    session.add_all(
+        PipelineStage(
+            deployment_id=deployment.id, name=name, order=order, status=StageStatus.PENDING.value
+        )
+        for order, name in enumerate(stage_names)
+    )
+    session.add_all(
+        Approval(
+            deployment_id=deployment.id,
+            approver_id=reviewer.id,
+            status=ApprovalStatus.PENDING.value,
+        )
+        for reviewer in reviewers
+    )
+    await session.flush()
+    await refresh_status(session, release.id)
+    await audit_log.append(
+        session,
+        actor,
+        request.action,
+        "deployment",
+        deployment.id,
+        {
+            "release_id": str(release.id),
+            "version": release.version,
+            "environment": environment.name,
+            "stages": stage_names,
+            "reviewer_ids": [str(r.id) for r in reviewers],
+        },
+    )
+    await session.refresh(deployment)
+    return deployment
+
+
+async def _check_promotion_order(
+    session: AsyncSession, release: Release, environment: Environment
+) -> None:
+    position = PROMOTION_ORDER.index(EnvironmentType(environment.environment_type))
+    if position == 0:
+        return
+    previous = PROMOTION_ORDER[position - 1]
+    succeeded = await session.scalar(
+        select(Deployment.id)
+        .join(Environment, Environment.id == Deployment.environment_id)
+        .where(
+            Deployment.release_id == release.id,
+            Deployment.status == DeploymentStatus.SUCCEEDED,
+            Environment.environment_type == previous,
+        )
+        .limit(1)
+    )
+    if succeeded is None:
+        raise FailedPrecondition(
+            f"release {release.version} has not succeeded in {previous} yet",
+            reason="PROMOTION_ORDER",
+            metadata={"missing_environment_type": previous.value, "release_id": str(release.id)},
+        )
+
+
+async def _reviewers(
+    session: AsyncSession, actor: Actor, reviewer_ids: Sequence[uuid.UUID]
+) -> list[User]:
+    if len(set(reviewer_ids)) != len(reviewer_ids):
+        raise InvalidArgument.field("reviewer_ids", "must not repeat a reviewer")
+    reviewers = []
+    for index, reviewer_id in enumerate(reviewer_ids):
+        field = f"reviewer_ids[{index}]"
+        user = await session.get(User, reviewer_id)
+        if user is None or not user.is_active:
+            raise InvalidArgument.field(field, "is not an active user")
+        if user.role not in (Role.LEAD, Role.ADMIN):
+            raise InvalidArgument.field(field, "must be a lead or an admin")
+        if user.id == actor.user_id:
+            raise InvalidArgument.field(field, "the deployer cannot review their own deployment")
+        reviewers.append(user)
+    return reviewers
+
+
+# -- approvals ---------------------------------------------------------------------------------
+
+
+async def vote(
+    session: AsyncSession,
+    actor: Actor,
+    deployment_id: uuid.UUID,
+    approve: bool,
+    notes: str,
+    required_approvals: int,
+) -> Approval:
+    """A lead's or admin's final vote on a production deployment awaiting approval."""
+    notes = text_field("notes", notes, 10_000, required=False)
+    deployment = await load(session, Deployment, deployment_id, for_update=True)
+    environment = await session.get(Environment, deployment.environment_id)
+    if not _is_production(environment):
+        raise FailedPrecondition(
+            "only production deployments are voted on",
+            reason="NOT_PRODUCTION",
+            metadata={"deployment_id": str(deployment_id)},
+        )
+    if deployment.status != DeploymentStatus.AWAITING_APPROVAL:
+        raise FailedPrecondition(
+            f"deployment is {deployment.status}, not awaiting approval",
+            reason="NOT_AWAITING_APPROVAL",
+            metadata={"deployment_id": str(deployment_id), "status": deployment.status},
+        )
+    if deployment.deployed_by == actor.user_id:
+        raise PermissionDenied(
+            "the deployer cannot vote on their own deployment",
+            reason="SELF_APPROVAL",
+            metadata={"deployment_id": str(deployment_id)},
+        )
+    approval = await session.scalar(
+        select(Approval).where(
+            Approval.deployment_id == deployment_id, Approval.approver_id == actor.user_id
+        )
+    )
+    if approval is not None and approval.status != ApprovalStatus.PENDING:
+        raise AlreadyExists(
+            "this approver has voted already; a vote is final",
+            reason="ALREADY_VOTED",
+            metadata={"approval_id": str(approval.id)},
+        )
+    if approval is None:
+        approval = Approval(deployment_id=deployment_id, approver_id=actor.user_id)
+        session.add(approval)
+    approval.status = (ApprovalStatus.APPROVED if approve else ApprovalStatus.REJECTED).value
+    approval.notes = notes
+    approval.approved_at = _now()
+    await session.flush()
+
+    if not approve:
+        await _end(session, deployment, DeploymentStatus.REJECTED)
+    else:
+        approvals = await session.scalar(
+            select(func.count())
+            .select_from(Approval)
+            .where(
+                Approval.deployment_id == deployment_id,
+                Approval.status == ApprovalStatus.APPROVED,
+            )
+        )
+        if approvals >= required_approvals:
+            deployment.status = DeploymentStatus.PENDING.value
+    await session.flush()
+    await refresh_status(session, deployment.release_id)
+    await audit_log.append(
+        session,
+        actor,
+        "approve" if approve else "reject",
+        "deployment",
+        deployment_id,
+        {"approval_id": str(approval.id), "deployment_status": deployment.status},
+    )
+    await session.refresh(approval)
+    return approval
+
+
+# -- stages and cancel ---------------------------------------------------------------------------
+
+
+async def _end(session: AsyncSession, deployment: Deployment, status: DeploymentStatus) -> None:
+    """Ends a deployment: its stages that did not run are skipped."""
+    now = _now()
+    deployment.status = status.value
+    deployment.completed_at = now
+    stages = await session.scalars(
+        select(PipelineStage).where(
+            PipelineStage.deployment_id == deployment.id,
+            PipelineStage.status.in_((StageStatus.PENDING, StageStatus.RUNNING)),
+        )
+    )
+    for stage in stages:
+        stage.status = StageStatus.SKIPPED.value
+        stage.completed_at = now
+
+
+async def update_pipeline_stage(
+    session: AsyncSession,
+    actor: Actor,
+    stage_id: uuid.UUID,
+    status: StageStatus,
+    output: str,
+) -> PipelineStage:
+    output = text_field("output", output, STAGE_OUTPUT_MAX, required=False)
+    if output is not None and len(output.encode()) > STAGE_OUTPUT_MAX:
+        raise InvalidArgument.field("output", f"is larger than {STAGE_OUTPUT_MAX} bytes")
+    stage = await load(session, PipelineStage, stage_id)
+    deployment = await load(session, Deployment, stage.deployment_id, for_update=True)
+    await session.refresh(stage)  # read again under the deployment's lock
+    environment = await session.get(Environment, deployment.environment_id)
+    if _is_production(environment):
+        require(actor, "deployments.write.production")
+    if deployment.status == DeploymentStatus.AWAITING_APPROVAL:
+        raise FailedPrecondition(
+            "the deployment is waiting for approval",
+            reason="AWAITING_APPROVAL",
+            metadata={"deployment_id": str(deployment.id)},
+        )
+    if deployment.status in TERMINAL:
+        raise FailedPrecondition(
+            f"the deployment has ended ({deployment.status})",
+            reason="DEPLOYMENT_ENDED",
+            metadata={"deployment_id": str(deployment.id), "status": deployment.status},
+        )
+    current = StageStatus(stage.status)
+    if status not in STAGE_MOVES.get(current, set()):
+        raise FailedPrecondition(
+            f"a {current} stage cannot become {status}",
+            reason="INVALID_STAGE_TRANSITION",
+            metadata={"stage_id": str(stage.id), "from": current.value, "to": status.value},
+        )
+    stages = list(
+        await session.scalars(
+            select(PipelineStage)
+            .where(PipelineStage.deployment_id == deployment.id)
+            .order_by(PipelineStage.order)
+        )
+    )
+    earlier = [s for s in stages if s.order < stage.order]
+    if current == StageStatus.PENDING and any(s.status not in DONE_STAGES for s in earlier):
+        waiting = next(s for s in earlier if s.status not in DONE_STAGES)
+        raise FailedPrecondition(
+            f"stage {waiting.name} has not finished",
+            reason="PREVIOUS_STAGE_NOT_DONE",
+            metadata={"stage_id": str(stage.id), "waiting_for_stage_id": str(waiting.id)},
+        )
+
+    now = _now()
+    stage.status = status.value
+    if output is not None:
+        stage.output = output
+    if status == StageStatus.RUNNING:
+        stage.started_at = now
+        if deployment.status == DeploymentStatus.PENDING:
+            deployment.status = DeploymentStatus.IN_PROGRESS.value
+            deployment.deployed_at = now
+    else:
+        stage.completed_at = now
+    if status == StageStatus.FAILED:
+        await _end(session, deployment, DeploymentStatus.FAILED)
+    elif all(s.status in DONE_STAGES for s in stages):
+        deployment.status = DeploymentStatus.SUCCEEDED.value
+        deployment.completed_at = now
+        deployment.deployed_at = deployment.deployed_at or now
+    await session.flush()
+    await refresh_status(session, deployment.release_id)
+    await audit_log.append(
+        session,
+        actor,
+        "update",
+        "pipeline_stage",
+        stage.id,
+        {
+            "deployment_id": str(deployment.id),
+            "stage": stage.name,
+            "from": current.value,
+            "to": status.value,
+            "deployment_status": deployment.status,
+        },
+    )
+    await session.refresh(stage)
+    return stage
+
+
+async def cancel_deployment(
+    session: AsyncSession, actor: Actor, deployment_id: uuid.UUID, reason: str
+) -> Deployment:
+    reason = text_field("reason", reason, 10_000, required=False)
+    deployment = await load(session, Deployment, deployment_id, for_update=True)
+    environment = await session.get(Environment, deployment.environment_id)
+    if _is_production(environment):
+        require(actor, "deployments.write.production")
+    if deployment.status not in ACTIVE_DEPLOYMENT_STATUSES:
+        raise FailedPrecondition(
+            f"only an active deployment can be cancelled, this one is {deployment.status}",
+            reason="DEPLOYMENT_NOT_ACTIVE",
+            metadata={"deployment_id": str(deployment_id), "status": deployment.status},
+        )
+    await _end(session, deployment, DeploymentStatus.CANCELLED)
+    await session.flush()
+    await refresh_status(session, deployment.release_id)
+    await audit_log.append(
+        session, actor, "cancel", "deployment", deployment_id, {"reason": reason}
+    )
+    await session.refresh(deployment)
+    return deployment
+
+
+# -- reads -----------------------------------------------------------------------------------
+
+
+async def get_deployment(session: AsyncSession, deployment_id: uuid.UUID) -> Deployment:
+    return await load(session, Deployment, deployment_id)
+
+
+async def get_deployment_with_stages(session: AsyncSession, deployment_id: uuid.UUID) -> Deployment:
+    deployment = await session.scalar(
+        select(Deployment)
+        .where(Deployment.id == deployment_id)
+        .options(selectinload(Deployment.stages))
+    )
+    return deployment or await load(session, Deployment, deployment_id)
+
+
+async def get_deployment_with_metrics(
+    session: AsyncSession, deployment_id: uuid.UUID
+) -> Deployment:
+    """The deployment with its stages, approvals and metrics."""
+    deployment = await session.scalar(
+        select(Deployment)
+        .where(Deployment.id == deployment_id)
+        .options(
+            selectinload(Deployment.stages),
+            selectinload(Deployment.approvals),
+            selectinload(Deployment.metrics),
+        )
+        .execution_options(populate_existing=True)
+    )
+    return deployment or await load(session, Deployment, deployment_id)
+
+
+async def list_deployments(
+    session: AsyncSession,
+    *,
+    service_id: uuid.UUID | None,
+    release_id: uuid.UUID | None,
+    environment_id: uuid.UUID | None,
+    status: str | None,
+    page_size: int,
+    page_token: str,
+) -> Page:
+    query = select(Deployment)
+    filters = {
+        "service_id": service_id,
+        "release_id": release_id,
+        "environment_id": environment_id,
+        "status": status,
+    }
+    for column, value in filters.items():
+        if value is not None:
+            query = query.where(getattr(Deployment, column) == value)
+    return await paginate(
+        session,
+        query,
+        created_at=Deployment.created_at,
+        row_id=Deployment.id,
+        filters={k: str(v or "") for k, v in filters.items()},
+        requested_size=page_size,
+        page_token=page_token,
+    )
+
+
+@dataclass(frozen=True)
+class LiveDeployment:
+    service_id: uuid.UUID
+    environment_id: uuid.UUID
+    live_release: Release | None
+    live_deployment: Deployment | None
+    active_deployment: Deployment | None
+
+
+async def list_live_deployments(
+    session: AsyncSession, service_id: uuid.UUID | None
+) -> list[LiveDeployment]:
+    """Per service and environment: the newest succeeded deployment and the active one."""
+    newest_succeeded = (
+        select(Deployment)
+        .where(Deployment.status == DeploymentStatus.SUCCEEDED)
+        .distinct(Deployment.service_id, Deployment.environment_id)
+        .order_by(
+            Deployment.service_id,
+            Deployment.environment_id,
+            Deployment.completed_at.desc(),
+            Deployment.id.desc(),
+        )
+    )
+    active = select(Deployment).where(Deployment.status.in_(ACTIVE_DEPLOYMENT_STATUSES))
+    if service_id is not None:
+        newest_succeeded = newest_succeeded.where(Deployment.service_id == service_id)
+        active = active.where(Deployment.service_id == service_id)
+    live = {(d.service_id, d.environment_id): d for d in await session.scalars(newest_succeeded)}
+    running = {(d.service_id, d.environment_id): d for d in await session.scalars(active)}
+    releases = {
+        r.id: r
+        for r in await session.scalars(
+            select(Release).where(Release.id.in_([d.release_id for d in live.values()]))
+        )
+    }
+    result = []
+    for key in sorted(live.keys() | running.keys(), key=lambda k: (str(k[0]), str(k[1]))):
+        deployment = live.get(key)
+        result.append(
+            LiveDeployment(
+                key[0],
+                key[1],
+                releases.get(deployment.release_id) if deployment else None,
+                deployment,
+                running.get(key),
+            )
+        )
+    return result

@@ -1,0 +1,143 @@
+"""Releases (domain layer): creation, reads, and the status derived from their deployments."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from shared import audit_log
+from shared.actor import Actor
+from shared.db import load
+from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from shared.models import Release, ReleaseStatus, Service
+from shared.pagination import Page, paginate
+from shared.validation import text as text_field
+
+# semver.org's own expression (2.0.0).
+SEMVER = re.compile(
+    r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?"
+)
+GIT_COMMIT = re.compile(r"[0-9a-f]{7,40}")
+
+# DESIGN.md section 4, first match wins.
+_DERIVE_STATUS = text(
+    """
+    UPDATE releases r SET status = derived.status, updated_at = now()
+    FROM (
+        SELECT CASE
+            WHEN bool_or(d.status = 'rolled_back' AND e.environment_type = 'production')
+                THEN 'rolled_back'
+            WHEN bool_or(d.status = 'succeeded' AND e.environment_type = 'production')
+                THEN 'completed'
+            WHEN bool_or(d.status = 'in_progress') THEN 'in_progress'
+            WHEN bool_or(d.status IN ('pending', 'awaiting_approval')) THEN 'promoted'
+            WHEN bool_or(d.status = 'succeeded') THEN 'testing'
+            ELSE 'draft' END AS status
+        FROM deployments d JOIN environments e ON e.id = d.environment_id
+        WHERE d.release_id = :release_id
+    ) AS derived
+    WHERE r.id = :release_id AND r.status IS DISTINCT FROM derived.status
+    """
+)
+
+
+async def refresh_status(session: AsyncSession, release_id: uuid.UUID) -> None:
+    """Sets the release's status from its deployments; called after every change to them."""
+    await session.execute(_DERIVE_STATUS, {"release_id": release_id})
+
+
+async def create_release(
+    session: AsyncSession,
+    actor: Actor,
+    *,
+    service_id: uuid.UUID,
+    version: str,
+    release_notes: str,
+    git_commit: str,
+    request_id: uuid.UUID | None,
+) -> Release:
+    version = text_field("version", version, 50)
+    if not SEMVER.fullmatch(version):
+        raise InvalidArgument.field(
+            "version", "must be a semantic version such as 1.4.0 or 2.0.0-rc.1"
+        )
+    notes = text_field("release_notes", release_notes, 100_000, required=False)
+    commit = text_field("git_commit", git_commit, 40, required=False)
+    if commit is not None and not GIT_COMMIT.fullmatch(commit):
+        raise InvalidArgument.field("git_commit", "must be 7 to 40 lowercase hex digits")
+    if request_id is not None and (earlier := await session.get(Release, request_id)):
+        if (earlier.service_id, earlier.version) != (service_id, version):
+            raise InvalidArgument.field(
+                "request_id", "was already used for a different request", reason="REQUEST_ID_REUSED"
+            )
+        return earlier
+    service = await load(session, Service, service_id)
+    if not service.is_active:
+        raise FailedPrecondition(
+            f"service {service.name} is deactivated",
+            reason="SERVICE_INACTIVE",
+            metadata={"service_id": str(service_id)},
+        )
+    clash = await session.scalar(
+        select(Release.id).where(Release.service_id == service_id, Release.version == version)
+    )
+    if clash is not None:
+        raise AlreadyExists(
+            f"{service.name} already has a release {version}",
+            reason="RELEASE_EXISTS",
+            metadata={"release_id": str(clash), "service_id": str(service_id)},
+        )
+    release = Release(
+        id=request_id or uuid.uuid4(),
+        service_id=service_id,
+        version=version,
+        status=ReleaseStatus.DRAFT.value,
+        release_notes=notes,
+        git_commit=commit,
+        created_by=actor.user_id,
+    )
+    session.add(release)
+    await session.flush()
+    await session.refresh(release)
+    await audit_log.append(
+        session,
+        actor,
+        "create",
+        "release",
+        release.id,
+        {"service_id": str(service_id), "version": version},
+    )
+    return release
+
+
+async def get_release(session: AsyncSession, release_id: uuid.UUID) -> Release:
+    return await load(session, Release, release_id)
+
+
+async def list_releases(
+    session: AsyncSession,
+    *,
+    service_id: uuid.UUID | None,
+    status: str | None,
+    page_size: int,
+    page_token: str,
+) -> Page:
+    query = select(Release)
+    if service_id is not None:
+        query = query.where(Release.service_id == service_id)
+    if status is not None:
+        query = query.where(Release.status == status)
+    return await paginate(
+        session,
+        query,
+        created_at=Release.created_at,
+        row_id=Release.id,
+        filters={"service_id": str(service_id or ""), "status": status or ""},
+        requested_size=page_size,
+        page_token=page_token,
+    )
