@@ -147,6 +147,13 @@ def from_exception(exc: BaseException) -> DomainError:
     driver_error = getattr(cause, "__cause__", None) or cause
     if isinstance(exc, TimeoutError) or isinstance(driver_error, asyncpg.QueryCanceledError):
         return DeadlineExceeded("the call's deadline passed while waiting for the database")
+    if getattr(driver_error, "sqlstate", None) == "23505":  # a unique constraint held a race
+        constraint = getattr(driver_error, "constraint_name", None) or ""
+        return AlreadyExists(
+            "conflicts with an existing record",
+            reason="CONFLICT",
+            metadata={"constraint": constraint},
+        )
     if getattr(driver_error, "sqlstate", None) in _RETRYABLE_SQLSTATES:
         return Aborted("the transaction lost a race with another; retry", reason="CONFLICT")
     if isinstance(driver_error, _CONNECTION_ERRORS) or (

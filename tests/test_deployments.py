@@ -1,0 +1,756 @@
+"""DeployService through real channels: the life of a release, and every rule under attack."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import asyncpg
+import grpc
+import pytest
+from sqlalchemy import func, select
+
+from relman.v1 import common_pb2, deploy_pb2, deploy_pb2_grpc
+from shared.db import libpq_dsn
+from shared.models import AuditLog, Deployment, Release, Role, Service
+from shared.seed import seed_id
+from tests.harness import RelmanProcess, bearer, client_address, env_for, error_details
+
+DEV = str(seed_id("environment", "development"))
+STAGING = str(seed_id("environment", "staging"))
+PROD = str(seed_id("environment", "production"))
+S = common_pb2  # enum values
+
+
+class Client:
+    """DeployService as one user, through the real server."""
+
+    def __init__(self, channel: grpc.aio.Channel, token: str) -> None:
+        self.stub = deploy_pb2_grpc.DeployServiceStub(channel)
+        self.auth = bearer(token)
+
+    def __getattr__(self, rpc: str):
+        method = getattr(self.stub, rpc)
+        request_type = getattr(deploy_pb2, f"{rpc}Request")
+
+        async def invoke(**fields):
+            return await method(request_type(**fields), metadata=self.auth, timeout=30)
+
+        return invoke
+
+
+@pytest.fixture(scope="module")
+def clients(deploy_channel, tokens, login_tokens):
+    return {
+        "developer": Client(deploy_channel, tokens[Role.DEVELOPER]),  # priya
+        "lead": Client(deploy_channel, tokens[Role.LEAD]),  # lena
+        "reviewer": Client(deploy_channel, login_tokens["marco"]),  # the other lead
+        "admin": Client(deploy_channel, tokens[Role.ADMIN]),
+        "viewer": Client(deploy_channel, tokens[Role.VIEWER]),
+    }
+
+
+@pytest.fixture(scope="module")
+async def login_tokens(deploy_channel):
+    from relman.v1 import auth_pb2, auth_pb2_grpc
+
+    stub = auth_pb2_grpc.AuthServiceStub(deploy_channel)
+    return {
+        name: (
+            await stub.Login(auth_pb2.LoginRequest(username=name, password="password123"))
+        ).access_token
+        for name in ("marco",)
+    }
+
+
+@pytest.fixture
+async def service_id(database) -> str:
+    """A service of its own for each test, so that tests never share deployments."""
+    async with database.transaction() as session:
+        service = Service(name=f"svc-{uuid.uuid4().hex[:10]}", team_id=seed_id("team", "Platform"))
+        session.add(service)
+        await session.flush()
+        return str(service.id)
+
+
+async def fails(call, code: grpc.StatusCode, reason: str | None = None):
+    """Awaits a call that must fail with `code` (and ErrorInfo `reason`); returns the error."""
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await call
+    assert failure.value.code() == code, failure.value.details()
+    if reason is not None:
+        assert error_details(failure.value)[0].reason == reason
+    return failure.value
+
+
+async def release_status(client: Client, release_id: str) -> str:
+    release = await client.GetRelease(release_id=release_id)
+    return S.ReleaseStatus.Name(release.status).removeprefix("RELEASE_STATUS_").lower()
+
+
+async def run_all_stages(client: Client, deployment) -> None:
+    for stage in deployment.stages:
+        await client.UpdatePipelineStage(stage_id=stage.id, status=S.STAGE_STATUS_RUNNING)
+        await client.UpdatePipelineStage(
+            stage_id=stage.id, status=S.STAGE_STATUS_SUCCEEDED, output=f"{stage.name} ok"
+        )
+
+
+async def deployed(client: Client, service_id: str, version: str, *environments: str):
+    """A release that succeeded in each of `environments`, in order."""
+    release = await client.CreateRelease(service_id=service_id, version=version)
+    for environment in environments:
+        deployment = await client.PromoteRelease(
+            release_id=release.id, target_environment_id=environment
+        )
+        await run_all_stages(client, deployment)
+    return release
+
+
+# -- the whole life ------------------------------------------------------------------------
+
+
+async def test_the_life_of_a_release(clients, service_id, database):
+    developer, lead, reviewer = clients["developer"], clients["lead"], clients["reviewer"]
+    release = await developer.CreateRelease(
+        service_id=service_id, version="1.0.0", release_notes="First.", git_commit="a1b2c3d"
+    )
+    assert release.status == S.RELEASE_STATUS_DRAFT
+
+    for environment, after in ((DEV, "testing"), (STAGING, "testing")):
+        deployment = await developer.PromoteRelease(
+            release_id=release.id, target_environment_id=environment
+        )
+        assert deployment.status == S.DEPLOYMENT_STATUS_PENDING
+        assert [s.name for s in deployment.stages] == [
+            "build",
+            "test",
+            "security_scan",
+            "deploy",
+            "smoke_test",
+        ]
+        assert await release_status(developer, release.id) == "promoted"
+        first = deployment.stages[0]
+        await developer.UpdatePipelineStage(stage_id=first.id, status=S.STAGE_STATUS_RUNNING)
+        assert await release_status(developer, release.id) == "in_progress"
+        running = await developer.GetDeployment(deployment_id=deployment.id)
+        assert running.status == S.DEPLOYMENT_STATUS_IN_PROGRESS
+        assert running.HasField("deployed_at")
+        await developer.UpdatePipelineStage(stage_id=first.id, status=S.STAGE_STATUS_SUCCEEDED)
+        await run_all_stages(developer, type(deployment)(stages=deployment.stages[1:]))
+        done = await developer.GetDeployment(
+            deployment_id=deployment.id, view=S.DEPLOYMENT_VIEW_WITH_STAGES
+        )
+        assert done.status == S.DEPLOYMENT_STATUS_SUCCEEDED
+        assert {s.status for s in done.stages} == {S.STAGE_STATUS_SUCCEEDED}
+        assert all(s.completed_at.ToDatetime() >= s.started_at.ToDatetime() for s in done.stages)
+        assert await release_status(developer, release.id) == after
+
+    marco = str(seed_id("user", "marco"))
+    production = await lead.PromoteRelease(
+        release_id=release.id, target_environment_id=PROD, reviewer_ids=[marco]
+    )
+    assert production.status == S.DEPLOYMENT_STATUS_AWAITING_APPROVAL
+    assert await release_status(lead, release.id) == "promoted"
+    full = await lead.GetDeployment(deployment_id=production.id, view=S.DEPLOYMENT_VIEW_FULL)
+    assert [(a.approver_id, a.status) for a in full.approvals] == [
+        (marco, S.APPROVAL_STATUS_PENDING)
+    ]
+    await fails(
+        lead.UpdatePipelineStage(stage_id=production.stages[0].id, status=S.STAGE_STATUS_RUNNING),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "AWAITING_APPROVAL",
+    )
+
+    vote = await reviewer.ApproveDeployment(deployment_id=production.id, notes="Looks good.")
+    assert vote.status == S.APPROVAL_STATUS_APPROVED and vote.HasField("approved_at")
+    assert (await lead.GetDeployment(deployment_id=production.id)).status == (
+        S.DEPLOYMENT_STATUS_PENDING
+    )
+    await run_all_stages(lead, production)
+    assert await release_status(lead, release.id) == "completed"
+
+    live = await lead.ListLiveDeployments(service_id=service_id)
+    where = {item.environment_id: item for item in live.live_deployments}
+    assert set(where) == {DEV, STAGING, PROD}
+    assert all(item.live_release.version == "1.0.0" for item in where.values())
+    assert all(not item.HasField("active_deployment") for item in where.values())
+
+    async with database.transaction() as session:
+        actions = list(
+            await session.scalars(
+                select(AuditLog.action)
+                .where(AuditLog.resource_id.in_([release.id, production.id]))
+                .order_by(AuditLog.created_at)
+            )
+        )
+    assert actions == ["create", "promote", "approve"]
+
+
+# -- promotion order and permissions -----------------------------------------------------------
+
+
+async def test_promotion_order_names_the_missing_environment(clients, service_id):
+    developer, lead = clients["developer"], clients["lead"]
+    release = await developer.CreateRelease(service_id=service_id, version="2.0.0")
+    error = await fails(
+        developer.PromoteRelease(release_id=release.id, target_environment_id=STAGING),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "PROMOTION_ORDER",
+    )
+    assert error_details(error)[0].metadata["missing_environment_type"] == "development"
+    await deployed(developer, service_id, "2.0.1", DEV)
+    error = await fails(
+        lead.PromoteRelease(release_id=release.id, target_environment_id=PROD),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "PROMOTION_ORDER",
+    )
+    assert error_details(error)[0].metadata["missing_environment_type"] == "staging"
+    assert await release_status(developer, release.id) == "draft"  # nothing was written
+
+
+async def test_developers_do_not_deploy_to_production(clients, service_id):
+    developer = clients["developer"]
+    release = await deployed(developer, service_id, "1.0.0", DEV, STAGING)
+    error = await fails(
+        developer.PromoteRelease(release_id=release.id, target_environment_id=PROD),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "MISSING_PERMISSION",
+    )
+    assert error_details(error)[0].metadata["permission"] == "deployments.write.production"
+    await fails(
+        clients["viewer"].CreateRelease(service_id=service_id, version="9.0.0"),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "MISSING_PERMISSION",
+    )
+
+
+async def test_reviewers_must_be_other_active_leads_in_production(clients, service_id):
+    lead = clients["lead"]
+    release = await deployed(lead, service_id, "1.0.0", DEV, STAGING)
+    for reviewers, field in [
+        ([str(seed_id("user", "priya"))], "reviewer_ids[0]"),  # a developer
+        ([str(seed_id("user", "lena"))], "reviewer_ids[0]"),  # the deployer
+        ([str(uuid.uuid4())], "reviewer_ids[0]"),  # nobody
+        ([str(seed_id("user", "marco"))] * 2, "reviewer_ids"),
+    ]:
+        error = await fails(
+            lead.PromoteRelease(
+                release_id=release.id, target_environment_id=PROD, reviewer_ids=reviewers
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+        assert [v.field for v in error_details(error)[1]] == [field]
+    await fails(
+        lead.PromoteRelease(
+            release_id=release.id,
+            target_environment_id=DEV,
+            reviewer_ids=[str(seed_id("user", "marco"))],
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+
+
+# -- one active deployment -------------------------------------------------------------------
+
+
+async def test_twenty_concurrent_promotions_make_exactly_one_deployment(
+    clients, service_id, database
+):
+    developer = clients["developer"]
+    release = await developer.CreateRelease(service_id=service_id, version="3.0.0")
+    results = await asyncio.gather(
+        *(
+            developer.PromoteRelease(release_id=release.id, target_environment_id=DEV)
+            for _ in range(20)
+        ),
+        return_exceptions=True,
+    )
+    winners = [r for r in results if not isinstance(r, Exception)]
+    losers = [r for r in results if isinstance(r, Exception)]
+    assert len(winners) == 1 and len(losers) == 19
+    for error in losers:
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+        info, _ = error_details(error)
+        assert info.reason == "ACTIVE_DEPLOYMENT_EXISTS"
+        assert info.metadata["blocking_deployment_id"] == winners[0].id
+    async with database.transaction() as session:
+        count = await session.scalar(
+            select(func.count())
+            .select_from(Deployment)
+            .where(Deployment.service_id == uuid.UUID(service_id))
+        )
+    assert count == 1
+
+
+async def test_the_database_refuses_a_second_active_deployment(db_url, clients, service_id):
+    """The partial unique index holds even against a writer that skips the domain."""
+    release = await clients["developer"].CreateRelease(service_id=service_id, version="1.0.0")
+    first = await clients["developer"].PromoteRelease(
+        release_id=release.id, target_environment_id=DEV
+    )
+    connection = await asyncpg.connect(libpq_dsn(db_url))
+    try:
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await connection.execute(
+                "INSERT INTO deployments (release_id, service_id, environment_id, deployed_by)"
+                " SELECT release_id, service_id, environment_id, deployed_by"
+                " FROM deployments WHERE id = $1",
+                uuid.UUID(first.id),
+            )
+        with pytest.raises(asyncpg.ForeignKeyViolationError):  # service must be the release's
+            await connection.execute(
+                "UPDATE deployments SET service_id = $2 WHERE id = $1",
+                uuid.UUID(first.id),
+                seed_id("service", "auth-service"),
+            )
+    finally:
+        await connection.close()
+
+
+# -- approvals -----------------------------------------------------------------------------------
+
+
+async def waiting_production(clients, service_id, version="1.0.0", reviewers=()):
+    lead = clients["lead"]
+    release = await deployed(lead, service_id, version, DEV, STAGING)
+    return await lead.PromoteRelease(
+        release_id=release.id, target_environment_id=PROD, reviewer_ids=list(reviewers)
+    )
+
+
+async def test_votes_are_final_and_never_the_deployers(clients, service_id):
+    deployment = await waiting_production(clients, service_id)
+    await fails(
+        clients["lead"].ApproveDeployment(deployment_id=deployment.id),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "SELF_APPROVAL",
+    )
+    await fails(
+        clients["developer"].ApproveDeployment(deployment_id=deployment.id),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "MISSING_PERMISSION",
+    )
+    await clients["reviewer"].ApproveDeployment(deployment_id=deployment.id)
+    # Now pending (one approval needed): a second vote is on a deployment no longer waiting.
+    await fails(
+        clients["admin"].ApproveDeployment(deployment_id=deployment.id),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "NOT_AWAITING_APPROVAL",
+    )
+    await fails(
+        clients["reviewer"].RejectDeployment(deployment_id=deployment.id),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "NOT_AWAITING_APPROVAL",
+    )
+
+
+async def test_one_rejection_ends_the_deployment(clients, service_id):
+    deployment = await waiting_production(clients, service_id)
+    vote = await clients["admin"].RejectDeployment(
+        deployment_id=deployment.id, notes="Not this week."
+    )
+    assert vote.status == S.APPROVAL_STATUS_REJECTED
+    ended = await clients["lead"].GetDeployment(
+        deployment_id=deployment.id, view=S.DEPLOYMENT_VIEW_WITH_STAGES
+    )
+    assert ended.status == S.DEPLOYMENT_STATUS_REJECTED
+    assert {s.status for s in ended.stages} == {S.STAGE_STATUS_SKIPPED}
+    assert await release_status(clients["lead"], ended.release_id) == "testing"
+    await fails(
+        clients["reviewer"].ApproveDeployment(deployment_id=deployment.id),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "NOT_AWAITING_APPROVAL",
+    )
+
+
+async def test_votes_only_on_production(clients, service_id):
+    release = await clients["developer"].CreateRelease(service_id=service_id, version="1.0.0")
+    deployment = await clients["developer"].PromoteRelease(
+        release_id=release.id, target_environment_id=DEV
+    )
+    await fails(
+        clients["reviewer"].ApproveDeployment(deployment_id=deployment.id),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "NOT_PRODUCTION",
+    )
+
+
+async def test_required_approvals_and_concurrent_votes(
+    db_url, relman, tokens, login_tokens, service_id, database
+):
+    """With PROD_REQUIRED_APPROVALS=2: one vote is not enough, and votes cast at once count
+    once each; the same approver voting twice at once is refused once."""
+    process = await RelmanProcess.start(
+        ["-m", "deploy_svc"],
+        env_for(db_url, DEPLOY_SVC_ADDR="127.0.0.1:0", PROD_REQUIRED_APPROVALS="2"),
+    )
+    try:
+        address = client_address((await process.wait_listening("deploy_svc"))["deploy_svc"])
+        async with grpc.aio.insecure_channel(address) as channel:
+            lead = Client(channel, tokens[Role.LEAD])
+            marco = Client(channel, login_tokens["marco"])
+            admin = Client(channel, tokens[Role.ADMIN])
+            two = {"lead": lead, "reviewer": marco, "admin": admin}
+            first = await waiting_production(two, service_id, "1.0.0")
+            results = await asyncio.gather(
+                marco.ApproveDeployment(deployment_id=first.id),
+                marco.ApproveDeployment(deployment_id=first.id),
+                return_exceptions=True,
+            )
+            assert sorted(type(r).__name__ for r in results) == ["AioRpcError", "Approval"]
+            refused = next(r for r in results if isinstance(r, Exception))
+            assert refused.code() == grpc.StatusCode.ALREADY_EXISTS
+            state = await lead.GetDeployment(deployment_id=first.id, view=S.DEPLOYMENT_VIEW_FULL)
+            assert state.status == S.DEPLOYMENT_STATUS_AWAITING_APPROVAL
+            assert len(state.approvals) == 1
+
+            await admin.ApproveDeployment(deployment_id=first.id)
+            state = await lead.GetDeployment(deployment_id=first.id, view=S.DEPLOYMENT_VIEW_FULL)
+            assert state.status == S.DEPLOYMENT_STATUS_PENDING
+            assert [a.status for a in state.approvals] == [S.APPROVAL_STATUS_APPROVED] * 2
+    finally:
+        await process.stop()
+
+
+# -- stages and cancel -------------------------------------------------------------------------
+
+
+async def test_stage_rules(clients, service_id):
+    developer = clients["developer"]
+    release = await developer.CreateRelease(service_id=service_id, version="1.0.0")
+    deployment = await developer.CreateDeployment(
+        release_id=release.id, environment_id=DEV, stage_names=["build", "migrate", "deploy"]
+    )
+    build, migrate, deploy = deployment.stages
+    await fails(
+        developer.UpdatePipelineStage(stage_id=migrate.id, status=S.STAGE_STATUS_RUNNING),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "PREVIOUS_STAGE_NOT_DONE",
+    )
+    await fails(
+        developer.UpdatePipelineStage(stage_id=build.id, status=S.STAGE_STATUS_SUCCEEDED),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "INVALID_STAGE_TRANSITION",
+    )
+    error = await fails(
+        developer.UpdatePipelineStage(stage_id=build.id, status=0), grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert [v.field for v in error_details(error)[1]] == ["status"]
+    await developer.UpdatePipelineStage(stage_id=build.id, status=S.STAGE_STATUS_RUNNING)
+    await fails(
+        developer.UpdatePipelineStage(
+            stage_id=build.id, status=S.STAGE_STATUS_SUCCEEDED, output="x" * (64 * 1024 + 1)
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    await developer.UpdatePipelineStage(
+        stage_id=build.id, status=S.STAGE_STATUS_SUCCEEDED, output="x" * (64 * 1024)
+    )
+    await developer.UpdatePipelineStage(stage_id=migrate.id, status=S.STAGE_STATUS_SKIPPED)
+    await developer.UpdatePipelineStage(stage_id=deploy.id, status=S.STAGE_STATUS_RUNNING)
+    failed = await developer.UpdatePipelineStage(
+        stage_id=deploy.id, status=S.STAGE_STATUS_FAILED, output="rollout stuck"
+    )
+    assert failed.HasField("completed_at") and failed.output == "rollout stuck"
+    ended = await developer.GetDeployment(
+        deployment_id=deployment.id, view=S.DEPLOYMENT_VIEW_WITH_STAGES
+    )
+    assert ended.status == S.DEPLOYMENT_STATUS_FAILED
+    assert [s.status for s in ended.stages] == [
+        S.STAGE_STATUS_SUCCEEDED,
+        S.STAGE_STATUS_SKIPPED,
+        S.STAGE_STATUS_FAILED,
+    ]
+    assert await release_status(developer, release.id) == "draft"
+    await fails(
+        developer.UpdatePipelineStage(stage_id=deploy.id, status=S.STAGE_STATUS_RUNNING),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "DEPLOYMENT_ENDED",
+    )
+
+
+async def test_a_failed_stage_skips_the_rest(clients, service_id):
+    developer = clients["developer"]
+    release = await developer.CreateRelease(service_id=service_id, version="1.0.0")
+    deployment = await developer.PromoteRelease(release_id=release.id, target_environment_id=DEV)
+    build = deployment.stages[0]
+    await developer.UpdatePipelineStage(stage_id=build.id, status=S.STAGE_STATUS_RUNNING)
+    await developer.UpdatePipelineStage(stage_id=build.id, status=S.STAGE_STATUS_FAILED)
+    ended = await developer.GetDeployment(
+        deployment_id=deployment.id, view=S.DEPLOYMENT_VIEW_WITH_STAGES
+    )
+    assert ended.status == S.DEPLOYMENT_STATUS_FAILED and ended.HasField("completed_at")
+    assert [s.status for s in ended.stages[1:]] == [S.STAGE_STATUS_SKIPPED] * 4
+
+
+async def test_cancel_an_active_deployment(clients, service_id):
+    developer = clients["developer"]
+    release = await developer.CreateRelease(service_id=service_id, version="1.0.0")
+    deployment = await developer.PromoteRelease(release_id=release.id, target_environment_id=DEV)
+    await developer.UpdatePipelineStage(
+        stage_id=deployment.stages[0].id, status=S.STAGE_STATUS_RUNNING
+    )
+    cancelled = await developer.CancelDeployment(deployment_id=deployment.id, reason="wrong build")
+    assert cancelled.status == S.DEPLOYMENT_STATUS_CANCELLED
+    assert {s.status for s in cancelled.stages} == {S.STAGE_STATUS_SKIPPED}
+    assert await release_status(developer, release.id) == "draft"
+    await fails(
+        developer.CancelDeployment(deployment_id=deployment.id),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "DEPLOYMENT_NOT_ACTIVE",
+    )
+    again = await developer.PromoteRelease(release_id=release.id, target_environment_id=DEV)
+    assert again.status == S.DEPLOYMENT_STATUS_PENDING  # the slot is free again
+
+
+# -- idempotency and atomicity --------------------------------------------------------------------
+
+
+async def test_retries_with_a_request_id_create_nothing_new(clients, service_id, database):
+    developer = clients["developer"]
+    request_id = str(uuid.uuid4())
+    first = await developer.CreateRelease(
+        service_id=service_id, version="1.0.0", request_id=request_id
+    )
+    again = await developer.CreateRelease(
+        service_id=service_id, version="1.0.0", request_id=request_id
+    )
+    assert first.id == again.id == request_id
+    await fails(
+        developer.CreateRelease(service_id=service_id, version="1.0.1", request_id=request_id),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "REQUEST_ID_REUSED",
+    )
+
+    promote_id = str(uuid.uuid4())
+    deployment = await developer.PromoteRelease(
+        release_id=first.id, target_environment_id=DEV, request_id=promote_id
+    )
+    retried = await developer.PromoteRelease(
+        release_id=first.id, target_environment_id=DEV, request_id=promote_id
+    )
+    assert deployment.id == retried.id == promote_id
+    assert [s.id for s in retried.stages] == [s.id for s in deployment.stages]
+    await fails(
+        developer.PromoteRelease(
+            release_id=first.id, target_environment_id=STAGING, request_id=promote_id
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "REQUEST_ID_REUSED",
+    )
+    await developer.CancelDeployment(deployment_id=deployment.id)
+    create_id = str(uuid.uuid4())
+    created = await developer.CreateDeployment(
+        release_id=first.id, environment_id=DEV, request_id=create_id
+    )
+    assert (
+        await developer.CreateDeployment(
+            release_id=first.id, environment_id=DEV, request_id=create_id
+        )
+    ).id == created.id
+    async with database.transaction() as session:
+        releases = await session.scalar(
+            select(func.count())
+            .select_from(Release)
+            .where(Release.service_id == uuid.UUID(service_id))
+        )
+        deployments = await session.scalar(
+            select(func.count())
+            .select_from(Deployment)
+            .where(Deployment.service_id == uuid.UUID(service_id))
+        )
+    assert (releases, deployments) == (1, 2)
+
+
+async def test_a_change_and_its_audit_row_commit_together(db_url, clients, service_id, database):
+    """Make the audit insert fail after the state change: neither survives."""
+    connection = await asyncpg.connect(libpq_dsn(db_url))
+    marker = f"9.9.{uuid.uuid4().int % 10_000}-auditfail"
+    await connection.execute(f"""
+        CREATE FUNCTION fail_audit() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.details->>'version' = '{marker}' THEN
+                RAISE EXCEPTION 'audit insert refused for the test';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER fail_audit BEFORE INSERT ON audit_logs
+            FOR EACH ROW EXECUTE FUNCTION fail_audit();
+    """)
+    try:
+        with pytest.raises(grpc.aio.AioRpcError):
+            await clients["developer"].CreateRelease(service_id=service_id, version=marker)
+    finally:
+        await connection.execute(
+            "DROP TRIGGER fail_audit ON audit_logs; DROP FUNCTION fail_audit();"
+        )
+        await connection.close()
+    async with database.transaction() as session:
+        assert await session.scalar(select(Release).where(Release.version == marker)) is None
+        assert (
+            await session.scalar(
+                select(func.count())
+                .select_from(AuditLog)
+                .where(AuditLog.details["version"].astext == marker)
+            )
+            == 0
+        )
+
+
+# -- reads -------------------------------------------------------------------------------------
+
+
+async def test_deployment_views(clients, service_id):
+    developer = clients["developer"]
+    release = await developer.CreateRelease(service_id=service_id, version="1.0.0")
+    deployment = await developer.PromoteRelease(release_id=release.id, target_environment_id=DEV)
+    basic = await developer.GetDeployment(deployment_id=deployment.id)
+    assert basic.release_id == release.id and len(basic.stages) == 0
+    with_stages = await developer.GetDeployment(
+        deployment_id=deployment.id, view=S.DEPLOYMENT_VIEW_WITH_STAGES
+    )
+    assert [s.order for s in with_stages.stages] == [0, 1, 2, 3, 4]
+    assert len(with_stages.approvals) == 0
+    full = await developer.GetDeployment(deployment_id=deployment.id, view=S.DEPLOYMENT_VIEW_FULL)
+    assert len(full.stages) == 5 and list(full.metrics) == [] and list(full.approvals) == []
+    await fails(
+        developer.GetDeployment(deployment_id=deployment.id, view=7),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+
+
+async def test_lists_filter_and_page(clients, service_id):
+    developer = clients["developer"]
+    versions = [f"1.{minor}.0" for minor in range(5)]
+    for version in versions:
+        await developer.CreateRelease(service_id=service_id, version=version)
+    await deployed(developer, service_id, "2.0.0", DEV)
+    seen, token = [], ""
+    while True:
+        page = await developer.ListReleases(service_id=service_id, page_size=2, page_token=token)
+        assert page.total_size == 6
+        seen += [r.version for r in page.releases]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == ["2.0.0", *reversed(versions)]  # newest first, each once
+    testing = await developer.ListReleases(service_id=service_id, status=S.RELEASE_STATUS_TESTING)
+    assert [r.version for r in testing.releases] == ["2.0.0"] and testing.total_size == 1
+    deployments = await developer.ListDeployments(
+        service_id=service_id, status=S.DEPLOYMENT_STATUS_SUCCEEDED
+    )
+    assert deployments.total_size == 1 and deployments.deployments[0].environment_id == DEV
+    none = await developer.ListDeployments(service_id=service_id, environment_id=PROD)
+    assert none.total_size == 0 and not none.next_page_token
+    first = await developer.ListReleases(service_id=service_id, page_size=1)
+    await fails(
+        developer.ListReleases(page_size=1, page_token=first.next_page_token),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "PAGE_TOKEN_FILTER_MISMATCH",
+    )
+    await fails(developer.ListReleases(page_size=-1), grpc.StatusCode.INVALID_ARGUMENT)
+
+
+async def test_catalogue_reads(clients):
+    viewer = clients["viewer"]
+    environments = await viewer.ListEnvironments()
+    assert {e.name for e in environments.environments} >= {"development", "staging", "production"}
+    teams = await viewer.ListTeams()
+    assert {t.name for t in teams.teams} >= {"Platform", "Backend", "Frontend"}
+    frontend = await viewer.ListServices(team_id=str(seed_id("team", "Frontend")))
+    assert [s.name for s in frontend.services] == ["user-dashboard"]
+    rollback = await viewer.ListRunbooks(tag="rollback")
+    assert [r.title for r in rollback.runbooks] == ["Rollback procedure"]
+    production = await viewer.ListRunbooks(environment_id=PROD)
+    assert production.total_size == 2
+
+
+# -- bad input changes nothing ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "code"),
+    [
+        ({"service_id": "nope", "version": "1.0.0"}, "service_id", "INVALID_ARGUMENT"),
+        ({"version": "1.0"}, "version", "INVALID_ARGUMENT"),
+        ({"version": "v1.0.0"}, "version", "INVALID_ARGUMENT"),
+        ({"version": "1.0.0-" + "a" * 50}, "version", "INVALID_ARGUMENT"),
+        ({"version": ""}, "version", "INVALID_ARGUMENT"),
+        ({"version": "1.0.0", "release_notes": "a\x00b"}, "release_notes", "INVALID_ARGUMENT"),
+        ({"version": "1.0.0", "git_commit": "xyz"}, "git_commit", "INVALID_ARGUMENT"),
+        ({"version": "1.0.0", "request_id": "123"}, "request_id", "INVALID_ARGUMENT"),
+        ({"service_id": str(uuid.uuid4()), "version": "1.0.0"}, None, "NOT_FOUND"),
+    ],
+)
+async def test_bad_release_input_changes_nothing(
+    clients, service_id, database, fields, field, code
+):
+    request = {"service_id": service_id, **fields}
+    error = await fails(
+        clients["developer"].CreateRelease(**request), getattr(grpc.StatusCode, code)
+    )
+    if field is not None:
+        assert [v.field for v in error_details(error)[1]] == [field]
+    async with database.transaction() as session:
+        assert (
+            await session.scalar(
+                select(func.count())
+                .select_from(Release)
+                .where(Release.service_id == uuid.UUID(service_id))
+            )
+            == 0
+        )
+
+
+async def test_duplicate_version_is_already_exists(clients, service_id):
+    await clients["developer"].CreateRelease(service_id=service_id, version="1.0.0")
+    error = await fails(
+        clients["developer"].CreateRelease(service_id=service_id, version="1.0.0"),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "RELEASE_EXISTS",
+    )
+    assert error_details(error)[0].metadata["service_id"] == service_id
+
+
+@pytest.mark.parametrize(
+    ("rpc", "fields", "code"),
+    [
+        ("GetRelease", {"release_id": "x"}, grpc.StatusCode.INVALID_ARGUMENT),
+        ("GetRelease", {"release_id": str(uuid.uuid4())}, grpc.StatusCode.NOT_FOUND),
+        ("GetDeployment", {"deployment_id": str(uuid.uuid4())}, grpc.StatusCode.NOT_FOUND),
+        (
+            "PromoteRelease",
+            {"release_id": str(uuid.uuid4()), "target_environment_id": DEV},
+            grpc.StatusCode.NOT_FOUND,
+        ),
+        ("PromoteRelease", {"release_id": str(uuid.uuid4())}, grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            "CreateDeployment",
+            {"release_id": str(uuid.uuid4()), "environment_id": DEV, "stage_names": ["a", "a"]},
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            "CreateDeployment",
+            {"release_id": str(uuid.uuid4()), "environment_id": DEV, "stage_names": [""]},
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            "UpdatePipelineStage",
+            {"stage_id": str(uuid.uuid4()), "status": S.STAGE_STATUS_RUNNING},
+            grpc.StatusCode.NOT_FOUND,
+        ),
+        (
+            "UpdatePipelineStage",
+            {"stage_id": str(uuid.uuid4()), "status": 99},
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        ("CancelDeployment", {"deployment_id": str(uuid.uuid4())}, grpc.StatusCode.NOT_FOUND),
+        ("ApproveDeployment", {"deployment_id": ""}, grpc.StatusCode.INVALID_ARGUMENT),
+        ("ListReleases", {"status": 42}, grpc.StatusCode.INVALID_ARGUMENT),
+        ("ListDeployments", {"release_id": "not-a-uuid"}, grpc.StatusCode.INVALID_ARGUMENT),
+        ("ListRunbooks", {"tag": "a\x00"}, grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
+async def test_bad_input_gets_the_right_code(clients, rpc, fields, code):
+    await fails(getattr(clients["lead"], rpc)(**fields), code)
