@@ -46,7 +46,7 @@ from shared.models import (
     StageStatus,
     User,
 )
-from shared.pagination import Page, paginate
+from shared.pagination import Page, list_page
 from shared.validation import text as text_field
 
 PROMOTION_ORDER = list(EnvironmentType)
@@ -525,24 +525,17 @@ async def list_deployments(
     page_size: int,
     page_token: str,
 ) -> Page:
-    query = select(Deployment)
-    filters = {
-        "service_id": service_id,
-        "release_id": release_id,
-        "environment_id": environment_id,
-        "status": status,
-    }
-    for column, value in filters.items():
-        if value is not None:
-            query = query.where(getattr(Deployment, column) == value)
-    return await paginate(
+    return await list_page(
         session,
-        query,
-        created_at=Deployment.created_at,
-        row_id=Deployment.id,
-        filters={k: str(v or "") for k, v in filters.items()},
-        requested_size=page_size,
+        Deployment,
+        page_size=page_size,
         page_token=page_token,
+        equal={
+            "service_id": service_id,
+            "release_id": release_id,
+            "environment_id": environment_id,
+            "status": status,
+        },
     )
 
 

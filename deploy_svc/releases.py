@@ -13,7 +13,7 @@ from shared.actor import Actor
 from shared.db import load
 from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from shared.models import Release, ReleaseStatus, Service
-from shared.pagination import Page, paginate
+from shared.pagination import Page, list_page
 from shared.validation import text as text_field
 
 # semver.org's own expression (2.0.0).
@@ -127,17 +127,10 @@ async def list_releases(
     page_size: int,
     page_token: str,
 ) -> Page:
-    query = select(Release)
-    if service_id is not None:
-        query = query.where(Release.service_id == service_id)
-    if status is not None:
-        query = query.where(Release.status == status)
-    return await paginate(
+    return await list_page(
         session,
-        query,
-        created_at=Release.created_at,
-        row_id=Release.id,
-        filters={"service_id": str(service_id or ""), "status": status or ""},
-        requested_size=page_size,
+        Release,
+        page_size=page_size,
         page_token=page_token,
+        equal={"service_id": service_id, "status": status},
     )

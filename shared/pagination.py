@@ -119,3 +119,39 @@ async def total_size(session: AsyncSession, query: Select) -> int:
     if isinstance(plan, str):
         plan = json.loads(plan)
     return max(int(plan[0]["Plan"]["Plan Rows"]), count)
+
+
+async def list_page(
+    session: AsyncSession,
+    model,
+    *,
+    page_size: int,
+    page_token: str,
+    equal: Mapping[str, Any] | None = None,
+    where: Mapping[str, tuple[Any, Any]] | None = None,
+) -> Page:
+    """One page of `model` rows, newest first, filtered by the List RPC's fields.
+
+    `equal` maps columns to values (None: no filter); `where` maps other filters
+    to (value, SQL condition) for those that are not an equality (None: no filter).
+    All of them are part of the page token's fingerprint.
+    """
+    query = select(model)
+    fingerprint = {}
+    for column, value in (equal or {}).items():
+        fingerprint[column] = "" if value is None else str(value)
+        if value is not None:
+            query = query.where(getattr(model, column) == value)
+    for name, (value, condition) in (where or {}).items():
+        fingerprint[name] = "" if value is None else str(value)
+        if value is not None:
+            query = query.where(condition)
+    return await paginate(
+        session,
+        query,
+        created_at=model.created_at,
+        row_id=model.id,
+        filters=fingerprint,
+        requested_size=page_size,
+        page_token=page_token,
+    )

@@ -25,7 +25,7 @@ from shared.auth import new_token, token_hash
 from shared.db import Database, database_url, load
 from shared.errors import DomainError, InvalidArgument, NotFound
 from shared.models import ApiToken, Role, User
-from shared.pagination import Page, paginate
+from shared.pagination import Page, list_page
 from shared.validation import text
 
 UNUSABLE_PASSWORD = "!"  # no bcrypt hash matches it: the user cannot Login, only use tokens
@@ -77,17 +77,8 @@ async def create_token(
 async def list_tokens(
     session: AsyncSession, user_id: uuid.UUID | None, page_size: int, page_token: str
 ) -> Page:
-    query = select(ApiToken)
-    if user_id is not None:
-        query = query.where(ApiToken.user_id == user_id)
-    return await paginate(
-        session,
-        query,
-        created_at=ApiToken.created_at,
-        row_id=ApiToken.id,
-        filters={"user_id": str(user_id or "")},
-        requested_size=page_size,
-        page_token=page_token,
+    return await list_page(
+        session, ApiToken, page_size=page_size, page_token=page_token, equal={"user_id": user_id}
     )
 
 

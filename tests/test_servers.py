@@ -360,7 +360,10 @@ async def test_readme_grpcurl_block_works(relman, db_url, block):
         assert '"status": "SERVING"' in out.decode()
     if "ApproveDeployment" in script:  # the life of a release, as the README says it ends
         printed = out.decode()
-        for expected in ("DEPLOYMENT_STATUS_AWAITING_APPROVAL", "APPROVAL_STATUS_APPROVED",
-                         "RELEASE_STATUS_COMPLETED"):
+        for expected in (
+            "DEPLOYMENT_STATUS_AWAITING_APPROVAL",
+            "APPROVAL_STATUS_APPROVED",
+            "RELEASE_STATUS_COMPLETED",
+        ):
             assert expected in printed, printed
         assert printed.count('"version":"1.3.0"') == 3, printed
