@@ -754,3 +754,43 @@ async def test_duplicate_version_is_already_exists(clients, service_id):
 )
 async def test_bad_input_gets_the_right_code(clients, rpc, fields, code):
     await fails(getattr(clients["lead"], rpc)(**fields), code)
+
+
+# -- invariants over everything the tests above did ---------------------------------------------
+
+
+async def test_every_release_status_matches_the_derivation_rule(db_url):
+    """Runs last in this module: after all the lives above, no release disagrees with §4."""
+    connection = await asyncpg.connect(libpq_dsn(db_url))
+    try:
+        wrong = await connection.fetch(
+            """
+            WITH derived AS (
+                SELECT r.id, r.version, r.status, CASE
+                    WHEN bool_or(d.status = 'rolled_back' AND e.environment_type = 'production')
+                        THEN 'rolled_back'
+                    WHEN bool_or(d.status = 'succeeded' AND e.environment_type = 'production')
+                        THEN 'completed'
+                    WHEN bool_or(d.status = 'in_progress') THEN 'in_progress'
+                    WHEN bool_or(d.status IN ('pending', 'awaiting_approval')) THEN 'promoted'
+                    WHEN bool_or(d.status = 'succeeded') THEN 'testing'
+                    ELSE 'draft' END AS expected
+                FROM releases r
+                LEFT JOIN deployments d ON d.release_id = r.id
+                LEFT JOIN environments e ON e.id = d.environment_id
+                GROUP BY r.id)
+            SELECT * FROM derived WHERE status <> expected
+            """
+        )
+        active = await connection.fetch(
+            "SELECT service_id, environment_id FROM deployments"
+            " WHERE status IN ('pending', 'awaiting_approval', 'in_progress')"
+            " GROUP BY 1, 2 HAVING count(*) > 1"
+        )
+        self_votes = await connection.fetch(
+            "SELECT a.id FROM approvals a JOIN deployments d ON d.id = a.deployment_id"
+            " WHERE a.approver_id = d.deployed_by"
+        )
+    finally:
+        await connection.close()
+    assert wrong == [] and active == [] and self_votes == []
