@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from shared import audit_log
+from shared.actor import Actor
 from shared.db import load
-from shared.models import Environment, Runbook, Service, Team
+from shared.errors import AlreadyExists, InvalidArgument
+from shared.models import Environment, Runbook, Service, Team, User
 from shared.pagination import Page, list_page
 from shared.validation import text
 
@@ -50,3 +55,181 @@ async def list_environments(session: AsyncSession, *, page_size: int, page_token
 
 async def list_teams(session: AsyncSession, *, page_size: int, page_token: str) -> Page:
     return await list_page(session, Team, page_size=page_size, page_token=page_token)
+
+
+# -- administration (leads and admins) ------------------------------------------------------------
+
+SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9-]*")
+MAX_TAGS = 20
+
+
+async def _unique(session: AsyncSession, model, column: str, value, kind: str) -> None:
+    clash = await session.scalar(select(model.id).where(getattr(model, column) == value))
+    if clash is not None:
+        raise AlreadyExists(
+            f"a {kind} named {value!r} exists",
+            reason=f"{kind.upper()}_EXISTS",
+            metadata={f"{kind}_id": str(clash)},
+        )
+
+
+async def _replay(session: AsyncSession, model, request_id, same: dict):
+    """The row a retried create made before (AIP-155), or None for a first attempt."""
+    if request_id is None:
+        return None
+    earlier = await session.get(model, request_id)
+    if earlier is not None and any(getattr(earlier, k) != v for k, v in same.items()):
+        raise InvalidArgument.field(
+            "request_id", "was already used for a different request", reason="REQUEST_ID_REUSED"
+        )
+    return earlier
+
+
+def check_service_name(value: str) -> str:
+    name = text("name", value, 100)
+    if not SERVICE_NAME.fullmatch(name):
+        raise InvalidArgument.field("name", "must be lowercase letters, digits and -")
+    return name
+
+
+def check_tags(values) -> list[str]:
+    tags = [text(f"tags[{i}]", tag, 50) for i, tag in enumerate(values)]
+    if len(tags) > MAX_TAGS:
+        raise InvalidArgument.field("tags", f"at most {MAX_TAGS} tags")
+    return list(dict.fromkeys(tags))
+
+
+async def _created(session: AsyncSession, actor: Actor, row, kind: str, details: dict):
+    session.add(row)
+    await session.flush()
+    await session.refresh(row)
+    await audit_log.append(session, actor, "create", kind, row.id, details)
+    return row
+
+
+async def create_team(session, actor, *, name, description, slack_channel, request_id) -> Team:
+    name = text("name", name, 100)
+    if earlier := await _replay(session, Team, request_id, {"name": name}):
+        return earlier
+    await _unique(session, Team, "name", name, "team")
+    team = Team(
+        id=request_id or uuid.uuid4(),
+        name=name,
+        description=text("description", description, 10_000, required=False),
+        slack_channel=text("slack_channel", slack_channel, 100, required=False),
+    )
+    return await _created(session, actor, team, "team", {"name": name})
+
+
+async def create_environment(
+    session, actor, *, name, description, environment_type, config_path, request_id
+) -> Environment:
+    name = text("name", name, 100)
+    if environment_type is None:
+        raise InvalidArgument.field("environment_type", "is required")
+    if earlier := await _replay(session, Environment, request_id, {"name": name}):
+        return earlier
+    await _unique(session, Environment, "name", name, "environment")
+    environment = Environment(
+        id=request_id or uuid.uuid4(),
+        name=name,
+        environment_type=environment_type,
+        description=text("description", description, 10_000, required=False),
+        config_path=text("config_path", config_path, 500, required=False),
+    )
+    return await _created(
+        session,
+        actor,
+        environment,
+        "environment",
+        {"name": name, "environment_type": environment_type},
+    )
+
+
+async def _check_references(session, fields: dict) -> None:
+    for field, (model, value) in fields.items():
+        if value is not None and await session.get(model, value) is None:
+            raise InvalidArgument.field(field, f"no such {model.__tablename__[:-1]}")
+
+
+async def create_service(
+    session,
+    actor,
+    *,
+    name,
+    description,
+    repository_url,
+    team_id,
+    slack_channel,
+    owner_id,
+    request_id,
+) -> Service:
+    name = check_service_name(name)
+    if earlier := await _replay(session, Service, request_id, {"name": name}):
+        return earlier
+    await _check_references(session, {"team_id": (Team, team_id), "owner_id": (User, owner_id)})
+    await _unique(session, Service, "name", name, "service")
+    service = Service(
+        id=request_id or uuid.uuid4(),
+        name=name,
+        team_id=team_id,
+        owner_id=owner_id,
+        description=text("description", description, 10_000, required=False),
+        repository_url=text("repository_url", repository_url, 500, required=False),
+        slack_channel=text("slack_channel", slack_channel, 100, required=False),
+    )
+    return await _created(session, actor, service, "service", {"name": name})
+
+
+async def create_runbook(
+    session, actor, *, title, content, service_id, environment_id, tags, request_id
+) -> Runbook:
+    title = text("title", title, 200)
+    if earlier := await _replay(session, Runbook, request_id, {"title": title}):
+        return earlier
+    await _check_references(
+        session,
+        {"service_id": (Service, service_id), "environment_id": (Environment, environment_id)},
+    )
+    runbook = Runbook(
+        id=request_id or uuid.uuid4(),
+        title=title,
+        content=text("content", content, 1_000_000),
+        service_id=service_id,
+        environment_id=environment_id,
+        tags=check_tags(tags),
+        created_by=actor.user_id,
+    )
+    return await _created(session, actor, runbook, "runbook", {"title": title})
+
+
+async def update(session, actor, model, row_id: uuid.UUID, changes: dict):
+    """Applies already validated `changes` to a catalogue row; audits what changed."""
+    row = await load(session, model, row_id, for_update=True)
+    if "name" in changes and changes["name"] != row.name:
+        await _unique(session, model, "name", changes["name"], model.__tablename__[:-1])
+    await _check_references(
+        session,
+        {
+            key: (target, changes[key])
+            for key, target in (
+                ("team_id", Team),
+                ("owner_id", User),
+                ("service_id", Service),
+                ("environment_id", Environment),
+            )
+            if key in changes
+        },
+    )
+    changed = {}
+    for field, value in changes.items():
+        if getattr(row, field) != value:
+            changed[field] = [str(getattr(row, field)), str(value)]
+            setattr(row, field, value)
+    await session.flush()
+    if changed:
+        await audit_log.append(
+            session, actor, "update", model.__tablename__[:-1], row.id, {"changed": changed}
+        )
+    await session.refresh(row)
+    return row

@@ -163,3 +163,18 @@ def deployment(row: models.Deployment, view: int = common_pb2.DEPLOYMENT_VIEW_BA
         message.approvals.extend(approval(a) for a in row.approvals)
         message.metrics.extend(metric(m) for m in row.metrics)
     return message
+
+
+def rollback(row: models.Rollback) -> common_pb2.Rollback:
+    return common_pb2.Rollback(
+        id=str(row.id),
+        deployment_id=str(row.deployment_id),
+        target_release_id=str(row.target_release_id),
+        reason=row.reason,
+        status=enum_to_proto(common_pb2.RollbackStatus, row.status),
+        initiated_by=str(row.initiated_by),
+        completed_at=timestamp(row.completed_at),
+        created_at=timestamp(row.created_at),
+        updated_at=timestamp(row.updated_at),
+        redeployment_id=id_text(row.redeployment_id),
+    )

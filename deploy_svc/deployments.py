@@ -16,12 +16,15 @@ it can be (migration 003):
 
 from __future__ import annotations
 
+import math
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
@@ -37,12 +40,15 @@ from shared.models import (
     Approval,
     ApprovalStatus,
     Deployment,
+    DeploymentMetric,
     DeploymentStatus,
     Environment,
     EnvironmentType,
     PipelineStage,
     Release,
     Role,
+    Rollback,
+    RollbackStatus,
     StageStatus,
     User,
 )
@@ -51,6 +57,7 @@ from shared.validation import text as text_field
 
 PROMOTION_ORDER = list(EnvironmentType)
 STAGE_OUTPUT_MAX = 64 * 1024
+METRIC_NAME = re.compile(r"[a-z][a-z0-9_.]*")
 MAX_STAGES = 20
 DONE_STAGES = (StageStatus.SUCCEEDED, StageStatus.SKIPPED)
 TERMINAL = {
@@ -161,44 +168,16 @@ async def _deploy(session: AsyncSession, actor: Actor, request: DeployRequest) -
         raise InvalidArgument.field("reviewer_ids", "only production deployments have reviewers")
     await _check_promotion_order(session, release, environment)
 
-    # One active deployment per service and environment: take the lock, then look.
-    await session.execute(
-        text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
-        {"key": f"deploy:{release.service_id}:{environment.id}"},
-    )
-    blocking = await session.scalar(
-        select(Deployment.id).where(
-            Deployment.service_id == release.service_id,
-            Deployment.environment_id == environment.id,
-            Deployment.status.in_(ACTIVE_DEPLOYMENT_STATUSES),
-        )
-    )
-    if blocking is not None:
-        raise FailedPrecondition(
-            f"deployment {blocking} is still active in {environment.name}",
-            reason="ACTIVE_DEPLOYMENT_EXISTS",
-            metadata={
-                "blocking_deployment_id": str(blocking),
-                "environment_id": str(environment.id),
-            },
-        )
+    await lock_slot(session, release.service_id, environment)
     reviewers = await _reviewers(session, actor, request.reviewer_ids)
-
-    deployment = Deployment(
-        id=request.request_id or uuid.uuid4(),
-        release_id=release.id,
-        service_id=release.service_id,
-        environment_id=environment.id,
+    deployment = await new_deployment(
+        session,
+        actor,
+        release,
+        environment,
+        stage_names,
+        request.request_id,
         status=(DeploymentStatus.AWAITING_APPROVAL if production else DeploymentStatus.PENDING),
-        deployed_by=actor.user_id,
-    )
-    session.add(deployment)
-    await session.flush()
-    session.add_all(
-        PipelineStage(
-            deployment_id=deployment.id, name=name, order=order, status=StageStatus.PENDING.value
-        )
-        for order, name in enumerate(stage_names)
     )
     session.add_all(
         Approval(
@@ -225,6 +204,62 @@ async def _deploy(session: AsyncSession, actor: Actor, request: DeployRequest) -
         },
     )
     await session.refresh(deployment)
+    return deployment
+
+
+async def lock_slot(session: AsyncSession, service_id: uuid.UUID, environment: Environment):
+    """Serializes every change of what runs for a service in an environment (transaction
+    scoped), then refuses if a deployment there is still active."""
+    await session.execute(
+        text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
+        {"key": f"deploy:{service_id}:{environment.id}"},
+    )
+    blocking = await session.scalar(
+        select(Deployment.id).where(
+            Deployment.service_id == service_id,
+            Deployment.environment_id == environment.id,
+            Deployment.status.in_(ACTIVE_DEPLOYMENT_STATUSES),
+        )
+    )
+    if blocking is not None:
+        raise FailedPrecondition(
+            f"deployment {blocking} is still active in {environment.name}",
+            reason="ACTIVE_DEPLOYMENT_EXISTS",
+            metadata={
+                "blocking_deployment_id": str(blocking),
+                "environment_id": str(environment.id),
+            },
+        )
+
+
+async def new_deployment(
+    session: AsyncSession,
+    actor: Actor,
+    release: Release,
+    environment: Environment,
+    stage_names: Sequence[str],
+    deployment_id: uuid.UUID | None,
+    *,
+    status: DeploymentStatus,
+) -> Deployment:
+    """Inserts a deployment with its pipeline stages (the caller holds the slot's lock)."""
+    deployment = Deployment(
+        id=deployment_id or uuid.uuid4(),
+        release_id=release.id,
+        service_id=release.service_id,
+        environment_id=environment.id,
+        status=status.value,
+        deployed_by=actor.user_id,
+    )
+    session.add(deployment)
+    await session.flush()
+    session.add_all(
+        PipelineStage(
+            deployment_id=deployment.id, name=name, order=order, status=StageStatus.PENDING.value
+        )
+        for order, name in enumerate(stage_names)
+    )
+    await session.flush()
     return deployment
 
 
@@ -354,11 +389,28 @@ async def vote(
 # -- stages and cancel ---------------------------------------------------------------------------
 
 
+async def _settle_rollback(session: AsyncSession, deployment: Deployment) -> None:
+    """A rollback completes or fails with the redeployment it created."""
+    outcome = (
+        RollbackStatus.COMPLETED
+        if deployment.status == DeploymentStatus.SUCCEEDED
+        else RollbackStatus.FAILED
+    )
+    await session.execute(
+        update(Rollback)
+        .where(
+            Rollback.redeployment_id == deployment.id, Rollback.status == RollbackStatus.IN_PROGRESS
+        )
+        .values(status=outcome.value, completed_at=deployment.completed_at)
+    )
+
+
 async def _end(session: AsyncSession, deployment: Deployment, status: DeploymentStatus) -> None:
     """Ends a deployment: its stages that did not run are skipped."""
     now = _now()
     deployment.status = status.value
     deployment.completed_at = now
+    await _settle_rollback(session, deployment)
     stages = await session.scalars(
         select(PipelineStage).where(
             PipelineStage.deployment_id == deployment.id,
@@ -438,6 +490,7 @@ async def update_pipeline_stage(
         deployment.status = DeploymentStatus.SUCCEEDED.value
         deployment.completed_at = now
         deployment.deployed_at = deployment.deployed_at or now
+        await _settle_rollback(session, deployment)
     await session.flush()
     await refresh_status(session, deployment.release_id)
     await audit_log.append(
@@ -588,3 +641,117 @@ async def list_live_deployments(
             )
         )
     return result
+
+
+# -- metrics ----------------------------------------------------------------------------------
+
+
+async def record_deployment_metrics(
+    session: AsyncSession,
+    actor: Actor,
+    deployment_id: uuid.UUID,
+    metric_name: str,
+    metric_value: float,
+    unit: str,
+) -> DeploymentMetric:
+    """Records one metric of a deployment; recording the same name again replaces it."""
+    metric_name = text_field("metric_name", metric_name, 100)
+    if not METRIC_NAME.fullmatch(metric_name):
+        raise InvalidArgument.field(
+            "metric_name", "must be lowercase letters, digits, . and _ (e.g. cpu_usage)"
+        )
+    unit = text_field("unit", unit, 20, required=False)
+    if not math.isfinite(metric_value):
+        raise InvalidArgument.field("metric_value", "must be a finite number")
+    deployment = await load(session, Deployment, deployment_id, for_update=True)
+    environment = await session.get(Environment, deployment.environment_id)
+    if _is_production(environment):
+        require(actor, "deployments.write.production")
+    metric_id = await session.scalar(
+        pg_insert(DeploymentMetric)
+        .values(
+            deployment_id=deployment_id,
+            metric_name=metric_name,
+            metric_value=metric_value,
+            unit=unit,
+        )
+        .on_conflict_do_update(
+            index_elements=["deployment_id", "metric_name"],
+            set_={"metric_value": metric_value, "unit": unit, "updated_at": func.now()},
+        )
+        .returning(DeploymentMetric.id)
+    )
+    await audit_log.append(
+        session,
+        actor,
+        "record",
+        "deployment_metric",
+        metric_id,
+        {
+            "deployment_id": str(deployment_id),
+            "metric_name": metric_name,
+            "metric_value": metric_value,
+            "unit": unit,
+        },
+    )
+    return await session.get(DeploymentMetric, metric_id, populate_existing=True)
+
+
+# -- stage timeouts ------------------------------------------------------------------------------
+
+SWEEPER = Actor(None, "stage-sweeper", None, None, "relman-deploy-svc")
+
+
+async def fail_timed_out_stages(session: AsyncSession, limit: int = 100) -> int:
+    """Fails running stages past their timeout_seconds ("timed out"), failing their deployment.
+
+    Safe with several replicas at once: each deployment is taken with FOR UPDATE SKIP
+    LOCKED (a busy one waits for the next sweep) and the stage is checked again under it.
+    """
+    overdue = (
+        PipelineStage.status == StageStatus.RUNNING,
+        PipelineStage.started_at
+        + func.make_interval(0, 0, 0, 0, 0, 0, PipelineStage.timeout_seconds)
+        < func.now(),
+    )
+    candidates = (
+        await session.execute(
+            select(PipelineStage.id, PipelineStage.deployment_id).where(*overdue).limit(limit)
+        )
+    ).all()
+    failed = 0
+    for stage_id, deployment_id in candidates:
+        deployment = await session.scalar(
+            select(Deployment)
+            .where(Deployment.id == deployment_id)
+            .with_for_update(skip_locked=True)
+        )
+        if deployment is None:
+            continue
+        stage = await session.scalar(
+            select(PipelineStage)
+            .where(PipelineStage.id == stage_id, *overdue)
+            .execution_options(populate_existing=True)
+        )
+        if stage is None:
+            continue
+        stage.status = StageStatus.FAILED.value
+        stage.output = "timed out"
+        stage.completed_at = _now()
+        await _end(session, deployment, DeploymentStatus.FAILED)
+        await session.flush()
+        await refresh_status(session, deployment.release_id)
+        await audit_log.append(
+            session,
+            SWEEPER,
+            "timeout",
+            "pipeline_stage",
+            stage.id,
+            {
+                "deployment_id": str(deployment.id),
+                "stage": stage.name,
+                "timeout_seconds": stage.timeout_seconds,
+            },
+        )
+        failed += 1
+    return failed

@@ -12,12 +12,13 @@ from datetime import UTC
 import grpc
 from google.protobuf import empty_pb2
 
-from deploy_svc import catalog, convert, deployments, identity, releases
+from deploy_svc import catalog, convert, deployments, identity, releases, rollbacks, sweeper
+from deploy_svc.watch import DeploymentWatcher
 from relman.v1 import auth_pb2, auth_pb2_grpc, common_pb2, deploy_pb2, deploy_pb2_grpc
 from shared import tokens
 from shared.actor import current_actor
 from shared.errors import InvalidArgument
-from shared.models import Role, StageStatus
+from shared.models import Role, Runbook, Service, StageStatus
 from shared.protos import enum_from_proto, timestamp
 from shared.server import Resources, with_unimplemented
 from shared.validation import optional_uuid, parse_uuid, text
@@ -47,6 +48,8 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
     def __init__(self, resources: Resources) -> None:
         self.database = resources.database
         self.required_approvals = resources.settings.prod_required_approvals
+        self.watcher = DeploymentWatcher(resources.database)
+        resources.on_stop.append(self.watcher.close)
 
     def _transaction(self, context: grpc.aio.ServicerContext):
         return self.database.transaction(context.time_remaining())
@@ -211,6 +214,43 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
     async def RejectDeployment(self, request, context):
         return await self._vote(request, context, approve=False)
 
+    async def RollbackDeployment(self, request, context):
+        deployment_id = parse_uuid("deployment_id", request.deployment_id)
+        request_id = optional_uuid("request_id", request.request_id)
+        async with self._transaction(context) as session:
+            rollback = await rollbacks.execute_rollback(
+                session, current_actor.get(), deployment_id, request.reason, request_id
+            )
+            return convert.rollback(rollback)
+
+    async def RecordDeploymentMetric(self, request, context):
+        deployment_id = parse_uuid("deployment_id", request.deployment_id)
+        async with self._transaction(context) as session:
+            metric = await deployments.record_deployment_metrics(
+                session,
+                current_actor.get(),
+                deployment_id,
+                request.metric_name,
+                request.metric_value,
+                request.unit,
+            )
+            return convert.metric(metric)
+
+    async def WatchDeployment(self, request, context):
+        """The deployment now, then after every change, until a terminal status."""
+        deployment_id = parse_uuid("deployment_id", request.deployment_id)
+        async with self.watcher.subscribe(deployment_id) as mailbox:
+            snapshot = await self.watcher.read(deployment_id)  # after subscribing: none missed
+            last = None
+            while True:
+                message = convert.deployment(snapshot, common_pb2.DEPLOYMENT_VIEW_FULL)
+                if message != last:
+                    yield message
+                    last = message
+                if snapshot.status in deployments.TERMINAL:
+                    return
+                snapshot = await mailbox.get()
+
     # catalogue
 
     async def ListEnvironments(self, request, context):
@@ -256,6 +296,126 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
         runbook_id = parse_uuid("runbook_id", request.runbook_id)
         async with self._transaction(context) as session:
             return convert.runbook(await catalog.get_runbook(session, runbook_id))
+
+    # catalogue administration
+
+    async def CreateTeam(self, request, context):
+        request_id = optional_uuid("request_id", request.request_id)
+        async with self._transaction(context) as session:
+            team = await catalog.create_team(
+                session,
+                current_actor.get(),
+                name=request.name,
+                description=request.description,
+                slack_channel=request.slack_channel,
+                request_id=request_id,
+            )
+            return convert.team(team)
+
+    async def CreateEnvironment(self, request, context):
+        request_id = optional_uuid("request_id", request.request_id)
+        environment_type = _enum(
+            "environment_type", common_pb2.EnvironmentType, request.environment_type, required=True
+        )
+        async with self._transaction(context) as session:
+            environment = await catalog.create_environment(
+                session,
+                current_actor.get(),
+                name=request.name,
+                description=request.description,
+                environment_type=environment_type,
+                config_path=request.config_path,
+                request_id=request_id,
+            )
+            return convert.environment(environment)
+
+    async def CreateService(self, request, context):
+        fields = {
+            "team_id": parse_uuid("team_id", request.team_id),
+            "owner_id": optional_uuid("owner_id", request.owner_id),
+            "request_id": optional_uuid("request_id", request.request_id),
+        }
+        async with self._transaction(context) as session:
+            service = await catalog.create_service(
+                session,
+                current_actor.get(),
+                name=request.name,
+                description=request.description,
+                repository_url=request.repository_url,
+                slack_channel=request.slack_channel,
+                **fields,
+            )
+            return convert.service(service)
+
+    async def UpdateService(self, request, context):
+        service = request.service
+        service_id = parse_uuid("service.id", service.id)
+        readers = {
+            "name": lambda: catalog.check_service_name(service.name),
+            "description": lambda: text(
+                "service.description", service.description, 10_000, required=False
+            ),
+            "repository_url": lambda: text(
+                "service.repository_url", service.repository_url, 500, required=False
+            ),
+            "team_id": lambda: parse_uuid("service.team_id", service.team_id),
+            "slack_channel": lambda: text(
+                "service.slack_channel", service.slack_channel, 100, required=False
+            ),
+            "owner_id": lambda: optional_uuid("service.owner_id", service.owner_id),
+            "is_active": lambda: service.is_active,
+        }
+        changes = _masked(request.update_mask, readers)
+        async with self._transaction(context) as session:
+            row = await catalog.update(session, current_actor.get(), Service, service_id, changes)
+            return convert.service(row)
+
+    async def CreateRunbook(self, request, context):
+        fields = {
+            "service_id": optional_uuid("service_id", request.service_id),
+            "environment_id": optional_uuid("environment_id", request.environment_id),
+            "request_id": optional_uuid("request_id", request.request_id),
+        }
+        async with self._transaction(context) as session:
+            runbook = await catalog.create_runbook(
+                session,
+                current_actor.get(),
+                title=request.title,
+                content=request.content,
+                tags=list(request.tags),
+                **fields,
+            )
+            return convert.runbook(runbook)
+
+    async def UpdateRunbook(self, request, context):
+        runbook = request.runbook
+        runbook_id = parse_uuid("runbook.id", runbook.id)
+        readers = {
+            "title": lambda: text("runbook.title", runbook.title, 200),
+            "content": lambda: text("runbook.content", runbook.content, 1_000_000),
+            "service_id": lambda: optional_uuid("runbook.service_id", runbook.service_id),
+            "environment_id": lambda: optional_uuid(
+                "runbook.environment_id", runbook.environment_id
+            ),
+            "tags": lambda: catalog.check_tags(runbook.tags),
+            "is_active": lambda: runbook.is_active,
+        }
+        changes = _masked(request.update_mask, readers)
+        async with self._transaction(context) as session:
+            row = await catalog.update(session, current_actor.get(), Runbook, runbook_id, changes)
+            return convert.runbook(row)
+
+
+def _masked(mask, readers: dict) -> dict:
+    """The fields an update_mask names, each read and validated by its reader."""
+    if not mask.paths:
+        raise InvalidArgument.field("update_mask", "must name the fields to change")
+    unknown = [path for path in mask.paths if path not in readers]
+    if unknown:
+        raise InvalidArgument.field(
+            "update_mask", f"{unknown[0]!r} cannot be changed ({', '.join(readers)} can)"
+        )
+    return {path: readers[path]() for path in mask.paths}
 
 
 def _role(field: str, number: int, *, required: bool) -> Role | None:
@@ -366,6 +526,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
 
 
 def register(server: grpc.aio.Server, resources: Resources) -> list[str]:
+    resources.on_stop.append(sweeper.start(resources.database))
     deploy_pb2_grpc.add_DeployServiceServicer_to_server(
         with_unimplemented(DeployServicer(resources), DEPLOY_SERVICE), server
     )

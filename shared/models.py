@@ -355,7 +355,10 @@ class AuditLog(Base):
 
 class Rollback(Base):
     __tablename__ = "rollbacks"
-    __table_args__ = (_one_of("status", RollbackStatus),)
+    __table_args__ = (
+        UniqueConstraint("deployment_id"),  # a deployment is rolled back at most once
+        _one_of("status", RollbackStatus),
+    )
 
     id: Mapped[uuid.UUID] = _uuid_pk()
     deployment_id: Mapped[uuid.UUID] = _deployment_child_fk()
@@ -370,6 +373,10 @@ class Rollback(Base):
     completed_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _updated_at()
+    # The deployment of the target release this rollback created (none for old seed rows).
+    redeployment_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("deployments.id", ondelete="RESTRICT"), index=True
+    )
 
 
 class Runbook(Base):

@@ -23,8 +23,8 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
@@ -57,6 +57,8 @@ class Resources:
     database: Database
     settings: Settings
     authenticator: Authenticator
+    # Awaited after the server has stopped: background work a servicer started.
+    on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -316,7 +318,8 @@ async def _serve(spec: ServiceSpec, settings: Settings, database: Database) -> i
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
     )
-    services = list(spec.register(server, Resources(database, settings, authenticator)))
+    resources = Resources(database, settings, authenticator)
+    services = list(spec.register(server, resources))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     readiness = Readiness(health_servicer, services, database)
@@ -352,6 +355,8 @@ async def _serve(spec: ServiceSpec, settings: Settings, database: Database) -> i
         await server.stop(settings.shutdown_grace_s)
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
+        for stop_background in resources.on_stop:
+            await stop_background()
         log.info("%s stopped", spec.name)
     return 0
 

@@ -102,10 +102,14 @@ def _all_methods():
                 yield process, service.full_name, method
 
 
+def _implemented(handler) -> bool:
+    return inspect.iscoroutinefunction(handler) or inspect.isasyncgenfunction(handler)
+
+
 UNIMPLEMENTED = [
     pytest.param(process, f"{service}/{method.name}", method, id=f"{service}/{method.name}")
     for process, service, method in _all_methods()
-    if not inspect.iscoroutinefunction(getattr(SERVICERS[service], method.name))
+    if not _implemented(getattr(SERVICERS[service], method.name))
 ]
 
 

@@ -1,0 +1,43 @@
+"""The stage-timeout sweeper: a background task of every deploy_svc process.
+
+Every SWEEP_INTERVAL_S it fails running stages past their timeout_seconds
+(deploy_svc.deployments.fail_timed_out_stages), which is safe with several
+replicas sweeping at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from deploy_svc.deployments import fail_timed_out_stages
+from shared.db import Database
+
+log = logging.getLogger("relman.sweeper")
+
+SWEEP_INTERVAL_S = 2.0
+
+
+async def sweep_forever(database: Database) -> None:
+    while True:
+        try:
+            async with database.transaction(deadline_s=30) as session:
+                failed = await fail_timed_out_stages(session)
+            if failed:
+                log.info("failed %d timed-out stage(s)", failed)
+        except Exception:  # the database may be away; the next sweep tries again
+            log.warning("stage sweep failed", exc_info=True)
+        await asyncio.sleep(SWEEP_INTERVAL_S)
+
+
+def start(database: Database):
+    """Starts the sweeper; returns the coroutine function that stops it."""
+    task = asyncio.create_task(sweep_forever(database))
+
+    async def stop() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return stop
