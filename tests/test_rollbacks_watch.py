@@ -1,0 +1,481 @@
+"""DeployService part 2 through real servers: rollbacks, metrics, watches, timeouts, admin."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import uuid
+
+import asyncpg
+import grpc
+import pytest
+from google.protobuf import field_mask_pb2
+from sqlalchemy import func, select
+
+from deploy_svc import convert
+from relman.v1 import common_pb2, deploy_pb2
+from shared.db import libpq_dsn
+from shared.models import Deployment, Role, Rollback
+from shared.seed import seed_id
+from tests.harness import RelmanProcess, client_address, env_for, error_details
+from tests.test_deployments import (
+    DEV,
+    PROD,
+    STAGING,
+    Client,
+    deployed,
+    fails,
+    release_status,
+    run_all_stages,
+)
+
+S = common_pb2
+
+
+@pytest.fixture(scope="module")
+def clients(deploy_channel, tokens, marco_token):
+    return {
+        "developer": Client(deploy_channel, tokens[Role.DEVELOPER]),
+        "lead": Client(deploy_channel, tokens[Role.LEAD]),
+        "reviewer": Client(deploy_channel, marco_token),
+        "admin": Client(deploy_channel, tokens[Role.ADMIN]),
+        "viewer": Client(deploy_channel, tokens[Role.VIEWER]),
+    }
+
+
+@pytest.fixture(scope="module")
+async def marco_token(deploy_channel):
+    from relman.v1 import auth_pb2, auth_pb2_grpc
+
+    stub = auth_pb2_grpc.AuthServiceStub(deploy_channel)
+    response = await stub.Login(auth_pb2.LoginRequest(username="marco", password="password123"))
+    return response.access_token
+
+
+@pytest.fixture
+async def service_id(clients) -> str:
+    service = await clients["lead"].CreateService(
+        name=f"svc-{uuid.uuid4().hex[:10]}", team_id=str(seed_id("team", "Platform"))
+    )
+    return service.id
+
+
+async def in_production(clients, service_id: str, version: str, *, succeed: bool = True):
+    """A release through dev and staging to production, approved, its stages run."""
+    lead = clients["lead"]
+    release = await deployed(lead, service_id, version, DEV, STAGING)
+    deployment = await lead.PromoteRelease(release_id=release.id, target_environment_id=PROD)
+    await clients["reviewer"].ApproveDeployment(deployment_id=deployment.id)
+    if succeed:
+        await run_all_stages(lead, deployment)
+    else:  # the smoke test fails
+        *good, smoke = deployment.stages
+        await run_all_stages(lead, type(deployment)(stages=good))
+        await lead.UpdatePipelineStage(stage_id=smoke.id, status=S.STAGE_STATUS_RUNNING)
+        await lead.UpdatePipelineStage(
+            stage_id=smoke.id, status=S.STAGE_STATUS_FAILED, output="login flow returned 503"
+        )
+    return release, deployment
+
+
+# -- rollbacks --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("redeployment_succeeds", [True, False], ids=["completes", "fails"])
+async def test_a_failed_smoke_test_rolled_back_to_the_previous_release(
+    clients, service_id, rollbacks_of, redeployment_succeeds
+):
+    lead = clients["lead"]
+    good, _ = await in_production(clients, service_id, "1.0.0")
+    bad, failed = await in_production(clients, service_id, "1.1.0", succeed=False)
+    assert (await lead.GetDeployment(deployment_id=failed.id)).status == (
+        S.DEPLOYMENT_STATUS_FAILED
+    )
+
+    rollback = await lead.RollbackDeployment(deployment_id=failed.id, reason="smoke test failed")
+    assert rollback.status == S.ROLLBACK_STATUS_IN_PROGRESS
+    assert rollback.target_release_id == good.id
+    assert (await lead.GetDeployment(deployment_id=failed.id)).status == (
+        S.DEPLOYMENT_STATUS_ROLLED_BACK
+    )
+    assert await release_status(lead, bad.id) == "rolled_back"
+    redeployment = await lead.GetDeployment(
+        deployment_id=rollback.redeployment_id, view=S.DEPLOYMENT_VIEW_WITH_STAGES
+    )
+    assert redeployment.release_id == good.id and redeployment.environment_id == PROD
+    assert redeployment.status == S.DEPLOYMENT_STATUS_PENDING  # no new approval needed
+    assert [s.name for s in redeployment.stages] == [
+        "build",
+        "test",
+        "security_scan",
+        "deploy",
+        "smoke_test",
+    ]
+
+    if redeployment_succeeds:
+        await run_all_stages(lead, redeployment)
+        expected = S.ROLLBACK_STATUS_COMPLETED
+    else:
+        first = redeployment.stages[0]
+        await lead.UpdatePipelineStage(stage_id=first.id, status=S.STAGE_STATUS_RUNNING)
+        await lead.UpdatePipelineStage(stage_id=first.id, status=S.STAGE_STATUS_FAILED)
+        expected = S.ROLLBACK_STATUS_FAILED
+    rollbacks = await rollbacks_of(failed.id)
+    assert [(r.status, r.HasField("completed_at")) for r in rollbacks] == [(expected, True)]
+    assert await release_status(lead, good.id) == "completed"
+    assert await release_status(lead, bad.id) == "rolled_back"
+
+
+@pytest.fixture
+def rollbacks_of(database):
+    """Reads the rollbacks of a deployment (there is no List RPC for them)."""
+
+    async def read(deployment_id: str):
+        async with database.transaction() as session:
+            rows = await session.scalars(
+                select(Rollback).where(Rollback.deployment_id == uuid.UUID(deployment_id))
+            )
+            return [convert.rollback(row) for row in rows]
+
+    return read
+
+
+async def test_rollback_without_a_target_writes_nothing(clients, service_id, database):
+    lead = clients["lead"]
+    _, only = await in_production(clients, service_id, "1.0.0")
+    await fails(
+        lead.RollbackDeployment(deployment_id=only.id, reason="nothing earlier"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "NO_ROLLBACK_TARGET",
+    )
+    assert (await lead.GetDeployment(deployment_id=only.id)).status == (
+        S.DEPLOYMENT_STATUS_SUCCEEDED
+    )
+    async with database.transaction() as session:
+        count = await session.scalar(
+            select(func.count())
+            .select_from(Deployment)
+            .where(Deployment.service_id == uuid.UUID(service_id))
+        )
+    assert count == 3  # dev, staging, production: no redeployment
+
+
+async def test_only_the_newest_deployment_is_rolled_back(clients, service_id):
+    lead = clients["lead"]
+    await in_production(clients, service_id, "1.0.0")
+    _, older = await in_production(clients, service_id, "1.1.0")
+    await in_production(clients, service_id, "1.2.0")
+    error = await fails(
+        lead.RollbackDeployment(deployment_id=older.id, reason="too late"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "NOT_NEWEST",
+    )
+    assert error_details(error)[0].metadata["deployment_id"] == older.id
+
+
+async def test_concurrent_rollbacks_of_one_deployment_one_wins(clients, service_id, rollbacks_of):
+    lead = clients["lead"]
+    await in_production(clients, service_id, "1.0.0")
+    _, newest = await in_production(clients, service_id, "1.1.0", succeed=False)
+    results = await asyncio.gather(
+        *(lead.RollbackDeployment(deployment_id=newest.id, reason=f"race {i}") for i in range(8)),
+        return_exceptions=True,
+    )
+    winners = [r for r in results if not isinstance(r, Exception)]
+    assert len(winners) == 1
+    assert {r.code() for r in results if isinstance(r, Exception)} == {
+        grpc.StatusCode.FAILED_PRECONDITION
+    }
+    assert len(await rollbacks_of(newest.id)) == 1
+
+
+async def test_rollback_rules(clients, service_id):
+    developer, lead = clients["developer"], clients["lead"]
+    await in_production(clients, service_id, "1.0.0")
+    _, newest = await in_production(clients, service_id, "1.1.0")
+    error = await fails(
+        developer.RollbackDeployment(deployment_id=newest.id, reason="x"),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "MISSING_PERMISSION",
+    )
+    assert error_details(error)[0].metadata["permission"] == "deployments.write.production"
+    await fails(
+        lead.RollbackDeployment(deployment_id=newest.id, reason=""),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    request_id = str(uuid.uuid4())
+    first = await lead.RollbackDeployment(
+        deployment_id=newest.id, reason="retry me", request_id=request_id
+    )
+    again = await lead.RollbackDeployment(
+        deployment_id=newest.id, reason="retry me", request_id=request_id
+    )
+    assert first.id == again.id == request_id
+    assert first.redeployment_id == again.redeployment_id
+    # The redeployment is active: nothing else may start in production meanwhile.
+    release = await lead.CreateRelease(service_id=service_id, version="1.2.0")
+    await fails(
+        lead.CreateDeployment(release_id=release.id, environment_id=PROD),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    pending = await lead.GetDeployment(deployment_id=first.redeployment_id)
+    await fails(
+        lead.RollbackDeployment(deployment_id=pending.id, reason="not ended"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "NOT_ROLLBACKABLE",
+    )
+
+
+# -- metrics ------------------------------------------------------------------------------------
+
+
+async def test_metrics_upsert_and_show_in_the_full_view(clients, service_id):
+    developer = clients["developer"]
+    release = await deployed(developer, service_id, "1.0.0", DEV)
+    deployment = (await developer.ListDeployments(release_id=release.id)).deployments[0]
+    await developer.RecordDeploymentMetric(
+        deployment_id=deployment.id,
+        metric_name="duration_seconds",
+        metric_value=120,
+        unit="seconds",
+    )
+    updated = await developer.RecordDeploymentMetric(
+        deployment_id=deployment.id,
+        metric_name="duration_seconds",
+        metric_value=95.5,
+        unit="seconds",
+    )
+    await developer.RecordDeploymentMetric(
+        deployment_id=deployment.id,
+        metric_name="cpu_usage_percent",
+        metric_value=41.0,
+        unit="percent",
+    )
+    full = await developer.GetDeployment(deployment_id=deployment.id, view=S.DEPLOYMENT_VIEW_FULL)
+    assert sorted((m.metric_name, m.metric_value, m.unit) for m in full.metrics) == [
+        ("cpu_usage_percent", 41.0, "percent"),
+        ("duration_seconds", 95.5, "seconds"),
+    ]
+    assert updated.metric_value == 95.5
+    for value in (math.nan, math.inf, -math.inf):
+        await fails(
+            developer.RecordDeploymentMetric(
+                deployment_id=deployment.id, metric_name="x", metric_value=value
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+    for name, unit in (("", "s"), ("Bad Name", "s"), ("ok", "u" * 21), ("n\x00", "s")):
+        await fails(
+            developer.RecordDeploymentMetric(
+                deployment_id=deployment.id, metric_name=name, metric_value=1, unit=unit
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+    await fails(
+        developer.RecordDeploymentMetric(
+            deployment_id=str(uuid.uuid4()), metric_name="x", metric_value=1
+        ),
+        grpc.StatusCode.NOT_FOUND,
+    )
+
+
+# -- WatchDeployment ------------------------------------------------------------------------------
+
+
+async def test_a_watch_sees_changes_made_by_another_process_and_ends(
+    db_url, relman, tokens, clients, service_id
+):
+    """Watch on the `make run` server; change everything through a second deploy_svc."""
+    developer = clients["developer"]
+    release = await developer.CreateRelease(service_id=service_id, version="1.0.0")
+    deployment = await developer.PromoteRelease(release_id=release.id, target_environment_id=DEV)
+    other = await RelmanProcess.start(
+        ["-m", "deploy_svc"], env_for(db_url, DEPLOY_SVC_ADDR="127.0.0.1:0")
+    )
+    try:
+        address = client_address((await other.wait_listening("deploy_svc"))["deploy_svc"])
+        watch = developer.stub.WatchDeployment(
+            deploy_pb2.WatchDeploymentRequest(deployment_id=deployment.id),
+            metadata=developer.auth,
+            timeout=60,
+        )
+        first = await watch.read()
+        assert first.status == S.DEPLOYMENT_STATUS_PENDING and len(first.stages) == 5
+        async with grpc.aio.insecure_channel(address) as channel:
+            elsewhere = Client(channel, tokens[Role.DEVELOPER])
+            seen = []
+            for stage in deployment.stages:
+                for status in (S.STAGE_STATUS_RUNNING, S.STAGE_STATUS_SUCCEEDED):
+                    await elsewhere.UpdatePipelineStage(stage_id=stage.id, status=status)
+                    update = await watch.read()
+                    changed = next(s for s in update.stages if s.id == stage.id)
+                    seen.append((stage.name, changed.status))
+                    assert changed.status == status
+        assert len(seen) == 10
+        assert update.status == S.DEPLOYMENT_STATUS_SUCCEEDED
+        assert await watch.read() == grpc.aio.EOF  # ended after the terminal status
+        assert await watch.code() == grpc.StatusCode.OK
+    finally:
+        await other.stop()
+
+
+async def _backends(connection: asyncpg.Connection) -> int:
+    await connection.execute("SELECT pg_stat_clear_snapshot()")
+    return await connection.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND pid <> pg_backend_pid()"
+    )
+
+
+async def test_cancelled_watches_leave_no_connection_behind(db_url, clients, service_id):
+    developer = clients["developer"]
+    release = await developer.CreateRelease(service_id=service_id, version="1.0.0")
+    deployment = await developer.PromoteRelease(release_id=release.id, target_environment_id=DEV)
+    observer = await asyncpg.connect(libpq_dsn(db_url))
+    try:
+        # One watch first, so that the process's single LISTEN connection exists.
+        warm = developer.stub.WatchDeployment(
+            deploy_pb2.WatchDeploymentRequest(deployment_id=deployment.id), metadata=developer.auth
+        )
+        await warm.read()
+        warm.cancel()
+        before = await _backends(observer)
+        watches = [
+            developer.stub.WatchDeployment(
+                deploy_pb2.WatchDeploymentRequest(deployment_id=deployment.id),
+                metadata=developer.auth,
+            )
+            for _ in range(20)
+        ]
+        for watch in watches:
+            assert (await watch.read()).id == deployment.id
+        assert await _backends(observer) <= before  # no connection per watcher
+        for watch in watches:
+            watch.cancel()
+        await developer.CancelDeployment(deployment_id=deployment.id)  # a change after cancel
+        assert await _backends(observer) <= before
+    finally:
+        await observer.close()
+
+
+async def test_watch_of_an_ended_deployment_sends_it_once_and_ends(clients, service_id):
+    developer = clients["developer"]
+    release = await deployed(developer, service_id, "1.0.0", DEV)
+    deployment = (await developer.ListDeployments(release_id=release.id)).deployments[0]
+    watch = developer.stub.WatchDeployment(
+        deploy_pb2.WatchDeploymentRequest(deployment_id=deployment.id), metadata=developer.auth
+    )
+    messages = [message async for message in watch]
+    assert [m.status for m in messages] == [S.DEPLOYMENT_STATUS_SUCCEEDED]
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        async for _ in developer.stub.WatchDeployment(
+            deploy_pb2.WatchDeploymentRequest(deployment_id=str(uuid.uuid4())),
+            metadata=developer.auth,
+        ):
+            pass
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+# -- stage timeouts ------------------------------------------------------------------------------
+
+
+async def test_a_running_stage_past_its_timeout_fails_the_deployment(db_url, clients, service_id):
+    developer = clients["developer"]
+    release = await developer.CreateRelease(service_id=service_id, version="1.0.0")
+    deployment = await developer.PromoteRelease(release_id=release.id, target_environment_id=DEV)
+    build = deployment.stages[0]
+    await developer.UpdatePipelineStage(stage_id=build.id, status=S.STAGE_STATUS_RUNNING)
+    connection = await asyncpg.connect(libpq_dsn(db_url))
+    try:  # the build has been running for an hour, its timeout is a minute
+        await connection.execute(
+            "UPDATE pipeline_stages SET timeout_seconds = 60,"
+            " started_at = now() - interval '1 hour' WHERE id = $1",
+            uuid.UUID(build.id),
+        )
+    finally:
+        await connection.close()
+    watch = developer.stub.WatchDeployment(
+        deploy_pb2.WatchDeploymentRequest(deployment_id=deployment.id),
+        metadata=developer.auth,
+        timeout=60,
+    )
+    # The sweeper fails it; the watch ends on that terminal status.
+    last = [message async for message in watch][-1]
+    assert last.status == S.DEPLOYMENT_STATUS_FAILED
+    timed_out = next(s for s in last.stages if s.id == build.id)
+    assert (timed_out.status, timed_out.output) == (S.STAGE_STATUS_FAILED, "timed out")
+    assert [s.status for s in last.stages[1:]] == [S.STAGE_STATUS_SKIPPED] * 4
+
+
+# -- catalogue administration --------------------------------------------------------------------
+
+
+async def test_catalogue_admin_creates_updates_and_refuses_duplicates(clients):
+    lead, developer = clients["lead"], clients["developer"]
+    team = await lead.CreateTeam(name=f"Team {uuid.uuid4().hex[:6]}", slack_channel="#t")
+    await fails(lead.CreateTeam(name=team.name), grpc.StatusCode.ALREADY_EXISTS, "TEAM_EXISTS")
+    environment = await lead.CreateEnvironment(
+        name=f"qa-{uuid.uuid4().hex[:6]}", environment_type=S.ENVIRONMENT_TYPE_STAGING
+    )
+    assert environment.environment_type == S.ENVIRONMENT_TYPE_STAGING and environment.is_active
+    await fails(
+        lead.CreateEnvironment(name="x", environment_type=0), grpc.StatusCode.INVALID_ARGUMENT
+    )
+    name = f"billing-{uuid.uuid4().hex[:6]}"
+    request_id = str(uuid.uuid4())
+    service = await lead.CreateService(
+        name=name,
+        team_id=team.id,
+        request_id=request_id,
+        repository_url="https://git.example/billing",
+    )
+    assert (
+        await lead.CreateService(name=name, team_id=team.id, request_id=request_id)
+    ).id == service.id
+    await fails(
+        lead.CreateService(name=name, team_id=team.id),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "SERVICE_EXISTS",
+    )
+    await fails(
+        lead.CreateService(name="Bad Name", team_id=team.id), grpc.StatusCode.INVALID_ARGUMENT
+    )
+    await fails(
+        lead.CreateService(name="orphan", team_id=str(uuid.uuid4())),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    renamed = await lead.UpdateService(
+        service=common_pb2.Service(id=service.id, slack_channel="#billing", is_active=False),
+        update_mask=field_mask_pb2.FieldMask(paths=["slack_channel", "is_active"]),
+    )
+    assert (renamed.slack_channel, renamed.is_active, renamed.name) == ("#billing", False, name)
+    await fails(
+        lead.UpdateService(
+            service=common_pb2.Service(id=service.id),
+            update_mask=field_mask_pb2.FieldMask(paths=["created_at"]),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    runbook = await lead.CreateRunbook(
+        title="Billing on-call",
+        content="# Billing\n\nSteps.",
+        service_id=service.id,
+        tags=["billing", "on-call"],
+    )
+    assert list(runbook.tags) == ["billing", "on-call"]
+    edited = await lead.UpdateRunbook(
+        runbook=common_pb2.Runbook(id=runbook.id, tags=["billing"]),
+        update_mask=field_mask_pb2.FieldMask(paths=["tags"]),
+    )
+    assert list(edited.tags) == ["billing"] and edited.title == "Billing on-call"
+    for call in (
+        developer.CreateTeam(name="nope"),
+        developer.CreateRunbook(title="t", content="c"),
+        clients["viewer"].UpdateService(service=common_pb2.Service(id=service.id)),
+    ):
+        await fails(call, grpc.StatusCode.PERMISSION_DENIED, "MISSING_PERMISSION")
+    await fails(
+        lead.CreateRelease(service_id=service.id, version="1.0.0"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "SERVICE_INACTIVE",
+    )
