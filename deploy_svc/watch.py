@@ -21,6 +21,7 @@ import asyncpg
 
 from deploy_svc.deployments import get_deployment_with_metrics
 from shared.db import Database, libpq_dsn
+from shared.errors import Unavailable
 from shared.models import Deployment
 
 log = logging.getLogger("relman.watch")
@@ -28,6 +29,7 @@ log = logging.getLogger("relman.watch")
 CHANNEL = "relman_deployment"
 MAILBOX_SIZE = 64  # snapshots a slow watcher may lag behind before the oldest are dropped
 RECONNECT_DELAY_S = (0.2, 0.5, 1.0, 2.0)
+LISTEN_WAIT_S = 10.0
 
 
 class Mailbox:
@@ -63,7 +65,13 @@ class DeploymentWatcher:
         """A mailbox for changes of one deployment, open from the moment this returns."""
         if self._listener is None:
             self._listener = asyncio.create_task(self._listen())
-        await self._listening.wait()
+        try:
+            await asyncio.wait_for(self._listening.wait(), LISTEN_WAIT_S)
+        except TimeoutError:
+            raise Unavailable(
+                "cannot listen for deployment changes: the database is away",
+                reason="DATABASE_UNAVAILABLE",
+            ) from None
         mailbox = Mailbox()
         self._mailboxes[deployment_id].add(mailbox)
         try:

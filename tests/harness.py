@@ -28,6 +28,27 @@ from shared import PROJECT_ROOT, schema
 from shared.db import libpq_dsn
 
 VENV_BIN = os.path.dirname(sys.executable)
+
+# DESIGN.md section 4's derivation of a release's status, written independently of the
+# domain's: the releases whose stored status disagrees with it.
+RELEASE_STATUS_MISMATCHES = """
+    WITH derived AS (
+        SELECT r.id, r.version, r.status, CASE
+            WHEN bool_or(d.status = 'rolled_back' AND e.environment_type = 'production')
+                THEN 'rolled_back'
+            WHEN bool_or(d.status = 'succeeded' AND e.environment_type = 'production')
+                THEN 'completed'
+            WHEN bool_or(d.status = 'in_progress') THEN 'in_progress'
+            WHEN bool_or(d.status IN ('pending', 'awaiting_approval')) THEN 'promoted'
+            WHEN bool_or(d.status = 'succeeded' AND e.environment_type <> 'production')
+                THEN 'testing'
+            ELSE 'draft' END AS expected
+        FROM releases r
+        LEFT JOIN deployments d ON d.release_id = r.id
+        LEFT JOIN environments e ON e.id = d.environment_id
+        GROUP BY r.id, r.status)
+    SELECT id, version, status, expected FROM derived WHERE status <> expected
+"""
 LISTENING = re.compile(r"(?P<service>\w+) listening on (?P<address>\S+)")
 START_TIMEOUT_S = 60
 

@@ -14,7 +14,14 @@ from relman.v1 import common_pb2, deploy_pb2, deploy_pb2_grpc
 from shared.db import libpq_dsn
 from shared.models import AuditLog, Deployment, Release, Role, Service
 from shared.seed import seed_id
-from tests.harness import RelmanProcess, bearer, client_address, env_for, error_details
+from tests.harness import (
+    RELEASE_STATUS_MISMATCHES,
+    RelmanProcess,
+    bearer,
+    client_address,
+    env_for,
+    error_details,
+)
 
 DEV = str(seed_id("environment", "development"))
 STAGING = str(seed_id("environment", "staging"))
@@ -763,25 +770,7 @@ async def test_every_release_status_matches_the_derivation_rule(db_url):
     """Runs last in this module: after all the lives above, no release disagrees with §4."""
     connection = await asyncpg.connect(libpq_dsn(db_url))
     try:
-        wrong = await connection.fetch(
-            """
-            WITH derived AS (
-                SELECT r.id, r.version, r.status, CASE
-                    WHEN bool_or(d.status = 'rolled_back' AND e.environment_type = 'production')
-                        THEN 'rolled_back'
-                    WHEN bool_or(d.status = 'succeeded' AND e.environment_type = 'production')
-                        THEN 'completed'
-                    WHEN bool_or(d.status = 'in_progress') THEN 'in_progress'
-                    WHEN bool_or(d.status IN ('pending', 'awaiting_approval')) THEN 'promoted'
-                    WHEN bool_or(d.status = 'succeeded') THEN 'testing'
-                    ELSE 'draft' END AS expected
-                FROM releases r
-                LEFT JOIN deployments d ON d.release_id = r.id
-                LEFT JOIN environments e ON e.id = d.environment_id
-                GROUP BY r.id)
-            SELECT * FROM derived WHERE status <> expected
-            """
-        )
+        wrong = await connection.fetch(RELEASE_STATUS_MISMATCHES)
         active = await connection.fetch(
             "SELECT service_id, environment_id FROM deployments"
             " WHERE status IN ('pending', 'awaiting_approval', 'in_progress')"

@@ -479,3 +479,35 @@ async def test_catalogue_admin_creates_updates_and_refuses_duplicates(clients):
         grpc.StatusCode.FAILED_PRECONDITION,
         "SERVICE_INACTIVE",
     )
+
+
+async def test_two_sweepers_at_once_fail_a_stage_once(database, clients, service_id):
+    """Replica safety: concurrent sweeps (as two processes would run them) act once."""
+    from deploy_svc.deployments import fail_timed_out_stages
+    from shared.models import AuditLog, PipelineStage
+
+    developer = clients["developer"]
+    release = await developer.CreateRelease(service_id=service_id, version="1.0.0")
+    deployment = await developer.PromoteRelease(release_id=release.id, target_environment_id=DEV)
+    build = deployment.stages[0]
+    await developer.UpdatePipelineStage(stage_id=build.id, status=S.STAGE_STATUS_RUNNING)
+    async with database.transaction() as session:
+        stage = await session.get(PipelineStage, uuid.UUID(build.id))
+        stage.timeout_seconds = 1
+        stage.started_at = stage.started_at.replace(year=stage.started_at.year - 1)
+
+    async def sweep() -> int:
+        async with database.transaction() as session:
+            return await fail_timed_out_stages(session)
+
+    # The servers' own sweepers may get there first; together, exactly one acts.
+    await asyncio.gather(sweep(), sweep(), sweep())
+    async with database.transaction() as session:
+        timeouts = await session.scalar(
+            select(func.count())
+            .select_from(AuditLog)
+            .where(AuditLog.action == "timeout", AuditLog.resource_id == build.id)
+        )
+    assert timeouts == 1
+    ended = await developer.GetDeployment(deployment_id=deployment.id)
+    assert ended.status == S.DEPLOYMENT_STATUS_FAILED

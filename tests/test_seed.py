@@ -16,7 +16,7 @@ from sqlalchemy import URL
 from shared.db import libpq_dsn
 from shared.models import Base
 from shared.seed import SEED_PASSWORD
-from tests.harness import run_cli, scratch_database
+from tests.harness import RELEASE_STATUS_MISMATCHES, run_cli, scratch_database
 
 EXPECTED_COUNTS = {
     "teams": 3,
@@ -201,24 +201,7 @@ RULE_VIOLATIONS = {
             WHERE nr.service_id = r.service_id AND n.environment_id = d.environment_id
               AND n.created_at > d.created_at AND n.created_at < rb.created_at)
     """,
-    "release status equals the derivation rule": """
-        WITH derived AS (
-            SELECT r.id, r.status, CASE
-                WHEN bool_or(d.status = 'rolled_back' AND e.environment_type = 'production')
-                    THEN 'rolled_back'
-                WHEN bool_or(d.status = 'succeeded' AND e.environment_type = 'production')
-                    THEN 'completed'
-                WHEN bool_or(d.status = 'in_progress') THEN 'in_progress'
-                WHEN bool_or(d.status IN ('pending', 'awaiting_approval')) THEN 'promoted'
-                WHEN bool_or(d.status = 'succeeded' AND e.environment_type <> 'production')
-                    THEN 'testing'
-                ELSE 'draft' END AS expected
-            FROM releases r
-            LEFT JOIN deployments d ON d.release_id = r.id
-            LEFT JOIN environments e ON e.id = d.environment_id
-            GROUP BY r.id, r.status)
-        SELECT id, status, expected FROM derived WHERE status <> expected
-    """,
+    "release status equals the derivation rule": RELEASE_STATUS_MISMATCHES,
     "deployment timestamps: deployed after creation, completed after deployment, "
     "terminal states completed, active ones not": """
         SELECT id FROM deployments
