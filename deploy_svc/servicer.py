@@ -1,8 +1,7 @@
 """DeployService and AuthService over gRPC (transport layer): proto in, proto out, no SQL.
 
 The caller is `current_actor`, set by the authentication interceptor from the
-bearer token and the connection, never from a request field. RPCs not built
-yet answer UNIMPLEMENTED naming themselves (shared.server.with_unimplemented).
+bearer token and the connection, never from a request field.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from shared.actor import current_actor
 from shared.errors import InvalidArgument
 from shared.models import Role, Runbook, Service, StageStatus
 from shared.protos import enum_from_proto, timestamp
-from shared.server import Resources, with_unimplemented
+from shared.server import Resources
 from shared.validation import optional_uuid, parse_uuid, text
 
 DEPLOY_SERVICE = deploy_pb2.DESCRIPTOR.services_by_name["DeployService"]
@@ -527,10 +526,6 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
 
 def register(server: grpc.aio.Server, resources: Resources) -> list[str]:
     resources.on_stop.append(sweeper.start(resources.database))
-    deploy_pb2_grpc.add_DeployServiceServicer_to_server(
-        with_unimplemented(DeployServicer(resources), DEPLOY_SERVICE), server
-    )
-    auth_pb2_grpc.add_AuthServiceServicer_to_server(
-        with_unimplemented(AuthServicer(resources), AUTH_SERVICE), server
-    )
+    deploy_pb2_grpc.add_DeployServiceServicer_to_server(DeployServicer(resources), server)
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(resources), server)
     return [DEPLOY_SERVICE.full_name, AUTH_SERVICE.full_name]

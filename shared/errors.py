@@ -124,11 +124,6 @@ class DeadlineExceeded(DomainError):
     default_reason = "DEADLINE_EXCEEDED"
 
 
-class Unimplemented(DomainError):
-    code = grpc.StatusCode.UNIMPLEMENTED
-    default_reason = "NOT_IMPLEMENTED"
-
-
 _RETRYABLE_SQLSTATES = {"40001", "40P01"}  # serialization failure, deadlock
 _CONNECTION_ERRORS = (
     OSError,

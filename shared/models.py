@@ -335,22 +335,32 @@ class Approval(Base):
 
 
 class AuditLog(Base):
-    """Append-only: rows are written once and never updated or deleted."""
+    """Append-only: a trigger refuses UPDATE, DELETE and TRUNCATE (migration 005)."""
 
     __tablename__ = "audit_logs"
     __table_args__ = (
-        Index("ix_audit_logs_resource_type_resource_id", "resource_type", "resource_id"),
+        # Keyset order, alone and after each listing filter.
+        Index("ix_audit_logs_created_at_id", "created_at", "id"),
+        Index("ix_audit_logs_action_created_at_id", "action", "created_at", "id"),
+        Index("ix_audit_logs_user_id_created_at_id", "user_id", "created_at", "id"),
+        Index(
+            "ix_audit_logs_resource_type_resource_id_created_at_id",
+            "resource_type",
+            "resource_id",
+            "created_at",
+            "id",
+        ),
     )
 
     id: Mapped[uuid.UUID] = _uuid_pk()
-    user_id: Mapped[uuid.UUID | None] = _user_fk(nullable=True)
-    action: Mapped[str] = mapped_column(String(50), index=True)
+    user_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"))
+    action: Mapped[str] = mapped_column(String(50))
     resource_type: Mapped[str] = mapped_column(String(50))
     resource_id: Mapped[str | None] = mapped_column(String(100))
     details: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
     ip_address: Mapped[str | None] = mapped_column(String(45))
     user_agent: Mapped[str | None] = mapped_column(String(255))
-    created_at: Mapped[datetime] = mapped_column(server_default=func.now(), index=True)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
 
 
 class Rollback(Base):

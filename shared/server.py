@@ -27,7 +27,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
-from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -35,7 +34,7 @@ from shared.actor import current_actor
 from shared.auth import Authenticator
 from shared.config import ConfigError, Settings
 from shared.db import Database, DatabaseUrlError, database_url, describe
-from shared.errors import Unimplemented, from_exception
+from shared.errors import from_exception
 
 log = logging.getLogger("relman.server")
 
@@ -169,38 +168,6 @@ def _rewrap(handler: grpc.RpcMethodHandler, wrap) -> grpc.RpcMethodHandler:
     if handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary), **codec)
     return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream), **codec)
-
-
-def with_unimplemented(servicer, service: ServiceDescriptor):
-    """Gives every RPC the servicer does not define yet an UNIMPLEMENTED answer naming it.
-
-    relman's handlers are all async; what is still synchronous is the generated base
-    class's placeholder ("Method not implemented!"), replaced here by one that says
-    which RPC is missing.
-    """
-    for method in service.methods:
-        handler = getattr(servicer, method.name)
-        if inspect.iscoroutinefunction(handler) or inspect.isasyncgenfunction(handler):
-            continue
-        full_name = f"{service.full_name}/{method.name}"
-        error = Unimplemented(f"{full_name} is not implemented yet", metadata={"method": full_name})
-        setattr(servicer, method.name, _unimplemented(error, method.server_streaming))
-    return servicer
-
-
-def _unimplemented(error: Unimplemented, streaming: bool):
-    if streaming:
-
-        async def stream(request, context):
-            raise error
-            yield  # an async generator, as streaming handlers are
-
-        return stream
-
-    async def unary(request, context):
-        raise error
-
-    return unary
 
 
 # -- health -------------------------------------------------------------------------------

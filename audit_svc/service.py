@@ -1,0 +1,226 @@
+"""The audit trail (domain layer; the seed's AuditService: log_action, get_audit_logs, and
+export_audit_logs_csv, now a stream in audit_svc.export).
+
+The caller, its address and user agent come from the call (the Actor). A request
+may name another user, address or user agent only with `audit.write.on_behalf`
+(service and admin roles). Reading the trail is itself recorded (`audit.read`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import insert, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from shared import audit_log
+from shared.actor import USER_AGENT_MAX, Actor
+from shared.auth import may
+from shared.errors import InvalidArgument, PermissionDenied
+from shared.models import AuditLog, User
+from shared.pagination import Page, list_page
+from shared.validation import text
+
+ACTION = re.compile(r"[a-z][a-z0-9_.]{0,49}")
+DETAILS_MAX_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One audit row to append, as a request gave it (already decoded from protobuf)."""
+
+    action: str
+    resource_type: str
+    resource_id: str
+    details: dict[str, Any]
+    user_id: str
+    ip_address: str
+    user_agent: str
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Filter:
+    user_id: uuid.UUID | None = None
+    action: str | None = None
+    resource_type: str | None = None
+    resource_id: str | None = None
+    start_time: datetime | None = None  # inclusive
+    end_time: datetime | None = None  # exclusive
+
+    def describe(self) -> dict[str, str]:
+        """The filters that are set, as audit details and as the page token's fingerprint."""
+        return {
+            k: str(v) if not isinstance(v, datetime) else v.isoformat()
+            for k, v in self.__dict__.items()
+            if v is not None
+        }
+
+
+def check_filter(f: Filter) -> Filter:
+    if f.action is not None and not ACTION.fullmatch(f.action):
+        raise InvalidArgument.field("filter.action", "must match [a-z][a-z0-9_.]{0,49}")
+    text("filter.resource_type", f.resource_type or "", 50, required=False)
+    text("filter.resource_id", f.resource_id or "", 100, required=False)
+    if f.start_time and f.end_time and f.start_time > f.end_time:
+        raise InvalidArgument.field("filter.start_time", "is after filter.end_time")
+    return f
+
+
+def conditions(f: Filter) -> dict[str, Any]:
+    """The set filters as SQL conditions on audit_logs, each served by an index (migration 005)."""
+    every = {
+        "user_id": AuditLog.user_id == f.user_id,
+        "action": AuditLog.action == f.action,
+        "resource_type": AuditLog.resource_type == f.resource_type,
+        "resource_id": AuditLog.resource_id == f.resource_id,
+        "start_time": AuditLog.created_at >= f.start_time,
+        "end_time": AuditLog.created_at < f.end_time,
+    }
+    return {name: every[name] for name in f.describe()}
+
+
+def validate(actor: Actor, entry: Entry, field: str = "") -> dict[str, Any]:
+    """The row `entry` asks for, as column values; refuses anything bad before a write."""
+
+    def name(part: str) -> str:
+        return f"{field}{part}"
+
+    if not ACTION.fullmatch(entry.action):
+        raise InvalidArgument.field(name("action"), "must match [a-z][a-z0-9_.]{0,49}")
+    on_behalf = {
+        k: getattr(entry, k) for k in ("user_id", "ip_address", "user_agent") if getattr(entry, k)
+    }
+    if on_behalf and not may(actor, "audit.write.on_behalf"):
+        raise PermissionDenied(
+            f"setting {', '.join(name(k) for k in on_behalf)} needs audit.write.on_behalf",
+            reason="MISSING_PERMISSION",
+            metadata={"permission": "audit.write.on_behalf", "field": name(next(iter(on_behalf)))},
+        )
+    user_id = actor.user_id
+    if entry.user_id:
+        try:
+            user_id = uuid.UUID(entry.user_id)
+        except ValueError:
+            raise InvalidArgument.field(name("user_id"), "is not a UUID") from None
+    ip = actor.peer
+    if entry.ip_address:
+        try:
+            ip = str(ipaddress.ip_address(entry.ip_address))
+        except ValueError:
+            raise InvalidArgument.field(
+                name("ip_address"), "is not an IPv4 or IPv6 address"
+            ) from None
+    serialized = json.dumps(entry.details, separators=(",", ":"), ensure_ascii=False)
+    if len(serialized.encode()) > DETAILS_MAX_BYTES:
+        raise InvalidArgument.field(name("details"), f"is larger than {DETAILS_MAX_BYTES} bytes")
+    if "\\u0000" in serialized or "\x00" in serialized:
+        raise InvalidArgument.field(name("details"), "must not contain NUL characters")
+    row_id = uuid.uuid4()
+    if entry.request_id:
+        try:
+            row_id = uuid.UUID(entry.request_id)
+        except ValueError:
+            raise InvalidArgument.field(name("request_id"), "is not a UUID") from None
+    return {
+        "id": row_id,
+        "user_id": user_id,
+        "action": entry.action,
+        "resource_type": text(name("resource_type"), entry.resource_type, 50),
+        "resource_id": text(name("resource_id"), entry.resource_id, 100, required=False),
+        "details": serialized,
+        "ip_address": ip,
+        "user_agent": (
+            text(name("user_agent"), entry.user_agent, USER_AGENT_MAX, required=False)
+            if entry.user_agent
+            else actor.user_agent
+        ),
+    }
+
+
+async def check_users(session: AsyncSession, rows: Iterable[tuple[str, dict]]) -> None:
+    """Every named user exists (a failed COPY could not say which row was wrong)."""
+    wanted = {row["user_id"]: field for field, row in rows if row["user_id"] is not None}
+    if not wanted:
+        return
+    found = set(await session.scalars(select(User.id).where(User.id.in_(wanted))))
+    for user_id, field in wanted.items():
+        if user_id not in found:
+            raise InvalidArgument.field(f"{field}user_id", f"no user {user_id}")
+
+
+async def log_action(session: AsyncSession, actor: Actor, entry: Entry) -> AuditLog:
+    row = validate(actor, entry)
+    if entry.request_id and (earlier := await session.get(AuditLog, row["id"])):
+        if (earlier.action, earlier.resource_type) != (row["action"], row["resource_type"]):
+            raise InvalidArgument.field(
+                "request_id", "was already used for a different request", reason="REQUEST_ID_REUSED"
+            )
+        return earlier
+    await check_users(session, [("", row)])
+    row["details"] = json.loads(row["details"])
+    row_id = await session.scalar(insert(AuditLog).values(**row).returning(AuditLog.id))
+    return await session.get(AuditLog, row_id)
+
+
+COPY_COLUMNS = (
+    "id",
+    "user_id",
+    "action",
+    "resource_type",
+    "resource_id",
+    "details",
+    "ip_address",
+    "user_agent",
+)
+
+
+async def append_batch(session: AsyncSession, rows: list[dict]) -> None:
+    """COPYs validated rows into audit_logs inside the session's transaction."""
+    connection = await session.connection()
+    raw = await connection.get_raw_connection()
+    await raw.driver_connection.copy_records_to_table(
+        "audit_logs",
+        columns=COPY_COLUMNS,
+        records=[tuple(row[c] for c in COPY_COLUMNS) for row in rows],
+    )
+
+
+async def get_audit_logs(
+    session: AsyncSession, f: Filter, page_size: int, page_token: str
+) -> tuple[Page, dict[uuid.UUID, str]]:
+    """A page of the trail, newest first, with the usernames of its rows."""
+    page = await list_page(
+        session,
+        AuditLog,
+        page_size=page_size,
+        page_token=page_token,
+        where={name: (f.describe()[name], condition) for name, condition in conditions(f).items()},
+    )
+    user_ids = {row.user_id for row in page.items if row.user_id is not None}
+    usernames = (
+        dict(
+            (
+                await session.execute(select(User.id, User.username).where(User.id.in_(user_ids)))
+            ).all()
+        )
+        if user_ids
+        else {}
+    )
+    return page, usernames
+
+
+async def record_read(
+    session: AsyncSession, actor: Actor, action: str, f: Filter, extra: dict[str, Any] | None = None
+) -> None:
+    """Reading the trail is itself recorded (`audit.read`, `audit.export`)."""
+    await audit_log.append(
+        session, actor, action, "audit_log", None, {"filter": f.describe(), **(extra or {})}
+    )
