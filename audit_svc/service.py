@@ -77,14 +77,14 @@ def check_filter(f: Filter) -> Filter:
 def conditions(f: Filter) -> dict[str, Any]:
     """The set filters as SQL conditions on audit_logs, each served by an index (migration 005)."""
     every = {
-        "user_id": AuditLog.user_id == f.user_id,
-        "action": AuditLog.action == f.action,
-        "resource_type": AuditLog.resource_type == f.resource_type,
-        "resource_id": AuditLog.resource_id == f.resource_id,
-        "start_time": AuditLog.created_at >= f.start_time,
-        "end_time": AuditLog.created_at < f.end_time,
+        "user_id": lambda: AuditLog.user_id == f.user_id,
+        "action": lambda: AuditLog.action == f.action,
+        "resource_type": lambda: AuditLog.resource_type == f.resource_type,
+        "resource_id": lambda: AuditLog.resource_id == f.resource_id,
+        "start_time": lambda: AuditLog.created_at >= f.start_time,
+        "end_time": lambda: AuditLog.created_at < f.end_time,
     }
-    return {name: every[name] for name in f.describe()}
+    return {name: every[name]() for name in f.describe()}
 
 
 def validate(actor: Actor, entry: Entry, field: str = "") -> dict[str, Any]:
