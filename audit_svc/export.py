@@ -30,18 +30,6 @@ from audit_svc.service import Filter
 from shared.db import Database
 
 CHUNK_BYTES = 64 * 1024
-HEADER = (
-    "id",
-    "created_at",
-    "user_id",
-    "username",
-    "action",
-    "resource_type",
-    "resource_id",
-    "details",
-    "ip_address",
-    "user_agent",
-)
 NEUTRALIZED = ("username", "action", "resource_type", "resource_id", "user_agent")
 FORMULA_START = r"^[=+\-@\t\r]"
 
