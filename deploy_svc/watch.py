@@ -3,8 +3,9 @@
 Triggers send `NOTIFY relman_deployment, '<deployment id>'` on every change to a
 deployment or its stages, approvals and metrics (migration 004). Each process
 LISTENs on one dedicated connection outside the pool, reads a changed deployment
-once per notification (not once per watcher) and hands the snapshot to every
-watcher of it. After the connection is lost (a database restart) it reconnects
+once for all its watchers (never once per watcher; a burst of changes during a
+read costs one more read) and hands the snapshot to every watcher of it, in
+order. After the connection is lost (a database restart) it reconnects
 and sends every watched deployment again, so nothing missed meanwhile is lost.
 """
 
@@ -59,6 +60,8 @@ class DeploymentWatcher:
         self._listener: asyncio.Task | None = None
         self._listening = asyncio.Event()
         self._pending: set[asyncio.Task] = set()
+        # Deployments being read, and whether another change arrived meanwhile.
+        self._reading: dict[uuid.UUID, bool] = {}
 
     @contextlib.asynccontextmanager
     async def subscribe(self, deployment_id: uuid.UUID) -> AsyncIterator[Mailbox]:
