@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 from audit_svc.service import Filter
-from shared.db import Database
+from shared.db import Database, time_left
 
 CHUNK_BYTES = 64 * 1024
 NEUTRALIZED = ("username", "action", "resource_type", "resource_id", "user_agent")
@@ -78,9 +78,7 @@ def export_query(f: Filter, raw: bool) -> tuple[str, list]:
     return query, args
 
 
-async def export_audit_logs_csv(
-    database: Database, f: Filter, raw: bool, deadline_s: float | None
-) -> AsyncIterator[str]:
+async def export_audit_logs_csv(database: Database, f: Filter, raw: bool) -> AsyncIterator[str]:
     """The filtered trail as CSV text chunks cut at row boundaries (the seed's method, streamed)."""
     query, args = export_query(f, raw)
     pieces: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=4)  # backpressure on the COPY
@@ -92,6 +90,7 @@ async def export_audit_logs_csv(
     try:
         raw_connection = (await connection.get_raw_connection()).driver_connection
         await connection.begin()
+        deadline_s = time_left()  # the call's deadline bounds the COPY too
         if deadline_s is not None:
             await connection.exec_driver_sql(
                 f"SET LOCAL statement_timeout = {max(1, int(deadline_s * 1000))}"

@@ -76,7 +76,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
 
     async def LogAction(self, request, context):
         actor = current_actor.get()
-        async with self.database.transaction(context.time_remaining()) as session:
+        async with self.database.transaction() as session:
             row = await service.log_action(session, actor, _entry(request))
             user = await session.get(User, row.user_id) if row.user_id else None
             return _audit_log(row, user.username if user else None)
@@ -107,7 +107,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         audit_filter = _filter(request.filter)
         async with self.database.transaction() as session:  # recorded even if the read fails
             await service.record_read(session, actor, "audit.read", audit_filter)
-        async with self.database.transaction(context.time_remaining()) as session:
+        async with self.database.transaction() as session:
             page, usernames = await service.get_audit_logs(
                 session, audit_filter, request.page_size, request.page_token
             )
@@ -128,9 +128,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
                 audit_filter,
                 {"raw": request.raw, "export_id": str(uuid.uuid4())},
             )
-        async for chunk in export.export_audit_logs_csv(
-            self.database, audit_filter, request.raw, context.time_remaining()
-        ):
+        async for chunk in export.export_audit_logs_csv(self.database, audit_filter, request.raw):
             yield audit_pb2.ExportAuditLogsResponse(data=chunk)
 
 

@@ -50,15 +50,12 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
         self.watcher = DeploymentWatcher(resources.database)
         resources.on_stop.append(self.watcher.close)
 
-    def _transaction(self, context: grpc.aio.ServicerContext):
-        return self.database.transaction(context.time_remaining())
-
     # releases
 
     async def CreateRelease(self, request, context):
         service_id = parse_uuid("service_id", request.service_id)
         request_id = optional_uuid("request_id", request.request_id)
-        async with self._transaction(context) as session:
+        async with self.database.transaction() as session:
             release = await releases.create_release(
                 session,
                 current_actor.get(),
@@ -72,13 +69,13 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
 
     async def GetRelease(self, request, context):
         release_id = parse_uuid("release_id", request.release_id)
-        async with self._transaction(context) as session:
+        async with self.database.transaction() as session:
             return convert.release(await releases.get_release(session, release_id))
 
     async def ListReleases(self, request, context):
         service_id = optional_uuid("service_id", request.service_id)
         status = _enum("status", common_pb2.ReleaseStatus, request.status, required=False)
-        async with self._transaction(context) as session:
+        async with self.database.transaction() as session:
             page = await releases.list_releases(
                 session,
                 service_id=service_id,
@@ -98,7 +95,7 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
         release_id = parse_uuid("release_id", request.release_id)
         environment_id = parse_uuid("environment_id", request.environment_id)
         request_id = optional_uuid("request_id", request.request_id)
-        async with self._transaction(context) as session:
+        async with self.database.transaction() as session:
             deployment = await deployments.create_deployment(
                 session,
                 current_actor.get(),
@@ -116,7 +113,7 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
             parse_uuid(f"reviewer_ids[{i}]", value) for i, value in enumerate(request.reviewer_ids)
         ]
         request_id = optional_uuid("request_id", request.request_id)
-        async with self._transaction(context) as session:
+        async with self.database.transaction() as session:
             deployment = await deployments.promote_release(
                 session,
                 current_actor.get(),
@@ -132,7 +129,7 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
         view = request.view
         if view not in common_pb2.DeploymentView.values():
             raise InvalidArgument.field("view", "is not a DeploymentView")
-        async with self._transaction(context) as session:
+        async with self.database.transaction() as session:
             if view == common_pb2.DEPLOYMENT_VIEW_FULL:
                 row = await deployments.get_deployment_with_metrics(session, deployment_id)
             elif view == common_pb2.DEPLOYMENT_VIEW_WITH_STAGES:
@@ -148,7 +145,7 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
             "environment_id": optional_uuid("environment_id", request.environment_id),
             "status": _enum("status", common_pb2.DeploymentStatus, request.status, required=False),
         }
-        async with self._transaction(context) as session:
+        async with self.database.transaction() as session:
             page = await deployments.list_deployments(
                 session, **filters, page_size=request.page_size, page_token=request.page_token
             )
@@ -156,7 +153,7 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
 
     async def ListLiveDeployments(self, request, context):
         service_id = optional_uuid("service_id", request.service_id)
-        async with self._transaction(context) as session:
+        async with self.database.transaction() as session:
             live = await deployments.list_live_deployments(session, service_id)
         return deploy_pb2.ListLiveDeploymentsResponse(
             live_deployments=[
@@ -180,7 +177,7 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
     async def UpdatePipelineStage(self, request, context):
         stage_id = parse_uuid("stage_id", request.stage_id)
         status = StageStatus(_enum("status", common_pb2.StageStatus, request.status, required=True))
-        async with self._transaction(context) as session:
+        async with self.database.transaction() as session:
             stage = await deployments.update_pipeline_stage(
                 session, current_actor.get(), stage_id, status, request.output
             )
@@ -188,7 +185,7 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
 
     async def CancelDeployment(self, request, context):
         deployment_id = parse_uuid("deployment_id", request.deployment_id)
-        async with self._transaction(context) as session:
+        async with self.database.transaction() as session:
             deployment = await deployments.cancel_deployment(
                 session, current_actor.get(), deployment_id, request.reason
             )
@@ -196,7 +193,7 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
 
     async def _vote(self, request, context, approve: bool):
         deployment_id = parse_uuid("deployment_id", request.deployment_id)
-        async with self._transaction(context) as session:
+        async with self.database.transaction() as session:
             approval = await deployments.vote(
                 session,
                 current_actor.get(),
@@ -216,7 +213,7 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
     async def RollbackDeployment(self, request, context):
         deployment_id = parse_uuid("deployment_id", request.deployment_id)
         request_id = optional_uuid("request_id", request.request_id)
-        async with self._transaction(context) as session:
+        async with self.database.transaction() as session:
             rollback = await rollbacks.execute_rollback(
                 session, current_actor.get(), deployment_id, request.reason, request_id
             )
@@ -224,7 +221,7 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
 
     async def RecordDeploymentMetric(self, request, context):
         deployment_id = parse_uuid("deployment_id", request.deployment_id)
-        async with self._transaction(context) as session:
+        async with self.database.transaction() as session:
             metric = await deployments.record_deployment_metrics(
                 session,
                 current_actor.get(),
@@ -253,7 +250,7 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
     # catalogue
 
     async def ListEnvironments(self, request, context):
-        async with self._transaction(context) as session:
+        async with self.database.transaction() as session:
             page = await catalog.list_environments(
                 session, page_size=request.page_size, page_token=request.page_token
             )
@@ -261,7 +258,7 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
 
     async def ListServices(self, request, context):
         team_id = optional_uuid("team_id", request.team_id)
-        async with self._transaction(context) as session:
+        async with self.database.transaction() as session:
             page = await catalog.list_services(
                 session,
                 team_id=team_id,
@@ -271,7 +268,7 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
         return _page(deploy_pb2.ListServicesResponse, "services", page, convert.service)
 
     async def ListTeams(self, request, context):
-        async with self._transaction(context) as session:
+        async with self.database.transaction() as session:
             page = await catalog.list_teams(
                 session, page_size=request.page_size, page_token=request.page_token
             )
@@ -280,7 +277,7 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
     async def ListRunbooks(self, request, context):
         service_id = optional_uuid("service_id", request.service_id)
         environment_id = optional_uuid("environment_id", request.environment_id)
-        async with self._transaction(context) as session:
+        async with self.database.transaction() as session:
             page = await catalog.list_runbooks(
                 session,
                 service_id=service_id,
@@ -293,14 +290,14 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
 
     async def GetRunbook(self, request, context: grpc.aio.ServicerContext):
         runbook_id = parse_uuid("runbook_id", request.runbook_id)
-        async with self._transaction(context) as session:
+        async with self.database.transaction() as session:
             return convert.runbook(await catalog.get_runbook(session, runbook_id))
 
     # catalogue administration
 
     async def CreateTeam(self, request, context):
         request_id = optional_uuid("request_id", request.request_id)
-        async with self._transaction(context) as session:
+        async with self.database.transaction() as session:
             team = await catalog.create_team(
                 session,
                 current_actor.get(),
@@ -316,7 +313,7 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
         environment_type = _enum(
             "environment_type", common_pb2.EnvironmentType, request.environment_type, required=True
         )
-        async with self._transaction(context) as session:
+        async with self.database.transaction() as session:
             environment = await catalog.create_environment(
                 session,
                 current_actor.get(),
@@ -334,7 +331,7 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
             "owner_id": optional_uuid("owner_id", request.owner_id),
             "request_id": optional_uuid("request_id", request.request_id),
         }
-        async with self._transaction(context) as session:
+        async with self.database.transaction() as session:
             service = await catalog.create_service(
                 session,
                 current_actor.get(),
@@ -365,7 +362,7 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
             "is_active": lambda: service.is_active,
         }
         changes = _masked(request.update_mask, readers)
-        async with self._transaction(context) as session:
+        async with self.database.transaction() as session:
             row = await catalog.update(session, current_actor.get(), Service, service_id, changes)
             return convert.service(row)
 
@@ -375,7 +372,7 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
             "environment_id": optional_uuid("environment_id", request.environment_id),
             "request_id": optional_uuid("request_id", request.request_id),
         }
-        async with self._transaction(context) as session:
+        async with self.database.transaction() as session:
             runbook = await catalog.create_runbook(
                 session,
                 current_actor.get(),
@@ -400,7 +397,7 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
             "is_active": lambda: runbook.is_active,
         }
         changes = _masked(request.update_mask, readers)
-        async with self._transaction(context) as session:
+        async with self.database.transaction() as session:
             row = await catalog.update(session, current_actor.get(), Runbook, runbook_id, changes)
             return convert.runbook(row)
 
@@ -508,7 +505,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
 
     async def ListApiTokens(self, request, context):
         user_id = optional_uuid("user_id", request.user_id)
-        async with self.database.transaction(context.time_remaining()) as session:
+        async with self.database.transaction() as session:
             page = await tokens.list_tokens(session, user_id, request.page_size, request.page_token)
         return auth_pb2.ListApiTokensResponse(
             api_tokens=[convert.api_token(token) for token in page.items],

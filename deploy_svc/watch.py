@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -67,7 +68,8 @@ class DeploymentWatcher:
     async def subscribe(self, deployment_id: uuid.UUID) -> AsyncIterator[Mailbox]:
         """A mailbox for changes of one deployment, open from the moment this returns."""
         if self._listener is None:
-            self._listener = asyncio.create_task(self._listen())
+            # A context of its own: not the first watcher's call (and its deadline).
+            self._listener = asyncio.create_task(self._listen(), context=contextvars.Context())
         try:
             await asyncio.wait_for(self._listening.wait(), LISTEN_WAIT_S)
         except TimeoutError:
@@ -99,7 +101,7 @@ class DeploymentWatcher:
             self._fan_out_later(deployment_id)
 
     def _fan_out_later(self, deployment_id: uuid.UUID) -> None:
-        task = asyncio.create_task(self._fan_out(deployment_id))
+        task = asyncio.create_task(self._fan_out(deployment_id), context=contextvars.Context())
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 

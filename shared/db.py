@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import TypeVar
 
 from sqlalchemy import URL, make_url, text
@@ -22,7 +24,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from shared.errors import NotFound
+from shared.errors import DeadlineExceeded, NotFound
 
 ASYNC_DRIVER = "postgresql+asyncpg"
 T = TypeVar("T")
@@ -72,6 +74,26 @@ def libpq_dsn(url: URL) -> str:
 
 CONNECT_TIMEOUT_S = 5.0
 
+# The time.monotonic() deadline of the RPC being served (shared.server sets it), so that
+# every unit of work of a call is bounded by the caller's deadline without passing it on.
+call_deadline: ContextVar[float | None] = ContextVar("call_deadline", default=None)
+
+
+def time_left(bound_s: float | None = None) -> float | None:
+    """Seconds a unit of work may take: its own bound, capped by the call's deadline."""
+    deadline = call_deadline.get()
+    limits = [
+        t
+        for t in (bound_s, None if deadline is None else deadline - time.monotonic())
+        if t is not None
+    ]
+    if not limits:
+        return None
+    left = min(limits)
+    if left <= 0:
+        raise DeadlineExceeded("the call's deadline passed before its work could start")
+    return left
+
 
 def create_engine(url: URL, *, pool_size: int = 10) -> AsyncEngine:
     """An engine with a fixed-size pool (no overflow), so pool x processes stays predictable."""
@@ -97,10 +119,11 @@ class Database:
     async def transaction(self, deadline_s: float | None = None) -> AsyncIterator[AsyncSession]:
         """One unit of work: commit on success, roll back on any exception.
 
-        With `deadline_s` (the caller's remaining time) both the wait for a pooled
-        connection and every statement are bounded by it, so a call never outlives
-        its deadline inside the database.
+        The wait for a pooled connection and every statement are bounded by
+        `deadline_s` and by the deadline of the call being served (time_left), so a
+        call never outlives its deadline inside the database.
         """
+        deadline_s = time_left(deadline_s)
         async with asyncio.timeout(deadline_s):
             async with self.sessions() as session, session.begin():
                 if deadline_s is not None:

@@ -33,7 +33,7 @@ from grpc_reflection.v1alpha import reflection
 from shared.actor import current_actor
 from shared.auth import Authenticator
 from shared.config import ConfigError, Settings
-from shared.db import Database, DatabaseUrlError, database_url, describe
+from shared.db import Database, DatabaseUrlError, call_deadline, database_url, describe
 from shared.errors import from_exception
 
 log = logging.getLogger("relman.server")
@@ -130,10 +130,17 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     await context.abort_with_status(from_exception(exc).to_status())
 
 
+def _start_call(context: grpc.aio.ServicerContext) -> None:
+    """Makes the caller's deadline the bound of every unit of work of this call."""
+    remaining = context.time_remaining()
+    call_deadline.set(None if remaining is None else time.monotonic() + remaining)
+
+
 def _map_errors(behaviour):
     if inspect.isasyncgenfunction(behaviour):
 
         async def guarded_stream(request, context):
+            _start_call(context)
             try:
                 async for response in behaviour(request, context):
                     yield response
@@ -145,6 +152,7 @@ def _map_errors(behaviour):
         return guarded_stream
 
     async def guarded(request, context):  # also stream handlers that write with context.write()
+        _start_call(context)
         try:
             return await behaviour(request, context)
         except (grpc.aio.AbortError, asyncio.CancelledError):

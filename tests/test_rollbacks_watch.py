@@ -511,3 +511,34 @@ async def test_two_sweepers_at_once_fail_a_stage_once(database, clients, service
     assert timeouts == 1
     ended = await developer.GetDeployment(deployment_id=deployment.id)
     assert ended.status == S.DEPLOYMENT_STATUS_FAILED
+
+
+async def test_the_first_watchers_deadline_does_not_bind_later_watchers(
+    db_url, tokens, clients, service_id
+):
+    """The process's LISTEN task outlives the call that started it."""
+    developer = clients["developer"]
+    release = await developer.CreateRelease(service_id=service_id, version="1.0.0")
+    deployment = await developer.PromoteRelease(release_id=release.id, target_environment_id=DEV)
+    fresh = await RelmanProcess.start(
+        ["-m", "deploy_svc"], env_for(db_url, DEPLOY_SVC_ADDR="127.0.0.1:0")
+    )
+    try:
+        address = client_address((await fresh.wait_listening("deploy_svc"))["deploy_svc"])
+        async with grpc.aio.insecure_channel(address) as channel:
+            watcher = Client(channel, tokens[Role.DEVELOPER])
+            request = deploy_pb2.WatchDeploymentRequest(deployment_id=deployment.id)
+            short = watcher.stub.WatchDeployment(request, metadata=watcher.auth, timeout=1)
+            with pytest.raises(grpc.aio.AioRpcError) as expired:
+                async for _ in short:
+                    pass
+            assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            later = watcher.stub.WatchDeployment(request, metadata=watcher.auth, timeout=60)
+            assert (await later.read()).status == S.DEPLOYMENT_STATUS_PENDING
+            await developer.UpdatePipelineStage(
+                stage_id=deployment.stages[0].id, status=S.STAGE_STATUS_RUNNING
+            )
+            assert (await later.read()).status == S.DEPLOYMENT_STATUS_IN_PROGRESS
+            later.cancel()
+    finally:
+        await fresh.stop()
