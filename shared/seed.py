@@ -197,6 +197,10 @@ STAGE_RUNS = {
     ),
 }
 
+# The running stage of the in-progress deployment may take a week: the stage-timeout
+# sweeper of deploy_svc would otherwise fail it half an hour after seeding.
+STAGE_TIMEOUTS = {("D8", "test"): 7 * 24 * 3600}
+
 # deployment, metric name, value, unit
 METRICS = (
     ("D3", "duration_seconds", 1500.0, "seconds"),
@@ -495,7 +499,7 @@ def build(now: datetime, password_hashes: list[str]) -> list[Base]:
                     name=name,
                     order=order,
                     status=status.value,
-                    timeout_seconds=1800,
+                    timeout_seconds=STAGE_TIMEOUTS.get((deployment, name), 1800),
                     started_at=started,
                     completed_at=completed,
                     output=output,

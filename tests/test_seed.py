@@ -220,6 +220,10 @@ RULE_VIOLATIONS = {
            OR (s.status = 'running' AND (s.started_at IS NULL OR s.completed_at IS NOT NULL))
            OR (s.status IN ('succeeded', 'failed') AND s.completed_at IS NULL)
     """,
+    "the in-progress story lasts: a running stage has a day left before it times out": """
+        SELECT id FROM pipeline_stages WHERE status = 'running'
+          AND started_at + make_interval(secs => timeout_seconds) < now() + interval '1 day'
+    """,
     "stages run in order: nothing starts before the previous stage succeeded": """
         SELECT s.id FROM pipeline_stages s
         JOIN pipeline_stages p ON p.deployment_id = s.deployment_id AND p."order" < s."order"
