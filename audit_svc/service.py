@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from shared import audit_log
 from shared.actor import USER_AGENT_MAX, Actor
 from shared.auth import may
+from shared.db import replay
 from shared.errors import InvalidArgument, PermissionDenied
 from shared.models import AuditLog, User
 from shared.pagination import Page, list_page
@@ -65,8 +66,7 @@ class Filter:
 
 
 def check_filter(f: Filter) -> Filter:
-    if f.action is not None and not ACTION.fullmatch(f.action):
-        raise InvalidArgument.field("filter.action", "must match [a-z][a-z0-9_.]{0,49}")
+    text("filter.action", f.action or "", 50, required=False, pattern=ACTION)
     text("filter.resource_type", f.resource_type or "", 50, required=False)
     text("filter.resource_id", f.resource_id or "", 100, required=False)
     if f.start_time and f.end_time and f.start_time > f.end_time:
@@ -93,8 +93,7 @@ def validate(actor: Actor, entry: Entry, field: str = "") -> dict[str, Any]:
     def name(part: str) -> str:
         return f"{field}{part}"
 
-    if not ACTION.fullmatch(entry.action):
-        raise InvalidArgument.field(name("action"), "must match [a-z][a-z0-9_.]{0,49}")
+    text(name("action"), entry.action, 50, pattern=ACTION)
     on_behalf = {
         k: getattr(entry, k) for k in ("user_id", "ip_address", "user_agent") if getattr(entry, k)
     }
@@ -158,16 +157,14 @@ async def check_users(session: AsyncSession, rows: Iterable[tuple[str, dict]]) -
 
 async def log_action(session: AsyncSession, actor: Actor, entry: Entry) -> AuditLog:
     row = validate(actor, entry)
-    if entry.request_id and (earlier := await session.get(AuditLog, row["id"])):
-        if (earlier.action, earlier.resource_type) != (row["action"], row["resource_type"]):
-            raise InvalidArgument.field(
-                "request_id", "was already used for a different request", reason="REQUEST_ID_REUSED"
-            )
+    same = {"action": row["action"], "resource_type": row["resource_type"]}
+    if entry.request_id and (earlier := await replay(session, AuditLog, row["id"], same)):
         return earlier
     await check_users(session, [("", row)])
-    row["details"] = json.loads(row["details"])
-    row_id = await session.scalar(insert(AuditLog).values(**row).returning(AuditLog.id))
-    return await session.get(AuditLog, row_id)
+    # The ORM's JSONB type serializes the dict itself; the text form is for COPY.
+    return await session.scalar(
+        insert(AuditLog).values(**{**row, "details": entry.details}).returning(AuditLog)
+    )
 
 
 COPY_COLUMNS = (
@@ -197,12 +194,13 @@ async def get_audit_logs(
     session: AsyncSession, f: Filter, page_size: int, page_token: str
 ) -> tuple[Page, dict[uuid.UUID, str]]:
     """A page of the trail, newest first, with the usernames of its rows."""
+    described = f.describe()
     page = await list_page(
         session,
         AuditLog,
         page_size=page_size,
         page_token=page_token,
-        where={name: (f.describe()[name], condition) for name, condition in conditions(f).items()},
+        where={name: (described[name], condition) for name, condition in conditions(f).items()},
     )
     user_ids = {row.user_id for row in page.items if row.user_id is not None}
     usernames = (

@@ -78,6 +78,8 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         actor = current_actor.get()
         async with self.database.transaction() as session:
             row = await service.log_action(session, actor, _entry(request))
+            if row.user_id == actor.user_id:  # the usual case: no look-up on this hot path
+                return _audit_log(row, actor.username)
             user = await session.get(User, row.user_id) if row.user_id else None
             return _audit_log(row, user.username if user else None)
 

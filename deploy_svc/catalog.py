@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared import audit_log
 from shared.actor import Actor
-from shared.db import load
+from shared.db import load, replay
 from shared.errors import AlreadyExists, InvalidArgument
 from shared.models import Environment, Runbook, Service, Team, User
 from shared.pagination import Page, list_page
@@ -73,23 +73,10 @@ async def _unique(session: AsyncSession, model, column: str, value, kind: str) -
         )
 
 
-async def _replay(session: AsyncSession, model, request_id, same: dict):
-    """The row a retried create made before (AIP-155), or None for a first attempt."""
-    if request_id is None:
-        return None
-    earlier = await session.get(model, request_id)
-    if earlier is not None and any(getattr(earlier, k) != v for k, v in same.items()):
-        raise InvalidArgument.field(
-            "request_id", "was already used for a different request", reason="REQUEST_ID_REUSED"
-        )
-    return earlier
-
-
 def check_service_name(value: str) -> str:
-    name = text("name", value, 100)
-    if not SERVICE_NAME.fullmatch(name):
-        raise InvalidArgument.field("name", "must be lowercase letters, digits and -")
-    return name
+    return text(
+        "name", value, 100, pattern=SERVICE_NAME, hint="must be lowercase letters, digits and -"
+    )
 
 
 def check_tags(values) -> list[str]:
@@ -109,7 +96,7 @@ async def _created(session: AsyncSession, actor: Actor, row, kind: str, details:
 
 async def create_team(session, actor, *, name, description, slack_channel, request_id) -> Team:
     name = text("name", name, 100)
-    if earlier := await _replay(session, Team, request_id, {"name": name}):
+    if earlier := await replay(session, Team, request_id, {"name": name}):
         return earlier
     await _unique(session, Team, "name", name, "team")
     team = Team(
@@ -127,7 +114,7 @@ async def create_environment(
     name = text("name", name, 100)
     if environment_type is None:
         raise InvalidArgument.field("environment_type", "is required")
-    if earlier := await _replay(session, Environment, request_id, {"name": name}):
+    if earlier := await replay(session, Environment, request_id, {"name": name}):
         return earlier
     await _unique(session, Environment, "name", name, "environment")
     environment = Environment(
@@ -165,7 +152,7 @@ async def create_service(
     request_id,
 ) -> Service:
     name = check_service_name(name)
-    if earlier := await _replay(session, Service, request_id, {"name": name}):
+    if earlier := await replay(session, Service, request_id, {"name": name}):
         return earlier
     await _check_references(session, {"team_id": (Team, team_id), "owner_id": (User, owner_id)})
     await _unique(session, Service, "name", name, "service")
@@ -185,7 +172,7 @@ async def create_runbook(
     session, actor, *, title, content, service_id, environment_id, tags, request_id
 ) -> Runbook:
     title = text("title", title, 200)
-    if earlier := await _replay(session, Runbook, request_id, {"title": title}):
+    if earlier := await replay(session, Runbook, request_id, {"title": title}):
         return earlier
     await _check_references(
         session,

@@ -32,7 +32,7 @@ from deploy_svc.releases import refresh_status
 from shared import audit_log
 from shared.actor import Actor
 from shared.auth import require
-from shared.db import load
+from shared.db import load, replay
 from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, PermissionDenied
 from shared.models import (
     ACTIVE_DEPLOYMENT_STATUSES,
@@ -139,18 +139,8 @@ def _stage_names(names: Sequence[str]) -> list[str]:
 
 async def _deploy(session: AsyncSession, actor: Actor, request: DeployRequest) -> Deployment:
     stage_names = _stage_names(request.stage_names)
-    if request.request_id is not None and (
-        earlier := await session.get(Deployment, request.request_id)
-    ):
-        if (earlier.release_id, earlier.environment_id) != (
-            request.release_id,
-            request.environment_id,
-        ):
-            raise InvalidArgument.field(
-                "request_id",
-                "was already used for a different request",
-                reason="REQUEST_ID_REUSED",
-            )
+    same = {"release_id": request.release_id, "environment_id": request.environment_id}
+    if earlier := await replay(session, Deployment, request.request_id, same):
         return earlier
 
     release = await load(session, Release, request.release_id)
@@ -655,11 +645,13 @@ async def record_deployment_metrics(
     unit: str,
 ) -> DeploymentMetric:
     """Records one metric of a deployment; recording the same name again replaces it."""
-    metric_name = text_field("metric_name", metric_name, 100)
-    if not METRIC_NAME.fullmatch(metric_name):
-        raise InvalidArgument.field(
-            "metric_name", "must be lowercase letters, digits, . and _ (e.g. cpu_usage)"
-        )
+    metric_name = text_field(
+        "metric_name",
+        metric_name,
+        100,
+        pattern=METRIC_NAME,
+        hint="must be lowercase letters, digits, . and _ (e.g. cpu_usage)",
+    )
     unit = text_field("unit", unit, 20, required=False)
     if not math.isfinite(metric_value):
         raise InvalidArgument.field("metric_value", "must be a finite number")

@@ -18,7 +18,7 @@ from sqlalchemy import func, or_, select
 
 from shared import audit_log, tokens
 from shared.actor import Actor
-from shared.db import Database, load
+from shared.db import Database, load, replay
 from shared.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -119,14 +119,14 @@ async def create_user(
     request_id: uuid.UUID | None,
 ) -> User:
     """A new user. Service users may have no password: they use API tokens only."""
-    username = text("username", username, 100)
-    if not USERNAME.fullmatch(username):
-        raise InvalidArgument.field(
-            "username", "must start with a letter or digit and hold only letters, digits, . _ -"
-        )
-    email = text("email", email, 255)
-    if not EMAIL.fullmatch(email):
-        raise InvalidArgument.field("email", "is not an e-mail address")
+    username = text(
+        "username",
+        username,
+        100,
+        pattern=USERNAME,
+        hint="must start with a letter or digit and hold only letters, digits, . _ -",
+    )
+    email = text("email", email, 255, pattern=EMAIL, hint="is not an e-mail address")
     full_name = text("full_name", full_name, 200, required=False)
     if role is None:
         raise InvalidArgument.field("role", "is required")
@@ -135,13 +135,8 @@ async def create_user(
     else:
         hashed = tokens.UNUSABLE_PASSWORD
     async with db.transaction() as session:
-        if request_id is not None and (earlier := await session.get(User, request_id)):
-            if (earlier.username, earlier.email, earlier.role) != (username, email, role.value):
-                raise InvalidArgument.field(
-                    "request_id",
-                    "was already used for a different request",
-                    reason="REQUEST_ID_REUSED",
-                )
+        same = {"username": username, "email": email, "role": role.value}
+        if earlier := await replay(session, User, request_id, same):
             return earlier
         clash = await session.scalar(
             select(User).where(or_(User.username == username, User.email == email))

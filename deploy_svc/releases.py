@@ -10,8 +10,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared import audit_log
 from shared.actor import Actor
-from shared.db import load
-from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from shared.db import load, replay
+from shared.errors import AlreadyExists, FailedPrecondition
 from shared.models import Release, ReleaseStatus, Service
 from shared.pagination import Page, list_page
 from shared.validation import text as text_field
@@ -61,20 +61,24 @@ async def create_release(
     git_commit: str,
     request_id: uuid.UUID | None,
 ) -> Release:
-    version = text_field("version", version, 50)
-    if not SEMVER.fullmatch(version):
-        raise InvalidArgument.field(
-            "version", "must be a semantic version such as 1.4.0 or 2.0.0-rc.1"
-        )
+    version = text_field(
+        "version",
+        version,
+        50,
+        pattern=SEMVER,
+        hint="must be a semantic version such as 1.4.0 or 2.0.0-rc.1",
+    )
     notes = text_field("release_notes", release_notes, 100_000, required=False)
-    commit = text_field("git_commit", git_commit, 40, required=False)
-    if commit is not None and not GIT_COMMIT.fullmatch(commit):
-        raise InvalidArgument.field("git_commit", "must be 7 to 40 lowercase hex digits")
-    if request_id is not None and (earlier := await session.get(Release, request_id)):
-        if (earlier.service_id, earlier.version) != (service_id, version):
-            raise InvalidArgument.field(
-                "request_id", "was already used for a different request", reason="REQUEST_ID_REUSED"
-            )
+    commit = text_field(
+        "git_commit",
+        git_commit,
+        40,
+        required=False,
+        pattern=GIT_COMMIT,
+        hint="must be 7 to 40 lowercase hex digits",
+    )
+    same = {"service_id": service_id, "version": version}
+    if earlier := await replay(session, Release, request_id, same):
         return earlier
     service = await load(session, Service, service_id)
     if not service.is_active:

@@ -21,8 +21,8 @@ from deploy_svc.releases import refresh_status
 from shared import audit_log
 from shared.actor import Actor
 from shared.auth import require
-from shared.db import load
-from shared.errors import FailedPrecondition, InvalidArgument
+from shared.db import load, replay
+from shared.errors import FailedPrecondition
 from shared.models import (
     STANDARD_STAGES,
     Deployment,
@@ -47,11 +47,7 @@ async def execute_rollback(
     request_id: uuid.UUID | None,
 ) -> Rollback:
     reason = text("reason", reason, 10_000)
-    if request_id is not None and (earlier := await session.get(Rollback, request_id)):
-        if earlier.deployment_id != deployment_id:
-            raise InvalidArgument.field(
-                "request_id", "was already used for a different request", reason="REQUEST_ID_REUSED"
-            )
+    if earlier := await replay(session, Rollback, request_id, {"deployment_id": deployment_id}):
         return earlier
     deployment = await load(session, Deployment, deployment_id, for_update=True)
     environment = await session.get(Environment, deployment.environment_id)

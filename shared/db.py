@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from shared.errors import DeadlineExceeded, NotFound
+from shared.errors import DeadlineExceeded, InvalidArgument, NotFound
 
 ASYNC_DRIVER = "postgresql+asyncpg"
 T = TypeVar("T")
@@ -154,3 +154,19 @@ async def load(session: AsyncSession, model: type[T], row_id, *, for_update: boo
             metadata={f"{resource}_id": str(row_id)},
         )
     return row
+
+
+async def replay(session: AsyncSession, model: type[T], request_id, same: dict) -> T | None:
+    """The row a retried create made before (AIP-155), or None for a first attempt.
+
+    `same` holds the fields that identify the request: reusing its request_id for a
+    different request is INVALID_ARGUMENT.
+    """
+    if request_id is None:
+        return None
+    earlier = await session.get(model, request_id)
+    if earlier is not None and any(getattr(earlier, k) != v for k, v in same.items()):
+        raise InvalidArgument.field(
+            "request_id", "was already used for a different request", reason="REQUEST_ID_REUSED"
+        )
+    return earlier

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 
 from shared.errors import InvalidArgument
@@ -27,8 +28,17 @@ def optional_uuid(field: str, value: str) -> uuid.UUID | None:
     return parse_uuid(field, value) if value else None
 
 
-def text(field: str, value: str, max_length: int, *, required: bool = True) -> str | None:
-    """A string for a column of `max_length` characters: no NUL, not too long, maybe required.
+def text(
+    field: str,
+    value: str,
+    max_length: int,
+    *,
+    required: bool = True,
+    pattern: re.Pattern | None = None,
+    hint: str = "",
+) -> str | None:
+    """A string for a column of `max_length` characters: no NUL, not too long, maybe required,
+    and matching `pattern` when one is given (`hint` says what it wants).
 
     Returns None for an empty optional value, so that it is stored as NULL.
     """
@@ -40,4 +50,6 @@ def text(field: str, value: str, max_length: int, *, required: bool = True) -> s
         if required:
             raise InvalidArgument.field(field, "is required")
         return None
+    if pattern is not None and not pattern.fullmatch(value):
+        raise InvalidArgument.field(field, hint or f"must match {pattern.pattern}")
     return value

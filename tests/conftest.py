@@ -13,15 +13,19 @@ usable in every test.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 from sqlalchemy import URL, select
 
+from relman.v1 import auth_pb2, auth_pb2_grpc
 from shared.db import Database, database_url
-from shared.models import Role, User
+from shared.models import Role, Service, User
+from shared.seed import seed_id
 from shared.tokens import issue_token
+from tests.deploying import Client
 from tests.harness import RelmanProcess, client_address, env_for, run_cli, scratch_database
 
 # A seeded user of each role (the service user is made by the tokens CLI).
@@ -103,3 +107,34 @@ async def tokens(database: Database, db_url: URL) -> dict[Role, str]:
                 user = await session.scalar(select(User).where(User.username == username))
                 minted[role], _ = await issue_token(session, user, "tests", None)
     return minted
+
+
+@pytest.fixture(scope="session")
+async def marco_token(deploy_channel) -> str:
+    """A login token of marco, the lead who is not the seeded `tokens` lead (lena)."""
+    stub = auth_pb2_grpc.AuthServiceStub(deploy_channel)
+    response = await stub.Login(auth_pb2.LoginRequest(username="marco", password="password123"))
+    return response.access_token
+
+
+@pytest.fixture(scope="session")
+def clients(deploy_channel, tokens, marco_token) -> dict[str, Client]:
+    """DeployService as a developer (priya), a lead (lena), a reviewing lead (marco), an
+    admin and a viewer."""
+    return {
+        "developer": Client(deploy_channel, tokens[Role.DEVELOPER]),
+        "lead": Client(deploy_channel, tokens[Role.LEAD]),
+        "reviewer": Client(deploy_channel, marco_token),
+        "admin": Client(deploy_channel, tokens[Role.ADMIN]),
+        "viewer": Client(deploy_channel, tokens[Role.VIEWER]),
+    }
+
+
+@pytest.fixture
+async def service_id(database: Database) -> str:
+    """A service of its own for each test, so that tests never share deployments."""
+    async with database.transaction() as session:
+        service = Service(name=f"svc-{uuid.uuid4().hex[:10]}", team_id=seed_id("team", "Platform"))
+        session.add(service)
+        await session.flush()
+        return str(service.id)

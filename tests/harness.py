@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 import grpc
+import pytest
 from google.rpc import error_details_pb2, status_pb2
 from sqlalchemy import URL
 
@@ -260,3 +261,13 @@ def method_shape(method: str) -> dict[str, bool]:
                     "server_streaming": descriptor.server_streaming,
                 }
     raise KeyError(method)
+
+
+async def fails(call, code: grpc.StatusCode, reason: str | None = None):
+    """Awaits a call that must fail with `code` (and ErrorInfo `reason`); returns the error."""
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await call
+    assert failure.value.code() == code, failure.value.details()
+    if reason is not None:
+        assert error_details(failure.value)[0].reason == reason
+    return failure.value

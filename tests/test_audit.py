@@ -29,6 +29,7 @@ from tests.harness import (
     client_address,
     env_for,
     error_details,
+    fails,
     scratch_database,
 )
 
@@ -83,15 +84,6 @@ async def rows_of(database, resource_type: str) -> list[AuditLog]:
                 .order_by(AuditLog.created_at, AuditLog.id)
             )
         )
-
-
-async def fails(call, code, reason=None):
-    with pytest.raises(grpc.aio.AioRpcError) as failure:
-        await call
-    assert failure.value.code() == code, failure.value.details()
-    if reason:
-        assert error_details(failure.value)[0].reason == reason
-    return failure.value
 
 
 # -- LogAction --------------------------------------------------------------------------------
@@ -253,15 +245,46 @@ async def test_one_bad_row_keeps_nothing_of_the_stream(stub, as_role, database, 
     )
 
 
-async def test_a_cancelled_stream_keeps_nothing(stub, as_role, database, marker):
-    call = stub.LogActions(metadata=as_role[Role.SERVICE])
-    for batch in batches(marker, 2_000, 1_000):
-        await call.write(batch)
-    call.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await call
-    stub_rows = await rows_of(database, marker)
-    assert stub_rows == []
+async def test_a_cancelled_stream_keeps_nothing(stub, as_role, db_url, marker):
+    observer = await asyncpg.connect(libpq_dsn(db_url))
+
+    async def open_transactions() -> int:
+        await observer.execute("SELECT pg_stat_clear_snapshot()")
+        return await observer.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND state LIKE 'idle in transaction%' AND pid <> pg_backend_pid()"
+        )
+
+    async def until(condition) -> None:
+        async with asyncio.timeout(30):
+            while not await condition():  # noqa: ASYNC110 - polling the database
+                await asyncio.sleep(0.02)
+
+    try:
+        call = stub.LogActions(metadata=as_role[Role.SERVICE])
+        for batch in batches(marker, 2_000, 1_000):
+            await call.write(batch)
+        await until(lambda: _positive(open_transactions()))  # the batches are written
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await until(lambda: _zero(open_transactions()))  # the stream's transaction has ended
+        assert (
+            await observer.fetchval(
+                "SELECT count(*) FROM audit_logs WHERE resource_type = $1", marker
+            )
+            == 0
+        )
+    finally:
+        await observer.close()
+
+
+async def _positive(count) -> bool:
+    return await count > 0
+
+
+async def _zero(count) -> bool:
+    return await count == 0
 
 
 # -- ListAuditLogs ---------------------------------------------------------------------------

@@ -10,109 +10,18 @@ import grpc
 import pytest
 from sqlalchemy import func, select
 
-from relman.v1 import common_pb2, deploy_pb2, deploy_pb2_grpc
 from shared.db import libpq_dsn
-from shared.models import AuditLog, Deployment, Release, Role, Service
+from shared.models import AuditLog, Deployment, Release, Role
 from shared.seed import seed_id
+from tests.deploying import DEV, PROD, STAGING, Client, S, deployed, release_status, run_all_stages
 from tests.harness import (
     RELEASE_STATUS_MISMATCHES,
     RelmanProcess,
-    bearer,
     client_address,
     env_for,
     error_details,
+    fails,
 )
-
-DEV = str(seed_id("environment", "development"))
-STAGING = str(seed_id("environment", "staging"))
-PROD = str(seed_id("environment", "production"))
-S = common_pb2  # enum values
-
-
-class Client:
-    """DeployService as one user, through the real server."""
-
-    def __init__(self, channel: grpc.aio.Channel, token: str) -> None:
-        self.stub = deploy_pb2_grpc.DeployServiceStub(channel)
-        self.auth = bearer(token)
-
-    def __getattr__(self, rpc: str):
-        method = getattr(self.stub, rpc)
-        request_type = getattr(deploy_pb2, f"{rpc}Request")
-
-        async def invoke(**fields):
-            return await method(request_type(**fields), metadata=self.auth, timeout=30)
-
-        return invoke
-
-
-@pytest.fixture(scope="module")
-def clients(deploy_channel, tokens, login_tokens):
-    return {
-        "developer": Client(deploy_channel, tokens[Role.DEVELOPER]),  # priya
-        "lead": Client(deploy_channel, tokens[Role.LEAD]),  # lena
-        "reviewer": Client(deploy_channel, login_tokens["marco"]),  # the other lead
-        "admin": Client(deploy_channel, tokens[Role.ADMIN]),
-        "viewer": Client(deploy_channel, tokens[Role.VIEWER]),
-    }
-
-
-@pytest.fixture(scope="module")
-async def login_tokens(deploy_channel):
-    from relman.v1 import auth_pb2, auth_pb2_grpc
-
-    stub = auth_pb2_grpc.AuthServiceStub(deploy_channel)
-    return {
-        name: (
-            await stub.Login(auth_pb2.LoginRequest(username=name, password="password123"))
-        ).access_token
-        for name in ("marco",)
-    }
-
-
-@pytest.fixture
-async def service_id(database) -> str:
-    """A service of its own for each test, so that tests never share deployments."""
-    async with database.transaction() as session:
-        service = Service(name=f"svc-{uuid.uuid4().hex[:10]}", team_id=seed_id("team", "Platform"))
-        session.add(service)
-        await session.flush()
-        return str(service.id)
-
-
-async def fails(call, code: grpc.StatusCode, reason: str | None = None):
-    """Awaits a call that must fail with `code` (and ErrorInfo `reason`); returns the error."""
-    with pytest.raises(grpc.aio.AioRpcError) as failure:
-        await call
-    assert failure.value.code() == code, failure.value.details()
-    if reason is not None:
-        assert error_details(failure.value)[0].reason == reason
-    return failure.value
-
-
-async def release_status(client: Client, release_id: str) -> str:
-    release = await client.GetRelease(release_id=release_id)
-    return S.ReleaseStatus.Name(release.status).removeprefix("RELEASE_STATUS_").lower()
-
-
-async def run_all_stages(client: Client, deployment) -> None:
-    for stage in deployment.stages:
-        await client.UpdatePipelineStage(stage_id=stage.id, status=S.STAGE_STATUS_RUNNING)
-        await client.UpdatePipelineStage(
-            stage_id=stage.id, status=S.STAGE_STATUS_SUCCEEDED, output=f"{stage.name} ok"
-        )
-
-
-async def deployed(client: Client, service_id: str, version: str, *environments: str):
-    """A release that succeeded in each of `environments`, in order."""
-    release = await client.CreateRelease(service_id=service_id, version=version)
-    for environment in environments:
-        deployment = await client.PromoteRelease(
-            release_id=release.id, target_environment_id=environment
-        )
-        await run_all_stages(client, deployment)
-    return release
-
 
 # -- the whole life ------------------------------------------------------------------------
 
@@ -384,7 +293,7 @@ async def test_votes_only_on_production(clients, service_id):
 
 
 async def test_required_approvals_and_concurrent_votes(
-    db_url, relman, tokens, login_tokens, service_id, database
+    db_url, relman, tokens, marco_token, service_id, database
 ):
     """With PROD_REQUIRED_APPROVALS=2: one vote is not enough, and votes cast at once count
     once each; the same approver voting twice at once is refused once."""
@@ -396,7 +305,7 @@ async def test_required_approvals_and_concurrent_votes(
         address = client_address((await process.wait_listening("deploy_svc"))["deploy_svc"])
         async with grpc.aio.insecure_channel(address) as channel:
             lead = Client(channel, tokens[Role.LEAD])
-            marco = Client(channel, login_tokens["marco"])
+            marco = Client(channel, marco_token)
             admin = Client(channel, tokens[Role.ADMIN])
             two = {"lead": lead, "reviewer": marco, "admin": admin}
             first = await waiting_production(two, service_id, "1.0.0")

@@ -16,48 +16,8 @@ from deploy_svc import convert
 from relman.v1 import common_pb2, deploy_pb2
 from shared.db import libpq_dsn
 from shared.models import Deployment, Role, Rollback
-from shared.seed import seed_id
-from tests.harness import RelmanProcess, client_address, env_for, error_details
-from tests.test_deployments import (
-    DEV,
-    PROD,
-    STAGING,
-    Client,
-    deployed,
-    fails,
-    release_status,
-    run_all_stages,
-)
-
-S = common_pb2
-
-
-@pytest.fixture(scope="module")
-def clients(deploy_channel, tokens, marco_token):
-    return {
-        "developer": Client(deploy_channel, tokens[Role.DEVELOPER]),
-        "lead": Client(deploy_channel, tokens[Role.LEAD]),
-        "reviewer": Client(deploy_channel, marco_token),
-        "admin": Client(deploy_channel, tokens[Role.ADMIN]),
-        "viewer": Client(deploy_channel, tokens[Role.VIEWER]),
-    }
-
-
-@pytest.fixture(scope="module")
-async def marco_token(deploy_channel):
-    from relman.v1 import auth_pb2, auth_pb2_grpc
-
-    stub = auth_pb2_grpc.AuthServiceStub(deploy_channel)
-    response = await stub.Login(auth_pb2.LoginRequest(username="marco", password="password123"))
-    return response.access_token
-
-
-@pytest.fixture
-async def service_id(clients) -> str:
-    service = await clients["lead"].CreateService(
-        name=f"svc-{uuid.uuid4().hex[:10]}", team_id=str(seed_id("team", "Platform"))
-    )
-    return service.id
+from tests.deploying import DEV, PROD, STAGING, Client, S, deployed, release_status, run_all_stages
+from tests.harness import RelmanProcess, client_address, env_for, error_details, fails
 
 
 async def in_production(clients, service_id: str, version: str, *, succeed: bool = True):

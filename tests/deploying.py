@@ -1,0 +1,55 @@
+"""Helpers for driving deployments through the real DeployService in tests."""
+
+from __future__ import annotations
+
+import grpc
+
+from relman.v1 import common_pb2, deploy_pb2, deploy_pb2_grpc
+from shared.seed import seed_id
+from tests.harness import bearer
+
+DEV = str(seed_id("environment", "development"))
+STAGING = str(seed_id("environment", "staging"))
+PROD = str(seed_id("environment", "production"))
+S = common_pb2  # enum values
+
+
+class Client:
+    """DeployService as one user, through the real server."""
+
+    def __init__(self, channel: grpc.aio.Channel, token: str) -> None:
+        self.stub = deploy_pb2_grpc.DeployServiceStub(channel)
+        self.auth = bearer(token)
+
+    def __getattr__(self, rpc: str):
+        method = getattr(self.stub, rpc)
+        request_type = getattr(deploy_pb2, f"{rpc}Request")
+
+        async def invoke(**fields):
+            return await method(request_type(**fields), metadata=self.auth, timeout=30)
+
+        return invoke
+
+
+async def release_status(client: Client, release_id: str) -> str:
+    release = await client.GetRelease(release_id=release_id)
+    return S.ReleaseStatus.Name(release.status).removeprefix("RELEASE_STATUS_").lower()
+
+
+async def run_all_stages(client: Client, deployment) -> None:
+    for stage in deployment.stages:
+        await client.UpdatePipelineStage(stage_id=stage.id, status=S.STAGE_STATUS_RUNNING)
+        await client.UpdatePipelineStage(
+            stage_id=stage.id, status=S.STAGE_STATUS_SUCCEEDED, output=f"{stage.name} ok"
+        )
+
+
+async def deployed(client: Client, service_id: str, version: str, *environments: str):
+    """A release that succeeded in each of `environments`, in order."""
+    release = await client.CreateRelease(service_id=service_id, version=version)
+    for environment in environments:
+        deployment = await client.PromoteRelease(
+            release_id=release.id, target_environment_id=environment
+        )
+        await run_all_stages(client, deployment)
+    return release
