@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC
 
@@ -102,6 +103,10 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
                 if rows:
                     await service.append_batch(session, [row for _, row in rows])
                 count += len(rows)
+            # A client that cancels ends the request stream like one that has finished:
+            # only a stream that really finished may commit.
+            if context.cancelled():
+                raise asyncio.CancelledError("the client cancelled the stream")
         return audit_pb2.LogActionsResponse(count=count)
 
     async def ListAuditLogs(self, request, context):
