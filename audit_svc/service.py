@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from shared import audit_log
 from shared.actor import USER_AGENT_MAX, Actor
 from shared.auth import may
-from shared.db import replay
+from shared.db import driver_connection, replay
 from shared.errors import InvalidArgument, PermissionDenied
 from shared.models import AuditLog, User
 from shared.pagination import Page, list_page
@@ -181,9 +181,8 @@ COPY_COLUMNS = (
 
 async def append_batch(session: AsyncSession, rows: list[dict]) -> None:
     """COPYs validated rows into audit_logs inside the session's transaction."""
-    connection = await session.connection()
-    raw = await connection.get_raw_connection()
-    await raw.driver_connection.copy_records_to_table(
+    driver = await driver_connection(session)
+    await driver.copy_records_to_table(
         "audit_logs",
         columns=COPY_COLUMNS,
         records=[tuple(row[c] for c in COPY_COLUMNS) for row in rows],

@@ -103,10 +103,11 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
                 if rows:
                     await service.append_batch(session, [row for _, row in rows])
                 count += len(rows)
-            # A client that cancels ends the request stream like one that has finished:
-            # only a stream that really finished may commit.
-            if context.cancelled():
-                raise asyncio.CancelledError("the client cancelled the stream")
+            # gRPC hands a client's cancel to this handler as the end of the request
+            # stream first, and as the cancellation of its task on the next turn of the
+            # event loop. Let that turn pass before committing, so that a cancelled
+            # stream is rolled back, not stored.
+            await asyncio.sleep(0)
         return audit_pb2.LogActionsResponse(count=count)
 
     async def ListAuditLogs(self, request, context):

@@ -170,3 +170,17 @@ async def replay(session: AsyncSession, model: type[T], request_id, same: dict) 
             "request_id", "was already used for a different request", reason="REQUEST_ID_REUSED"
         )
     return earlier
+
+
+async def driver_connection(session: AsyncSession):
+    """The asyncpg connection under `session`, inside the session's transaction.
+
+    For what SQLAlchemy cannot do (COPY). Its asyncpg adapter begins the database
+    transaction lazily, on the first statement it runs itself: without one, a COPY
+    sent straight to the driver would run, and commit, on its own.
+    """
+    if not session.info.get("driver_transaction_begun"):
+        await session.execute(text("SELECT 1"))
+        session.info["driver_transaction_begun"] = True
+    connection = await session.connection()
+    return (await connection.get_raw_connection()).driver_connection

@@ -287,6 +287,25 @@ async def _zero(count) -> bool:
     return await count == 0
 
 
+async def test_a_bulk_append_is_part_of_its_transaction(database, marker):
+    """COPY goes straight to the driver; it must still roll back with its transaction."""
+    row = {
+        "id": uuid.uuid4(),
+        "user_id": None,
+        "action": "x",
+        "resource_type": marker,
+        "resource_id": None,
+        "details": "{}",
+        "ip_address": None,
+        "user_agent": None,
+    }
+    with pytest.raises(RuntimeError):
+        async with database.transaction() as session:
+            await service.append_batch(session, [row])
+            raise RuntimeError("the stream failed later")
+    assert await rows_of(database, marker) == []
+
+
 # -- ListAuditLogs ---------------------------------------------------------------------------
 
 
