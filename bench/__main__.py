@@ -1,0 +1,54 @@
+"""`python -m bench [--quick] [--output FILE]`: run every scenario, print the table, write JSON."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+
+from bench import scenarios
+from bench.report import table, write_json
+from bench.stack import running
+from shared.db import database_url, describe
+
+DEFAULT_OUTPUT = Path(__file__).parent / "results.json"
+
+
+async def run(quick: bool, output: Path) -> int:
+    size = scenarios.QUICK if quick else scenarios.FULL
+    server = database_url()
+    print(
+        f"bench: {'quick' if quick else 'full'} run on {os.cpu_count()} cores, {describe(server)}",
+        file=sys.stderr,
+        flush=True,
+    )
+    results = []
+    async with running(server) as stack:
+        for scenario in scenarios.SCENARIOS:
+            started = time.perf_counter()
+            rows = await scenario(stack, size)
+            print(
+                f"bench: {scenario.__name__} done in {time.perf_counter() - started:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+            results += rows
+    print(table(results))
+    write_json(results, output)
+    print(f"bench: wrote {output}", file=sys.stderr)
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="every scenario at a small size")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    args = parser.parse_args()
+    return asyncio.run(run(args.quick, args.output))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""The benchmark's result rows: printed as one table and written as JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Result:
+    """One measured figure. `baseline` and `ratio` are None where no baseline applies;
+    `met` is None for a figure reported without a target."""
+
+    scenario: str
+    figure: float
+    baseline: float | None
+    ratio: float | None
+    target: str
+    met: bool | None
+
+
+def at_least(scenario: str, figure: float, baseline: float, target_ratio: float) -> Result:
+    """A rate that must reach `target_ratio` times its baseline."""
+    ratio = figure / baseline if baseline else 0.0
+    return Result(scenario, figure, baseline, ratio, f">= {target_ratio}x", ratio >= target_ratio)
+
+
+def at_most_ratio(scenario: str, figure: float, baseline: float, target_ratio: float) -> Result:
+    """A latency that may be at most `target_ratio` times its baseline."""
+    ratio = figure / baseline if baseline else float("inf")
+    return Result(scenario, figure, baseline, ratio, f"<= {target_ratio}x", ratio <= target_ratio)
+
+
+def at_most(
+    scenario: str, figure: float, limit: float, unit: str, baseline: float | None = None
+) -> Result:
+    """A figure under an absolute limit (a baseline, when given, is for context only)."""
+    ratio = figure / baseline if baseline else None
+    return Result(scenario, figure, baseline, ratio, f"<= {limit:g} {unit}", figure <= limit)
+
+
+def info(scenario: str, figure: float, baseline: float | None = None) -> Result:
+    ratio = figure / baseline if baseline else None
+    return Result(scenario, figure, baseline, ratio, "", None)
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return ""
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
+
+
+def table(results: list[Result]) -> str:
+    header = ("scenario", "figure", "baseline", "ratio", "target", "met")
+    rows = [
+        (
+            r.scenario,
+            _number(r.figure),
+            _number(r.baseline),
+            "" if r.ratio is None else f"{r.ratio:.2f}x",
+            r.target,
+            {True: "yes", False: "NO", None: ""}[r.met],
+        )
+        for r in results
+    ]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = [" | ".join(str(cell).ljust(w) for cell, w in zip(row, widths)) for row in [header]]
+    lines.append("-+-".join("-" * w for w in widths))
+    for row in rows:
+        lines.append(
+            " | ".join(
+                str(cell).rjust(w) if i in (1, 2, 3) else str(cell).ljust(w)
+                for i, (cell, w) in enumerate(zip(row, widths))
+            )
+        )
+    return "\n".join(lines)
+
+
+def write_json(results: list[Result], path: Path) -> None:
+    path.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")

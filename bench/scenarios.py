@@ -1,0 +1,505 @@
+"""The scenarios of `make bench`, each returning its result rows (bench.report.Result).
+
+Requests on the throughput paths are serialized before the clock starts and sent
+as bytes, so the load generator spends its time on calls, not on building them;
+a scenario and its baseline share the same client, channel and concurrency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+from google.protobuf import struct_pb2
+from grpc_health.v1 import health_pb2
+from sqlalchemy import select
+
+from audit_svc.export import export_query
+from audit_svc.service import COPY_COLUMNS, Filter
+from bench.load import Load, closed_loop, percentile
+from bench.report import Result, at_least, at_most, at_most_ratio, info
+from bench.stack import Stack
+from relman.v1 import audit_pb2, audit_pb2_grpc, auth_pb2, auth_pb2_grpc, common_pb2, deploy_pb2
+from relman.v1 import deploy_pb2_grpc
+from shared.db import libpq_dsn
+from shared.models import User
+from shared.seed import seed_id
+from tests.harness import bearer
+
+DEV = str(seed_id("environment", "development"))
+ACTIONS = tuple(
+    f"bench.{verb}"
+    for verb in ("create", "update", "delete", "read", "approve", "promote", "rollback", "login")
+)
+RESOURCE_TYPES = ("release", "deployment", "service", "environment", "runbook")
+RESOURCE_IDS = 10_000
+ROWS_PER_BATCH = 5_000
+ROWS_PER_STREAM = 20_000
+STREAMS_IN_FLIGHT = 4
+
+
+@dataclass(frozen=True)
+class Size:
+    duration_s: float  # of each closed-loop load
+    warmup_s: float
+    rows: int  # ingested, then exported and listed
+    list_calls: int  # per ListAuditLogs case
+    lifecycles_per_caller: int
+    watchers: int
+
+
+FULL = Size(20, 3, 1_000_000, 200, 15, 200)
+QUICK = Size(1.5, 0.3, 20_000, 10, 1, 20)
+
+
+def _ms(seconds: float) -> float:
+    return seconds * 1000
+
+
+# -- LogAction against a no-op call --------------------------------------------------------
+
+
+def _raw_unary(stack: Stack, method: str):
+    return stack.audit_channel.unary_unary(method, request_serializer=None)
+
+
+def _log_action_call(stack: Stack):
+    details = struct_pb2.Struct()
+    details.update({"pipeline": "build-42", "ok": True})
+    request = audit_pb2.LogActionRequest(
+        action="bench.call", resource_type="service", resource_id="svc-1", details=details
+    ).SerializeToString()
+    call, auth = _raw_unary(stack, "/relman.v1.AuditService/LogAction"), bearer(stack.service_token)
+    return lambda: call(request, metadata=auth, timeout=30)
+
+
+def _health_call(stack: Stack):
+    request = health_pb2.HealthCheckRequest(service="relman.v1.AuditService").SerializeToString()
+    call, auth = _raw_unary(stack, "/grpc.health.v1.Health/Check"), bearer(stack.service_token)
+    return lambda: call(request, metadata=auth, timeout=30)
+
+
+async def log_action(stack: Stack, size: Size) -> list[Result]:
+    health = await closed_loop(_health_call(stack), 64, size.duration_s, size.warmup_s)
+    logged = await closed_loop(_log_action_call(stack), 64, size.duration_s, size.warmup_s)
+    name = "LogAction, 64 in flight"
+    return [
+        at_least(f"{name}: calls/s (baseline: health Check)", logged.rate, health.rate, 0.5),
+        info(f"{name}: p50 ms", logged.percentile_ms(0.5), health.percentile_ms(0.5)),
+        at_most(
+            f"{name}: p99 ms", logged.percentile_ms(0.99), 50, "ms", health.percentile_ms(0.99)
+        ),
+    ]
+
+
+# -- LogActions against asyncpg COPY -------------------------------------------------------
+
+
+async def _user_ids(stack: Stack) -> list[str]:
+    async with stack.database.transaction() as session:
+        return [str(user_id) for user_id in await session.scalars(select(User.id).order_by(User.id))]
+
+
+def _row(i: int, users: list[str]) -> dict:
+    return {
+        "user_id": users[i % len(users)],
+        "action": ACTIONS[i % len(ACTIONS)],
+        "resource_type": RESOURCE_TYPES[i % len(RESOURCE_TYPES)],
+        "resource_id": f"res-{i % RESOURCE_IDS}",
+        "details": {"n": i, "source": "bench"},
+        "ip_address": f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}",
+        "user_agent": "relman-bench/1",
+    }
+
+
+def _batch_bytes(first: int, count: int, users: list[str]) -> bytes:
+    batch = audit_pb2.LogActionsRequest()
+    for i in range(first, first + count):
+        row = _row(i, users)
+        action = batch.actions.add(
+            **{k: v for k, v in row.items() if k != "details"},
+        )
+        action.details.update(row["details"])
+    return batch.SerializeToString()
+
+
+def _records(first: int, count: int, users: list[str]):
+    for i in range(first, first + count):
+        row = {
+            **_row(i, users),
+            "id": uuid.uuid4(),
+            "user_id": uuid.UUID(users[i % len(users)]),
+            "details": json.dumps({"n": i, "source": "bench"}, separators=(",", ":")),
+        }
+        yield tuple(row[column] for column in COPY_COLUMNS)
+
+
+def _streams(rows: int) -> list[list[tuple[int, int]]]:
+    """(first row, row count) of each batch, grouped by stream."""
+    return [
+        [
+            (first, min(ROWS_PER_BATCH, stream_end - first))
+            for first in range(start, stream_end, ROWS_PER_BATCH)
+        ]
+        for start in range(0, rows, ROWS_PER_STREAM)
+        for stream_end in [min(start + ROWS_PER_STREAM, rows)]
+    ]
+
+
+async def _in_flight(jobs, worker, concurrency: int) -> float:
+    """Seconds to run `worker(job)` for every job, `concurrency` at a time."""
+    queue = list(jobs)
+    started = time.perf_counter()
+
+    async def drain() -> None:
+        while queue:
+            await worker(queue.pop(0))
+
+    await asyncio.gather(*(drain() for _ in range(concurrency)))
+    return time.perf_counter() - started
+
+
+async def log_actions(stack: Stack, size: Size) -> list[Result]:
+    users = await _user_ids(stack)
+    streams = _streams(size.rows)
+
+    dsn = libpq_dsn(stack.url)
+    setup = await asyncpg.connect(dsn)
+    await setup.execute("CREATE TABLE bench_copy (LIKE audit_logs INCLUDING ALL)")
+    connections = [await asyncpg.connect(dsn) for _ in range(STREAMS_IN_FLIGHT)]
+    free = list(connections)
+
+    async def copy_stream(batches) -> None:
+        connection = free.pop()
+        try:
+            async with connection.transaction():
+                for first, count in batches:
+                    await connection.copy_records_to_table(
+                        "bench_copy", columns=COPY_COLUMNS, records=_records(first, count, users)
+                    )
+        finally:
+            free.append(connection)
+
+    try:
+        copy_s = await _in_flight(streams, copy_stream, STREAMS_IN_FLIGHT)
+    finally:
+        for connection in connections:
+            await connection.close()
+        await setup.execute("DROP TABLE bench_copy")
+        await setup.close()
+
+    encoded = [[_batch_bytes(first, count, users) for first, count in s] for s in streams]
+    call = stack.audit_channel.stream_unary(
+        "/relman.v1.AuditService/LogActions",
+        request_serializer=None,
+        response_deserializer=audit_pb2.LogActionsResponse.FromString,
+    )
+    stored = 0
+
+    async def send_stream(batches) -> None:
+        nonlocal stored
+        response = await call(iter(batches), metadata=bearer(stack.service_token), timeout=600)
+        stored += response.count
+
+    ingest_s = await _in_flight(encoded, send_stream, STREAMS_IN_FLIGHT)
+    assert stored == size.rows, (stored, size.rows)
+    return [
+        at_least(
+            f"LogActions, {size.rows:,} rows in batches of {ROWS_PER_BATCH:,}: rows/s"
+            " (baseline: asyncpg COPY)",
+            size.rows / ingest_s,
+            size.rows / copy_s,
+            0.6,
+        )
+    ]
+
+
+# -- ExportAuditLogs against psql \copy ----------------------------------------------------
+
+
+async def _count_rows(stack: Stack) -> int:
+    connection = await asyncpg.connect(libpq_dsn(stack.url))
+    try:
+        return await connection.fetchval("SELECT count(*) FROM audit_logs")
+    finally:
+        await connection.close()
+
+
+async def export(stack: Stack, size: Size) -> list[Result]:
+    psql = shutil.which("psql")
+    if psql is None:
+        raise RuntimeError("make bench needs psql (PostgreSQL's client) for its export baseline")
+    stub = audit_pb2_grpc.AuditServiceStub(stack.audit_channel)
+    rss_before = stack.rss_bytes(stack.audit)
+    rss_peak = rss_before
+    exporting = True
+
+    async def sample_rss() -> None:
+        nonlocal rss_peak
+        while exporting:
+            rss_peak = max(rss_peak, stack.rss_bytes(stack.audit))
+            await asyncio.sleep(0.01)
+
+    sampler = asyncio.create_task(sample_rss())
+    started = time.perf_counter()
+    first_chunk_s = None
+    received = 0
+    try:
+        async for chunk in stub.ExportAuditLogs(
+            audit_pb2.ExportAuditLogsRequest(), metadata=bearer(stack.admin_token), timeout=600
+        ):
+            if first_chunk_s is None:
+                first_chunk_s = time.perf_counter() - started
+            received += len(chunk.data)
+        export_s = time.perf_counter() - started
+    finally:
+        exporting = False
+        await sampler
+    rows = await _count_rows(stack)
+
+    query, args = export_query(Filter(), raw=False)
+    assert not args
+    started = time.perf_counter()
+    await asyncio.to_thread(
+        subprocess.run,
+        [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", libpq_dsn(stack.url), "-c",
+         f"\\copy ({query}) to stdout with (format csv, header)"],
+        stdout=subprocess.DEVNULL,
+        check=True,
+    )  # fmt: skip
+    psql_s = time.perf_counter() - started
+
+    name = f"ExportAuditLogs, {rows:,} rows"
+    return [
+        at_least(f"{name}: rows/s (baseline: psql \\copy)", rows / export_s, rows / psql_s, 0.9),
+        at_most(f"{name}: first row ms", _ms(first_chunk_s or export_s), 100, "ms"),
+        at_most(f"{name}: server RSS growth MB", (rss_peak - rss_before) / 2**20, 50, "MB"),
+    ]
+
+
+# -- ListAuditLogs -------------------------------------------------------------------------
+
+
+async def _time_window(stack: Stack) -> tuple[datetime, datetime]:
+    """created_at bounds around the middle tenth of the trail."""
+    connection = await asyncpg.connect(libpq_dsn(stack.url))
+    try:
+        return tuple(
+            await connection.fetchrow(
+                "SELECT percentile_disc(0.45) WITHIN GROUP (ORDER BY created_at),"
+                " percentile_disc(0.55) WITHIN GROUP (ORDER BY created_at) FROM audit_logs"
+            )
+        )
+    finally:
+        await connection.close()
+
+
+async def list_audit_logs(stack: Stack, size: Size) -> list[Result]:
+    users = await _user_ids(stack)
+    start, end = await _time_window(stack)
+    window = audit_pb2.AuditLogFilter()
+    window.start_time.FromDatetime(start)
+    window.end_time.FromDatetime(end)
+    filters = {
+        "no filter": audit_pb2.AuditLogFilter(),
+        "user_id": audit_pb2.AuditLogFilter(user_id=users[1]),
+        "action": audit_pb2.AuditLogFilter(action=ACTIONS[3]),
+        "resource_type": audit_pb2.AuditLogFilter(resource_type=RESOURCE_TYPES[2]),
+        "resource_id": audit_pb2.AuditLogFilter(resource_id="res-42"),
+        "time window": window,
+    }
+    stub = audit_pb2_grpc.AuditServiceStub(stack.audit_channel)
+    auth = bearer(stack.admin_token)
+
+    async def page(audit_filter, page_size: int, token: str = ""):
+        return await stub.ListAuditLogs(
+            audit_pb2.ListAuditLogsRequest(
+                filter=audit_filter, page_size=page_size, page_token=token
+            ),
+            metadata=auth,
+            timeout=30,
+        )
+
+    results, everything = [], []
+    for name, audit_filter in filters.items():
+        deep = ""
+        for _ in range(20):  # up to 20,000 rows in, as a caller paging far would be
+            next_token = (await page(audit_filter, 1000, deep)).next_page_token
+            if not next_token:
+                break
+            deep = next_token
+        for depth, token in (("page 1", ""), ("deep token", deep)):
+            latencies = []
+            for _ in range(size.list_calls):
+                started = time.perf_counter()
+                await page(audit_filter, 50, token)
+                latencies.append(time.perf_counter() - started)
+            everything += latencies
+            results.append(
+                at_most(
+                    f"ListAuditLogs, page of 50, {name}, {depth}: p99 ms",
+                    _ms(percentile(latencies, 0.99)),
+                    15,
+                    "ms",
+                )
+            )
+    results.append(info("ListAuditLogs, every case above: p50 ms", _ms(percentile(everything, 0.5))))
+    return results
+
+
+# -- deployment lifecycles -----------------------------------------------------------------
+
+
+class _Deploy:
+    def __init__(self, stack: Stack) -> None:
+        self.stub = deploy_pb2_grpc.DeployServiceStub(stack.deploy_channel)
+        self.auth = bearer(stack.admin_token)
+        self.latencies: list[float] = []
+
+    async def __call__(self, rpc: str, **fields):
+        request = getattr(deploy_pb2, f"{rpc}Request")(**fields)
+        started = time.perf_counter()
+        response = await getattr(self.stub, rpc)(request, metadata=self.auth, timeout=30)
+        self.latencies.append(time.perf_counter() - started)
+        return response
+
+    async def new_service(self) -> str:
+        service = await self(
+            "CreateService",
+            name=f"bench-{uuid.uuid4().hex[:10]}",
+            team_id=str(seed_id("team", "Platform")),
+        )
+        return service.id
+
+
+async def lifecycles(stack: Stack, size: Size) -> list[Result]:
+    callers = 16
+    setup = _Deploy(stack)
+    services = [await setup.new_service() for _ in range(callers)]
+    releases = {
+        service: [
+            (await setup("CreateRelease", service_id=service, version=f"1.0.{n}")).id
+            for n in range(size.lifecycles_per_caller)
+        ]
+        for service in services
+    }
+    timed = _Deploy(stack)
+
+    async def lifecycle(service: str) -> None:
+        for release_id in releases[service]:
+            deployment = await timed(
+                "PromoteRelease", release_id=release_id, target_environment_id=DEV
+            )
+            for stage in deployment.stages:
+                for status in (common_pb2.STAGE_STATUS_RUNNING, common_pb2.STAGE_STATUS_SUCCEEDED):
+                    await timed("UpdatePipelineStage", stage_id=stage.id, status=status)
+            done = await timed(
+                "GetDeployment", deployment_id=deployment.id, view=common_pb2.DEPLOYMENT_VIEW_FULL
+            )
+            assert done.status == common_pb2.DEPLOYMENT_STATUS_SUCCEEDED, done
+
+    started = time.perf_counter()
+    await asyncio.gather(*(lifecycle(service) for service in services))
+    elapsed = time.perf_counter() - started
+    name = "Promote + 5 x 2 UpdatePipelineStage + GetDeployment(FULL), 16 in flight"
+    return [
+        info(f"{name}: lifecycles/s", callers * size.lifecycles_per_caller / elapsed),
+        at_most(f"{name}: p99 ms per call", _ms(percentile(timed.latencies, 0.99)), 50, "ms"),
+    ]
+
+
+async def watch(stack: Stack, size: Size) -> list[Result]:
+    deploy = _Deploy(stack)
+    service = await deploy.new_service()
+    release = await deploy("CreateRelease", service_id=service, version="1.0.0")
+    deployment = await deploy("PromoteRelease", release_id=release.id, target_environment_id=DEV)
+    received: list[list[tuple[float, deploy_pb2.Deployment]]] = [[] for _ in range(size.watchers)]
+    arrived = asyncio.Event()
+
+    async def watcher(inbox: list) -> None:
+        request = deploy_pb2.WatchDeploymentRequest(deployment_id=deployment.id)
+        async for message in deploy.stub.WatchDeployment(request, metadata=deploy.auth):
+            inbox.append((time.perf_counter(), message))
+            arrived.set()
+
+    async def until(seen) -> list[float]:
+        """Waits for every watcher to hold a message for which `seen` is true; their times."""
+        while True:
+            times = [next((t for t, m in inbox if seen(m)), None) for inbox in received]
+            if None not in times:
+                return times
+            arrived.clear()
+            await asyncio.wait_for(arrived.wait(), timeout=30)
+
+    watchers = [asyncio.create_task(watcher(inbox)) for inbox in received]
+    delays = []
+    try:
+        await until(lambda message: True)
+        for stage in deployment.stages:
+            for status in (common_pb2.STAGE_STATUS_RUNNING, common_pb2.STAGE_STATUS_SUCCEEDED):
+                await deploy.stub.UpdatePipelineStage(
+                    deploy_pb2.UpdatePipelineStageRequest(stage_id=stage.id, status=status),
+                    metadata=deploy.auth,
+                )
+                replied = time.perf_counter()
+
+                def seen(message, stage_id=stage.id, status=status) -> bool:
+                    return any(s.id == stage_id and s.status == status for s in message.stages)
+
+                delays += [t - replied for t in await until(seen)]
+        await asyncio.gather(*watchers)  # the stream ends at the terminal status
+    finally:
+        for task in watchers:
+            task.cancel()
+    return [
+        at_most(
+            f"WatchDeployment, {size.watchers} watchers of one deployment:"
+            " delay after the update's reply, p99 ms",
+            _ms(percentile(delays, 0.99)),
+            100,
+            "ms",
+        )
+    ]
+
+
+# -- LogAction next to bcrypt --------------------------------------------------------------
+
+
+async def log_action_beside_logins(stack: Stack, size: Size) -> list[Result]:
+    call = _log_action_call(stack)
+    quiet = await closed_loop(call, 16, size.duration_s, size.warmup_s)
+    login = auth_pb2_grpc.AuthServiceStub(stack.deploy_channel).Login
+    logging_in = True
+    logins = 0
+
+    async def log_in() -> None:
+        nonlocal logins
+        while logging_in:
+            await login(auth_pb2.LoginRequest(username="marco", password="password123"), timeout=30)
+            logins += 1
+
+    loggers = [asyncio.create_task(log_in()) for _ in range(8)]
+    try:
+        busy: Load = await closed_loop(call, 16, size.duration_s, size.warmup_s)
+    finally:
+        logging_in = False
+        await asyncio.gather(*loggers)
+    return [
+        at_most_ratio(
+            "LogAction, 16 in flight, while 8 Logins run: p99 ms (baseline: no logins)",
+            busy.percentile_ms(0.99),
+            quiet.percentile_ms(0.99),
+            1.5,
+        )
+    ]
+
+
+SCENARIOS = (log_action, log_actions, export, list_audit_logs, lifecycles, watch)
+SCENARIOS += (log_action_beside_logins,)
