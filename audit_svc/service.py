@@ -12,18 +12,19 @@ import ipaddress
 import json
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import insert, select
+import asyncpg
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared import audit_log
 from shared.actor import USER_AGENT_MAX, Actor
 from shared.auth import may
-from shared.db import driver_connection, replay
+from shared.db import check_same_request, driver_connection
 from shared.errors import InvalidArgument, PermissionDenied
 from shared.models import AuditLog, User
 from shared.pagination import Page, list_page
@@ -155,16 +156,79 @@ async def check_users(session: AsyncSession, rows: Iterable[tuple[str, dict]]) -
             raise InvalidArgument.field(f"{field}user_id", f"no user {user_id}")
 
 
-async def log_action(session: AsyncSession, actor: Actor, entry: Entry) -> AuditLog:
-    row = validate(actor, entry)
-    same = {"action": row["action"], "resource_type": row["resource_type"]}
-    if entry.request_id and (earlier := await replay(session, AuditLog, row["id"], same)):
-        return earlier
-    await check_users(session, [("", row)])
-    # The ORM's JSONB type serializes the dict itself; the text form is for COPY.
-    return await session.scalar(
-        insert(AuditLog).values(**{**row, "details": entry.details}).returning(AuditLog)
+INSERT_NEW_ROWS = """
+    INSERT INTO audit_logs
+        (id, user_id, action, resource_type, resource_id, details, ip_address, user_agent)
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[],
+                         $6::jsonb[], $7::text[], $8::text[])
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id, created_at
+"""
+
+
+class Stored(NamedTuple):
+    """An audit row as stored (the fields the API returns)."""
+
+    id: uuid.UUID
+    created_at: datetime
+    user_id: uuid.UUID | None
+    action: str
+    resource_type: str
+    resource_id: str | None
+    details: dict[str, Any]
+    ip_address: str | None
+    user_agent: str | None
+
+
+async def write_rows(connection: asyncpg.Connection, rows: Sequence[dict]) -> list[Any]:
+    """Appends validated rows in one statement (the LogAction group commit's writer).
+
+    Returns, for each row, `(Stored, username)` or the error its caller gets: a
+    user that does not exist, or a request_id reused for another request. A row
+    whose id (request_id) is already stored is a retry: it gets the stored row.
+    """
+    user_ids = list({row["user_id"] for row in rows if row["user_id"] is not None})
+    usernames = dict(
+        await connection.fetch("SELECT id, username FROM users WHERE id = ANY($1)", user_ids)
     )
+    outcomes: list[Any] = [None] * len(rows)
+    first_of_id: dict[uuid.UUID, int] = {}
+    for index, row in enumerate(rows):
+        if row["user_id"] is not None and row["user_id"] not in usernames:
+            outcomes[index] = InvalidArgument.field("user_id", f"no user {row['user_id']}")
+        else:
+            first_of_id.setdefault(row["id"], index)
+    new = [rows[index] for index in first_of_id.values()]
+    created = dict(
+        await connection.fetch(INSERT_NEW_ROWS, *([row[c] for row in new] for c in COPY_COLUMNS))
+    )
+    retried = {}
+    for index, row in enumerate(rows):
+        if outcomes[index] is not None:
+            continue
+        if first_of_id[row["id"]] == index and row["id"] in created:
+            stored = Stored(
+                **{**row, "details": json.loads(row["details"])}, created_at=created[row["id"]]
+            )
+            outcomes[index] = (stored, usernames.get(row["user_id"]))
+        else:
+            retried[index] = row
+    if retried:
+        earlier = {
+            record["id"]: Stored(**record)  # SQLAlchemy's asyncpg codec decodes jsonb
+            for record in await connection.fetch(
+                f"SELECT {', '.join(Stored._fields)} FROM audit_logs WHERE id = ANY($1)",
+                list({row["id"] for row in retried.values()}),
+            )
+        }
+        for index, row in retried.items():
+            stored = earlier[row["id"]]
+            try:
+                check_same_request(stored, {k: row[k] for k in ("action", "resource_type")})
+                outcomes[index] = (stored, usernames.get(stored.user_id))
+            except InvalidArgument as error:
+                outcomes[index] = error
+    return outcomes
 
 
 COPY_COLUMNS = (

@@ -10,11 +10,12 @@ import grpc
 from google.protobuf import json_format, struct_pb2
 
 from audit_svc import export, service
+from audit_svc.group_commit import GroupCommit
 from relman.v1 import audit_pb2, audit_pb2_grpc
 from shared.actor import current_actor
 from shared.db import Database
 from shared.errors import InvalidArgument
-from shared.models import AuditLog, User
+from shared.models import AuditLog
 from shared.protos import id_text, timestamp
 from shared.server import Resources
 from shared.validation import optional_uuid
@@ -74,15 +75,12 @@ def _audit_log(row: AuditLog, username: str | None) -> audit_pb2.AuditLog:
 class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     def __init__(self, database: Database) -> None:
         self.database = database
+        self.appender = GroupCommit(database, service.write_rows)
 
     async def LogAction(self, request, context):
-        actor = current_actor.get()
-        async with self.database.transaction() as session:
-            row = await service.log_action(session, actor, _entry(request))
-            if row.user_id == actor.user_id:  # the usual case: no look-up on this hot path
-                return _audit_log(row, actor.username)
-            user = await session.get(User, row.user_id) if row.user_id else None
-            return _audit_log(row, user.username if user else None)
+        row = service.validate(current_actor.get(), _entry(request))
+        stored, username = await self.appender.append(row)
+        return _audit_log(stored, username)
 
     async def LogActions(self, request_iterator, context):
         """All rows of the stream or none: validated batch by batch, COPYed inside one

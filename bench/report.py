@@ -64,16 +64,14 @@ def table(results: list[Result]) -> str:
         )
         for r in results
     ]
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    lines = [" | ".join(str(cell).ljust(w) for cell, w in zip(row, widths)) for row in [header]]
-    lines.append("-+-".join("-" * w for w in widths))
-    for row in rows:
-        lines.append(
-            " | ".join(
-                str(cell).rjust(w) if i in (1, 2, 3) else str(cell).ljust(w)
-                for i, (cell, w) in enumerate(zip(row, widths))
-            )
-        )
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    numeric = (False, True, True, True, False, False)  # right-aligned columns
+
+    def line(row) -> str:
+        cells = zip(row, widths, numeric, strict=True)
+        return " | ".join(c.rjust(w) if right else c.ljust(w) for c, w, right in cells).rstrip()
+
+    lines = [line(header), "-+-".join("-" * w for w in widths), *(line(row) for row in rows)]
     return "\n".join(lines)
 
 

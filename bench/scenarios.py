@@ -26,8 +26,15 @@ from audit_svc.service import COPY_COLUMNS, Filter
 from bench.load import Load, closed_loop, percentile
 from bench.report import Result, at_least, at_most, at_most_ratio, info
 from bench.stack import Stack
-from relman.v1 import audit_pb2, audit_pb2_grpc, auth_pb2, auth_pb2_grpc, common_pb2, deploy_pb2
-from relman.v1 import deploy_pb2_grpc
+from relman.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
+    auth_pb2,
+    auth_pb2_grpc,
+    common_pb2,
+    deploy_pb2,
+    deploy_pb2_grpc,
+)
 from shared.db import libpq_dsn
 from shared.models import User
 from shared.seed import seed_id
@@ -104,7 +111,9 @@ async def log_action(stack: Stack, size: Size) -> list[Result]:
 
 async def _user_ids(stack: Stack) -> list[str]:
     async with stack.database.transaction() as session:
-        return [str(user_id) for user_id in await session.scalars(select(User.id).order_by(User.id))]
+        return [
+            str(user_id) for user_id in await session.scalars(select(User.id).order_by(User.id))
+        ]
 
 
 def _row(i: int, users: list[str]) -> dict:
@@ -350,7 +359,9 @@ async def list_audit_logs(stack: Stack, size: Size) -> list[Result]:
                     "ms",
                 )
             )
-    results.append(info("ListAuditLogs, every case above: p50 ms", _ms(percentile(everything, 0.5))))
+    results.append(
+        info("ListAuditLogs, every case above: p50 ms", _ms(percentile(everything, 0.5)))
+    )
     return results
 
 

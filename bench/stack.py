@@ -59,7 +59,9 @@ async def running(server: URL) -> AsyncIterator[Stack]:
         async with database.transaction() as session:
             admin = await session.scalar(select(User).where(User.username == "admin"))
             admin_token, _ = await issue_token(session, admin, "bench", None)
-        deploy, audit = await asyncio.gather(_service(url, "deploy_svc"), _service(url, "audit_svc"))
+        deploy, audit = await asyncio.gather(
+            _service(url, "deploy_svc"), _service(url, "audit_svc")
+        )
         try:
             async with (
                 grpc.aio.insecure_channel(client_address(deploy.addresses["deploy_svc"])) as dch,

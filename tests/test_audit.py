@@ -188,6 +188,47 @@ async def test_a_retried_log_action_is_stored_once(stub, as_role, database, mark
     assert len(await rows_of(database, marker)) == 1
 
 
+async def test_concurrent_log_actions_each_get_their_own_outcome(stub, as_role, database, marker):
+    """Calls arriving together are written together (group commit), yet each caller gets
+    its own row or its own error, and an answer means the row is stored."""
+    service_user = as_role[Role.SERVICE]
+    retried, reused = str(uuid.uuid4()), str(uuid.uuid4())
+
+    def request(n: int, **fields) -> audit_pb2.LogActionRequest:
+        return audit_pb2.LogActionRequest(
+            action="concurrent.write", resource_type=marker, resource_id=str(n), **fields
+        )
+
+    good = [request(n, details=details(n=n)) for n in range(40)]
+    unknown_user = request(100, user_id=str(uuid.uuid4()))
+    twice = [request(200, request_id=retried), request(200, request_id=retried)]
+    clashing = [
+        request(300, request_id=reused),
+        audit_pb2.LogActionRequest(action="other", resource_type=marker, request_id=reused),
+    ]
+    calls = [*good, unknown_user, *twice, *clashing]
+    outcomes = await asyncio.gather(
+        *(stub.LogAction(r, metadata=service_user) for r in calls), return_exceptions=True
+    )
+    answered = dict(zip(map(id, calls), outcomes, strict=True))
+
+    stored = {str(row.id): row for row in await rows_of(database, marker)}
+    for call in good:
+        logged = answered[id(call)]
+        row = stored[logged.id]
+        assert (row.resource_id, row.details) == (call.resource_id, {"n": int(call.resource_id)})
+        assert logged.created_at.ToDatetime(tzinfo=UTC) == row.created_at
+        assert logged.username == "ci-bot"
+    error = answered[id(unknown_user)]
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [v.field for v in error_details(error)[1]] == ["user_id"]
+    assert answered[id(twice[0])].id == answered[id(twice[1])].id == retried
+    clash = [answered[id(c)] for c in clashing]
+    refused = [o for o in clash if isinstance(o, grpc.aio.AioRpcError)]
+    assert len(refused) == 1 and error_details(refused[0])[0].reason == "REQUEST_ID_REUSED"
+    assert len(stored) == len(good) + 2  # the retried row and one of the clashing pair
+
+
 # -- LogActions --------------------------------------------------------------------------------
 
 

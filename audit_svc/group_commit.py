@@ -1,0 +1,82 @@
+"""Group commit: rows from concurrent LogAction calls written by one INSERT and one commit.
+
+A commit waits for the disk (fsync), and each call committing on its own spends most
+of its time there. Here a caller queues its row and waits; one flusher task takes
+everything queued, writes it in one transaction, and answers each caller only after
+that commit (so an answer still means "stored"). While a flush runs the next
+callers queue up, so batches grow with the load and an idle server adds no delay.
+A row the database refuses fails only its own caller: if a whole batch fails, its
+rows are written again one by one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, TypeVar
+
+import asyncpg
+
+from shared.db import Database
+
+Row = TypeVar("Row")
+# Writes rows inside the connection's transaction; returns one outcome per row: a result,
+# or the exception that row's caller should get.
+Writer = Callable[[asyncpg.Connection, Sequence[Any]], Awaitable[list[Any]]]
+
+MAX_ROWS_PER_FLUSH = 1_000
+FLUSH_DEADLINE_S = 10.0  # a flush serves many calls, so no single call's deadline bounds it
+
+
+class GroupCommit(Generic[Row]):
+    def __init__(self, database: Database, write: Writer) -> None:
+        self.database = database
+        self.write = write
+        self._queued: list[tuple[Row, asyncio.Future]] = []
+        self._flusher: asyncio.Task | None = None
+
+    async def append(self, row: Row) -> Any:
+        """Queues `row`; returns its outcome once the transaction that wrote it committed."""
+        future = asyncio.get_running_loop().create_future()
+        self._queued.append((row, future))
+        if self._flusher is None:
+            # A context of its own: the flusher serves every caller, not the first one's deadline.
+            self._flusher = asyncio.create_task(self._drain(), context=contextvars.Context())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._queued:
+                batch = self._queued[:MAX_ROWS_PER_FLUSH]
+                del self._queued[:MAX_ROWS_PER_FLUSH]
+                # A caller that gave up (cancelled, past its deadline) before its row was
+                # taken gets nothing written.
+                batch = [(row, future) for row, future in batch if not future.done()]
+                if batch:
+                    await self._flush(batch)
+        finally:
+            self._flusher = None
+
+    async def _flush(self, batch: list[tuple[Row, asyncio.Future]]) -> None:
+        try:
+            async with self.database.driver_transaction(FLUSH_DEADLINE_S) as connection:
+                outcomes = await self.write(connection, [row for row, _ in batch])
+        except asyncio.CancelledError:  # shutting down: nobody will answer these callers
+            for _, future in batch + self._queued:
+                future.cancel()
+            self._queued.clear()
+            raise
+        except Exception as error:
+            if len(batch) > 1:
+                for item in batch:
+                    await self._flush([item])
+                return
+            outcomes = [error]
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            if future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
