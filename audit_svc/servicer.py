@@ -7,7 +7,7 @@ import uuid
 from datetime import UTC
 
 import grpc
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 
 from audit_svc import export, service
 from audit_svc.group_commit import GroupCommit
@@ -16,7 +16,7 @@ from shared.actor import current_actor
 from shared.db import Database
 from shared.errors import InvalidArgument
 from shared.models import AuditLog
-from shared.protos import id_text, timestamp
+from shared.protos import id_text, struct_to_dict, timestamp
 from shared.server import Resources
 from shared.validation import optional_uuid
 
@@ -29,7 +29,7 @@ def _entry(request: audit_pb2.LogActionRequest) -> service.Entry:
         action=request.action,
         resource_type=request.resource_type,
         resource_id=request.resource_id,
-        details=json_format.MessageToDict(request.details) if request.HasField("details") else {},
+        details=struct_to_dict(request.details),
         user_id=request.user_id,
         ip_address=request.ip_address,
         user_agent=request.user_agent,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Any
 
+from google.protobuf.struct_pb2 import Struct, Value
 from google.protobuf.timestamp_pb2 import Timestamp
 
 
@@ -39,3 +41,20 @@ def enum_from_proto(enum_type, number: int) -> str | None:
 
 def _enum_prefix(enum_type) -> str:
     return enum_type.Name(0).removesuffix("UNSPECIFIED")
+
+
+def struct_to_dict(struct: Struct) -> dict[str, Any]:
+    """A Struct as plain Python values, as json_format.MessageToDict gives them, but several
+    times faster: the bulk audit path converts one per row."""
+    return {key: _plain(value) for key, value in struct.fields.items()}
+
+
+def _plain(value: Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return struct_to_dict(value.struct_value)
+    if kind == "list_value":
+        return [_plain(item) for item in value.list_value.values]
+    if kind is None or kind == "null_value":
+        return None
+    return getattr(value, kind)  # number_value (a float), string_value, bool_value

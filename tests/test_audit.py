@@ -121,6 +121,8 @@ async def test_log_action_records_the_caller(stub, as_role, database, marker):
         ({"resource_id": "r" * 101}, "resource_id"),
         ({"details": details(blob="x" * (64 * 1024))}, "details"),
         ({"details": details(bad="a\x00b")}, "details"),
+        ({"details": details(ratio=float("nan"))}, "details"),
+        ({"details": details(deep={"er": [1, float("inf")]})}, "details"),
         ({"request_id": "not-a-uuid"}, "request_id"),
     ],
 )
