@@ -8,11 +8,9 @@ may name another user, address or user agent only with `audit.write.on_behalf`
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import operator
 import re
-import socket
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -30,7 +28,7 @@ from shared.db import check_same_request, driver_connection
 from shared.errors import InvalidArgument, PermissionDenied
 from shared.models import AuditLog, User
 from shared.pagination import Page, list_page
-from shared.validation import text
+from shared.validation import canonical_ip, text
 
 ACTION = re.compile(r"[a-z][a-z0-9_.]{0,49}")
 DETAILS_MAX_BYTES = 64 * 1024
@@ -116,7 +114,9 @@ def validate(actor: Actor, entry: Entry, field: str = "") -> dict[str, Any]:
             raise InvalidArgument.field(name("user_id"), "is not a UUID") from None
     ip = actor.peer
     if entry.ip_address:
-        ip = _canonical_ip(entry.ip_address, name("ip_address"))
+        ip = canonical_ip(entry.ip_address)
+        if ip is None:
+            raise InvalidArgument.field(name("ip_address"), "is not an IPv4 or IPv6 address")
     try:
         serialized = _COMPACT_JSON.encode(entry.details)
     except ValueError:  # NaN or infinity: not JSON
@@ -145,20 +145,6 @@ def validate(actor: Actor, entry: Entry, field: str = "") -> dict[str, Any]:
             else actor.user_agent
         ),
     }
-
-
-def _canonical_ip(value: str, field: str) -> str:
-    """The address in its canonical text form. Dotted-quad IPv4, by far the most common,
-    is checked in C by inet_pton, which accepts only the canonical form."""
-    try:
-        socket.inet_pton(socket.AF_INET, value)
-        return value
-    except OSError:
-        pass
-    try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        raise InvalidArgument.field(field, "is not an IPv4 or IPv6 address") from None
 
 
 async def check_users(session: AsyncSession, rows: Iterable[tuple[str, dict]]) -> None:

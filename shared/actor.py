@@ -7,12 +7,12 @@ user agent from the `user-agent` metadata.
 
 from __future__ import annotations
 
-import ipaddress
 import uuid
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 
 from shared.models import Role
+from shared.validation import canonical_ip
 
 USER_AGENT_MAX = 255
 
@@ -48,13 +48,7 @@ def peer_address(peer: str | None) -> str | None:
         host = host.split("%", 1)[0]  # drop a zone index (fe80::1%eth0)
     else:
         return None
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return None
-    # A dual-stack listener ([::]) may see IPv4 clients as ::ffff:a.b.c.d.
-    mapped = getattr(address, "ipv4_mapped", None)
-    return str(mapped or address)
+    return canonical_ip(host)
 
 
 def user_agent(metadata) -> str | None:

@@ -81,24 +81,43 @@ class StartupError(RuntimeError):
 # task that serves the call: the caller's Actor set here is what the servicer sees.
 
 
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    """Turns any exception a handler raises into a proper status (shared.errors)."""
+class _WrappingInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps each method's handler once and keeps it: services are registered before the
+    server starts, so the wrapped handler of a method never changes (no rebuild per call)."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
+
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        raise NotImplementedError
 
     async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        if method in self._wrapped:
+            return self._wrapped[method]
         handler = await continuation(handler_call_details)
-        return None if handler is None else _rewrap(handler, _map_errors)
+        if handler is None:  # an unknown method: not kept, callers choose the names
+            return None
+        self._wrapped[method] = wrapped = self.wrap(handler, method)
+        return wrapped
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class ErrorMappingInterceptor(_WrappingInterceptor):
+    """Turns any exception a handler raises into a proper status (shared.errors)."""
+
+    def wrap(self, handler, method):
+        return _rewrap(handler, _map_errors)
+
+
+class AuthInterceptor(_WrappingInterceptor):
     """Admits each call (shared.auth) and makes its Actor `current_actor` for the handler."""
 
     def __init__(self, authenticator: Authenticator) -> None:
+        super().__init__()
         self.authenticator = authenticator
 
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or self.authenticator.is_open(method):
+    def wrap(self, handler, method):
+        if self.authenticator.is_open(method):
             return handler
         return _rewrap(handler, lambda behaviour: self._admitting(behaviour, method))
 

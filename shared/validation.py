@@ -2,10 +2,31 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
+import socket
 import uuid
 
 from shared.errors import InvalidArgument
+
+
+def canonical_ip(value: str) -> str | None:
+    """`value` as a canonical IPv4 or IPv6 address (IPv4-mapped IPv6 as IPv4), or None.
+
+    Dotted-quad IPv4, by far the most common, is checked in C by inet_pton, which
+    accepts only that canonical form; the rest goes through `ipaddress`.
+    """
+    try:
+        socket.inet_pton(socket.AF_INET, value)
+        return value
+    except OSError:
+        pass
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        return None
+    # A dual-stack listener ([::]) may see IPv4 clients as ::ffff:a.b.c.d.
+    return str(getattr(address, "ipv4_mapped", None) or address)
 
 
 def parse_uuid(field: str, value: str) -> uuid.UUID:
