@@ -9,8 +9,12 @@ worker thread and never while a database connection is held.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import bcrypt
@@ -56,8 +60,30 @@ def _password_matches(password: bytes, stored: bytes) -> bool:
         return False
 
 
+def _lower_priority() -> None:
+    """Runs in the hashing thread: SCHED_IDLE (any other thread that wants the core gets it
+    at once), else the lowest nice value; on Linux both are per thread."""
+    thread = threading.get_native_id()
+    try:
+        os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
+    except (OSError, AttributeError):
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, thread, 19)
+
+
+# bcrypt takes a quarter of a second of CPU per check. A few threads at a lower
+# priority do all of it, so that a burst of logins queues here instead of taking the
+# cores from the event loops and the database (make bench: LogAction beside Logins).
+HASHING_THREADS = 1
+_hashing = ThreadPoolExecutor(HASHING_THREADS, "bcrypt", initializer=_lower_priority)
+
+
+async def _hashing_thread(function, *args):
+    return await asyncio.get_running_loop().run_in_executor(_hashing, function, *args)
+
+
 async def hash_password(password: bytes) -> str:
-    hashed = await asyncio.to_thread(bcrypt.hashpw, password, bcrypt.gensalt(BCRYPT_COST))
+    hashed = await _hashing_thread(bcrypt.hashpw, password, bcrypt.gensalt(BCRYPT_COST))
     return hashed.decode()
 
 
@@ -70,7 +96,7 @@ async def login(
     async with db.transaction() as session:
         user = await session.scalar(select(User).where(User.username == username))
     stored = user.hashed_password.encode() if user is not None else DUMMY_HASH
-    matches = await asyncio.to_thread(_password_matches, secret_bytes, stored)
+    matches = await _hashing_thread(_password_matches, secret_bytes, stored)
     if user is None or not matches or not user.is_active:
         async with db.transaction() as session:
             await audit_log.append(
