@@ -1,0 +1,53 @@
+"""`make bench QUICK=1` runs end to end and reports every scenario (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+from shared import PROJECT_ROOT
+
+KEYS = {"scenario", "figure", "baseline", "ratio", "target", "met"}
+# One row at least per scenario of the issue, found by the start of its name.
+SCENARIOS = (
+    "LogAction, 64 in flight: calls/s",
+    "LogAction, 64 in flight: p99 ms",
+    "LogActions, ",
+    "ExportAuditLogs, ",
+    "ListAuditLogs, page of 50, ",
+    "Promote + 5 x 2 UpdatePipelineStage + GetDeployment(FULL), 16 in flight: p99",
+    "WatchDeployment, ",
+    "LogAction, 16 in flight, while 8 Logins run",
+)
+
+
+def test_quick_bench_reports_every_scenario_against_its_baseline(tmp_path):
+    output = tmp_path / "results.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--output", str(output)],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(output.read_text())
+    assert all(set(row) == KEYS for row in results)
+    for prefix in SCENARIOS:
+        assert any(row["scenario"].startswith(prefix) for row in results), prefix
+    for row in results:
+        assert math.isfinite(row["figure"]) and row["figure"] >= 0, row
+        if row["target"]:
+            assert isinstance(row["met"], bool), row
+        if row["baseline"] is not None and row["ratio"] is not None:
+            assert row["ratio"] == row["figure"] / row["baseline"], row
+    # Throughput rows are measured against a baseline taken in the same run.
+    for row in results:
+        if row["target"].startswith(">="):
+            assert row["baseline"] > 0, row
+    # The table printed is the JSON written.
+    for row in results:
+        assert row["scenario"] in run.stdout
