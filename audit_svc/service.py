@@ -21,7 +21,6 @@ import asyncpg
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared import audit_log
 from shared.actor import USER_AGENT_MAX, Actor
 from shared.auth import may
 from shared.db import check_same_request, driver_connection
@@ -287,10 +286,16 @@ async def get_audit_logs(
     return page, usernames
 
 
-async def record_read(
-    session: AsyncSession, actor: Actor, action: str, f: Filter, extra: dict[str, Any] | None = None
-) -> None:
-    """Reading the trail is itself recorded (`audit.read`, `audit.export`)."""
-    await audit_log.append(
-        session, actor, action, "audit_log", None, {"filter": f.describe(), **(extra or {})}
-    )
+def read_row(actor: Actor, action: str, f: Filter, extra: dict[str, Any] | None = None) -> dict:
+    """The row recording that `actor` read the trail (`audit.read`, `audit.export`), to be
+    written like a LogAction row (write_rows)."""
+    return {
+        "id": None,
+        "user_id": actor.user_id,
+        "action": action,
+        "resource_type": "audit_log",
+        "resource_id": None,
+        "details": _COMPACT_JSON.encode({"filter": f.describe(), **(extra or {})}),
+        "ip_address": actor.peer,
+        "user_agent": actor.user_agent,
+    }

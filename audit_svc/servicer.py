@@ -111,12 +111,18 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     async def ListAuditLogs(self, request, context):
         actor = current_actor.get()
         audit_filter = _filter(request.filter)
-        async with self.database.transaction() as session:  # recorded even if the read fails
-            await service.record_read(session, actor, "audit.read", audit_filter)
-        async with self.database.transaction() as session:
-            page, usernames = await service.get_audit_logs(
-                session, audit_filter, request.page_size, request.page_token
-            )
+
+        async def read():
+            async with self.database.transaction() as session:
+                return await service.get_audit_logs(
+                    session, audit_filter, request.page_size, request.page_token
+                )
+
+        # The read is recorded even if it fails, and its page is returned only once the
+        # record is stored; the two run side by side.
+        _, (page, usernames) = await asyncio.gather(
+            self.appender.append(service.read_row(actor, "audit.read", audit_filter)), read()
+        )
         return audit_pb2.ListAuditLogsResponse(
             audit_logs=[_audit_log(row, usernames.get(row.user_id)) for row in page.items],
             next_page_token=page.next_page_token,
@@ -126,14 +132,9 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     async def ExportAuditLogs(self, request, context):
         actor = current_actor.get()
         audit_filter = _filter(request.filter)
-        async with self.database.transaction() as session:  # recorded even if cancelled
-            await service.record_read(
-                session,
-                actor,
-                "audit.export",
-                audit_filter,
-                {"raw": request.raw, "export_id": str(uuid.uuid4())},
-            )
+        extra = {"raw": request.raw, "export_id": str(uuid.uuid4())}
+        # Stored before the first byte goes out, so even a cancelled export is recorded.
+        await self.appender.append(service.read_row(actor, "audit.export", audit_filter, extra))
         async for chunk in export.export_audit_logs_csv(self.database, audit_filter, request.raw):
             yield audit_pb2.ExportAuditLogsResponse(data=chunk)
 
