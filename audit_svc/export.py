@@ -90,11 +90,11 @@ async def export_audit_logs_csv(database: Database, f: Filter, raw: bool) -> Asy
     try:
         raw_connection = (await connection.get_raw_connection()).driver_connection
         await connection.begin()
-        deadline_s = time_left()  # the call's deadline bounds the COPY too
-        if deadline_s is not None:
-            await connection.exec_driver_sql(
-                f"SET LOCAL statement_timeout = {max(1, int(deadline_s * 1000))}"
-            )
+        # The call's deadline bounds the COPY; without one, an export of any size may run
+        # past the connection's statement timeout (0: none).
+        deadline_s = time_left()
+        timeout_ms = 0 if deadline_s is None else max(1, int(deadline_s * 1000))
+        await connection.exec_driver_sql(f"SET LOCAL statement_timeout = {timeout_ms}")
 
         async def copy() -> None:
             await raw_connection.copy_from_query(

@@ -74,6 +74,7 @@ def libpq_dsn(url: URL) -> str:
 
 
 CONNECT_TIMEOUT_S = 5.0
+STATEMENT_TIMEOUT_S = 60  # the backstop for work no deadline bounds
 
 # The time.monotonic() deadline of the RPC being served (shared.server sets it), so that
 # every unit of work of a call is bounded by the caller's deadline without passing it on.
@@ -96,23 +97,37 @@ def time_left(bound_s: float | None = None) -> float | None:
     return left
 
 
-def create_engine(url: URL, *, pool_size: int = 10) -> AsyncEngine:
-    """An engine with a fixed-size pool (no overflow), so pool x processes stays predictable."""
+def create_engine(
+    url: URL, *, pool_size: int = 10, application_name: str = "relman"
+) -> AsyncEngine:
+    """An engine with a fixed-size pool (no overflow), so pool x processes stays predictable.
+
+    No ping before each checkout (a round trip on every call): a connection the
+    server dropped fails its first statement, which makes SQLAlchemy throw away
+    every pooled connection opened before then, and the readiness probe's ping
+    every 2 s usually meets it first. Statements run at most STATEMENT_TIMEOUT_S
+    unless a unit of work sets its own bound.
+    """
     return create_async_engine(
         url,
         pool_size=pool_size,
         max_overflow=0,
-        pool_pre_ping=True,
-        connect_args={"timeout": CONNECT_TIMEOUT_S},
+        connect_args={
+            "timeout": CONNECT_TIMEOUT_S,
+            "server_settings": {
+                "statement_timeout": str(STATEMENT_TIMEOUT_S * 1000),
+                "application_name": application_name,  # who is who in pg_stat_activity
+            },
+        },
     )
 
 
 class Database:
     """One process's connection pool and its units of work."""
 
-    def __init__(self, url: URL, *, pool_size: int = 10) -> None:
+    def __init__(self, url: URL, *, pool_size: int = 10, application_name: str = "relman") -> None:
         self.url = url
-        self.engine = create_engine(url, pool_size=pool_size)
+        self.engine = create_engine(url, pool_size=pool_size, application_name=application_name)
         # Loaded objects stay usable after commit: no lazy reload outside the transaction.
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
 
@@ -121,15 +136,12 @@ class Database:
         """One unit of work: commit on success, roll back on any exception.
 
         The wait for a pooled connection and every statement are bounded by
-        `deadline_s` and by the deadline of the call being served (time_left), so a
-        call never outlives its deadline inside the database.
+        `deadline_s` and by the deadline of the call being served (time_left): when
+        it passes, the statement running is cancelled in the database too (asyncpg
+        sends PostgreSQL a cancel request), so a call never outlives its deadline there.
         """
-        deadline_s = time_left(deadline_s)
-        async with asyncio.timeout(deadline_s):
+        async with asyncio.timeout(time_left(deadline_s)):
             async with self.sessions() as session, session.begin():
-                if deadline_s is not None:
-                    timeout_ms = max(1, int(deadline_s * 1000))
-                    await session.execute(text(f"SET LOCAL statement_timeout = {timeout_ms}"))
                 yield session
 
     @asynccontextmanager

@@ -24,6 +24,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Select, func, select, text, tuple_
+from sqlalchemy.exc import CompileError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
 
@@ -117,17 +118,22 @@ async def total_size(session: AsyncSession, query: Select) -> int:
     all (counting the limit's worth of index entries is most of a page's cost).
     """
     estimate = await _planner_estimate(session, query)
-    if estimate > ESTIMATE_TRUSTED_ABOVE:
+    if estimate is not None and estimate > ESTIMATE_TRUSTED_ABOVE:
         return estimate
     bounded = query.order_by(None).limit(EXACT_TOTAL_LIMIT + 1).subquery()
     count = await session.scalar(select(func.count()).select_from(bounded))
-    return count if count <= EXACT_TOTAL_LIMIT else max(estimate, count)
+    return count if count <= EXACT_TOTAL_LIMIT else max(estimate or 0, count)
 
 
-async def _planner_estimate(session: AsyncSession, query: Select) -> int:
-    compiled = query.order_by(None).compile(
-        dialect=session.bind.dialect, compile_kwargs={"literal_binds": True}
-    )
+async def _planner_estimate(session: AsyncSession, query: Select) -> int | None:
+    """The planner's row estimate for `query`, or None for a query whose values cannot
+    be written as SQL literals (JSONB containment, say): then rows are counted."""
+    try:
+        compiled = query.order_by(None).compile(
+            dialect=session.bind.dialect, compile_kwargs={"literal_binds": True}
+        )
+    except CompileError:
+        return None
     plan = await session.scalar(text(f"EXPLAIN (FORMAT JSON) {compiled}"))
     if isinstance(plan, str):
         plan = json.loads(plan)

@@ -374,7 +374,9 @@ def main(spec: ServiceSpec) -> int:
     try:
         settings = Settings.from_env()
         configure_logging(settings.log_level)
-        database = Database(database_url(), pool_size=settings.db_pool_size)
+        database = Database(
+            database_url(), pool_size=settings.db_pool_size, application_name=spec.name
+        )
         # uvloop: about 11% more calls/s than asyncio's own loop under the same load.
         return uvloop.run(serve(spec, settings, database))
     except (ConfigError, DatabaseUrlError, StartupError) as exc:

@@ -207,6 +207,33 @@ async def test_deadline_bounds_the_database_work(deploy_channel, db_url, viewer)
         await locker.close()
 
 
+async def test_calls_recover_when_the_database_drops_every_connection(
+    deploy_channel, db_url, viewer
+):
+    """No ping before each checkout: a dropped connection fails at most the one call that
+    meets it (UNAVAILABLE, which clients retry), then the pool opens fresh connections."""
+    stub = deploy_pb2_grpc.DeployServiceStub(deploy_channel)
+    request = deploy_pb2.GetRunbookRequest(runbook_id=GUIDE_ID)
+    await asyncio.gather(*(stub.GetRunbook(request, metadata=viewer) for _ in range(5)))
+    admin = await asyncpg.connect(libpq_dsn(db_url))
+    try:
+        dropped = await admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = 'deploy_svc'"
+        )
+    finally:
+        await admin.close()
+    assert dropped >= 1
+    outcomes = []
+    for _ in range(5):
+        try:
+            outcomes.append((await stub.GetRunbook(request, metadata=viewer)).title)
+        except grpc.aio.AioRpcError as error:
+            outcomes.append(error.code())
+    assert outcomes[1:] == ["Deployment guide"] * 4, outcomes
+    assert outcomes[0] in ("Deployment guide", grpc.StatusCode.UNAVAILABLE), outcomes
+
+
 async def test_sigterm_lets_the_call_in_flight_finish(relman, db_url, viewer):
     """Readiness turns NOT_SERVING first, the blocked call then completes, exit code 0."""
     process = await RelmanProcess.start(
