@@ -102,7 +102,8 @@ async def create_deployment(
     stage_names: Sequence[str],
     request_id: uuid.UUID | None,
 ) -> Deployment:
-    """Deploys a release to an environment, with the standard stages or `stage_names`."""
+    """Deploys a release to an environment, with the standard stages or `stage_names`;
+    the deployment returned has its stages loaded."""
     return await _deploy(
         session,
         actor,
@@ -141,7 +142,7 @@ async def _deploy(session: AsyncSession, actor: Actor, request: DeployRequest) -
     stage_names = _stage_names(request.stage_names)
     same = {"release_id": request.release_id, "environment_id": request.environment_id}
     if earlier := await replay(session, Deployment, request.request_id, same):
-        return earlier
+        return await get_deployment_with_stages(session, earlier.id)
 
     release = await load(session, Release, request.release_id)
     environment = await load(session, Environment, request.environment_id)
@@ -193,7 +194,6 @@ async def _deploy(session: AsyncSession, actor: Actor, request: DeployRequest) -
             "reviewer_ids": [str(r.id) for r in reviewers],
         },
     )
-    await session.refresh(deployment)
     return deployment
 
 
@@ -240,16 +240,13 @@ async def new_deployment(
         environment_id=environment.id,
         status=status.value,
         deployed_by=actor.user_id,
+        stages=[
+            PipelineStage(name=name, order=order, status=StageStatus.PENDING.value)
+            for order, name in enumerate(stage_names)
+        ],
     )
     session.add(deployment)
-    await session.flush()
-    session.add_all(
-        PipelineStage(
-            deployment_id=deployment.id, name=name, order=order, status=StageStatus.PENDING.value
-        )
-        for order, name in enumerate(stage_names)
-    )
-    await session.flush()
+    await session.flush()  # the deployment, then its stages; `stages` stays loaded
     return deployment
 
 
@@ -422,10 +419,30 @@ async def update_pipeline_stage(
     output = text_field("output", output, STAGE_OUTPUT_MAX, required=False)
     if output is not None and len(output.encode()) > STAGE_OUTPUT_MAX:
         raise InvalidArgument.field("output", f"is larger than {STAGE_OUTPUT_MAX} bytes")
-    stage = await load(session, PipelineStage, stage_id)
-    deployment = await load(session, Deployment, stage.deployment_id, for_update=True)
-    await session.refresh(stage)  # read again under the deployment's lock
-    environment = await session.get(Environment, deployment.environment_id)
+    # The stage's deployment, locked, with its environment, in one round trip.
+    found = (
+        await session.execute(
+            select(Deployment, Environment)
+            .join(Environment, Environment.id == Deployment.environment_id)
+            .join(PipelineStage, PipelineStage.deployment_id == Deployment.id)
+            .where(PipelineStage.id == stage_id)
+            .with_for_update(of=Deployment)
+            .execution_options(populate_existing=True)
+        )
+    ).one_or_none()
+    if found is None:
+        await load(session, PipelineStage, stage_id)  # NOT_FOUND, naming the stage
+    deployment, environment = found
+    # Read under the deployment's lock: no other change of these stages can be under way.
+    stages = list(
+        await session.scalars(
+            select(PipelineStage)
+            .where(PipelineStage.deployment_id == deployment.id)
+            .order_by(PipelineStage.order)
+            .execution_options(populate_existing=True)
+        )
+    )
+    stage = next(s for s in stages if s.id == stage_id)
     if _is_production(environment):
         require(actor, "deployments.write.production")
     if deployment.status == DeploymentStatus.AWAITING_APPROVAL:
@@ -447,13 +464,6 @@ async def update_pipeline_stage(
             reason="INVALID_STAGE_TRANSITION",
             metadata={"stage_id": str(stage.id), "from": current.value, "to": status.value},
         )
-    stages = list(
-        await session.scalars(
-            select(PipelineStage)
-            .where(PipelineStage.deployment_id == deployment.id)
-            .order_by(PipelineStage.order)
-        )
-    )
     earlier = [s for s in stages if s.order < stage.order]
     if current == StageStatus.PENDING and any(s.status not in DONE_STAGES for s in earlier):
         waiting = next(s for s in earlier if s.status not in DONE_STAGES)
@@ -497,7 +507,6 @@ async def update_pipeline_stage(
             "deployment_status": deployment.status,
         },
     )
-    await session.refresh(stage)
     return stage
 
 

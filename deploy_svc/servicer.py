@@ -104,7 +104,7 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
                 list(request.stage_names),
                 request_id,
             )
-            return await self._with_stages(session, deployment)
+            return convert.deployment(deployment, common_pb2.DEPLOYMENT_VIEW_WITH_STAGES)
 
     async def PromoteRelease(self, request, context):
         release_id = parse_uuid("release_id", request.release_id)
@@ -122,7 +122,7 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
                 reviewer_ids,
                 request_id,
             )
-            return await self._with_stages(session, deployment)
+            return convert.deployment(deployment, common_pb2.DEPLOYMENT_VIEW_WITH_STAGES)
 
     async def GetDeployment(self, request, context):
         deployment_id = parse_uuid("deployment_id", request.deployment_id)

@@ -122,6 +122,9 @@ def _one_of(column: str, vocabulary: type[StrEnum]) -> CheckConstraint:
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    # Server-made values (created_at, updated_at, defaults) come back by RETURNING in the
+    # INSERT or UPDATE itself, not by a SELECT afterwards.
+    __mapper_args__ = {"eager_defaults": True}
     type_annotation_map = {
         uuid.UUID: Uuid(),
         datetime: DateTime(timezone=True),
