@@ -95,6 +95,10 @@ async def export_audit_logs_csv(database: Database, f: Filter, raw: bool) -> Asy
         deadline_s = time_left()
         timeout_ms = 0 if deadline_s is None else max(1, int(deadline_s * 1000))
         await connection.exec_driver_sql(f"SET LOCAL statement_timeout = {timeout_ms}")
+        # Rows must flow in index order from the first one: with stale statistics (right
+        # after a bulk load) the planner may prefer reading everything and sorting it,
+        # which holds the first row back for seconds (make bench, 1M rows: 1.3 s).
+        await connection.exec_driver_sql("SET LOCAL enable_sort = off")
 
         async def copy() -> None:
             await raw_connection.copy_from_query(

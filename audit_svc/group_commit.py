@@ -2,11 +2,12 @@
 
 A commit waits for the disk (fsync), and each call committing on its own spends most
 of its time there. Here a caller queues its row and waits; one flusher task takes
-everything queued, writes it in one transaction, and answers each caller only after
-that commit (so an answer still means "stored"). While a flush runs the next
-callers queue up, so batches grow with the load and an idle server adds no delay.
-A row the database refuses fails only its own caller: if a whole batch fails, its
-rows are written again one by one.
+everything queued, writes it with one statement (one round trip, one commit), and
+answers each caller only after that commit (so an answer still means "stored").
+While a flush runs the next callers queue up, and under concurrent load the flusher
+waits GATHER_S more for the calls under way, so batches grow with the load; a lone
+call is written at once. A row the database refuses fails only its own caller: if a
+whole batch fails, its rows are written again one by one.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ import asyncpg
 from shared.db import Database
 
 Row = TypeVar("Row")
-# Writes rows inside the connection's transaction; returns one outcome per row: a result,
-# or the exception that row's caller should get.
+# Writes rows, atomically, on the connection; returns one outcome per row: a result, or
+# the exception that row's caller should get.
 Writer = Callable[[asyncpg.Connection, Sequence[Any]], Awaitable[list[Any]]]
 
 MAX_ROWS_PER_FLUSH = 1_000
+GATHER_S = 0.004
 FLUSH_DEADLINE_S = 10.0  # a flush serves many calls, so no single call's deadline bounds it
 
 
@@ -35,6 +37,7 @@ class GroupCommit(Generic[Row]):
         self.write = write
         self._queued: list[tuple[Row, asyncio.Future]] = []
         self._flusher: asyncio.Task | None = None
+        self._concurrent = False  # did the last flush serve more than one call?
 
     async def append(self, row: Row) -> Any:
         """Queues `row`; returns its outcome once the transaction that wrote it committed."""
@@ -48,11 +51,18 @@ class GroupCommit(Generic[Row]):
     async def _drain(self) -> None:
         try:
             while self._queued:
+                if self._concurrent and len(self._queued) < MAX_ROWS_PER_FLUSH:
+                    # Under concurrent load, wait a moment for the calls under way to queue
+                    # their rows too: a flush costs about the same for 5 rows as for 50
+                    # (make bench: 3,600 -> 5,600 LogAction calls/s with 4 ms). A lone
+                    # call is written at once.
+                    await asyncio.sleep(GATHER_S)
                 batch = self._queued[:MAX_ROWS_PER_FLUSH]
                 del self._queued[:MAX_ROWS_PER_FLUSH]
                 # A caller that gave up (cancelled, past its deadline) before its row was
                 # taken gets nothing written.
                 batch = [(row, future) for row, future in batch if not future.done()]
+                self._concurrent = len(batch) > 1
                 if batch:
                     await self._flush(batch)
         finally:
@@ -60,7 +70,7 @@ class GroupCommit(Generic[Row]):
 
     async def _flush(self, batch: list[tuple[Row, asyncio.Future]]) -> None:
         try:
-            async with self.database.driver_transaction(FLUSH_DEADLINE_S) as connection:
+            async with self.database.driver_connection(FLUSH_DEADLINE_S) as connection:
                 outcomes = await self.write(connection, [row for row, _ in batch])
         except asyncio.CancelledError:  # shutting down: nobody will answer these callers
             for _, future in batch + self._queued:

@@ -157,13 +157,24 @@ async def check_users(session: AsyncSession, rows: Iterable[tuple[str, dict]]) -
             raise InvalidArgument.field(f"{field}user_id", f"no user {user_id}")
 
 
+# One statement, so one round trip and its own transaction: rows naming a user that
+# does not exist and rows whose id is taken are left out, and each row comes back
+# with its creation time and username.
 INSERT_NEW_ROWS = """
     INSERT INTO audit_logs
         (id, user_id, action, resource_type, resource_id, details, ip_address, user_agent)
-    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[],
-                         $6::jsonb[], $7::text[], $8::text[])
+    SELECT r.* FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[],
+                           $6::jsonb[], $7::text[], $8::text[])
+        AS r(id, user_id, action, resource_type, resource_id, details, ip_address, user_agent)
+    WHERE r.user_id IS NULL OR EXISTS (SELECT FROM users u WHERE u.id = r.user_id)
     ON CONFLICT (id) DO NOTHING
-    RETURNING id, created_at
+    RETURNING id, created_at, (SELECT username FROM users u WHERE u.id = audit_logs.user_id)
+"""
+STORED_ROWS = """
+    SELECT a.id, a.created_at, a.user_id, a.action, a.resource_type, a.resource_id, a.details,
+           a.ip_address, a.user_agent, u.username
+    FROM audit_logs a LEFT JOIN users u ON u.id = a.user_id
+    WHERE a.id = ANY($1)
 """
 
 
@@ -182,57 +193,60 @@ class Stored(NamedTuple):
 
 
 async def write_rows(connection: asyncpg.Connection, rows: Sequence[dict]) -> list[Any]:
-    """Appends validated rows in one statement (the LogAction group commit's writer).
+    """Appends validated rows (the LogAction group commit's writer), usually in one
+    statement.
 
     Returns, for each row, `(Stored, username)` or the error its caller gets: a
     user that does not exist, or a request_id reused for another request. A row
     whose id (request_id) is already stored is a retry: it gets the stored row.
     """
-    user_ids = list({row["user_id"] for row in rows if row["user_id"] is not None})
-    usernames = dict(
-        await connection.fetch("SELECT id, username FROM users WHERE id = ANY($1)", user_ids)
-    )
     for row in rows:
         if row["id"] is None:
             row["id"] = uuid.uuid4()
-    outcomes: list[Any] = [None] * len(rows)
     first_of_id: dict[uuid.UUID, int] = {}
     for index, row in enumerate(rows):
-        if row["user_id"] is not None and row["user_id"] not in usernames:
-            outcomes[index] = InvalidArgument.field("user_id", f"no user {row['user_id']}")
-        else:
-            first_of_id.setdefault(row["id"], index)
+        first_of_id.setdefault(row["id"], index)
     new = [rows[index] for index in first_of_id.values()]
-    created = dict(
-        await connection.fetch(INSERT_NEW_ROWS, *([row[c] for row in new] for c in COPY_COLUMNS))
-    )
-    retried = {}
+    created = {
+        record[0]: record
+        for record in await connection.fetch(
+            INSERT_NEW_ROWS, *([row[c] for row in new] for c in COPY_COLUMNS)
+        )
+    }
+    outcomes: list[Any] = [None] * len(rows)
+    left_out = {}
     for index, row in enumerate(rows):
-        if outcomes[index] is not None:
-            continue
         if first_of_id[row["id"]] == index and row["id"] in created:
-            stored = Stored(
-                **{**row, "details": json.loads(row["details"])}, created_at=created[row["id"]]
+            _, created_at, username = created[row["id"]]
+            details = json.loads(row["details"])
+            outcomes[index] = (
+                Stored(**{**row, "details": details}, created_at=created_at),
+                username,
             )
-            outcomes[index] = (stored, usernames.get(row["user_id"]))
         else:
-            retried[index] = row
-    if retried:
-        earlier = {
-            record["id"]: Stored(**record)  # SQLAlchemy's asyncpg codec decodes jsonb
+            left_out[index] = row
+    if left_out:
+        stored = {
+            record["id"]: record
             for record in await connection.fetch(
-                f"SELECT {', '.join(Stored._fields)} FROM audit_logs WHERE id = ANY($1)",
-                list({row["id"] for row in retried.values()}),
+                STORED_ROWS, list({row["id"] for row in left_out.values()})
             )
         }
-        for index, row in retried.items():
-            stored = earlier[row["id"]]
-            try:
-                check_same_request(stored, {k: row[k] for k in ("action", "resource_type")})
-                outcomes[index] = (stored, usernames.get(stored.user_id))
-            except InvalidArgument as error:
-                outcomes[index] = error
+        for index, row in left_out.items():
+            outcomes[index] = _retry_or_refusal(row, stored.get(row["id"]))
     return outcomes
+
+
+def _retry_or_refusal(row: dict, record) -> Any:
+    """The outcome of a row the INSERT left out: its id was taken, or its user is unknown."""
+    if record is None:
+        return InvalidArgument.field("user_id", f"no user {row['user_id']}")
+    earlier = Stored(**{k: record[k] for k in Stored._fields})  # the jsonb codec decodes details
+    try:
+        check_same_request(earlier, {k: row[k] for k in ("action", "resource_type")})
+    except InvalidArgument as error:
+        return error
+    return earlier, record["username"]
 
 
 COPY_COLUMNS = (

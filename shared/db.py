@@ -145,17 +145,15 @@ class Database:
                 yield session
 
     @asynccontextmanager
-    async def driver_transaction(self, deadline_s: float) -> AsyncIterator[asyncpg.Connection]:
-        """A transaction straight on a pooled asyncpg connection, bounded by `deadline_s`.
-
-        For hot paths where SQLAlchemy's per-statement work shows in the profile (the
-        audit group commit). A connection interrupted mid-statement is closed, not reused.
+    async def driver_connection(self, deadline_s: float) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled asyncpg connection, bounded by `deadline_s`; each statement is its own
+        transaction. For hot paths where SQLAlchemy's per-statement work shows in the
+        profile (the audit group commit). A connection interrupted mid-statement is
+        closed, not reused.
         """
         async with asyncio.timeout(time_left(deadline_s)), self.engine.connect() as connection:
-            driver = (await connection.get_raw_connection()).driver_connection
             try:
-                async with driver.transaction():
-                    yield driver
+                yield (await connection.get_raw_connection()).driver_connection
             except asyncio.CancelledError:
                 await connection.invalidate()
                 raise
