@@ -474,6 +474,7 @@ async def update_pipeline_stage(
         )
 
     now = _now()
+    status_before = deployment.status
     stage.status = status.value
     if output is not None:
         stage.output = output
@@ -492,7 +493,8 @@ async def update_pipeline_stage(
         deployment.deployed_at = deployment.deployed_at or now
         await _settle_rollback(session, deployment)
     await session.flush()
-    await refresh_status(session, deployment.release_id)
+    if deployment.status != status_before:  # a release's status follows its deployments'
+        await refresh_status(session, deployment.release_id)
     await audit_log.append(
         session,
         actor,
