@@ -23,7 +23,7 @@ from sqlalchemy import select
 
 from audit_svc.export import export_query
 from audit_svc.service import COPY_COLUMNS, Filter
-from bench.load import Load, closed_loop, percentile
+from bench.load import closed_loop, percentile
 from bench.report import Result, at_least, at_most, at_most_ratio, info
 from bench.stack import Stack
 from relman.v1 import (
@@ -233,21 +233,29 @@ async def log_actions(stack: Stack, size: Size) -> list[Result]:
 # -- ExportAuditLogs against psql \copy ----------------------------------------------------
 
 
-async def _count_rows(stack: Stack) -> int:
+async def _settle(stack: Stack) -> int:
+    """VACUUM ANALYZE the trail after the bulk load, as autovacuum soon would, so that
+    what follows measures the services and not a vacuum running beside them; returns
+    the row count."""
     connection = await asyncpg.connect(libpq_dsn(stack.url))
     try:
+        await connection.execute("VACUUM ANALYZE audit_logs")
         return await connection.fetchval("SELECT count(*) FROM audit_logs")
     finally:
         await connection.close()
 
 
-async def export(stack: Stack, size: Size) -> list[Result]:
-    psql = shutil.which("psql")
-    if psql is None:
-        raise RuntimeError("make bench needs psql (PostgreSQL's client) for its export baseline")
+@dataclass(frozen=True)
+class _Export:
+    seconds: float
+    first_chunk_s: float
+    rss_growth_bytes: int
+
+
+async def _export_once(stack: Stack) -> _Export:
+    """One full ExportAuditLogs read by the client, the server's resident memory sampled."""
     stub = audit_pb2_grpc.AuditServiceStub(stack.audit_channel)
-    rss_before = stack.rss_bytes(stack.audit)
-    rss_peak = rss_before
+    rss_before = rss_peak = stack.rss_bytes(stack.audit)
     exporting = True
 
     async def sample_rss() -> None:
@@ -259,20 +267,21 @@ async def export(stack: Stack, size: Size) -> list[Result]:
     sampler = asyncio.create_task(sample_rss())
     started = time.perf_counter()
     first_chunk_s = None
-    received = 0
     try:
-        async for chunk in stub.ExportAuditLogs(
+        async for _chunk in stub.ExportAuditLogs(
             audit_pb2.ExportAuditLogsRequest(), metadata=bearer(stack.admin_token), timeout=600
         ):
             if first_chunk_s is None:
                 first_chunk_s = time.perf_counter() - started
-            received += len(chunk.data)
-        export_s = time.perf_counter() - started
+        seconds = time.perf_counter() - started
     finally:
         exporting = False
         await sampler
-    rows = await _count_rows(stack)
+    return _Export(seconds, first_chunk_s or seconds, rss_peak - rss_before)
 
+
+async def _psql_copy_once(stack: Stack, psql: str) -> float:
+    """Seconds psql takes to \\copy the export's own query to stdout (into /dev/null)."""
     query, args = export_query(Filter(), raw=False)
     assert not args
     started = time.perf_counter()
@@ -283,13 +292,37 @@ async def export(stack: Stack, size: Size) -> list[Result]:
         stdout=subprocess.DEVNULL,
         check=True,
     )  # fmt: skip
-    psql_s = time.perf_counter() - started
+    return time.perf_counter() - started
 
+
+EXPORT_ROUNDS = 3
+
+
+async def export(stack: Stack, size: Size) -> list[Result]:
+    """Best of EXPORT_ROUNDS for both rates, worst for the first row and the memory."""
+    psql = shutil.which("psql")
+    if psql is None:
+        raise RuntimeError("make bench needs psql (PostgreSQL's client) for its export baseline")
+    rows = await _settle(stack)
+    exports, copies = [], []
+    for _ in range(EXPORT_ROUNDS):
+        exports.append(await _export_once(stack))
+        copies.append(await _psql_copy_once(stack, psql))
     name = f"ExportAuditLogs, {rows:,} rows"
     return [
-        at_least(f"{name}: rows/s (baseline: psql \\copy)", rows / export_s, rows / psql_s, 0.9),
-        at_most(f"{name}: first row ms", _ms(first_chunk_s or export_s), 100, "ms"),
-        at_most(f"{name}: server RSS growth MB", (rss_peak - rss_before) / 2**20, 50, "MB"),
+        at_least(
+            f"{name}: rows/s (baseline: psql \\copy)",
+            rows / min(e.seconds for e in exports),
+            rows / min(copies),
+            0.9,
+        ),
+        at_most(f"{name}: first row ms", _ms(max(e.first_chunk_s for e in exports)), 100, "ms"),
+        at_most(
+            f"{name}: server RSS growth MB",
+            max(e.rss_growth_bytes for e in exports) / 2**20,
+            50,
+            "MB",
+        ),
     ]
 
 
@@ -483,30 +516,41 @@ async def watch(stack: Stack, size: Size) -> list[Result]:
 # -- LogAction next to bcrypt --------------------------------------------------------------
 
 
-async def log_action_beside_logins(stack: Stack, size: Size) -> list[Result]:
-    call = _log_action_call(stack)
-    quiet = await closed_loop(call, 16, size.duration_s, size.warmup_s)
+LOGIN_ROUNDS = 2
+
+
+async def _while_logging_in(stack: Stack, load):
+    """Awaits `load` while 8 callers log in over and over (bcrypt cost 12 each time)."""
     login = auth_pb2_grpc.AuthServiceStub(stack.deploy_channel).Login
-    logging_in = True
-    logins = 0
+    done = asyncio.Event()
 
     async def log_in() -> None:
-        nonlocal logins
-        while logging_in:
-            await login(auth_pb2.LoginRequest(username="marco", password="password123"), timeout=30)
-            logins += 1
+        while not done.is_set():
+            await login(auth_pb2.LoginRequest(username="marco", password="password123"), timeout=60)
 
     loggers = [asyncio.create_task(log_in()) for _ in range(8)]
     try:
-        busy: Load = await closed_loop(call, 16, size.duration_s, size.warmup_s)
+        return await load
     finally:
-        logging_in = False
+        done.set()
         await asyncio.gather(*loggers)
+
+
+async def log_action_beside_logins(stack: Stack, size: Size) -> list[Result]:
+    """Quiet and busy phases alternate (LOGIN_ROUNDS each), so that a drift over time
+    (the table growing, say) falls on both sides of the comparison."""
+    call = _log_action_call(stack)
+    quiet: list[float] = []
+    busy: list[float] = []
+    for _ in range(LOGIN_ROUNDS):
+        quiet += (await closed_loop(call, 16, size.duration_s / 2, size.warmup_s)).latencies_s
+        load = closed_loop(call, 16, size.duration_s / 2, size.warmup_s)
+        busy += (await _while_logging_in(stack, load)).latencies_s
     return [
         at_most_ratio(
             "LogAction, 16 in flight, while 8 Logins run: p99 ms (baseline: no logins)",
-            busy.percentile_ms(0.99),
-            quiet.percentile_ms(0.99),
+            _ms(percentile(busy, 0.99)),
+            _ms(percentile(quiet, 0.99)),
             1.5,
         )
     ]
