@@ -116,6 +116,10 @@ def create_engine(
             "timeout": CONNECT_TIMEOUT_S,
             "server_settings": {
                 "statement_timeout": str(STATEMENT_TIMEOUT_S * 1000),
+                # A statement whose call gave up stops even when asyncpg's cancel request
+                # loses the race with closing the connection: the server notices the
+                # closed socket within this interval, waiting on a lock included.
+                "client_connection_check_interval": "250ms",
                 "application_name": application_name,  # who is who in pg_stat_activity
             },
         },
@@ -137,8 +141,9 @@ class Database:
 
         The wait for a pooled connection and every statement are bounded by
         `deadline_s` and by the deadline of the call being served (time_left): when
-        it passes, the statement running is cancelled in the database too (asyncpg
-        sends PostgreSQL a cancel request), so a call never outlives its deadline there.
+        it passes, the statement running ends in the database too (asyncpg sends a
+        cancel request, and the server drops a statement whose connection closed), so
+        a call never outlives its deadline there.
         """
         async with asyncio.timeout(time_left(deadline_s)):
             async with self.sessions() as session, session.begin():

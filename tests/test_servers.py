@@ -200,8 +200,8 @@ async def test_deadline_bounds_the_database_work(deploy_channel, db_url, viewer)
                     deploy_pb2.GetRunbookRequest(runbook_id=GUIDE_ID), timeout=0.5, metadata=viewer
                 )
             assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            # The statement timeout (the call's remaining time) ended the query in the
-            # database as well: no backend is left waiting on the lock.
+            # The query ended in the database as well (cancel request, or the closed
+            # connection noticed by the server): no backend is left waiting on the lock.
             await _poll(lambda: _blocked_on_none(locker))
     finally:
         await locker.close()
