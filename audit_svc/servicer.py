@@ -113,7 +113,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         audit_filter = _filter(request.filter)
 
         async def read():
-            async with self.database.transaction() as session:
+            async with self.database.read() as session:
                 return await service.get_audit_logs(
                     session, audit_filter, request.page_size, request.page_token
                 )

@@ -23,10 +23,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import bindparam, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
+from sqlalchemy.orm.attributes import set_committed_value
 
 from deploy_svc.releases import refresh_status
 from shared import audit_log
@@ -409,6 +410,40 @@ async def _end(session: AsyncSession, deployment: Deployment, status: Deployment
         stage.completed_at = now
 
 
+# Built once (UpdatePipelineStage is the most frequent write): the stage's deployment,
+# locked, with its environment, in one round trip; then the deployment's stages.
+_LOCK_STAGE_DEPLOYMENT = (
+    select(Deployment, Environment)
+    .join(Environment, Environment.id == Deployment.environment_id)
+    .join(PipelineStage, PipelineStage.deployment_id == Deployment.id)
+    .where(PipelineStage.id == bindparam("stage_id"))
+    .with_for_update(of=Deployment)
+    .execution_options(populate_existing=True)
+)
+_STAGES_OF = (
+    select(PipelineStage)
+    .where(PipelineStage.deployment_id == bindparam("deployment_id"))
+    .order_by(PipelineStage.order)
+    .execution_options(populate_existing=True)
+)
+
+
+_STAGES_TABLE = PipelineStage.__table__
+# The stage's own change as one prebuilt Core UPDATE: the ORM's flush of it was a tenth
+# of the service's CPU in the lifecycle profile (make bench).
+_UPDATE_STAGE = (
+    update(_STAGES_TABLE)
+    .where(_STAGES_TABLE.c.id == bindparam("stage_id"))
+    .values(
+        {
+            _STAGES_TABLE.c[name]: bindparam(f"new_{name}", type_=_STAGES_TABLE.c[name].type)
+            for name in ("status", "output", "started_at", "completed_at")
+        }
+    )
+    .returning(_STAGES_TABLE.c.updated_at)
+)
+
+
 async def update_pipeline_stage(
     session: AsyncSession,
     actor: Actor,
@@ -419,29 +454,12 @@ async def update_pipeline_stage(
     output = text_field("output", output, STAGE_OUTPUT_MAX, required=False)
     if output is not None and len(output.encode()) > STAGE_OUTPUT_MAX:
         raise InvalidArgument.field("output", f"is larger than {STAGE_OUTPUT_MAX} bytes")
-    # The stage's deployment, locked, with its environment, in one round trip.
-    found = (
-        await session.execute(
-            select(Deployment, Environment)
-            .join(Environment, Environment.id == Deployment.environment_id)
-            .join(PipelineStage, PipelineStage.deployment_id == Deployment.id)
-            .where(PipelineStage.id == stage_id)
-            .with_for_update(of=Deployment)
-            .execution_options(populate_existing=True)
-        )
-    ).one_or_none()
+    found = (await session.execute(_LOCK_STAGE_DEPLOYMENT, {"stage_id": stage_id})).one_or_none()
     if found is None:
         await load(session, PipelineStage, stage_id)  # NOT_FOUND, naming the stage
     deployment, environment = found
     # Read under the deployment's lock: no other change of these stages can be under way.
-    stages = list(
-        await session.scalars(
-            select(PipelineStage)
-            .where(PipelineStage.deployment_id == deployment.id)
-            .order_by(PipelineStage.order)
-            .execution_options(populate_existing=True)
-        )
-    )
+    stages = list(await session.scalars(_STAGES_OF, {"deployment_id": deployment.id}))
     stage = next(s for s in stages if s.id == stage_id)
     if _is_production(environment):
         require(actor, "deployments.write.production")
@@ -475,16 +493,21 @@ async def update_pipeline_stage(
 
     now = _now()
     status_before = deployment.status
-    stage.status = status.value
-    if output is not None:
-        stage.output = output
-    if status == StageStatus.RUNNING:
-        stage.started_at = now
-        if deployment.status == DeploymentStatus.PENDING:
-            deployment.status = DeploymentStatus.IN_PROGRESS.value
-            deployment.deployed_at = now
-    else:
-        stage.completed_at = now
+    running = status == StageStatus.RUNNING
+    changed = {
+        "status": status.value,
+        "output": output if output is not None else stage.output,
+        "started_at": now if running else stage.started_at,
+        "completed_at": stage.completed_at if running else now,
+    }
+    changed["updated_at"] = await session.scalar(
+        _UPDATE_STAGE, {"stage_id": stage.id, **{f"new_{k}": v for k, v in changed.items()}}
+    )
+    for name, value in changed.items():  # as stored: nothing left for the ORM to flush
+        set_committed_value(stage, name, value)
+    if running and deployment.status == DeploymentStatus.PENDING:
+        deployment.status = DeploymentStatus.IN_PROGRESS.value
+        deployment.deployed_at = now
     if status == StageStatus.FAILED:
         await _end(session, deployment, DeploymentStatus.FAILED)
     elif all(s.status in DONE_STAGES for s in stages):
@@ -552,20 +575,25 @@ async def get_deployment_with_stages(session: AsyncSession, deployment_id: uuid.
     return deployment or await load(session, Deployment, deployment_id)
 
 
+# Built once: building this statement and its loader options' cache key each call cost
+# about as much as running one of its queries.
+_WITH_METRICS = (
+    select(Deployment)
+    .where(Deployment.id == bindparam("deployment_id"))
+    .options(
+        selectinload(Deployment.stages),
+        selectinload(Deployment.approvals),
+        selectinload(Deployment.metrics),
+    )
+    .execution_options(populate_existing=True)
+)
+
+
 async def get_deployment_with_metrics(
     session: AsyncSession, deployment_id: uuid.UUID
 ) -> Deployment:
     """The deployment with its stages, approvals and metrics."""
-    deployment = await session.scalar(
-        select(Deployment)
-        .where(Deployment.id == deployment_id)
-        .options(
-            selectinload(Deployment.stages),
-            selectinload(Deployment.approvals),
-            selectinload(Deployment.metrics),
-        )
-        .execution_options(populate_existing=True)
-    )
+    deployment = await session.scalar(_WITH_METRICS, {"deployment_id": deployment_id})
     return deployment or await load(session, Deployment, deployment_id)
 
 

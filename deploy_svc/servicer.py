@@ -69,7 +69,7 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
 
     async def GetRelease(self, request, context):
         release_id = parse_uuid("release_id", request.release_id)
-        async with self.database.transaction() as session:
+        async with self.database.read() as session:
             return convert.release(await releases.get_release(session, release_id))
 
     async def ListReleases(self, request, context):
@@ -129,7 +129,7 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
         view = request.view
         if view not in common_pb2.DeploymentView.values():
             raise InvalidArgument.field("view", "is not a DeploymentView")
-        async with self.database.transaction() as session:
+        async with self.database.read() as session:
             if view == common_pb2.DEPLOYMENT_VIEW_FULL:
                 row = await deployments.get_deployment_with_metrics(session, deployment_id)
             elif view == common_pb2.DEPLOYMENT_VIEW_WITH_STAGES:
@@ -290,7 +290,7 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
 
     async def GetRunbook(self, request, context: grpc.aio.ServicerContext):
         runbook_id = parse_uuid("runbook_id", request.runbook_id)
-        async with self.database.transaction() as session:
+        async with self.database.read() as session:
             return convert.runbook(await catalog.get_runbook(session, runbook_id))
 
     # catalogue administration

@@ -134,6 +134,9 @@ class Database:
         self.engine = create_engine(url, pool_size=pool_size, application_name=application_name)
         # Loaded objects stay usable after commit: no lazy reload outside the transaction.
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self.read_sessions = async_sessionmaker(
+            self.engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False
+        )
 
     @asynccontextmanager
     async def transaction(self, deadline_s: float | None = None) -> AsyncIterator[AsyncSession]:
@@ -148,6 +151,14 @@ class Database:
         async with asyncio.timeout(time_left(deadline_s)):
             async with self.sessions() as session, session.begin():
                 yield session
+
+    @asynccontextmanager
+    async def read(self, deadline_s: float | None = None) -> AsyncIterator[AsyncSession]:
+        """A unit of work that only reads: no BEGIN and COMMIT round trips. Each statement
+        sees what was committed when it started, as it would inside a READ COMMITTED
+        transaction; bounded like `transaction`."""
+        async with asyncio.timeout(time_left(deadline_s)), self.read_sessions() as session:
+            yield session
 
     @asynccontextmanager
     async def driver_connection(self, deadline_s: float) -> AsyncIterator[asyncpg.Connection]:
