@@ -139,14 +139,33 @@ def _stage_names(names: Sequence[str]) -> list[str]:
     return checked
 
 
+# Built once; both rows in one round trip.
+_RELEASE_AND_ENVIRONMENT = select(Release, Environment).where(
+    Release.id == bindparam("release_id"), Environment.id == bindparam("environment_id")
+)
+_ACTIVE_IN_SLOT = select(Deployment.id).where(
+    Deployment.service_id == bindparam("service_id"),
+    Deployment.environment_id == bindparam("environment_id"),
+    Deployment.status.in_(ACTIVE_DEPLOYMENT_STATUSES),
+)
+
+
 async def _deploy(session: AsyncSession, actor: Actor, request: DeployRequest) -> Deployment:
     stage_names = _stage_names(request.stage_names)
     same = {"release_id": request.release_id, "environment_id": request.environment_id}
     if earlier := await replay(session, Deployment, request.request_id, same):
         return await get_deployment_with_stages(session, earlier.id)
 
-    release = await load(session, Release, request.release_id)
-    environment = await load(session, Environment, request.environment_id)
+    found = (
+        await session.execute(
+            _RELEASE_AND_ENVIRONMENT,
+            {"release_id": request.release_id, "environment_id": request.environment_id},
+        )
+    ).one_or_none()
+    if found is None:  # NOT_FOUND naming whichever is missing
+        await load(session, Release, request.release_id)
+        await load(session, Environment, request.environment_id)
+    release, environment = found
     if not environment.is_active:
         raise FailedPrecondition(
             f"environment {environment.name} is deactivated",
@@ -206,11 +225,7 @@ async def lock_slot(session: AsyncSession, service_id: uuid.UUID, environment: E
         {"key": f"deploy:{service_id}:{environment.id}"},
     )
     blocking = await session.scalar(
-        select(Deployment.id).where(
-            Deployment.service_id == service_id,
-            Deployment.environment_id == environment.id,
-            Deployment.status.in_(ACTIVE_DEPLOYMENT_STATUSES),
-        )
+        _ACTIVE_IN_SLOT, {"service_id": service_id, "environment_id": environment.id}
     )
     if blocking is not None:
         raise FailedPrecondition(
