@@ -88,8 +88,8 @@ class DeploymentWatcher:
                 if not watchers:
                     del self._mailboxes[deployment_id]
 
-    async def read(self, deployment_id: uuid.UUID) -> Deployment:
-        async with self.database.transaction(deadline_s=10) as session:
+    async def read(self, deployment_id: uuid.UUID):
+        async with self.database.read(deadline_s=10) as session:
             return await get_deployment_with_metrics(session, deployment_id)
 
     def _notified(self, connection, pid, channel, payload: str) -> None:
