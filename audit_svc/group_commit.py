@@ -70,7 +70,7 @@ class GroupCommit(Generic[Row]):
 
     async def _flush(self, batch: list[tuple[Row, asyncio.Future]]) -> None:
         try:
-            async with self.database.driver_connection(FLUSH_DEADLINE_S) as connection:
+            async with self.database.autocommit_connection(FLUSH_DEADLINE_S) as connection:
                 outcomes = await self.write(connection, [row for row, _ in batch])
         except asyncio.CancelledError:  # shutting down: nobody will answer these callers
             for _, future in batch + self._queued:

@@ -161,7 +161,7 @@ class Database:
             yield session
 
     @asynccontextmanager
-    async def driver_connection(self, deadline_s: float) -> AsyncIterator[asyncpg.Connection]:
+    async def autocommit_connection(self, deadline_s: float) -> AsyncIterator[asyncpg.Connection]:
         """A pooled asyncpg connection, bounded by `deadline_s`; each statement is its own
         transaction. For hot paths where SQLAlchemy's per-statement work shows in the
         profile (the audit group commit). A connection interrupted mid-statement is
