@@ -71,8 +71,8 @@ def _lower_priority() -> None:
             os.setpriority(os.PRIO_PROCESS, thread, 19)
 
 
-# bcrypt takes a quarter of a second of CPU per check. A few threads at a lower
-# priority do all of it, so that a burst of logins queues here instead of taking the
+# bcrypt takes a quarter of a second of CPU per check. One thread at the lowest
+# priority does all of it, so that a burst of logins queues here instead of taking the
 # cores from the event loops and the database (make bench: LogAction beside Logins).
 HASHING_THREADS = 1
 _hashing = ThreadPoolExecutor(HASHING_THREADS, "bcrypt", initializer=_lower_priority)

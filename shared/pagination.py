@@ -7,8 +7,8 @@ fingerprint of the filters it was made for; a token that does not decode, or
 that comes back with other filters, is INVALID_ARGUMENT.
 
 `total_size` is exact up to EXACT_TOTAL_LIMIT matches and PostgreSQL's planner
-estimate above, so counting never costs more than a bounded scan, and nothing when
-the planner expects far more matches than the limit.
+estimate above, so counting never costs more than a bounded scan, and no more than
+a 1,000-row probe when the planner expects far more matches than the limit.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from shared.errors import InvalidArgument
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 EXACT_TOTAL_LIMIT = 10_000
+PROBE_LIMIT = 1_000
 # An estimate this far above the limit is taken as it is: a planner off by 2x on an
 # indexed equality is rare, and total_size may be an estimate (AIP-158).
 ESTIMATE_TRUSTED_ABOVE = 2 * EXACT_TOTAL_LIMIT
@@ -114,15 +115,25 @@ async def paginate(
 async def total_size(session: AsyncSession, query: Select) -> int:
     """Exact up to EXACT_TOTAL_LIMIT matches; above it, the planner's estimate.
 
-    The estimate comes first: when it is far above the limit, no rows are counted at
-    all (counting the limit's worth of index entries is most of a page's cost).
+    A first count stops at PROBE_LIMIT, where most lists end (no planner round trip
+    for them). Past it, the planner's estimate decides: when it expects far more than
+    EXACT_TOTAL_LIMIT, nothing more is counted (counting the limit's worth of index
+    entries was most of a big page's cost).
     """
+    count = await _count_up_to(session, query, PROBE_LIMIT)
+    if count <= PROBE_LIMIT:
+        return count
     estimate = await _planner_estimate(session, query)
     if estimate is not None and estimate > ESTIMATE_TRUSTED_ABOVE:
         return estimate
-    bounded = query.order_by(None).limit(EXACT_TOTAL_LIMIT + 1).subquery()
-    count = await session.scalar(select(func.count()).select_from(bounded))
+    count = await _count_up_to(session, query, EXACT_TOTAL_LIMIT)
     return count if count <= EXACT_TOTAL_LIMIT else max(estimate or 0, count)
+
+
+async def _count_up_to(session: AsyncSession, query: Select, limit: int) -> int:
+    """The number of matches, or limit + 1 when there are more."""
+    bounded = query.order_by(None).limit(limit + 1).subquery()
+    return await session.scalar(select(func.count()).select_from(bounded))
 
 
 async def _planner_estimate(session: AsyncSession, query: Select) -> int | None:

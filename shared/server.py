@@ -87,7 +87,7 @@ class _WrappingInterceptor(grpc.aio.ServerInterceptor):
     server starts, so the wrapped handler of a method never changes (no rebuild per call)."""
 
     def __init__(self) -> None:
-        self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         raise NotImplementedError
