@@ -8,13 +8,17 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import grpc
-from sqlalchemy import URL, select
+from sqlalchemy import URL
 
 from shared.db import Database
-from shared.models import User
 from shared.seed import seed
-from shared.tokens import issue_token
-from tests.harness import RelmanProcess, client_address, env_for, run_cli, scratch_database
+from tests.harness import (
+    RelmanProcess,
+    client_address,
+    mint_tokens,
+    scratch_database,
+    start_service,
+)
 
 
 @dataclass
@@ -37,30 +41,15 @@ class Stack:
         raise RuntimeError("no VmRSS line")
 
 
-async def _service(url: URL, module: str) -> RelmanProcess:
-    env = env_for(url, DEPLOY_SVC_ADDR="127.0.0.1:0", AUDIT_SVC_ADDR="127.0.0.1:0")
-    process = await RelmanProcess.start(["-m", module], env)
-    await process.wait_listening(module)
-    return process
-
-
 @asynccontextmanager
 async def running(server: URL) -> AsyncIterator[Stack]:
     """A seeded scratch database on `server` and both services on free ports."""
     async with scratch_database(server) as url:
         await seed(url)
-        minted = await asyncio.to_thread(
-            run_cli, url, "shared.tokens", "create", "--user", "ci-bot", "--name", "bench",
-            "--service-user",
-        )  # fmt: skip
-        if minted.returncode != 0:
-            raise RuntimeError(minted.stderr)
+        tokens = await mint_tokens(url, ["admin"], "bench")
         database = Database(url, pool_size=8)
-        async with database.transaction() as session:
-            admin = await session.scalar(select(User).where(User.username == "admin"))
-            admin_token, _ = await issue_token(session, admin, "bench", None)
         deploy, audit = await asyncio.gather(
-            _service(url, "deploy_svc"), _service(url, "audit_svc")
+            start_service(url, "deploy_svc"), start_service(url, "audit_svc")
         )
         try:
             async with (
@@ -68,7 +57,7 @@ async def running(server: URL) -> AsyncIterator[Stack]:
                 grpc.aio.insecure_channel(client_address(audit.addresses["audit_svc"])) as ach,
             ):
                 yield Stack(
-                    url, database, deploy, audit, dch, ach, minted.stdout.strip(), admin_token
+                    url, database, deploy, audit, dch, ach, tokens["ci-bot"], tokens["admin"]
                 )
         finally:
             codes = await asyncio.gather(deploy.stop(), audit.stop())

