@@ -124,10 +124,13 @@ async def export_audit_logs_csv(database: Database, f: Filter, raw: bool) -> Asy
             await producer
             await connection.commit()
         except BaseException:
+            # Interrupted (the caller left, a deadline, an error) while the server may
+            # still be sending: close the socket at once and drop the connection. A
+            # polite close waits for the COPY to wind down, which a paused reader never
+            # sees (tests/faults: the connection and the call's task held for > 10 s).
+            raw_connection.terminate()
             producer.cancel()
             await asyncio.gather(producer, return_exceptions=True)
-            # The COPY may still be running on the server: close this connection
-            # rather than hand a busy one back to the pool.
             await connection.invalidate()
             raise
     finally:
@@ -137,7 +140,11 @@ async def export_audit_logs_csv(database: Database, f: Filter, raw: bool) -> Asy
 async def _next(pieces: asyncio.Queue, producer: asyncio.Task) -> bytes | None:
     """The next piece, or the COPY's error if it failed before sending its end."""
     getter = asyncio.ensure_future(pieces.get())
-    done, _ = await asyncio.wait({getter, producer}, return_when=asyncio.FIRST_COMPLETED)
+    try:
+        done, _ = await asyncio.wait({getter, producer}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # the call ended: no task left waiting on the queue (a leak)
+        getter.cancel()
+        raise
     if getter in done:
         return getter.result()
     getter.cancel()

@@ -6,20 +6,24 @@ everything queued, writes it with one statement (one round trip, one commit), an
 answers each caller only after that commit (so an answer still means "stored").
 While a flush runs the next callers queue up, and under concurrent load the flusher
 waits GATHER_S more for the calls under way, so batches grow with the load; a lone
-call is written at once. A row the database refuses fails only its own caller: if a
-whole batch fails, its rows are written again one by one.
+call is written at once. A row the database refuses fails only its own caller: if the
+database refuses a whole batch, its rows are written again one by one; if the
+connection fails, every caller of the batch gets that error (UNAVAILABLE).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 import asyncpg
 
-from shared.db import Database
+from shared.db import Database, statement_error
+
+log = logging.getLogger("relman.audit")
 
 Row = TypeVar("Row")
 # Writes rows, atomically, on the connection; returns one outcome per row: a result, or
@@ -78,11 +82,19 @@ class GroupCommit(Generic[Row]):
             self._queued.clear()
             raise
         except Exception as error:
-            if len(batch) > 1:
+            if len(batch) > 1 and statement_error(error):
+                # The database refused the statement: find the row(s) at fault, each
+                # failing only its own caller.
+                log.warning(
+                    "a batch of %d audit rows was refused (%s); writing them one by one",
+                    len(batch),
+                    error,
+                )
                 for item in batch:
                     await self._flush([item])
                 return
-            outcomes = [error]
+            # The connection failed (the database is away): every caller gets it.
+            outcomes = [error] * len(batch)
         for (_, future), outcome in zip(batch, outcomes, strict=True):
             if future.done():
                 continue

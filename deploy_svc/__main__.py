@@ -6,7 +6,10 @@ from deploy_svc.servicer import register
 from shared.server import ServiceSpec, main
 
 SPEC = ServiceSpec(
-    name="deploy_svc", address=lambda settings: settings.deploy_addr, register=register
+    name="deploy_svc",
+    address=lambda settings: settings.deploy_addr,
+    register=register,
+    open_ended=frozenset({"/relman.v1.DeployService/WatchDeployment"}),
 )
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import SimpleNamespace
 
-from sqlalchemy import bindparam, func, select, text, update
+from sqlalchemy import bindparam, func, select, text, true, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
@@ -140,8 +140,11 @@ def _stage_names(names: Sequence[str]) -> list[str]:
 
 
 # Built once; both rows in one round trip.
-_RELEASE_AND_ENVIRONMENT = select(Release, Environment).where(
-    Release.id == bindparam("release_id"), Environment.id == bindparam("environment_id")
+# One row of each, read together: an explicit join on true says the product is meant.
+_RELEASE_AND_ENVIRONMENT = (
+    select(Release, Environment)
+    .join(Environment, true())
+    .where(Release.id == bindparam("release_id"), Environment.id == bindparam("environment_id"))
 )
 _ACTIVE_IN_SLOT = select(Deployment.id).where(
     Deployment.service_id == bindparam("service_id"),

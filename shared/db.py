@@ -131,7 +131,9 @@ class Database:
 
     def __init__(self, url: URL, *, pool_size: int = 10, application_name: str = "relman") -> None:
         self.url = url
+        self.application_name = application_name
         self.engine = create_engine(url, pool_size=pool_size, application_name=application_name)
+        self._probe: asyncpg.Connection | None = None
         # Loaded objects stay usable after commit: no lazy reload outside the transaction.
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self.read_sessions = async_sessionmaker(
@@ -181,11 +183,30 @@ class Database:
                 raise
 
     async def ping(self, timeout_s: float) -> None:
-        """Raises unless the database answers `SELECT 1` within `timeout_s`."""
-        async with asyncio.timeout(timeout_s), self.engine.connect() as connection:
-            await connection.execute(text("SELECT 1"))
+        """Raises unless the database answers `SELECT 1` within `timeout_s`.
+
+        On a connection of its own, outside the pool: a pool busy with slow calls
+        says nothing about whether the database is reachable, and readiness must not
+        turn NOT_SERVING (and drain traffic from every replica at once) under load.
+        """
+        async with asyncio.timeout(timeout_s):
+            try:
+                if self._probe is None or self._probe.is_closed():
+                    self._probe = await asyncpg.connect(
+                        libpq_dsn(self.url),
+                        server_settings={"application_name": f"{self.application_name} probe"},
+                    )
+                await self._probe.fetchval("SELECT 1")
+            except BaseException:
+                if self._probe is not None:
+                    self._probe.terminate()
+                    self._probe = None
+                raise
 
     async def dispose(self) -> None:
+        if self._probe is not None:
+            self._probe.terminate()
+            self._probe = None
         await self.engine.dispose()
 
 

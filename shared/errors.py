@@ -132,6 +132,9 @@ _CONNECTION_ERRORS = (
     OSError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    # A connection the server ended (a restart) used before its socket closed: asyncpg
+    # is still reading the server's last error ("another operation is in progress").
+    asyncpg.InternalClientError,
 )
 
 

@@ -7,8 +7,9 @@ server gets the error-mapping interceptor, health and reflection, and listens.
 Health (grpc.health.v1): the overall service "" is liveness, SERVING while the
 process runs; each `relman.v1.*` service is readiness, following a periodic
 database check and turning NOT_SERVING at shutdown. On SIGTERM or SIGINT
-readiness turns NOT_SERVING first, then `stop(grace)` lets calls in flight
-finish (new calls are refused), the pool is disposed and the process exits 0.
+readiness turns NOT_SERVING first, then new calls are refused with UNAVAILABLE,
+watches end, calls in flight get the grace period to finish (see Drain), the
+gRPC server stops, the pool is disposed and the process exits 0.
 
 A start-up failure (bad setting, unreachable database, address in use) is one
 line on stderr and exit code 2, without a traceback.
@@ -36,7 +37,7 @@ from shared.actor import current_actor
 from shared.auth import Authenticator
 from shared.config import ConfigError, Settings
 from shared.db import Database, DatabaseUrlError, call_deadline, database_url, describe
-from shared.errors import from_exception
+from shared.errors import Unavailable, from_exception
 
 log = logging.getLogger("relman.server")
 
@@ -70,10 +71,97 @@ class ServiceSpec:
     address: Callable[[Settings], str]
     # Adds the servicers to the server; returns their full service names.
     register: Callable[[grpc.aio.Server, Resources], Sequence[str]]
+    # Methods ("/pkg.Service/Method") that run until the caller leaves (watches): ended
+    # with UNAVAILABLE as soon as the process stops, so that callers watch elsewhere.
+    open_ended: frozenset[str] = frozenset()
 
 
 class StartupError(RuntimeError):
     """The process cannot start; the message is the one line printed."""
+
+
+# -- stopping -----------------------------------------------------------------------------
+
+_UNDRAINED = ("/grpc.health.", "/grpc.reflection.")
+STOPPED = Unavailable(
+    "the server stopped before the call finished; retry", reason="SERVER_STOPPING"
+)
+
+
+class Drain:
+    """The calls in flight, for a stop that answers every call OK or UNAVAILABLE.
+
+    gRPC's own stop answers a call that arrives just as it begins with CANCELLED
+    (seen: 1 call in 400 sent across a stop of a plain grpc.aio server), which no
+    client retries. So on SIGTERM this comes first: new calls are refused with
+    UNAVAILABLE (reason SERVER_STOPPING) while the port stays open, open-ended calls
+    (watches) end at once, the others get the grace period to finish and are then
+    ended, all with UNAVAILABLE; only then does the gRPC server stop.
+    """
+
+    def __init__(self, open_ended: frozenset[str]) -> None:
+        self.open_ended = open_ended
+        self.closing = False
+        self._calls: dict[asyncio.Task, str] = {}  # the task serving each call -> method
+        self._ended: set[asyncio.Task] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self, method: str) -> asyncio.Task:
+        """Admits a call (or refuses it, once stopping); returns the key `leave` takes.
+
+        The key is the task serving the call, kept here: a stream handler's generator
+        may be closed from another task (gRPC closes it after a cancel)."""
+        if self.closing:
+            raise Unavailable(
+                "the server is stopping; retry (another replica serves)",
+                reason="SERVER_STOPPING",
+            )
+        task = asyncio.current_task()
+        self._calls[task] = method
+        self._idle.clear()
+        return task
+
+    def leave(self, task: asyncio.Task) -> None:
+        self._calls.pop(task, None)
+        self._ended.discard(task)
+        if not self._calls:
+            self._idle.set()
+
+    def ended_by_stop(self, task: asyncio.Task) -> bool:
+        """Whether `task` was cancelled by `close` (then its call answers UNAVAILABLE)."""
+        if task not in self._ended:
+            return False
+        task.uncancel()
+        return True
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._calls)
+
+    def _end(self, which: Callable[[str], bool]) -> int:
+        tasks = [task for task, method in self._calls.items() if which(method)]
+        for task in tasks:
+            self._ended.add(task)
+            task.cancel()
+        return len(tasks)
+
+    async def close(self, grace_s: float) -> int:
+        """Refuses new calls, ends open-ended ones, lets the others run until shortly
+        before `grace_s` is over and ends those still running; returns how many calls
+        were ended. Returns within `grace_s`."""
+        self.closing = True
+        deadline = time.monotonic() + grace_s
+        ended = self._end(lambda method: method in self.open_ended)
+        # Ended calls need a moment to roll back and answer: keep some of the grace for it.
+        margin = min(1.0, grace_s / 4)
+        try:
+            await asyncio.wait_for(self._idle.wait(), max(0.0, grace_s - margin))
+        except TimeoutError:
+            ended += self._end(lambda method: True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - time.monotonic()))
+        return ended
 
 
 # -- interceptors ------------------------------------------------------------------------
@@ -104,10 +192,17 @@ class _WrappingInterceptor(grpc.aio.ServerInterceptor):
 
 
 class ErrorMappingInterceptor(_WrappingInterceptor):
-    """Turns any exception a handler raises into a proper status (shared.errors)."""
+    """Turns any exception a handler raises into a proper status (shared.errors), and
+    keeps the calls in flight in `drain`."""
+
+    def __init__(self, drain: Drain) -> None:
+        super().__init__()
+        self.drain = drain
 
     def wrap(self, handler, method):
-        return _rewrap(handler, _map_errors)
+        if method.startswith(_UNDRAINED):  # probes and reflection answer until the end
+            return _rewrap(handler, lambda behaviour: _map_errors(behaviour, None, method))
+        return _rewrap(handler, lambda behaviour: _map_errors(behaviour, self.drain, method))
 
 
 class AuthInterceptor(_WrappingInterceptor):
@@ -157,29 +252,49 @@ def _start_call(context: grpc.aio.ServicerContext) -> None:
     call_deadline.set(None if remaining is None else time.monotonic() + remaining)
 
 
-def _map_errors(behaviour):
+def _map_errors(behaviour, drain: Drain | None, method: str):
     if inspect.isasyncgenfunction(behaviour):
 
         async def guarded_stream(request, context):
             _start_call(context)
+            call = None
             try:
+                if drain is not None:
+                    call = drain.enter(method)
                 async for response in behaviour(request, context):
                     yield response
-            except (grpc.aio.AbortError, asyncio.CancelledError):
+            except grpc.aio.AbortError:
                 raise
+            except asyncio.CancelledError:
+                if call is None or not drain.ended_by_stop(call):
+                    raise
+                await _abort(context, STOPPED)
             except Exception as exc:
                 await _abort(context, exc)
+            finally:
+                if call is not None:
+                    drain.leave(call)
 
         return guarded_stream
 
     async def guarded(request, context):  # also stream handlers that write with context.write()
         _start_call(context)
+        call = None
         try:
+            if drain is not None:
+                call = drain.enter(method)
             return await behaviour(request, context)
-        except (grpc.aio.AbortError, asyncio.CancelledError):
+        except grpc.aio.AbortError:
             raise
+        except asyncio.CancelledError:
+            if call is None or not drain.ended_by_stop(call):
+                raise
+            await _abort(context, STOPPED)
         except Exception as exc:
             await _abort(context, exc)
+        finally:
+            if call is not None:
+                drain.leave(call)
 
     return guarded
 
@@ -305,9 +420,10 @@ async def _serve(spec: ServiceSpec, settings: Settings, database: Database) -> i
     await _wait_for_database(database)
 
     authenticator = Authenticator(database)
+    drain = Drain(spec.open_ended)
     server = grpc.aio.server(
         # The first is outermost: refusals raised while admitting are mapped too.
-        interceptors=[ErrorMappingInterceptor(), AuthInterceptor(authenticator)],
+        interceptors=[ErrorMappingInterceptor(drain), AuthInterceptor(authenticator)],
         options=[
             ("grpc.so_reuseport", 0),  # a second process on the same port must fail, not share
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -329,6 +445,16 @@ async def _serve(spec: ServiceSpec, settings: Settings, database: Database) -> i
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    # SIGUSR1: one line of what the process holds, to see that nothing leaks.
+    loop.add_signal_handler(
+        signal.SIGUSR1,
+        lambda: log.info(
+            "state: %d calls in flight, %d tasks, %d pooled connections in use",
+            drain.in_flight,
+            len(asyncio.all_tasks()),
+            database.engine.pool.checkedout(),
+        ),
+    )
 
     await server.start()
     # Everything made so far (modules, descriptors, the engine) lives as long as the
@@ -348,11 +474,17 @@ async def _serve(spec: ServiceSpec, settings: Settings, database: Database) -> i
         await readiness.shut_down()
         watcher.cancel()
         log.info(
-            "%s stopping: calls in flight have %.0f s to finish",
+            "%s stopping: %d calls in flight have %.0f s to finish; new calls are refused",
             spec.name,
+            drain.in_flight,
             settings.shutdown_grace_s,
         )
-        await server.stop(settings.shutdown_grace_s)
+        ended = await drain.close(settings.shutdown_grace_s)
+        if ended:
+            log.info(
+                "%s ended %d calls with UNAVAILABLE (watches, or past the grace)", spec.name, ended
+            )
+        await server.stop(0)
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
         for stop_background in resources.on_stop:

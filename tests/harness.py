@@ -139,12 +139,15 @@ class RelmanProcess:
             self._line_seen.set()
         self._line_seen.set()
 
-    async def wait_for_line(self, pattern: str, within_s: float = START_TIMEOUT_S) -> str:
-        """The first stderr line matching `pattern`, waiting for it as lines arrive."""
+    async def wait_for_line(
+        self, pattern: str, within_s: float = START_TIMEOUT_S, *, since: int = 0
+    ) -> str:
+        """The first stderr line matching `pattern` (from line number `since` on), waiting
+        for it as lines arrive."""
         regex = re.compile(pattern)
         async with asyncio.timeout(within_s):
             while True:
-                for line in self.lines:
+                for line in self.lines[since:]:
                     if regex.search(line):
                         return line
                 if self._reader is not None and self._reader.done():

@@ -118,4 +118,5 @@ async def services(url: URL, **settings: str) -> AsyncIterator[Services]:
 def assert_no_internal_errors(running: Services) -> None:
     """No call ended in an unexpected error (INTERNAL) in either process."""
     for process in (running.deploy, running.audit):
-        assert "unexpected error" not in process.output, process.output
+        output = process.output
+        assert "unexpected error" not in output, output[output.index("unexpected error") :]

@@ -161,6 +161,7 @@ async def test_database_restart_under_load(cluster, fault_db, fault_tokens, faul
         assert not errors, errors
 
         # Never INTERNAL or UNKNOWN; failures end within the caller's deadline.
+        assert_no_internal_errors(running)
         assert not audit_outcomes.unexpected, audit_outcomes.summary()
         assert not deploy_outcomes.unexpected.keys() - {"FAILED_PRECONDITION"}, (
             deploy_outcomes.summary()
@@ -173,7 +174,6 @@ async def test_database_restart_under_load(cluster, fault_db, fault_tokens, faul
         assert running.deploy.process.returncode is None
         assert running.audit.process.returncode is None
         assert (running.deploy.process.pid, running.audit.process.pid) == (deploy_pid, audit_pid)
-        assert_no_internal_errors(running)
         assert watch_ended.get("code", "UNAVAILABLE") in {c.name for c in TRANSIENT} | {"OK"}
 
         stored = await check_acknowledged_stored(fault_db, acked, [loop_service, watched_service])
