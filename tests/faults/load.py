@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import re
+import signal
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -24,7 +26,7 @@ from sqlalchemy import URL
 from relman.v1 import audit_pb2, audit_pb2_grpc
 from shared.db import libpq_dsn
 from tests.deploying import DEV, Client, S
-from tests.harness import RELEASE_STATUS_MISMATCHES, bearer
+from tests.harness import RELEASE_STATUS_MISMATCHES, RelmanProcess, bearer
 
 CALL_TIMEOUT_S = 2.0
 RETRY_BACKOFF_S = 0.05  # what a client's retry policy would wait before trying again
@@ -275,3 +277,32 @@ async def check_acknowledged_stored(url: URL, acked: Acknowledged, service_ids: 
         f"({len(stored)} in all, each with 5 stages and its audit row), "
         f"{len(acked.stage_ranks)} acknowledged stage transitions"
     )
+
+
+# -- what a process holds (its SIGUSR1 state line) -----------------------------------------
+
+STATE = re.compile(r"state: (\d+) calls in flight, (\d+) tasks, (\d+) pooled connections in use")
+
+
+async def process_state(process: RelmanProcess) -> tuple[int, int, int]:
+    """(calls in flight, asyncio tasks, pooled connections in use) of a running service."""
+    since = len(process.lines)
+    process.signal(signal.SIGUSR1)
+    line = await process.wait_for_line(STATE.pattern, 10, since=since)
+    calls, tasks, in_use = STATE.search(line).groups()
+    return int(calls), int(tasks), int(in_use)
+
+
+async def settled(process: RelmanProcess, tasks_before: int | None = None) -> int:
+    """Polls the process's state until no call is in flight, no pooled connection is in
+    use and (if given) no more tasks run than `tasks_before`; returns the task count."""
+    now = None
+    try:
+        async with asyncio.timeout(10):
+            while True:
+                now = calls, tasks, in_use = await process_state(process)
+                if calls == in_use == 0 and (tasks_before is None or tasks <= tasks_before):
+                    return tasks
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"state {now}, tasks before: {tasks_before}") from None

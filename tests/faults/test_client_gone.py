@@ -8,8 +8,6 @@ tasks, pooled connections in use) and from pg_stat_activity.
 from __future__ import annotations
 
 import asyncio
-import re
-import signal
 import statistics
 import time
 import uuid
@@ -20,34 +18,10 @@ from relman.v1 import audit_pb2, audit_pb2_grpc, deploy_pb2
 from shared.db import libpq_dsn
 from tests.deploying import DEV, Client
 from tests.faults.conftest import assert_no_internal_errors, new_service_id, services
+from tests.faults.load import settled
 from tests.harness import RelmanProcess, bearer
 
 EXPORT_ROWS = 300_000
-STATE = re.compile(r"state: (\d+) calls in flight, (\d+) tasks, (\d+) pooled connections in use")
-
-
-async def process_state(process: RelmanProcess) -> tuple[int, int, int]:
-    """(calls in flight, asyncio tasks, pooled connections in use) of a running service."""
-    since = len(process.lines)
-    process.signal(signal.SIGUSR1)
-    line = await process.wait_for_line(STATE.pattern, 10, since=since)
-    calls, tasks, in_use = STATE.search(line).groups()
-    return int(calls), int(tasks), int(in_use)
-
-
-async def settled(process: RelmanProcess, tasks_before: int | None = None) -> int:
-    """Polls the process's state until no call is in flight, no pooled connection is in
-    use and (if given) no more tasks run than `tasks_before`; returns the task count."""
-    now = None
-    try:
-        async with asyncio.timeout(10):
-            while True:
-                now = calls, tasks, in_use = await process_state(process)
-                if calls == in_use == 0 and (tasks_before is None or tasks <= tasks_before):
-                    return tasks
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"state {now}, tasks before: {tasks_before}") from None
 
 
 async def _busy_backends(db: asyncpg.Connection, application: str) -> int:
