@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import UTC
 
 import grpc
 from google.protobuf import struct_pb2
@@ -18,7 +17,7 @@ from shared.errors import InvalidArgument
 from shared.models import AuditLog
 from shared.protos import id_text, struct_to_dict, timestamp
 from shared.server import Resources
-from shared.validation import optional_uuid
+from shared.validation import optional_uuid, parse_timestamp
 
 AUDIT_SERVICE = audit_pb2.DESCRIPTOR.services_by_name["AuditService"]
 MAX_ROWS_PER_BATCH = 10_000
@@ -41,7 +40,7 @@ def _filter(request_filter: audit_pb2.AuditLogFilter) -> service.Filter:
     def when(field: str):
         if not request_filter.HasField(field):
             return None
-        return getattr(request_filter, field).ToDatetime(tzinfo=UTC)
+        return parse_timestamp(f"filter.{field}", getattr(request_filter, field))
 
     return service.check_filter(
         service.Filter(

@@ -6,8 +6,6 @@ bearer token and the connection, never from a request field.
 
 from __future__ import annotations
 
-from datetime import UTC
-
 import grpc
 from google.protobuf import empty_pb2
 
@@ -20,7 +18,7 @@ from shared.errors import InvalidArgument
 from shared.models import Role, Runbook, Service, StageStatus
 from shared.protos import enum_from_proto, timestamp
 from shared.server import Resources
-from shared.validation import optional_uuid, parse_uuid, text
+from shared.validation import optional_uuid, parse_timestamp, parse_uuid, text
 
 DEPLOY_SERVICE = deploy_pb2.DESCRIPTOR.services_by_name["DeployService"]
 AUTH_SERVICE = auth_pb2.DESCRIPTOR.services_by_name["AuthService"]
@@ -494,7 +492,9 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     async def CreateApiToken(self, request, context):
         user_id = parse_uuid("user_id", request.user_id)
         expires_at = (
-            request.expires_at.ToDatetime(tzinfo=UTC) if request.HasField("expires_at") else None
+            parse_timestamp("expires_at", request.expires_at)
+            if request.HasField("expires_at")
+            else None
         )
         user = await identity.get_user(self.database, user_id)
         async with self.database.transaction() as session:

@@ -37,7 +37,7 @@ from shared.actor import current_actor
 from shared.auth import Authenticator
 from shared.config import ConfigError, Settings
 from shared.db import Database, DatabaseUrlError, call_deadline, database_url, describe
-from shared.errors import Unavailable, from_exception
+from shared.errors import InvalidArgument, Unavailable, from_exception
 
 log = logging.getLogger("relman.server")
 
@@ -200,9 +200,14 @@ class ErrorMappingInterceptor(_WrappingInterceptor):
         self.drain = drain
 
     def wrap(self, handler, method):
-        if method.startswith(_UNDRAINED):  # probes and reflection answer until the end
-            return _rewrap(handler, lambda behaviour: _map_errors(behaviour, None, method))
-        return _rewrap(handler, lambda behaviour: _map_errors(behaviour, self.drain, method))
+        # Probes and reflection answer until the end.
+        drain = None if method.startswith(_UNDRAINED) else self.drain
+        streaming = bool(handler.stream_unary or handler.stream_stream)
+        return _rewrap(
+            handler,
+            lambda behaviour: _map_errors(behaviour, drain, method, streaming),
+            request_deserializer=_tolerant(handler.request_deserializer),
+        )
 
 
 class AuthInterceptor(_WrappingInterceptor):
@@ -252,7 +257,49 @@ def _start_call(context: grpc.aio.ServicerContext) -> None:
     call_deadline.set(None if remaining is None else time.monotonic() + remaining)
 
 
-def _map_errors(behaviour, drain: Drain | None, method: str):
+class _Undecodable:
+    """A request message that did not parse (corrupt, or nested past protobuf's depth)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer):
+    """gRPC answers a request its deserializer refuses with UNKNOWN and logs a traceback;
+    this hands the handler an _Undecodable instead, answered INVALID_ARGUMENT."""
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as error:  # protobuf's DecodeError, or whatever a parser raises
+            return _Undecodable(error)
+
+    return parse
+
+
+def _refuse_undecodable(request) -> None:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument(
+            f"the request is not a valid message: {request.error}", reason="MALFORMED_REQUEST"
+        )
+
+
+async def _checked(requests):
+    """A request stream whose undecodable messages raise INVALID_ARGUMENT."""
+    async for request in requests:
+        _refuse_undecodable(request)
+        yield request
+
+
+def _map_errors(behaviour, drain: Drain | None, method: str, streaming_requests: bool):
+    def checked(request):
+        if streaming_requests:
+            return _checked(request)
+        _refuse_undecodable(request)
+        return request
+
     if inspect.isasyncgenfunction(behaviour):
 
         async def guarded_stream(request, context):
@@ -261,7 +308,7 @@ def _map_errors(behaviour, drain: Drain | None, method: str):
             try:
                 if drain is not None:
                     call = drain.enter(method)
-                async for response in behaviour(request, context):
+                async for response in behaviour(checked(request), context):
                     yield response
             except grpc.aio.AbortError:
                 raise
@@ -283,7 +330,7 @@ def _map_errors(behaviour, drain: Drain | None, method: str):
         try:
             if drain is not None:
                 call = drain.enter(method)
-            return await behaviour(request, context)
+            return await behaviour(checked(request), context)
         except grpc.aio.AbortError:
             raise
         except asyncio.CancelledError:
@@ -299,10 +346,13 @@ def _map_errors(behaviour, drain: Drain | None, method: str):
     return guarded
 
 
-def _rewrap(handler: grpc.RpcMethodHandler, wrap) -> grpc.RpcMethodHandler:
-    """The same handler with its behaviour passed through `wrap`."""
+def _rewrap(
+    handler: grpc.RpcMethodHandler, wrap, request_deserializer=None
+) -> grpc.RpcMethodHandler:
+    """The same handler with its behaviour passed through `wrap` (and, if given, another
+    request deserializer)."""
     codec = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": request_deserializer or handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary:

@@ -6,6 +6,9 @@ import ipaddress
 import re
 import socket
 import uuid
+from datetime import UTC, datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from shared.errors import InvalidArgument
 
@@ -42,6 +45,20 @@ def parse_uuid(field: str, value: str) -> uuid.UUID:
             field, "must be a UUID like 123e4567-e89b-12d3-a456-426614174000"
         )
     return parsed
+
+
+# The range google.protobuf.Timestamp allows: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+_TIMESTAMP_SECONDS = range(-62_135_596_800, 253_402_300_800)
+
+
+def parse_timestamp(field: str, stamp: Timestamp) -> datetime:
+    """A Timestamp as an aware datetime. Out of the allowed range, or with nanos outside
+    0..999,999,999, it is INVALID_ARGUMENT (protobuf's own conversion raises ValueError)."""
+    if stamp.seconds not in _TIMESTAMP_SECONDS or not 0 <= stamp.nanos < 1_000_000_000:
+        raise InvalidArgument.field(
+            field, "is not a valid timestamp (0001-01-01 to 9999-12-31 UTC, nanos < 1e9)"
+        )
+    return stamp.ToDatetime(tzinfo=UTC)
 
 
 def optional_uuid(field: str, value: str) -> uuid.UUID | None:
