@@ -47,10 +47,15 @@ INVARIANTS = {
         SELECT d.id FROM deployments d WHERE d.status = 'in_progress' AND (
             d.deployed_at IS NULL OR EXISTS (SELECT FROM pipeline_stages s
                 WHERE s.deployment_id = d.id AND s.status = 'failed'))""",
-    "every deployment has the audit row of its creation": """
+    "every deployment has the audit row of its creation (a redeployment, its rollback's)": """
         SELECT d.id FROM deployments d WHERE NOT EXISTS (
             SELECT FROM audit_logs a
-            WHERE a.resource_type = 'deployment' AND a.resource_id = d.id::text)""",
+            WHERE a.resource_type = 'deployment' AND a.resource_id = d.id::text)
+        AND NOT EXISTS (
+            SELECT FROM rollbacks r JOIN audit_logs a
+                ON a.resource_type = 'deployment' AND a.resource_id = r.deployment_id::text
+               AND a.action = 'rollback' AND a.details->>'redeployment_id' = d.id::text
+            WHERE r.redeployment_id = d.id)""",
     "nobody votes on their own deployment": """
         SELECT a.id FROM approvals a JOIN deployments d ON d.id = a.deployment_id
         WHERE a.approver_id = d.deployed_by AND a.status <> 'pending'""",
