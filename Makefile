@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PROTOS := $(wildcard protos/relman/v1/*.proto)
 GENERATED := relman/v1/.generated
 
-.PHONY: install migrate seed test lint protos run bench clean
+.PHONY: install migrate seed test soak lint protos run bench clean
 
 install: $(STAMP)
 
@@ -40,6 +40,10 @@ run: protos
 
 test: protos
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The fault suite with the database stopped and started RESTARTS times under load (default 20).
+soak: protos
+	FAULT_RESTARTS=$(or $(RESTARTS),20) $(PY) -m pytest tests/faults $(PYTEST_ARGS)
 
 lint: protos
 	cd protos && ../$(VENV)/bin/buf lint
