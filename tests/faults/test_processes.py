@@ -278,9 +278,10 @@ async def test_sigterm_with_calls_in_flight_loses_nothing_acknowledged(
     assert_no_internal_errors(running)
     fault_report(
         f"SIGTERM with {IN_FLIGHT} PromoteRelease calls in flight (grace {SHUTDOWN_GRACE_S} s, "
-        f"5 of them held past it) and a watch open: {begun} under way at SIGTERM; of the 45, "
-        f"{dict(codes)} (refused: not yet begun); the 5 held: UNAVAILABLE; a new call during the "
-        f"grace: UNAVAILABLE; the watch ended UNAVAILABLE after {watch_ended_after:.2f} s; "
-        f"exit code {code} after {exited_after:.1f} s; {len(acked)} acknowledged deployments "
-        "all stored with 5 stages and their audit row, none of the 5 ended; lost: nothing"
+        f"5 of them held past it) and a watch open: {begun} under way at SIGTERM; the 45 "
+        f"released: {dict(codes)} (UNAVAILABLE: refused, not yet begun); the 5 held past "
+        f"the grace: UNAVAILABLE, nothing of theirs stored; a new call during the grace: "
+        f"UNAVAILABLE; the watch ended UNAVAILABLE at once; exit code {code} after "
+        f"{exited_after:.1f} s; {len(acked)} acknowledged deployments all stored with 5 "
+        "stages and their audit row; lost: nothing"
     )
