@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import re
 import signal
 import time
@@ -121,12 +120,13 @@ async def until(condition, within_s: float, what: str) -> float:
     return time.monotonic()
 
 
-async def _until_ok(call, outcomes: Outcomes, stop: asyncio.Event | None = None):
-    """Retries `call()` through transient failures; returns its response."""
+async def until_ok(outcomes: Outcomes, rpc, **fields):
+    """Calls `rpc(**fields)` (a tests.deploying.Client method) until it is not refused as
+    transient; returns its response."""
     while True:
         started = time.monotonic()
         try:
-            response = await call()
+            response = await rpc(**fields)
         except grpc.aio.AioRpcError as error:
             outcomes.record_failure(error, started)
             if error.code() not in TRANSIENT:
@@ -151,24 +151,20 @@ async def deployment_loop(
     while not stop.is_set():
         version = f"1.{done}.{uuid.uuid4().int % 10_000}"
         release_request = str(uuid.uuid4())
-        release = await _until_ok(
-            functools.partial(
-                client.CreateRelease,
-                service_id=service_id,
-                version=version,
-                request_id=release_request,
-            ),
+        release = await until_ok(
             outcomes,
+            client.CreateRelease,
+            service_id=service_id,
+            version=version,
+            request_id=release_request,
         )
         promote_request = str(uuid.uuid4())
-        deployment = await _until_ok(
-            functools.partial(
-                client.PromoteRelease,
-                release_id=release.id,
-                target_environment_id=DEV,
-                request_id=promote_request,
-            ),
+        deployment = await until_ok(
             outcomes,
+            client.PromoteRelease,
+            release_id=release.id,
+            target_environment_id=DEV,
+            request_id=promote_request,
         )
         acked.deployment_ids.add(deployment.id)
         for stage in deployment.stages:
@@ -191,11 +187,11 @@ async def _stage_to(client: Client, deployment_id: str, stage_id: str, status, o
             if error.code() not in TRANSIENT | {grpc.StatusCode.FAILED_PRECONDITION}:
                 raise
         # The answer was lost, or the update was made by the attempt that failed: look.
-        deployment = await _until_ok(
-            lambda: client.GetDeployment(
-                deployment_id=deployment_id, view=S.DEPLOYMENT_VIEW_WITH_STAGES
-            ),
+        deployment = await until_ok(
             outcomes,
+            client.GetDeployment,
+            deployment_id=deployment_id,
+            view=S.DEPLOYMENT_VIEW_WITH_STAGES,
         )
         stored = next(s for s in deployment.stages if s.id == stage_id)
         if STAGE_RANK.get(stored.status, -1) >= STAGE_RANK[status]:
@@ -235,6 +231,31 @@ async def poll_health(
         await asyncio.sleep(0.05)
 
 
+async def code_of(call) -> str:
+    """How an awaited call ended: "OK" or its status code's name."""
+    try:
+        await call
+    except grpc.aio.AioRpcError as error:
+        return error.code().name
+    return "OK"
+
+
+async def deployment_parts(connection: asyncpg.Connection, column: str, ids) -> list:
+    """The deployments whose `column` (service_id, release_id) is one of `ids`, each with
+    its number of stages and of audit rows."""
+    assert column in ("service_id", "release_id")
+    return await connection.fetch(
+        f"""
+        SELECT d.id::text,
+               (SELECT count(*) FROM pipeline_stages s WHERE s.deployment_id = d.id) stages,
+               (SELECT count(*) FROM audit_logs a
+                 WHERE a.resource_type = 'deployment' AND a.resource_id = d.id::text) audits
+        FROM deployments d WHERE d.{column} = ANY($1::uuid[])
+        """,
+        ids,
+    )
+
+
 async def check_acknowledged_stored(url: URL, acked: Acknowledged, service_ids: list[str]) -> str:
     """Asserts that the database holds everything acknowledged, and that no deployment of
     `service_ids` lacks its stages or its audit row; returns a summary."""
@@ -244,16 +265,7 @@ async def check_acknowledged_stored(url: URL, acked: Acknowledged, service_ids: 
             "SELECT count(*) FROM audit_logs WHERE id = ANY($1::uuid[])", list(acked.audit_ids)
         )
         assert stored_audit == len(acked.audit_ids), "acknowledged audit rows are missing"
-        deployments = await connection.fetch(
-            """
-            SELECT d.id::text,
-                   (SELECT count(*) FROM pipeline_stages s WHERE s.deployment_id = d.id) stages,
-                   (SELECT count(*) FROM audit_logs a
-                     WHERE a.resource_type = 'deployment' AND a.resource_id = d.id::text) audits
-            FROM deployments d WHERE d.service_id = ANY($1::uuid[])
-            """,
-            service_ids,
-        )
+        deployments = await deployment_parts(connection, "service_id", service_ids)
         stored = {row["id"] for row in deployments}
         assert acked.deployment_ids <= stored, acked.deployment_ids - stored
         incomplete = [dict(row) for row in deployments if row["stages"] != 5 or row["audits"] < 1]

@@ -24,6 +24,19 @@ from tests.harness import RelmanProcess, bearer
 EXPORT_ROWS = 300_000
 
 
+async def _audit_rows(db: asyncpg.Connection, count: int) -> str:
+    """Inserts `count` audit rows (straight into the table: set-up, not the API under
+    test); returns the resource_id they share."""
+    tag = uuid.uuid4().hex
+    await db.execute(
+        "INSERT INTO audit_logs (action, resource_type, resource_id, details)"
+        " SELECT 'fault.bulk', 'fault', $1, '{\"n\": 1}' FROM generate_series(1, $2)",
+        tag,
+        count,
+    )
+    return tag
+
+
 async def _busy_backends(db: asyncpg.Connection, application: str) -> int:
     return await db.fetchval(
         "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND state <> 'idle'",
@@ -42,14 +55,8 @@ def _rss_bytes(process: RelmanProcess) -> int:
 async def test_cancelled_and_expired_exports_and_watches_free_what_they_held(
     fault_db, fault_tokens, fault_report
 ):
-    tag = uuid.uuid4().hex
     db = await asyncpg.connect(libpq_dsn(fault_db))
-    await db.execute(
-        "INSERT INTO audit_logs (action, resource_type, resource_id, details)"
-        " SELECT 'fault.bulk', 'fault', $1, '{\"n\": 1}' FROM generate_series(1, $2)",
-        tag,
-        EXPORT_ROWS,
-    )
+    tag = await _audit_rows(db, EXPORT_ROWS)
     service_id = await new_service_id(fault_db)
     outcomes = []
     try:
@@ -128,14 +135,8 @@ async def until_no_busy_backend(db: asyncpg.Connection, application: str) -> Non
 async def test_a_very_slow_export_reader_holds_memory_flat_and_slows_nobody(
     fault_db, fault_tokens, fault_report
 ):
-    tag = uuid.uuid4().hex
     db = await asyncpg.connect(libpq_dsn(fault_db))
-    await db.execute(
-        "INSERT INTO audit_logs (action, resource_type, resource_id, details)"
-        " SELECT 'fault.bulk', 'fault', $1, '{\"n\": 1}' FROM generate_series(1, $2)",
-        tag,
-        EXPORT_ROWS,
-    )
+    tag = await _audit_rows(db, EXPORT_ROWS)
     await db.close()
     async with services(fault_db) as running:
         audit = audit_pb2_grpc.AuditServiceStub(running.audit_channel)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import time
 import uuid
@@ -18,12 +17,12 @@ from tests.faults.load import (
     Acknowledged,
     HealthLog,
     Outcomes,
-    _until_ok,
     check_acknowledged_stored,
     deployment_loop,
     log_action_caller,
     poll_health,
     until,
+    until_ok,
 )
 from tests.harness import bearer
 
@@ -92,8 +91,9 @@ async def test_database_restart_under_load(cluster, fault_db, fault_tokens, faul
         ]
         watch_seen: list = []
         watch_ended: dict = {}
-        watcher = {
-            "task": asyncio.create_task(
+
+        def open_watch() -> asyncio.Task:
+            return asyncio.create_task(
                 _watch(
                     running.deploy_channel,
                     fault_tokens["lena"],
@@ -102,7 +102,8 @@ async def test_database_restart_under_load(cluster, fault_db, fault_tokens, faul
                     watch_ended,
                 )
             )
-        }
+
+        watcher = {"task": open_watch()}
 
         async def restart(cycle: int) -> str:
             failures_before = dict(audit_outcomes.failures)
@@ -147,14 +148,12 @@ async def test_database_restart_under_load(cluster, fault_db, fault_tokens, faul
             )
             # The watch resumed or ended UNAVAILABLE: after a change it must not hang.
             metric = f"restart_{cycle}"
-            await _until_ok(
-                functools.partial(
-                    lead.RecordDeploymentMetric,
-                    deployment_id=watched.id,
-                    metric_name=metric,
-                    metric_value=cycle,
-                ),
+            await until_ok(
                 deploy_outcomes,
+                lead.RecordDeploymentMetric,
+                deployment_id=watched.id,
+                metric_name=metric,
+                metric_value=cycle,
             )
             changed_at = time.monotonic()
             await until(
@@ -167,15 +166,7 @@ async def test_database_restart_under_load(cluster, fault_db, fault_tokens, faul
                 assert watch_ended["code"] == "UNAVAILABLE", watch_ended
                 watch_seen.clear()
                 watch_ended.clear()
-                watcher["task"] = asyncio.create_task(
-                    _watch(
-                        running.deploy_channel,
-                        fault_tokens["lena"],
-                        watched.id,
-                        watch_seen,
-                        watch_ended,
-                    )
-                )
+                watcher["task"] = open_watch()
                 await until(lambda: watch_seen, 10, "a snapshot of the new watch")
             ok_at_recovery = audit_outcomes.ok
             await until(lambda: audit_outcomes.ok >= ok_at_recovery + 300, 30, "load")

@@ -23,6 +23,7 @@ from shared.db import libpq_dsn
 from shared.server import STOPPED
 from tests.deploying import DEV, Client
 from tests.faults.conftest import assert_no_internal_errors, new_service_id, services
+from tests.faults.load import code_of, deployment_parts
 from tests.harness import bearer, client_address, start_service
 
 SHUTDOWN_GRACE_S = 5
@@ -81,11 +82,7 @@ async def test_sigkill_mid_log_actions_stream_stores_no_partial_batch(
             # The five batches are written, inside the stream's open transaction.
             await _wait_for_backends(db, "audit_svc", 1, state="idle in transaction")
             audit.signal(signal.SIGKILL)
-            try:
-                await call
-                outcome = "OK"
-            except grpc.aio.AioRpcError as error:
-                outcome = error.code().name
+            outcome = await code_of(call)
         assert outcome == "UNAVAILABLE"
         assert await audit.wait(10) == -signal.SIGKILL
         # PostgreSQL ends the dead process's session and rolls its transaction back.
@@ -141,11 +138,7 @@ async def test_sigkill_mid_promote_leaves_no_deployment_without_stages_or_audit(
             # The deployment and its stages are inserted; the release's status waits.
             await _wait_for_backends(db, "deploy_svc", 1, wait_event_type="Lock")
             deploy.signal(signal.SIGKILL)
-            try:
-                await promote
-                outcome = "OK"
-            except grpc.aio.AioRpcError as error:
-                outcome = error.code().name
+            outcome = await code_of(promote)
             await deploy.wait(10)
             await _wait_for_backends(db, "deploy_svc", 0)
             await locker.close()
@@ -261,16 +254,7 @@ async def test_sigterm_with_calls_in_flight_loses_nothing_acknowledged(
         assert watch_code == grpc.StatusCode.UNAVAILABLE and watch_ended_after < 1
         assert code == 0 and exited_after < SHUTDOWN_GRACE_S + 0.5
         acked = [o.id for o in outcomes if not isinstance(o, BaseException)]
-        stored = await db.fetch(
-            """
-            SELECT d.id::text,
-                   (SELECT count(*) FROM pipeline_stages s WHERE s.deployment_id = d.id) stages,
-                   (SELECT count(*) FROM audit_logs a
-                     WHERE a.resource_type = 'deployment' AND a.resource_id = d.id::text) audits
-            FROM deployments d WHERE d.release_id = ANY($1::uuid[])
-            """,
-            [release.id for release in releases],
-        )
+        stored = await deployment_parts(db, "release_id", [release.id for release in releases])
         assert {row["id"] for row in stored} == set(acked)  # the 5 ended wrote nothing
         assert all((row["stages"], row["audits"]) == (5, 1) for row in stored)
     finally:

@@ -11,26 +11,19 @@ import asyncio
 import collections
 
 import asyncpg
-import grpc
 
 from shared.db import libpq_dsn
 from tests.deploying import DEV, PROD, STAGING, Client, S, deployed, run_all_stages
 from tests.faults.conftest import assert_no_internal_errors, new_service_id, services
 from tests.faults.invariants import check_invariants
+from tests.faults.load import code_of
 
 LOST_RACE = {"FAILED_PRECONDITION", "ALREADY_EXISTS", "ABORTED"}
 ROUNDS = 4
 
 
 async def _codes(calls) -> collections.Counter:
-    async def one(call):
-        try:
-            await call
-            return "OK"
-        except grpc.aio.AioRpcError as error:
-            return error.code().name
-
-    return collections.Counter(await asyncio.gather(*map(one, calls)))
+    return collections.Counter(await asyncio.gather(*map(code_of, calls)))
 
 
 async def test_concurrent_votes_stage_updates_and_rollbacks_keep_every_invariant(
