@@ -6,7 +6,10 @@ from audit_svc.servicer import register
 from shared.server import ServiceSpec, main
 
 SPEC = ServiceSpec(
-    name="audit_svc", address=lambda settings: settings.audit_addr, register=register
+    name="audit_svc",
+    address=lambda settings: settings.audit_addr,
+    register=register,
+    metrics_port=lambda settings: settings.audit_metrics_port,
 )
 
 if __name__ == "__main__":

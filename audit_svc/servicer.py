@@ -15,11 +15,18 @@ from shared.actor import current_actor
 from shared.db import Database
 from shared.errors import InvalidArgument
 from shared.models import AuditLog
+from shared.observability import counter
 from shared.protos import id_text, struct_to_dict, timestamp
 from shared.server import Resources
 from shared.validation import optional_uuid, parse_timestamp
 
 AUDIT_SERVICE = audit_pb2.DESCRIPTOR.services_by_name["AuditService"]
+INGESTED = counter(
+    "relman_audit_rows_ingested_total", "Audit rows stored for callers, by RPC.", ("rpc",)
+)
+EXPORTED = counter(
+    "relman_audit_export_rows_total", "CSV lines (rows and headers) streamed by exports."
+)
 MAX_ROWS_PER_BATCH = 10_000
 
 
@@ -79,6 +86,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     async def LogAction(self, request, context):
         row = service.validate(current_actor.get(), _entry(request))
         stored, username = await self.appender.append(row)
+        INGESTED.labels("LogAction").inc()
         return _audit_log(stored, username)
 
     async def LogActions(self, request_iterator, context):
@@ -105,6 +113,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             # event loop. Let that turn pass before committing, so that a cancelled
             # stream is rolled back, not stored.
             await asyncio.sleep(0)
+        INGESTED.labels("LogActions").inc(count)
         return audit_pb2.LogActionsResponse(count=count)
 
     async def ListAuditLogs(self, request, context):
@@ -135,6 +144,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         # Stored before the first byte goes out, so even a cancelled export is recorded.
         await self.appender.append(service.read_row(actor, "audit.export", audit_filter, extra))
         async for chunk in export.export_audit_logs_csv(self.database, audit_filter, request.raw):
+            EXPORTED.inc(chunk.count("\n"))
             yield audit_pb2.ExportAuditLogsResponse(data=chunk)
 
 

@@ -9,6 +9,7 @@ SPEC = ServiceSpec(
     name="deploy_svc",
     address=lambda settings: settings.deploy_addr,
     register=register,
+    metrics_port=lambda settings: settings.deploy_metrics_port,
     open_ended=frozenset({"/relman.v1.DeployService/WatchDeployment"}),
 )
 

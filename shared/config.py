@@ -34,6 +34,9 @@ class Settings:
     prod_required_approvals: int
     tls: TlsFiles | None
     log_level: str
+    # Prometheus endpoint of each process; None: off, 0: any free port (logged).
+    deploy_metrics_port: int | None = None
+    audit_metrics_port: int | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -50,6 +53,8 @@ class Settings:
             ),
             tls=reader.tls(),
             log_level=reader.log_level("LOG_LEVEL", "INFO"),
+            deploy_metrics_port=reader.port("DEPLOY_METRICS_PORT"),
+            audit_metrics_port=reader.port("AUDIT_METRICS_PORT"),
         )
 
 
@@ -73,6 +78,12 @@ class _Reader:
             bound = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
             raise ConfigError(f"{name}={value} is out of range (must be {bound})")
         return value
+
+    def port(self, name: str) -> int | None:
+        """A TCP port, or None when unset."""
+        if self.raw(name) is None:
+            return None
+        return self.integer(name, 0, minimum=0, maximum=65535)
 
     def number(self, name: str, default: float, *, minimum: float) -> float:
         raw = self.raw(name)

@@ -38,6 +38,18 @@ from shared.auth import Authenticator
 from shared.config import ConfigError, Settings
 from shared.db import Database, DatabaseUrlError, call_deadline, database_url, describe
 from shared.errors import InvalidArgument, Unavailable, from_exception
+from shared.observability import (
+    REQUEST_ID,
+    call_finished,
+    call_started,
+    configure_logging,
+    current_call,
+    grpc_type,
+    message_received,
+    message_sent,
+    serve_metrics,
+    watch_pool,
+)
 
 log = logging.getLogger("relman.server")
 
@@ -71,6 +83,8 @@ class ServiceSpec:
     address: Callable[[Settings], str]
     # Adds the servicers to the server; returns their full service names.
     register: Callable[[grpc.aio.Server, Resources], Sequence[str]]
+    # Its Prometheus port setting (None: no endpoint).
+    metrics_port: Callable[[Settings], int | None] = lambda settings: None
     # Methods ("/pkg.Service/Method") that run until the caller leaves (watches): ended
     # with UNAVAILABLE as soon as the process stops, so that callers watch elsewhere.
     open_ended: frozenset[str] = frozenset()
@@ -202,10 +216,10 @@ class ErrorMappingInterceptor(_WrappingInterceptor):
     def wrap(self, handler, method):
         # Probes and reflection answer until the end.
         drain = None if method.startswith(_UNDRAINED) else self.drain
-        streaming = bool(handler.stream_unary or handler.stream_stream)
+        kind = grpc_type(handler)
         return _rewrap(
             handler,
-            lambda behaviour: _map_errors(behaviour, drain, method, streaming),
+            lambda behaviour: _map_errors(behaviour, drain, method, kind),
             request_deserializer=_tolerant(handler.request_deserializer),
         )
 
@@ -228,7 +242,7 @@ class AuthInterceptor(_WrappingInterceptor):
         if inspect.isasyncgenfunction(behaviour):
 
             async def admitted_stream(request, context):
-                reset = current_actor.set(await admit(method, context))
+                reset = current_actor.set(_named(await admit(method, context)))
                 try:
                     async for response in behaviour(request, context):
                         yield response
@@ -238,7 +252,7 @@ class AuthInterceptor(_WrappingInterceptor):
             return admitted_stream
 
         async def admitted(request, context):
-            reset = current_actor.set(await admit(method, context))
+            reset = current_actor.set(_named(await admit(method, context)))
             try:
                 return await behaviour(request, context)
             finally:
@@ -247,14 +261,18 @@ class AuthInterceptor(_WrappingInterceptor):
         return admitted
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
-    await context.abort_with_status(from_exception(exc).to_status())
-
-
 def _start_call(context: grpc.aio.ServicerContext) -> None:
     """Makes the caller's deadline the bound of every unit of work of this call."""
     remaining = context.time_remaining()
     call_deadline.set(None if remaining is None else time.monotonic() + remaining)
+
+
+def _named(actor):
+    """The caller, also written into the call's log line."""
+    record = current_call.get()
+    if record is not None:
+        record.caller = actor.username
+    return actor
 
 
 class _Undecodable:
@@ -286,62 +304,90 @@ def _refuse_undecodable(request) -> None:
         )
 
 
-async def _checked(requests):
-    """A request stream whose undecodable messages raise INVALID_ARGUMENT."""
+async def _checked(requests, record):
+    """A request stream whose undecodable messages raise INVALID_ARGUMENT, counted."""
     async for request in requests:
         _refuse_undecodable(request)
+        message_received(record)
         yield request
 
 
-def _map_errors(behaviour, drain: Drain | None, method: str, streaming_requests: bool):
-    def checked(request):
-        if streaming_requests:
-            return _checked(request)
+class _Call:
+    """One call as the outermost wrapper sees it: admitted by the drain, its request
+    checked, its status mapped from whatever the handler raised, its log line and
+    metrics recorded once it ends (shared.observability)."""
+
+    def __init__(self, drain: Drain | None, method: str, kind: str, context) -> None:
+        self.drain = drain
+        self.method = method
+        self.context = context
+        self.code = grpc.StatusCode.OK
+        self.key: asyncio.Task | None = None
+        _start_call(context)
+        self.record = call_started(method, kind, context)
+
+    async def begin(self) -> None:
+        await self.context.send_initial_metadata(((REQUEST_ID, self.record.request_id),))
+        if self.drain is not None:
+            self.key = self.drain.enter(self.method)
+
+    async def fail(self, exc: BaseException) -> None:
+        """Answers the call with the status `exc` maps to (raises AbortError); a
+        cancellation that is not the drain's is the caller's: re-raised."""
+        if isinstance(exc, asyncio.CancelledError):
+            if self.key is None or not self.drain.ended_by_stop(self.key):
+                self.code = grpc.StatusCode.CANCELLED
+                raise exc
+            exc = STOPPED
+        error = from_exception(exc)
+        self.code = error.code
+        await self.context.abort_with_status(error.to_status())
+
+    def end(self) -> None:
+        if self.key is not None:
+            self.drain.leave(self.key)
+        call_finished(self.record, self.code)
+
+
+def _map_errors(behaviour, drain: Drain | None, method: str, kind: str):
+    def checked(request, record):
+        if kind in ("client_stream", "bidi_stream"):
+            return _checked(request, record)
         _refuse_undecodable(request)
+        message_received(record)
         return request
 
     if inspect.isasyncgenfunction(behaviour):
 
         async def guarded_stream(request, context):
-            _start_call(context)
-            call = None
+            call = _Call(drain, method, kind, context)
             try:
-                if drain is not None:
-                    call = drain.enter(method)
-                async for response in behaviour(checked(request), context):
+                await call.begin()
+                async for response in behaviour(checked(request, call.record), context):
                     yield response
+                    message_sent(call.record)
             except grpc.aio.AbortError:
                 raise
-            except asyncio.CancelledError:
-                if call is None or not drain.ended_by_stop(call):
-                    raise
-                await _abort(context, STOPPED)
-            except Exception as exc:
-                await _abort(context, exc)
+            except (Exception, asyncio.CancelledError) as exc:
+                await call.fail(exc)
             finally:
-                if call is not None:
-                    drain.leave(call)
+                call.end()
 
         return guarded_stream
 
     async def guarded(request, context):  # also stream handlers that write with context.write()
-        _start_call(context)
-        call = None
+        call = _Call(drain, method, kind, context)
         try:
-            if drain is not None:
-                call = drain.enter(method)
-            return await behaviour(checked(request), context)
+            await call.begin()
+            response = await behaviour(checked(request, call.record), context)
+            message_sent(call.record)
+            return response
         except grpc.aio.AbortError:
             raise
-        except asyncio.CancelledError:
-            if call is None or not drain.ended_by_stop(call):
-                raise
-            await _abort(context, STOPPED)
-        except Exception as exc:
-            await _abort(context, exc)
+        except (Exception, asyncio.CancelledError) as exc:
+            await call.fail(exc)
         finally:
-            if call is not None:
-                drain.leave(call)
+            call.end()
 
     return guarded
 
@@ -491,6 +537,16 @@ async def _serve(spec: ServiceSpec, settings: Settings, database: Database) -> i
     )
     listening = _bind(server, spec.address(settings), settings)
 
+    metrics_port = spec.metrics_port(settings)
+    if metrics_port is not None:
+        host = listening.rpartition(":")[0].strip("[]") or "::"
+        try:
+            bound = serve_metrics(metrics_port, "0.0.0.0" if host in ("::", "0.0.0.0") else host)
+        except OSError as exc:
+            raise StartupError(f"cannot serve metrics on port {metrics_port}: {exc}") from None
+        watch_pool(database.engine.pool)
+        log.info("%s metrics on http://%s:%d/metrics", spec.name, host, bound)
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -541,14 +597,6 @@ async def _serve(spec: ServiceSpec, settings: Settings, database: Database) -> i
             await stop_background()
         log.info("%s stopped", spec.name)
     return 0
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
 
 
 def main(spec: ServiceSpec) -> int:

@@ -1,0 +1,211 @@
+"""What a relman process tells its operators: one log line per RPC, and Prometheus metrics.
+
+Logs: JSON lines on stderr (one object per record, the RPC line carrying method,
+code, duration_ms, caller, peer and request_id), readable text when stderr is a
+terminal. The request id is the caller's `x-request-id` metadata (when it is a
+short printable token) or a new one; it is echoed in the response's initial
+metadata, so a caller can quote it. Request and response bodies are never logged,
+nor is any metadata but the request id: no token or password reaches a log line.
+
+Metrics (when DEPLOY_METRICS_PORT / AUDIT_METRICS_PORT is set): the names of Go's
+grpc-prometheus (grpc_server_started_total, grpc_server_handled_total,
+grpc_server_handling_seconds, grpc_server_msg_received_total /
+grpc_server_msg_sent_total), the pool's connections, and what a service counts
+(`counter()` / `gauge()` below, used by the domain).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+import uuid
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+REQUEST_ID = "x-request-id"
+_REQUEST_ID_FORMAT = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces
+_QUIET = ("/grpc.health.", "/grpc.reflection.")  # probes: logged at DEBUG only
+
+# Every metric of the process, registered here so that tests and the endpoint see
+# exactly relman's (and not the library's default process collectors twice).
+REGISTRY = CollectorRegistry()
+_LABELS = ("grpc_type", "grpc_service", "grpc_method")
+STARTED = Counter(
+    "grpc_server_started_total", "RPCs started on the server.", _LABELS, registry=REGISTRY
+)
+HANDLED = Counter(
+    "grpc_server_handled_total",
+    "RPCs completed on the server, whatever their status.",
+    (*_LABELS, "grpc_code"),
+    registry=REGISTRY,
+)
+HANDLING = Histogram(
+    "grpc_server_handling_seconds",
+    "Time from an RPC's start to its status, on the server.",
+    _LABELS,
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
+RECEIVED = Counter(
+    "grpc_server_msg_received_total",
+    "Stream messages received on the server (request streams).",
+    _LABELS,
+    registry=REGISTRY,
+)
+SENT = Counter(
+    "grpc_server_msg_sent_total",
+    "Stream messages sent by the server (response streams).",
+    _LABELS,
+    registry=REGISTRY,
+)
+
+rpc_log = logging.getLogger("relman.rpc")
+
+
+def counter(name: str, documentation: str, labels: tuple[str, ...] = ()) -> Counter:
+    """A domain counter of this process (audit rows ingested, export rows streamed...)."""
+    return Counter(name, documentation, labels, registry=REGISTRY)
+
+
+def gauge(name: str, documentation: str, labels: tuple[str, ...] = ()) -> Gauge:
+    return Gauge(name, documentation, labels, registry=REGISTRY)
+
+
+def watch_pool(pool) -> None:
+    """Gauges of a SQLAlchemy pool: connections in use, idle, and its size."""
+    connections = gauge(
+        "relman_db_pool_connections", "Pooled database connections, by state.", ("state",)
+    )
+    connections.labels("in_use").set_function(pool.checkedout)
+    connections.labels("idle").set_function(pool.checkedin)
+    connections.labels("size").set_function(pool.size)
+
+
+def serve_metrics(port: int, address: str) -> int:
+    """The Prometheus endpoint (/metrics on `port`, 0: a free one), served by a thread of
+    its own; returns the port bound."""
+    httpd, _ = start_http_server(port, addr=address, registry=REGISTRY)
+    return httpd.server_address[1]
+
+
+# -- one record per call ------------------------------------------------------------------
+
+
+@dataclass
+class CallRecord:
+    """What the log line and the metrics of one RPC need; the auth layer adds the caller."""
+
+    method: str  # /pkg.Service/Method
+    grpc_type: str  # unary, client_stream, server_stream, bidi_stream
+    request_id: str
+    peer: str
+    started: float = field(default_factory=time.perf_counter)
+    caller: str | None = None
+
+    @property
+    def labels(self) -> tuple[str, str, str]:
+        service, _, name = self.method.lstrip("/").partition("/")
+        return self.grpc_type, service, name
+
+
+current_call: ContextVar[CallRecord | None] = ContextVar("current_call", default=None)
+
+
+def grpc_type(handler: grpc.RpcMethodHandler) -> str:
+    if handler.unary_unary:
+        return "unary"
+    if handler.unary_stream:
+        return "server_stream"
+    if handler.stream_unary:
+        return "client_stream"
+    return "bidi_stream"
+
+
+def request_id_of(context: grpc.aio.ServicerContext) -> str:
+    """The caller's x-request-id, if it is a usable token; a new one otherwise."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID and isinstance(value, str) and _REQUEST_ID_FORMAT.fullmatch(value):
+            return value
+    return uuid.uuid4().hex
+
+
+def call_started(method: str, kind: str, context: grpc.aio.ServicerContext) -> CallRecord:
+    record = CallRecord(method, kind, request_id_of(context), context.peer() or "")
+    STARTED.labels(*record.labels).inc()
+    current_call.set(record)
+    return record
+
+
+def call_finished(record: CallRecord, code: grpc.StatusCode) -> None:
+    seconds = time.perf_counter() - record.started
+    HANDLED.labels(*record.labels, code.name).inc()
+    HANDLING.labels(*record.labels).observe(seconds)
+    level = logging.DEBUG if record.method.startswith(_QUIET) else logging.INFO
+    if rpc_log.isEnabledFor(level):
+        rpc_log.log(
+            level,
+            "%s %s %.1f ms",
+            record.method,
+            code.name,
+            seconds * 1000,
+            extra={
+                "rpc": {
+                    "method": record.method,
+                    "code": code.name,
+                    "duration_ms": round(seconds * 1000, 2),
+                    "caller": record.caller,
+                    "peer": record.peer,
+                    "request_id": record.request_id,
+                }
+            },
+        )
+
+
+def message_received(record: CallRecord | None) -> None:
+    if record is not None:
+        RECEIVED.labels(*record.labels).inc()
+
+
+def message_sent(record: CallRecord | None) -> None:
+    if record is not None:
+        SENT.labels(*record.labels).inc()
+
+
+# -- log format -----------------------------------------------------------------------------
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ts, level, logger, msg, the RPC's fields, exc."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        rpc = getattr(record, "rpc", None)
+        if rpc:
+            line.update(rpc)
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False, default=str)
+
+
+def configure_logging(level: str, stream=None) -> None:
+    """JSON lines, or readable text when the stream is a terminal."""
+    stream = stream or sys.stderr
+    handler = logging.StreamHandler(stream)
+    if stream.isatty():
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    else:
+        formatter = JsonFormatter()
+        formatter.converter = time.gmtime
+        handler.setFormatter(formatter)
+    logging.basicConfig(level=level, handlers=[handler], force=True)

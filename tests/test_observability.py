@@ -1,0 +1,175 @@
+"""Operators' view: Prometheus metrics after known calls, one JSON log line per RPC with
+the request id echoed, and no secret in any log line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import urllib.request
+import uuid
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import func, select
+
+from relman.v1 import audit_pb2, audit_pb2_grpc, auth_pb2, auth_pb2_grpc
+from shared.models import Deployment, DeploymentStatus, Role
+from tests.deploying import DEV, Client
+from tests.harness import RelmanProcess, bearer, client_address, start_service
+
+METRICS_AT = re.compile(r"metrics on (http://\S+/metrics)")
+AUDIT = "relman.v1.AuditService"
+
+
+async def _scrape(process: RelmanProcess) -> dict[tuple[str, frozenset], float]:
+    """Every sample of the process's endpoint: (name, labels) -> value."""
+    url = METRICS_AT.search(await process.wait_for_line(METRICS_AT.pattern))[1]
+    url = url.replace("0.0.0.0", "127.0.0.1")
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _value(samples, name: str, **labels) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+@pytest.fixture(scope="module")
+async def observed(db_url, tokens):
+    """Both services with metrics endpoints on free ports (their own processes)."""
+    deploy = await start_service(db_url, "deploy_svc", DEPLOY_METRICS_PORT="0")
+    audit = await start_service(db_url, "audit_svc", AUDIT_METRICS_PORT="0")
+    try:
+        async with (
+            grpc.aio.insecure_channel(client_address(deploy.addresses["deploy_svc"])) as dch,
+            grpc.aio.insecure_channel(client_address(audit.addresses["audit_svc"])) as ach,
+        ):
+            yield deploy, audit, dch, ach
+    finally:
+        for process in (deploy, audit):
+            assert await process.stop() == 0, process.output
+
+
+async def test_metrics_count_known_calls(observed, tokens, service_id, database):
+    deploy, audit, deploy_channel, audit_channel = observed
+    stub = audit_pb2_grpc.AuditServiceStub(audit_channel)
+    service_auth = bearer(tokens[Role.SERVICE])
+    before = await _scrape(audit)
+    for _ in range(3):
+        await stub.LogAction(
+            audit_pb2.LogActionRequest(action="metrics.ok", resource_type="t"),
+            metadata=service_auth,
+        )
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stub.LogAction(audit_pb2.LogActionRequest(action="Bad!"), metadata=service_auth)
+    batch = audit_pb2.LogActionsRequest(
+        actions=[audit_pb2.LogActionRequest(action="metrics.bulk", resource_type="t")] * 5
+    )
+    await stub.LogActions(iter([batch, batch]), metadata=service_auth)
+    tag = uuid.uuid4().hex
+    await stub.LogAction(
+        audit_pb2.LogActionRequest(action="metrics.export", resource_type="t", resource_id=tag),
+        metadata=service_auth,
+    )
+    messages = [
+        m
+        async for m in stub.ExportAuditLogs(
+            audit_pb2.ExportAuditLogsRequest(filter=audit_pb2.AuditLogFilter(resource_id=tag)),
+            metadata=bearer(tokens[Role.LEAD]),
+        )
+    ]
+    after = await _scrape(audit)
+
+    def delta(name, **labels):
+        return _value(after, name, **labels) - _value(before, name, **labels)
+
+    unary = {"grpc_type": "unary", "grpc_service": AUDIT, "grpc_method": "LogAction"}
+    assert delta("grpc_server_started_total", **unary) == 5
+    assert delta("grpc_server_handled_total", **unary, grpc_code="OK") == 4
+    assert delta("grpc_server_handled_total", **unary, grpc_code="INVALID_ARGUMENT") == 1
+    assert delta("grpc_server_handling_seconds_count", **unary) == 5
+    bulk = {"grpc_type": "client_stream", "grpc_service": AUDIT, "grpc_method": "LogActions"}
+    assert delta("grpc_server_msg_received_total", **bulk) == 2
+    assert delta("grpc_server_handled_total", **bulk, grpc_code="OK") == 1
+    export = {"grpc_type": "server_stream", "grpc_service": AUDIT, "grpc_method": "ExportAuditLogs"}
+    assert delta("grpc_server_msg_sent_total", **export) == len(messages)
+    assert delta("relman_audit_rows_ingested_total", rpc="LogAction") == 4
+    assert delta("relman_audit_rows_ingested_total", rpc="LogActions") == 10
+    assert delta("relman_audit_export_rows_total") == 2  # the header and the one row
+    assert _value(after, "relman_db_pool_connections", state="size") == 10
+
+    # deploy_svc: deployments by status, as the database holds them (refreshed every 2 s).
+    lead = Client(deploy_channel, tokens[Role.LEAD])
+    release = await lead.CreateRelease(service_id=service_id, version="1.0.0")
+    await lead.PromoteRelease(release_id=release.id, target_environment_id=DEV)
+    async with asyncio.timeout(15):
+        while True:
+            async with database.read() as session:
+                expected = await session.scalar(
+                    select(func.count())
+                    .select_from(Deployment)
+                    .where(Deployment.status == DeploymentStatus.PENDING.value)
+                )
+            scraped = await _scrape(deploy)
+            if _value(scraped, "relman_deployments", status="pending") == expected:
+                break
+            await asyncio.sleep(0.2)  # the gauge is refreshed every 2 s
+    assert expected >= 1
+    assert (
+        _value(
+            scraped,
+            "grpc_server_handled_total",
+            grpc_type="unary",
+            grpc_service="relman.v1.DeployService",
+            grpc_method="PromoteRelease",
+            grpc_code="OK",
+        )
+        >= 1
+    )
+
+
+async def test_one_json_line_per_rpc_with_the_request_id_and_no_secret(observed, tokens):
+    deploy, audit, deploy_channel, audit_channel = observed
+    auth = auth_pb2_grpc.AuthServiceStub(deploy_channel)
+    password = "password123"
+    login = await auth.Login(auth_pb2.LoginRequest(username="marco", password=password))
+    call = auth.WhoAmI(
+        auth_pb2.WhoAmIRequest(),
+        metadata=(*bearer(login.access_token), ("x-request-id", "req-42")),
+    )
+    me = await call
+    echoed = dict(await call.initial_metadata())["x-request-id"]
+    unnamed = auth.WhoAmI(auth_pb2.WhoAmIRequest(), metadata=bearer(login.access_token))
+    await unnamed
+    generated = dict(await unnamed.initial_metadata())["x-request-id"]
+    with pytest.raises(grpc.aio.AioRpcError):
+        await auth.WhoAmI(auth_pb2.WhoAmIRequest(), metadata=bearer("rm_wrong" + "x" * 40))
+    await auth.Logout(auth_pb2.LogoutRequest(), metadata=bearer(login.access_token))
+    stub = audit_pb2_grpc.AuditServiceStub(audit_channel)
+    await stub.LogAction(
+        audit_pb2.LogActionRequest(action="logs.check", resource_type="t"),
+        metadata=bearer(tokens[Role.SERVICE]),
+    )
+    await audit.wait_for_line(r'"method": "/relman.v1.AuditService/LogAction"', 10)
+
+    assert me.username == "marco" and echoed == "req-42" and len(generated) == 32
+    rpc_lines = [json.loads(line) for line in deploy.lines if '"method"' in line]
+    who = [line for line in rpc_lines if line["method"].endswith("/WhoAmI")]
+    named = next(line for line in who if line["request_id"] == "req-42")
+    assert named["code"] == "OK" and named["caller"] == "marco"
+    assert named["peer"] and named["duration_ms"] >= 0 and named["level"] == "INFO"
+    assert any(line["request_id"] == generated for line in who)
+    assert any(line["code"] == "UNAUTHENTICATED" and line["caller"] is None for line in who)
+    for process in (deploy, audit):
+        # relman's own lines are JSON objects (stderr is not a terminal); gRPC's C core
+        # may print its own.
+        ours = [json.loads(line) for line in process.lines if line.startswith("{")]
+        assert len(ours) > 3 and all(line["logger"].startswith("relman") for line in ours)
+        everything = process.output
+        for secret in (password, login.access_token, *tokens.values()):
+            assert secret not in everything
