@@ -327,7 +327,15 @@ class _Call:
         self.record = call_started(method, kind, context)
 
     async def begin(self) -> None:
-        await self.context.send_initial_metadata(((REQUEST_ID, self.record.request_id),))
+        """Echoes the request id: in the initial metadata of a response stream (there
+        before the first message), in the trailing metadata of a single response (sent
+        with the status: a separate initial-metadata write cost about a quarter of
+        LogAction's throughput, make bench)."""
+        echo = ((REQUEST_ID, self.record.request_id),)
+        if self.record.grpc_type in ("server_stream", "bidi_stream"):
+            await self.context.send_initial_metadata(echo)
+        else:
+            self.context.set_trailing_metadata(echo)
         if self.drain is not None:
             self.key = self.drain.enter(self.method)
 
@@ -341,7 +349,15 @@ class _Call:
             exc = STOPPED
         error = from_exception(exc)
         self.code = error.code
-        await self.context.abort_with_status(error.to_status())
+        status = error.to_status()
+        await self.context.abort_with_status(
+            status._replace(
+                trailing_metadata=(
+                    *status.trailing_metadata,
+                    (REQUEST_ID, self.record.request_id),
+                )
+            )
+        )
 
     def end(self) -> None:
         if self.key is not None:

@@ -130,13 +130,20 @@ class RelmanProcess:
         return running
 
     async def _read(self) -> None:
+        """Collects stderr a chunk at a time (a service logs a line per call: reading them
+        one by one cost the bench's client a share of its CPU)."""
         assert self.process.stderr is not None
-        async for raw in self.process.stderr:
-            line = raw.decode(errors="replace").rstrip("\n")
-            self.lines.append(line)
-            if match := LISTENING.search(line):
-                self.addresses[match["service"]] = match["address"]
+        partial = b""
+        while chunk := await self.process.stderr.read(1 << 16):
+            *complete, partial = (partial + chunk).split(b"\n")
+            for raw in complete:
+                line = raw.decode(errors="replace")
+                self.lines.append(line)
+                if "listening on" in line and (match := LISTENING.search(line)):
+                    self.addresses[match["service"]] = match["address"]
             self._line_seen.set()
+        if partial:
+            self.lines.append(partial.decode(errors="replace"))
         self._line_seen.set()
 
     async def wait_for_line(

@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from relman.v1 import audit_pb2, audit_pb2_grpc, auth_pb2, auth_pb2_grpc
 from shared.models import Deployment, DeploymentStatus, Role
 from tests.deploying import DEV, Client
-from tests.harness import RelmanProcess, bearer, client_address, start_service
+from tests.harness import RelmanProcess, bearer, client_address, error_details, start_service
 
 METRICS_AT = re.compile(r"metrics on (http://\S+/metrics)")
 AUDIT = "relman.v1.AuditService"
@@ -143,12 +143,25 @@ async def test_one_json_line_per_rpc_with_the_request_id_and_no_secret(observed,
         metadata=(*bearer(login.access_token), ("x-request-id", "req-42")),
     )
     me = await call
-    echoed = dict(await call.initial_metadata())["x-request-id"]
+    echoed = dict(await call.trailing_metadata())["x-request-id"]
     unnamed = auth.WhoAmI(auth_pb2.WhoAmIRequest(), metadata=bearer(login.access_token))
     await unnamed
-    generated = dict(await unnamed.initial_metadata())["x-request-id"]
-    with pytest.raises(grpc.aio.AioRpcError):
-        await auth.WhoAmI(auth_pb2.WhoAmIRequest(), metadata=bearer("rm_wrong" + "x" * 40))
+    generated = dict(await unnamed.trailing_metadata())["x-request-id"]
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await auth.WhoAmI(
+            auth_pb2.WhoAmIRequest(),
+            metadata=(*bearer("rm_wrong" + "x" * 40), ("x-request-id", "req-refused")),
+        )
+    assert dict(refused.value.trailing_metadata())["x-request-id"] == "req-refused"
+    error_details(refused.value)  # the rich status details are still there
+    # A response stream has it in its initial metadata, before the first message.
+    export = audit_pb2_grpc.AuditServiceStub(audit_channel).ExportAuditLogs(
+        audit_pb2.ExportAuditLogsRequest(filter=audit_pb2.AuditLogFilter(resource_id="none")),
+        metadata=(*bearer(tokens[Role.LEAD]), ("x-request-id", "req-export")),
+    )
+    assert dict(await export.initial_metadata())["x-request-id"] == "req-export"
+    async for _ in export:
+        pass
     await auth.Logout(auth_pb2.LogoutRequest(), metadata=bearer(login.access_token))
     stub = audit_pb2_grpc.AuditServiceStub(audit_channel)
     await stub.LogAction(
