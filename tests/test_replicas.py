@@ -1,0 +1,141 @@
+"""Two processes of each service on one database, as two replicas behind a balancer.
+
+A release goes from development to production with every step sent to one replica
+or the other, watched on the other; a stage that times out is failed once although
+both replicas' sweepers look for it; audit rows written through either replica are
+read through the other.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import asyncpg
+import grpc
+import pytest
+
+from relman.v1 import audit_pb2, audit_pb2_grpc, deploy_pb2
+from shared.db import libpq_dsn
+from shared.models import Role
+from tests.deploying import DEV, PROD, STAGING, Client, S
+from tests.faults.invariants import check_invariants
+from tests.harness import bearer, client_address, start_service
+
+
+@pytest.fixture(scope="module")
+async def replicas(db_url):
+    """Two deploy_svc and two audit_svc processes, each with its channel."""
+    processes = [
+        await start_service(db_url, module)
+        for module in ("deploy_svc", "deploy_svc", "audit_svc", "audit_svc")
+    ]
+    channels = [
+        grpc.aio.insecure_channel(client_address(next(iter(p.addresses.values()))))
+        for p in processes
+    ]
+    try:
+        yield processes, channels
+    finally:
+        for channel in channels:
+            await channel.close()
+        for process in processes:
+            assert await process.stop() == 0, process.output
+
+
+async def _watch_to_the_end(client: Client, deployment_id: str):
+    call = client.stub.WatchDeployment(
+        deploy_pb2.WatchDeploymentRequest(deployment_id=deployment_id),
+        metadata=client.auth,
+        timeout=60,
+    )
+    await call.read()  # open: from here on, no change is missed
+    return call
+
+
+async def _last(call):
+    """The watch's last message: it ends after a terminal status."""
+    last = None
+    while (message := await call.read()) is not grpc.aio.EOF:
+        last = message
+    return last
+
+
+async def _run_stages(deployment, *clients: Client) -> None:
+    """Every stage through the replicas in turn."""
+    for n, stage in enumerate(deployment.stages):
+        one, other = clients[n % 2], clients[(n + 1) % 2]
+        await one.UpdatePipelineStage(stage_id=stage.id, status=S.STAGE_STATUS_RUNNING)
+        await other.UpdatePipelineStage(stage_id=stage.id, status=S.STAGE_STATUS_SUCCEEDED)
+
+
+async def test_a_release_goes_to_production_through_two_replicas(
+    replicas, tokens, marco_token, db_url, service_id
+):
+    _, (deploy_a, deploy_b, _, _) = replicas
+    lead_a, lead_b = Client(deploy_a, tokens[Role.LEAD]), Client(deploy_b, tokens[Role.LEAD])
+    reviewer_a = Client(deploy_a, marco_token)
+    release = await lead_a.CreateRelease(service_id=service_id, version="1.0.0")
+    for n, environment in enumerate((DEV, STAGING, PROD)):
+        deployer, watcher = (lead_b, lead_a) if n % 2 == 0 else (lead_a, lead_b)
+        deployment = await deployer.PromoteRelease(
+            release_id=release.id, target_environment_id=environment
+        )
+        watch = await _watch_to_the_end(watcher, deployment.id)
+        if environment == PROD:
+            await reviewer_a.ApproveDeployment(deployment_id=deployment.id)
+        await _run_stages(deployment, lead_a, lead_b)
+        last = await _last(watch)
+        assert last.status == S.DEPLOYMENT_STATUS_SUCCEEDED
+    final = await lead_b.GetRelease(release_id=release.id)
+    assert final.status == S.RELEASE_STATUS_COMPLETED
+
+
+async def test_a_timed_out_stage_is_failed_once_with_two_sweepers(
+    replicas, tokens, db_url, service_id
+):
+    _, (deploy_a, deploy_b, _, _) = replicas
+    lead_a, lead_b = Client(deploy_a, tokens[Role.LEAD]), Client(deploy_b, tokens[Role.LEAD])
+    release = await lead_a.CreateRelease(service_id=service_id, version="2.0.0")
+    deployment = await lead_b.PromoteRelease(release_id=release.id, target_environment_id=DEV)
+    build = deployment.stages[0]
+    watch = await _watch_to_the_end(lead_a, deployment.id)
+    await lead_b.UpdatePipelineStage(stage_id=build.id, status=S.STAGE_STATUS_RUNNING)
+    db = await asyncpg.connect(libpq_dsn(db_url))
+    try:
+        await db.execute(
+            "UPDATE pipeline_stages SET timeout_seconds = 60,"
+            " started_at = now() - interval '1 hour' WHERE id = $1",
+            uuid.UUID(build.id),
+        )
+        last = await _last(watch)
+        timeouts = await db.fetchval(
+            "SELECT count(*) FROM audit_logs WHERE action = 'timeout' AND resource_id = $1",
+            build.id,
+        )
+        await check_invariants(db)
+    finally:
+        await db.close()
+    assert last.status == S.DEPLOYMENT_STATUS_FAILED
+    assert (last.stages[0].status, last.stages[0].output) == (S.STAGE_STATUS_FAILED, "timed out")
+    assert timeouts == 1
+
+
+async def test_audit_rows_written_through_one_replica_are_read_through_the_other(replicas, tokens):
+    _, (_, _, audit_a, audit_b) = replicas
+    tag = uuid.uuid4().hex
+    for n, channel in enumerate((audit_a, audit_b) * 3):
+        await audit_pb2_grpc.AuditServiceStub(channel).LogAction(
+            audit_pb2.LogActionRequest(
+                action="replica.write",
+                resource_type="test",
+                resource_id=tag,
+                details={"n": n},
+            ),
+            metadata=bearer(tokens[Role.SERVICE]),
+        )
+    for channel in (audit_a, audit_b):
+        page = await audit_pb2_grpc.AuditServiceStub(channel).ListAuditLogs(
+            audit_pb2.ListAuditLogsRequest(filter=audit_pb2.AuditLogFilter(resource_id=tag)),
+            metadata=bearer(tokens[Role.LEAD]),
+        )
+        assert sorted(row.details["n"] for row in page.audit_logs) == list(range(6))
