@@ -1,0 +1,104 @@
+"""The container files, checked against the settings the code reads.
+
+No container engine runs where the tests run, so docker-compose.yml and the
+Dockerfile are parsed and checked, not started: every setting they pass is one the
+code reads and accepts, ports and health checks match the addresses, the services
+start in the right order. The health-check command itself is run against the real
+servers.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import yaml
+
+from shared import PROJECT_ROOT
+from shared.config import Settings
+from shared.db import normalize_url
+from tests.harness import client_address
+
+COMPOSE = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+# Every environment variable the code reads: Settings' names, and DATABASE_URL.
+READ = set(
+    re.findall(r'reader\.\w+\(\s*"([A-Z_]+)"', (PROJECT_ROOT / "shared/config.py").read_text())
+)
+READ |= {"DATABASE_URL", "LOG_LEVEL"}
+SVC = {"deploy_svc": ("DEPLOY", 50051, "relman.v1.DeployService"),
+       "audit_svc": ("AUDIT", 50052, "relman.v1.AuditService")}  # fmt: skip
+
+
+def test_postgres_16_with_a_named_volume_and_a_healthcheck():
+    postgres = SERVICES["postgres"]
+    assert postgres["image"] == "postgres:16"
+    volume = postgres["volumes"][0].split(":")[0]
+    assert volume in COMPOSE["volumes"]
+    assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
+
+
+def test_migrate_runs_once_after_postgres_and_seeds_only_when_asked():
+    migrate = SERVICES["migrate"]
+    command = " ".join(migrate["command"])
+    assert "alembic upgrade head" in command and "python -m shared.seed" in command
+    assert '"$$SEED" = 1' in command  # $$: compose passes a literal $ to the shell
+    assert migrate["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    assert migrate["restart"] == "no" and migrate["build"] == "."
+
+
+def test_each_service_gets_settings_the_code_reads_and_accepts():
+    postgres_env = SERVICES["postgres"]["environment"]
+    for name, (prefix, port, readiness) in SVC.items():
+        service = SERVICES[name]
+        env = {key: str(value) for key, value in service["environment"].items()}
+        assert set(env) <= READ, set(env) - READ
+        settings = Settings.from_env(env)  # raises on any value the code refuses
+        address = getattr(settings, f"{name.split('_')[0]}_addr")
+        assert address.endswith(f":{port}") and f"{port}:{port}" in service["ports"]
+        metrics = getattr(settings, f"{prefix.lower()}_metrics_port")
+        assert f"{metrics}:{metrics}" in service["ports"]
+        url = normalize_url(env["DATABASE_URL"])
+        assert (url.username, url.password, url.database, url.host) == (
+            postgres_env["POSTGRES_USER"],
+            postgres_env["POSTGRES_PASSWORD"],
+            postgres_env["POSTGRES_DB"],
+            "postgres",
+        )
+        assert service["command"] == ["python", "-m", name]
+        assert service["depends_on"] == {"migrate": {"condition": "service_completed_successfully"}}
+        probe = service["healthcheck"]["test"]
+        assert probe[-2:] == [f"localhost:{port}", readiness]
+        grace = int(service["stop_grace_period"].rstrip("s"))
+        assert grace > settings.shutdown_grace_s  # the process exits before it is killed
+
+
+def test_the_image_is_slim_non_root_with_generated_code_and_one_default_command():
+    dockerfile = (PROJECT_ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11-slim", dockerfile, re.M)
+    assert "grpc_tools.protoc" in dockerfile  # the generated code is built in
+    user = re.findall(r"^USER (\S+)", dockerfile, re.M)
+    assert user and user[-1] not in ("root", "0")
+    assert 'CMD ["python", "-m", "deploy_svc"]' in dockerfile
+    ignored = (PROJECT_ROOT / ".dockerignore").read_text().split()
+    assert {".venv", ".data", "relman"} <= set(ignored)
+
+
+def test_the_healthcheck_command_answers_for_the_real_servers(relman):
+    def probe(*args: str) -> int:
+        return subprocess.run(
+            [sys.executable, "-m", "shared.healthcheck", *args],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            timeout=30,
+            check=False,
+        ).returncode
+
+    deploy = client_address(relman.addresses["deploy_svc"])
+    audit = client_address(relman.addresses["audit_svc"])
+    assert probe(deploy, "relman.v1.DeployService") == 0
+    assert probe(audit, "relman.v1.AuditService") == 0
+    assert probe(audit) == 0  # liveness
+    assert probe(deploy, "relman.v1.NoSuchService") == 1
+    assert probe("127.0.0.1:1", "") == 1  # nothing listens
