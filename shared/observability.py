@@ -267,9 +267,8 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, ensure_ascii=False, default=str)
 
 
-def configure_logging(level: str, stream=None) -> None:
-    """JSON lines, or readable text when the stream is a terminal."""
-    stream = stream or sys.stderr
+def log_handler(stream) -> logging.Handler:
+    """A handler writing JSON lines, or readable text when `stream` is a terminal."""
     handler = logging.StreamHandler(stream)
     if stream.isatty():
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -277,5 +276,10 @@ def configure_logging(level: str, stream=None) -> None:
         formatter = JsonFormatter()
         formatter.converter = time.gmtime
         handler.setFormatter(formatter)
-    logging.basicConfig(level=level, handlers=[handler], force=True)
-    _rpc_lines.configure(level, readable=stream.isatty())
+    return handler
+
+
+def configure_logging(level: str) -> None:
+    """The process's logging, on stderr: JSON lines, or readable text on a terminal."""
+    logging.basicConfig(level=level, handlers=[log_handler(sys.stderr)], force=True)
+    _rpc_lines.configure(level, readable=sys.stderr.isatty())

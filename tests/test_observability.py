@@ -4,7 +4,10 @@ the request id echoed, and no secret in any log line."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
+import logging
 import re
 import urllib.request
 import uuid
@@ -16,6 +19,13 @@ from sqlalchemy import func, select
 
 from relman.v1 import audit_pb2, audit_pb2_grpc, auth_pb2, auth_pb2_grpc
 from shared.models import Deployment, DeploymentStatus, Role
+from shared.observability import (
+    CallRecord,
+    _MethodMetrics,
+    _rpc_lines,
+    call_finished,
+    log_handler,
+)
 from tests.deploying import DEV, Client
 from tests.harness import RelmanProcess, bearer, client_address, error_details, start_service
 
@@ -186,3 +196,34 @@ async def test_one_json_line_per_rpc_with_the_request_id_and_no_secret(observed,
         everything = process.output
         for secret in (password, login.access_token, *tokens.values()):
             assert secret not in everything
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_readable_lines_on_a_terminal_json_elsewhere():
+    record = CallRecord("/relman.v1.AuthService/WhoAmI", "unary", "req-7", "ipv4:10.0.0.1:5")
+    record.metrics = _MethodMetrics(record.labels)
+    record.caller = "marco"
+    logger = logging.getLogger("relman.test.format")
+    logger.propagate = False
+    outputs = {}
+    for name, stream in (("terminal", _Terminal()), ("pipe", io.StringIO())):
+        handler = log_handler(stream)
+        logger.addHandler(handler)
+        logger.warning("hello %s", "there")
+        logger.removeHandler(handler)
+        with contextlib.redirect_stderr(stream):
+            _rpc_lines.configure("INFO", readable=stream.isatty())
+            call_finished(record, grpc.StatusCode.OK)  # no event loop: written at once
+        outputs[name] = stream.getvalue().splitlines()
+    _rpc_lines.configure("INFO", readable=False)
+    terminal, pipe = outputs["terminal"], outputs["pipe"]
+    assert terminal[0].endswith("WARNING relman.test.format: hello there")
+    assert "relman.rpc: /relman.v1.AuthService/WhoAmI OK" in terminal[1]
+    assert terminal[1].endswith("req-7")
+    first, rpc = (json.loads(line) for line in pipe)
+    assert (first["logger"], first["msg"]) == ("relman.test.format", "hello there")
+    assert (rpc["caller"], rpc["request_id"], rpc["code"]) == ("marco", "req-7", "OK")
