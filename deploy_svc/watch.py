@@ -121,7 +121,7 @@ class DeploymentWatcher:
         while True:
             lost = asyncio.Event()
             try:
-                connection = await asyncpg.connect(libpq_dsn(self.database.url), timeout=5)
+                connection = await asyncpg.connect(libpq_dsn(self.database.listen_url), timeout=5)
             except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
                 delay = RECONNECT_DELAY_S[min(attempt, len(RECONNECT_DELAY_S) - 1)]
                 attempt += 1

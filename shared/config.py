@@ -34,6 +34,8 @@ class Settings:
     prod_required_approvals: int
     tls: TlsFiles | None
     log_level: str
+    # Off behind PgBouncer in transaction mode: asyncpg prepares unnamed statements.
+    db_statement_cache: bool = True
     # Prometheus endpoint of each process; None: off, 0: any free port (logged).
     deploy_metrics_port: int | None = None
     audit_metrics_port: int | None = None
@@ -53,6 +55,7 @@ class Settings:
             ),
             tls=reader.tls(),
             log_level=reader.log_level("LOG_LEVEL", "INFO"),
+            db_statement_cache=reader.flag("DB_STATEMENT_CACHE", True),
             deploy_metrics_port=reader.port("DEPLOY_METRICS_PORT"),
             audit_metrics_port=reader.port("AUDIT_METRICS_PORT"),
         )
@@ -78,6 +81,16 @@ class _Reader:
             bound = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
             raise ConfigError(f"{name}={value} is out of range (must be {bound})")
         return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        raw = self.raw(name)
+        if raw is None:
+            return default
+        if raw.lower() in ("1", "true", "on", "yes"):
+            return True
+        if raw.lower() in ("0", "false", "off", "no"):
+            return False
+        raise ConfigError(f"{name}={raw!r} is not on or off (1/0, true/false)")
 
     def port(self, name: str) -> int | None:
         """A TCP port, or None when unset."""

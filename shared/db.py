@@ -11,6 +11,7 @@ import asyncio
 import os
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -49,6 +50,12 @@ def normalize_url(raw: str) -> URL:
     if not url.database:
         raise DatabaseUrlError("DATABASE_URL names no database")
     return url.set(drivername=ASYNC_DRIVER)
+
+
+def listen_url() -> URL | None:
+    """DATABASE_LISTEN_URL: where LISTEN connects when DATABASE_URL goes through PgBouncer."""
+    raw = os.environ.get("DATABASE_LISTEN_URL", "").strip()
+    return normalize_url(raw) if raw else None
 
 
 def database_url() -> URL:
@@ -97,8 +104,17 @@ def time_left(bound_s: float | None = None) -> float | None:
     return left
 
 
+# Behind PgBouncer in transaction mode (SQLAlchemy's asyncpg notes): no statement cache
+# in asyncpg, and the statements SQLAlchemy still prepares get names no other client
+# session can hold.
+_WITHOUT_STATEMENT_CACHE = {
+    "statement_cache_size": 0,
+    "prepared_statement_name_func": lambda: f"__relman_{uuid.uuid4().hex}__",
+}
+
+
 def create_engine(
-    url: URL, *, pool_size: int = 10, application_name: str = "relman"
+    url: URL, *, pool_size: int = 10, application_name: str = "relman", statement_cache: bool = True
 ) -> AsyncEngine:
     """An engine with a fixed-size pool (no overflow), so pool x processes stays predictable.
 
@@ -108,12 +124,15 @@ def create_engine(
     every 2 s usually meets it first. Statements run at most STATEMENT_TIMEOUT_S
     unless a unit of work sets its own bound.
     """
+    if not statement_cache:  # PgBouncer in transaction mode: no named prepared statements
+        url = url.update_query_dict({"prepared_statement_cache_size": "0"})
     return create_async_engine(
         url,
         pool_size=pool_size,
         max_overflow=0,
         connect_args={
             "timeout": CONNECT_TIMEOUT_S,
+            **({} if statement_cache else _WITHOUT_STATEMENT_CACHE),
             "server_settings": {
                 "statement_timeout": str(STATEMENT_TIMEOUT_S * 1000),
                 # A statement whose call gave up stops even when asyncpg's cancel request
@@ -129,10 +148,26 @@ def create_engine(
 class Database:
     """One process's connection pool and its units of work."""
 
-    def __init__(self, url: URL, *, pool_size: int = 10, application_name: str = "relman") -> None:
+    def __init__(
+        self,
+        url: URL,
+        *,
+        pool_size: int = 10,
+        application_name: str = "relman",
+        statement_cache: bool = True,
+        listen_url: URL | None = None,
+    ) -> None:
         self.url = url
+        # LISTEN needs a session of its own on PostgreSQL itself, never through PgBouncer.
+        self.listen_url = listen_url or url
         self.application_name = application_name
-        self.engine = create_engine(url, pool_size=pool_size, application_name=application_name)
+        self.statement_cache = statement_cache
+        self.engine = create_engine(
+            url,
+            pool_size=pool_size,
+            application_name=application_name,
+            statement_cache=statement_cache,
+        )
         self._probe: asyncpg.Connection | None = None
         # Loaded objects stay usable after commit: no lazy reload outside the transaction.
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
@@ -195,6 +230,7 @@ class Database:
                     self._probe = await asyncpg.connect(
                         libpq_dsn(self.url),
                         server_settings={"application_name": f"{self.application_name} probe"},
+                        statement_cache_size=100 if self.statement_cache else 0,
                     )
                 await self._probe.fetchval("SELECT 1")
             except BaseException:

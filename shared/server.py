@@ -36,7 +36,14 @@ from grpc_reflection.v1alpha import reflection
 from shared.actor import current_actor
 from shared.auth import Authenticator
 from shared.config import ConfigError, Settings
-from shared.db import Database, DatabaseUrlError, call_deadline, database_url, describe
+from shared.db import (
+    Database,
+    DatabaseUrlError,
+    call_deadline,
+    database_url,
+    describe,
+    listen_url,
+)
 from shared.errors import InvalidArgument, Unavailable, from_exception
 from shared.observability import (
     REQUEST_ID,
@@ -621,7 +628,11 @@ def main(spec: ServiceSpec) -> int:
         settings = Settings.from_env()
         configure_logging(settings.log_level)
         database = Database(
-            database_url(), pool_size=settings.db_pool_size, application_name=spec.name
+            database_url(),
+            pool_size=settings.db_pool_size,
+            application_name=spec.name,
+            statement_cache=settings.db_statement_cache,
+            listen_url=listen_url(),
         )
         # uvloop: about 11% more calls/s than asyncio's own loop under the same load.
         return uvloop.run(serve(spec, settings, database))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import text
 
-from shared.db import DatabaseUrlError, database_url, describe, normalize_url
+from shared.config import ConfigError, Settings
+from shared.db import Database, DatabaseUrlError, database_url, describe, normalize_url
 
 
 @pytest.mark.parametrize(
@@ -46,3 +48,22 @@ def test_database_url_follows_the_environment(monkeypatch):
     monkeypatch.setenv("DATABASE_URL", "postgresql://someone@elsewhere:5433/other")
     url = database_url()
     assert (url.host, url.port, url.database) == ("elsewhere", 5433, "other")
+
+
+async def test_without_statement_cache_no_connection_prepares_named_statements(db_url):
+    """DB_STATEMENT_CACHE=0, for PgBouncer in transaction mode: every connection the
+    process makes (pool, raw path, readiness probe) has asyncpg's cache off."""
+    database = Database(db_url, pool_size=1, statement_cache=False)
+    try:
+        async with database.autocommit_connection(5) as raw:
+            assert raw._stmt_cache.get_max_size() == 0
+            assert await raw.fetchval("SELECT 1") == 1
+        async with database.read() as session:
+            assert await session.scalar(text("SELECT 2")) == 2
+        await database.ping(5)
+        assert database._probe._stmt_cache.get_max_size() == 0
+    finally:
+        await database.dispose()
+    assert Settings.from_env({"DB_STATEMENT_CACHE": "off"}).db_statement_cache is False
+    with pytest.raises(ConfigError, match="DB_STATEMENT_CACHE"):
+        Settings.from_env({"DB_STATEMENT_CACHE": "sometimes"})

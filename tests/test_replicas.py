@@ -25,9 +25,17 @@ from tests.harness import bearer, client_address, start_service
 @pytest.fixture(scope="module")
 async def replicas(db_url):
     """Two deploy_svc and two audit_svc processes, each with its channel."""
+    # The second of each runs as it would behind PgBouncer in transaction mode: no
+    # named prepared statements, LISTEN on a URL of its own.
+    pgbouncer_mode = {"DB_STATEMENT_CACHE": "0", "DATABASE_LISTEN_URL": libpq_dsn(db_url)}
     processes = [
-        await start_service(db_url, module)
-        for module in ("deploy_svc", "deploy_svc", "audit_svc", "audit_svc")
+        await start_service(db_url, module, **settings)
+        for module, settings in (
+            ("deploy_svc", {}),
+            ("deploy_svc", pgbouncer_mode),
+            ("audit_svc", {}),
+            ("audit_svc", pgbouncer_mode),
+        )
     ]
     channels = [
         grpc.aio.insecure_channel(client_address(next(iter(p.addresses.values()))))
