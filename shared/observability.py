@@ -172,12 +172,13 @@ def call_finished(record: CallRecord, code: grpc.StatusCode) -> None:
     seconds = time.perf_counter() - record.started
     record.metrics.handled(code).inc()
     record.metrics.handling.observe(seconds)
-    if record.method.startswith(_QUIET):
+    quiet = record.method.startswith(_QUIET)
+    if quiet and not _rpc_lines.debug:
         return
     _rpc_lines.write(
         {
             "ts": _now(),
-            "level": "INFO",
+            "level": "DEBUG" if quiet else "INFO",
             "logger": "relman.rpc",
             "msg": f"{record.method} {code.name} {seconds * 1000:.1f} ms",
             "method": record.method,
@@ -213,18 +214,20 @@ class _RpcLines:
 
     def __init__(self) -> None:
         self.enabled = True
+        self.debug = False
         self.readable = False
         self._pending: list[str] = []
 
     def configure(self, level: str, readable: bool) -> None:
         self.enabled = logging.getLevelName(level) <= logging.INFO
+        self.debug = logging.getLevelName(level) <= logging.DEBUG
         self.readable = readable
 
     def write(self, line: dict) -> None:
         if not self.enabled:
             return
         if self.readable:
-            text = f"{line['ts']} INFO relman.rpc: {line['msg']} {line['request_id']}"
+            text = f"{line['ts']} {line['level']} relman.rpc: {line['msg']} {line['request_id']}"
         else:
             text = json.dumps(line, ensure_ascii=False)
         if not self._pending:

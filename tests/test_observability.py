@@ -219,7 +219,18 @@ def test_readable_lines_on_a_terminal_json_elsewhere():
             _rpc_lines.configure("INFO", readable=stream.isatty())
             call_finished(record, grpc.StatusCode.OK)  # no event loop: written at once
         outputs[name] = stream.getvalue().splitlines()
+    probe = CallRecord("/grpc.health.v1.Health/Check", "unary", "req-8", "ipv4:10.0.0.1:6")
+    probe.metrics = _MethodMetrics(probe.labels)
+    quiet = {}
+    for level in ("INFO", "DEBUG"):
+        stream = io.StringIO()
+        with contextlib.redirect_stderr(stream):
+            _rpc_lines.configure(level, readable=False)
+            call_finished(probe, grpc.StatusCode.OK)
+        quiet[level] = stream.getvalue()
     _rpc_lines.configure("INFO", readable=False)
+    assert quiet["INFO"] == ""  # probes: only at DEBUG
+    assert json.loads(quiet["DEBUG"])["level"] == "DEBUG"
     terminal, pipe = outputs["terminal"], outputs["pipe"]
     assert terminal[0].endswith("WARNING relman.test.format: hello there")
     assert "relman.rpc: /relman.v1.AuthService/WhoAmI OK" in terminal[1]
