@@ -2,8 +2,8 @@
 
 Every SWEEP_INTERVAL_S it fails running stages past their timeout_seconds
 (deploy_svc.deployments.fail_timed_out_stages), which is safe with several
-replicas sweeping at once, and refreshes the `relman_deployments` gauge (how many
-deployments the database holds in each status).
+replicas sweeping at once, and, when the process serves metrics, refreshes the
+`relman_deployments` gauge (how many deployments the database holds in each status).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from deploy_svc.deployments import fail_timed_out_stages
 from shared.db import Database
 from shared.models import Deployment, DeploymentStatus
-from shared.observability import gauge
+from shared.observability import gauge, serving_metrics
 
 DEPLOYMENTS = gauge("relman_deployments", "Deployments in the database, by status.", ("status",))
 
@@ -31,18 +31,25 @@ async def sweep_forever(database: Database) -> None:
         try:
             async with database.transaction(deadline_s=30) as session:
                 failed = await fail_timed_out_stages(session)
-                counts = dict(
-                    (await session.execute(
-                        select(Deployment.status, func.count()).group_by(Deployment.status)
-                    )).all()
-                )  # fmt: skip
-            for status in DeploymentStatus:
-                DEPLOYMENTS.labels(status.value).set(counts.get(status.value, 0))
             if failed:
                 log.info("failed %d timed-out stage(s)", failed)
+            if serving_metrics():
+                await count_deployments(database)
         except Exception:  # the database may be away; the next sweep tries again
             log.warning("stage sweep failed", exc_info=True)
         await asyncio.sleep(SWEEP_INTERVAL_S)
+
+
+async def count_deployments(database: Database) -> None:
+    """The `relman_deployments` gauge, from the database (only when metrics are served)."""
+    async with database.read(deadline_s=10) as session:
+        counts = dict(
+            (await session.execute(
+                select(Deployment.status, func.count()).group_by(Deployment.status)
+            )).all()
+        )  # fmt: skip
+    for status in DeploymentStatus:
+        DEPLOYMENTS.labels(status.value).set(counts.get(status.value, 0))
 
 
 def start(database: Database):

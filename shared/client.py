@@ -22,14 +22,8 @@ import uuid
 
 import grpc
 
-from relman.v1 import (
-    audit_pb2,
-    audit_pb2_grpc,
-    auth_pb2,
-    auth_pb2_grpc,
-    deploy_pb2,
-    deploy_pb2_grpc,
-)
+from relman.v1 import audit_pb2_grpc, auth_pb2_grpc, deploy_pb2_grpc
+from shared.protos import rpc_methods
 
 DEFAULT_DEADLINE_S = 30
 RETRY_POLICY = {
@@ -42,12 +36,6 @@ RETRY_POLICY = {
 _OPEN_ENDED = {"WatchDeployment", "ExportAuditLogs"}  # no default deadline
 
 
-def _methods():
-    for module in (deploy_pb2, auth_pb2, audit_pb2):
-        for service in module.DESCRIPTOR.services_by_name.values():
-            yield from service.methods
-
-
 def _repeatable(method) -> bool:
     name = method.name
     reads = name.startswith(("Get", "List")) or name in {"WhoAmI", *_OPEN_ENDED}
@@ -58,7 +46,7 @@ def service_config() -> dict:
     """The gRPC service config: a deadline for every call but the open-ended ones, and
     the retry policy for the repeatable ones."""
     configs = []
-    for method in _methods():
+    for method in rpc_methods():
         config = {"name": [{"service": method.containing_service.full_name, "method": method.name}]}
         if method.name not in _OPEN_ENDED:
             config["timeout"] = f"{DEFAULT_DEADLINE_S}s"

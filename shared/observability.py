@@ -3,8 +3,9 @@
 Logs: JSON lines on stderr (one object per record, the RPC line carrying method,
 code, duration_ms, caller, peer and request_id), readable text when stderr is a
 terminal. The request id is the caller's `x-request-id` metadata (when it is a
-short printable token) or a new one; it is echoed in the response's initial
-metadata, so a caller can quote it. Request and response bodies are never logged,
+short printable token) or a new one; it is echoed in the response's metadata
+(shared.server: trailing for a single response, initial for a response stream), so
+a caller can quote it. Request and response bodies are never logged,
 nor is any metadata but the request id: no token or password reaches a log line.
 
 Metrics (when DEPLOY_METRICS_PORT / AUDIT_METRICS_PORT is set): the names of Go's
@@ -86,10 +87,21 @@ def watch_pool(pool) -> None:
     connections.labels("size").set_function(pool.size)
 
 
+_serving = False
+
+
+def serving_metrics() -> bool:
+    """Whether this process has a metrics endpoint (gauges that cost a query are only
+    refreshed then)."""
+    return _serving
+
+
 def serve_metrics(port: int, address: str) -> int:
     """The Prometheus endpoint (/metrics on `port`, 0: a free one), served by a thread of
     its own; returns the port bound."""
+    global _serving
     httpd, _ = start_http_server(port, addr=address, registry=REGISTRY)
+    _serving = True
     return httpd.server_address[1]
 
 
@@ -191,14 +203,12 @@ def call_finished(record: CallRecord, code: grpc.StatusCode) -> None:
     )
 
 
-def message_received(record: CallRecord | None) -> None:
-    if record is not None:
-        record.metrics.received.inc()
+def message_received(record: CallRecord) -> None:
+    record.metrics.received.inc()
 
 
-def message_sent(record: CallRecord | None) -> None:
-    if record is not None:
-        record.metrics.sent.inc()
+def message_sent(record: CallRecord) -> None:
+    record.metrics.sent.inc()
 
 
 def _now() -> str:

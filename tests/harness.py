@@ -292,17 +292,14 @@ async def call_empty(
 
 def method_shape(method: str) -> dict[str, bool]:
     """Whether a relman RPC streams requests and/or responses, from the proto descriptors."""
-    from relman.v1 import audit_pb2, auth_pb2, deploy_pb2
+    from shared.protos import rpc_methods
 
-    service_name, _, name = method.partition("/")
-    for module in (deploy_pb2, auth_pb2, audit_pb2):
-        for service in module.DESCRIPTOR.services_by_name.values():
-            if service.full_name == service_name:
-                descriptor = service.methods_by_name[name]
-                return {
-                    "client_streaming": descriptor.client_streaming,
-                    "server_streaming": descriptor.server_streaming,
-                }
+    for descriptor in rpc_methods():
+        if f"{descriptor.containing_service.full_name}/{descriptor.name}" == method:
+            return {
+                "client_streaming": descriptor.client_streaming,
+                "server_streaming": descriptor.server_streaming,
+            }
     raise KeyError(method)
 
 

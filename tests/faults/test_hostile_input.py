@@ -27,8 +27,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relman.v1 import audit_pb2, audit_pb2_grpc, auth_pb2, auth_pb2_grpc, deploy_pb2
+from relman.v1 import audit_pb2, audit_pb2_grpc, auth_pb2, auth_pb2_grpc
 from shared.db import libpq_dsn
+from shared.protos import rpc_methods
 from shared.seed import seed_id
 from tests.deploying import DEV, PROD, STAGING, Client
 from tests.faults.conftest import assert_no_internal_errors, new_service_id, services
@@ -187,14 +188,7 @@ def _make(cls, values: dict):
     return message
 
 
-def _methods():
-    for module in (deploy_pb2, auth_pb2, audit_pb2):
-        for service in module.DESCRIPTOR.services_by_name.values():
-            for method in service.methods:
-                yield service, method
-
-
-METHODS = list(_methods())
+METHODS = [(method.containing_service, method) for method in rpc_methods()]
 
 
 @pytest.fixture(scope="module")
