@@ -13,7 +13,7 @@ from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.actor import Actor
-from shared.models import AuditLog
+from shared.models import AuditLog, AuditOrigin
 
 # Built once: a Core INSERT on the table, not an ORM one built per call (both showed in
 # the profile of every write RPC).
@@ -28,7 +28,11 @@ async def append(
     resource_id: uuid.UUID | str | None = None,
     details: dict[str, Any] | None = None,
 ) -> uuid.UUID:
-    """Appends one row recording that `actor` did `action` to a resource; returns its id."""
+    """Appends one row recording that `actor` did `action` to a resource; returns its id.
+
+    Rows written here are relman's own (origin `relman`), recorded by the caller's
+    authenticated user (None for anonymous calls: a failed login, a refused call
+    without a valid token, the command lines, the stage sweeper)."""
     return await session.scalar(
         _APPEND,
         {
@@ -39,5 +43,7 @@ async def append(
             "details": details or {},
             "ip_address": actor.peer,
             "user_agent": actor.user_agent,
+            "origin": AuditOrigin.RELMAN.value,
+            "recorded_by": actor.user_id,
         },
     )

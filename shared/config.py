@@ -39,6 +39,19 @@ class Settings:
     # Prometheus endpoint of each process; None: off, 0: any free port (logged).
     deploy_metrics_port: int | None = None
     audit_metrics_port: int | None = None
+    # Refuse to start (exit 2) when the database role could alter the audit trail.
+    require_protected_trail: bool = False
+    # Held resources: a LogActions stream idle this long is ended; streams per caller;
+    # an export whose reader takes nothing for this long is cancelled.
+    audit_stream_idle_s: float = 30.0
+    audit_streams_per_caller: int = 4
+    export_reader_idle_s: float = 60.0
+    # Failed logins allowed per (username, peer) and per peer in one window, and how
+    # many password checks may wait for the hashing thread.
+    login_failures_per_user: int = 5
+    login_failures_per_peer: int = 30
+    login_throttle_window_s: int = 900
+    login_queue_max: int = 32
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -58,6 +71,22 @@ class Settings:
             db_statement_cache=reader.flag("DB_STATEMENT_CACHE", True),
             deploy_metrics_port=reader.port("DEPLOY_METRICS_PORT"),
             audit_metrics_port=reader.port("AUDIT_METRICS_PORT"),
+            require_protected_trail=reader.flag("REQUIRE_PROTECTED_TRAIL", False),
+            audit_stream_idle_s=reader.number("AUDIT_STREAM_IDLE_S", 30.0, minimum=0.1),
+            audit_streams_per_caller=reader.integer(
+                "AUDIT_STREAMS_PER_CALLER", 4, minimum=1, maximum=1000
+            ),
+            export_reader_idle_s=reader.number("EXPORT_READER_IDLE_S", 60.0, minimum=0.1),
+            login_failures_per_user=reader.integer(
+                "LOGIN_FAILURES_PER_USER", 5, minimum=1, maximum=1000
+            ),
+            login_failures_per_peer=reader.integer(
+                "LOGIN_FAILURES_PER_PEER", 30, minimum=1, maximum=100_000
+            ),
+            login_throttle_window_s=reader.integer(
+                "LOGIN_THROTTLE_WINDOW_S", 900, minimum=1, maximum=86_400
+            ),
+            login_queue_max=reader.integer("LOGIN_QUEUE_MAX", 32, minimum=1, maximum=10_000),
         )
 
 

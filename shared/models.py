@@ -97,6 +97,13 @@ class Role(StrEnum):
     SERVICE = "service"
 
 
+class AuditOrigin(StrEnum):
+    """Who wrote an audit row: relman about its own work, or a client through LogAction(s)."""
+
+    RELMAN = "relman"
+    CLIENT = "client"
+
+
 class EnvironmentType(StrEnum):
     """Declared in promotion order: development -> staging -> production."""
 
@@ -206,6 +213,21 @@ class ApiToken(Base):
     expires_at: Mapped[datetime | None]
     last_used_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
+    # Who minted it (None: the tokens command line). A token minted by someone else
+    # works only while its user's role is service (migration 006).
+    created_by: Mapped[uuid.UUID | None] = _user_fk(nullable=True)
+
+
+class LoginThrottle(Base):
+    """Failed logins of one key (`user:<username>|<peer>` or `peer:<peer>`) in a fixed
+    window, shared by every replica; `throttled` counts the attempts refused in it."""
+
+    __tablename__ = "login_throttle"
+
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    window_start: Mapped[datetime]
+    failures: Mapped[int] = mapped_column(server_default=text("0"))
+    throttled: Mapped[int] = mapped_column(server_default=text("0"))
 
 
 class Environment(Base):
@@ -338,7 +360,8 @@ class Approval(Base):
 
 
 class AuditLog(Base):
-    """Append-only: a trigger refuses UPDATE, DELETE and TRUNCATE (migration 005)."""
+    """Append-only: a trigger refuses UPDATE, DELETE and TRUNCATE (migration 005), and the
+    services' own database role holds only INSERT and SELECT on it (shared.roles)."""
 
     __tablename__ = "audit_logs"
     __table_args__ = (
@@ -353,6 +376,8 @@ class AuditLog(Base):
             "created_at",
             "id",
         ),
+        Index("ix_audit_logs_origin_created_at_id", "origin", "created_at", "id"),
+        _one_of("origin", AuditOrigin),
     )
 
     id: Mapped[uuid.UUID] = _uuid_pk()
@@ -364,6 +389,11 @@ class AuditLog(Base):
     ip_address: Mapped[str | None] = mapped_column(String(45))
     user_agent: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    # Set by the server only (NULL on rows older than migration 006): relman or client,
+    # and the authenticated principal whose call wrote the row (no foreign key: always
+    # the caller's own user, and a per-row key check would slow the bulk path).
+    origin: Mapped[str | None] = mapped_column(String(10))
+    recorded_by: Mapped[uuid.UUID | None]
 
 
 class Rollback(Base):
