@@ -28,8 +28,9 @@ $(GENERATED): $(PROTOS) $(STAMP)
 	$(PY) -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
 	touch relman/__init__.py relman/v1/__init__.py $(GENERATED)
 
+# As the schema's owner (MIGRATION_DATABASE_URL), then grants the services' role.
 migrate: install
-	$(PY) -m alembic upgrade head
+	$(PY) -m shared.schema
 
 seed: migrate
 	$(PY) -m shared.seed

@@ -13,14 +13,15 @@ from pathlib import Path
 from bench import scenarios
 from bench.report import table, write_json
 from bench.stack import running
-from shared.db import database_url, describe
+from shared.db import describe
+from tests.harness import server_url
 
 DEFAULT_OUTPUT = Path(__file__).parent / "results.json"
 
 
 async def run(quick: bool, output: Path) -> int:
     size = scenarios.QUICK if quick else scenarios.FULL
-    server = database_url()
+    server = server_url()
     print(
         f"bench: {'quick' if quick else 'full'} run on {os.cpu_count()} cores, {describe(server)}",
         file=sys.stderr,

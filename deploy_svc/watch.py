@@ -121,7 +121,13 @@ class DeploymentWatcher:
         while True:
             lost = asyncio.Event()
             try:
-                connection = await asyncpg.connect(libpq_dsn(self.database.listen_url), timeout=5)
+                connection = await asyncpg.connect(
+                    libpq_dsn(self.database.listen_url),
+                    timeout=5,
+                    server_settings={
+                        "application_name": f"{self.database.application_name} listen"
+                    },
+                )
             except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
                 delay = RECONNECT_DELAY_S[min(attempt, len(RECONNECT_DELAY_S) - 1)]
                 attempt += 1

@@ -1,7 +1,8 @@
 """Alembic environment: async migrations through asyncpg, the only driver relman uses.
 
 The URL comes from `config.attributes["database_url"]` when a caller (the tests,
-the seed's --reset) passes one, else from shared.db.database_url().
+the seed's --reset) passes one, else from shared.db.migration_database_url() (the
+schema's owner).
 """
 
 import asyncio
@@ -12,7 +13,7 @@ from sqlalchemy import pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from shared.db import database_url, normalize_url
+from shared.db import migration_database_url, normalize_url
 from shared.models import Base
 
 config = context.config
@@ -24,7 +25,7 @@ target_metadata = Base.metadata
 
 def _url():
     given = config.attributes.get("database_url")
-    return normalize_url(str(given)) if given else database_url()
+    return normalize_url(str(given)) if given else migration_database_url()
 
 
 def _configure(**kwargs) -> None:

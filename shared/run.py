@@ -1,10 +1,17 @@
-"""`make run`: migrate, seed once, then run both services in the foreground until Ctrl-C.
+"""`make run`: migrate, seed when it is safe, then run both services until Ctrl-C.
 
 With DATABASE_URL unset this process starts the embedded PostgreSQL and keeps it
-up while the services run; both services get the resolved URL, and the
-embedded server stops when this process exits. SIGINT or SIGTERM is passed on
-to the services, which stop gracefully; if one of them exits on its own (a port
-in use, say), the other is stopped too and its exit code is returned.
+up while the services run. Migrations and the seed run as the schema's owner
+(MIGRATION_DATABASE_URL, else DATABASE_URL, else the embedded owner role); the
+services get only DATABASE_URL (the embedded runtime role by default), never the
+owner's URL. The sample users (published password) are seeded into the embedded
+database, or anywhere with SEED=1; with DATABASE_URL set and no SEED=1 nothing is
+seeded (`python -m shared.users create-admin` makes the first admin). The services
+listen on loopback unless DEPLOY_SVC_ADDR / AUDIT_SVC_ADDR say otherwise.
+
+SIGINT or SIGTERM is passed on to the services, which stop gracefully; if one of
+them exits on its own (a port in use, say), the other is stopped too and its exit
+code is returned.
 """
 
 from __future__ import annotations
@@ -16,35 +23,48 @@ import subprocess
 import sys
 
 from shared import PROJECT_ROOT, schema
-from shared.config import ConfigError, Settings
-from shared.db import DatabaseUrlError, database_url, describe, libpq_dsn
+from shared.config import ConfigError, Settings, env_flag
+from shared.db import (
+    DatabaseUrlError,
+    database_url,
+    describe,
+    libpq_dsn,
+    migration_database_url,
+)
 from shared.seed import SeedError, seed
 
 SERVICES = ("deploy_svc", "audit_svc")
+LOOPBACK = {"DEPLOY_SVC_ADDR": "127.0.0.1:50051", "AUDIT_SVC_ADDR": "127.0.0.1:50052"}
 
 
 def main() -> int:
+    embedded = not os.environ.get("DATABASE_URL", "").strip()
     try:
         Settings.from_env()  # refuse bad settings before starting anything
-        url = database_url()
+        seeding = env_flag("SEED", embedded)
+        url, owner = database_url(), migration_database_url()
     except (ConfigError, DatabaseUrlError) as exc:
         print(f"relman: {exc}", file=sys.stderr)
         return 2
-    print(f"relman: migrating the {describe(url)}", file=sys.stderr, flush=True)
-    schema.upgrade(url)
-    try:
-        added = asyncio.run(seed(url))
-    except SeedError as exc:
-        print(f"relman: {exc}", file=sys.stderr)
-        return 2
+    print(f"relman: migrating the {describe(owner)}", file=sys.stderr, flush=True)
+    schema.upgrade(owner, runtime_role=schema.runtime_role(owner, url))
+    if seeding:
+        try:
+            added = asyncio.run(seed(owner))
+        except SeedError as exc:
+            print(f"relman: {exc}", file=sys.stderr)
+            return 2
+        said = "seeded the sample data" if added else "already seeded"
+    else:
+        said = "did not seed the sample users (DATABASE_URL is set; SEED=1 seeds them)"
     print(
-        f"relman: {'seeded the sample data' if added else 'already seeded'};"
-        " starting deploy_svc and audit_svc (Ctrl-C stops both)",
+        f"relman: {said}; starting deploy_svc and audit_svc (Ctrl-C stops both)",
         file=sys.stderr,
         flush=True,
     )
 
-    env = {**os.environ, "DATABASE_URL": libpq_dsn(url)}
+    env = {**LOOPBACK, **os.environ, "DATABASE_URL": libpq_dsn(url)}
+    env.pop("MIGRATION_DATABASE_URL", None)  # the services never hold the owner's URL
     children = {
         subprocess.Popen([sys.executable, "-m", name], cwd=PROJECT_ROOT, env=env).pid: name
         for name in SERVICES

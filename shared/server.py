@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import gc
 import inspect
+import ipaddress
 import logging
 import signal
 import sys
@@ -33,6 +34,7 @@ import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from shared import roles
 from shared.actor import current_actor
 from shared.auth import Authenticator
 from shared.config import ConfigError, Settings
@@ -51,6 +53,7 @@ from shared.observability import (
     call_started,
     configure_logging,
     current_call,
+    gauge,
     grpc_type,
     message_received,
     message_sent,
@@ -66,6 +69,11 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 READINESS_INTERVAL_S = 2.0
 READINESS_PING_TIMEOUT_S = 2.0
 STARTUP_DB_WAIT_S = 5.0
+
+TRAIL_PROTECTED = gauge(
+    "relman_audit_trail_protected",
+    "1 when this process's database role can only INSERT and SELECT audit rows, else 0.",
+)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -535,8 +543,39 @@ async def serve(spec: ServiceSpec, settings: Settings, database: Database) -> in
         await database.dispose()
 
 
+async def _check_trail(spec: ServiceSpec, settings: Settings, database: Database) -> None:
+    """Says at start-up whether this process's own database role could alter the audit
+    trail: one WARNING line naming what it can do and the gauge at 0, or, with
+    REQUIRE_PROTECTED_TRAIL, a refusal to start."""
+    async with database.autocommit_connection(deadline_s=STARTUP_DB_WAIT_S) as connection:
+        role = await connection.fetchval("SELECT current_user")
+        exposure = await roles.trail_exposure(connection)
+    TRAIL_PROTECTED.set(0 if exposure else 1)
+    if not exposure:
+        return
+    problem = (
+        f"the database role {role} can alter the audit trail: it {', '.join(exposure)}"
+        "; run the services as a role with INSERT and SELECT only on audit_logs"
+        " (README: Database roles)"
+    )
+    if settings.require_protected_trail:
+        raise StartupError(f"{problem} (REQUIRE_PROTECTED_TRAIL=1)")
+    log.warning("%s: %s", spec.name, problem)
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
 async def _serve(spec: ServiceSpec, settings: Settings, database: Database) -> int:
     await _wait_for_database(database)
+    await _check_trail(spec, settings, database)
 
     authenticator = Authenticator(database)
     drain = Drain(spec.open_ended)
@@ -559,6 +598,13 @@ async def _serve(spec: ServiceSpec, settings: Settings, database: Database) -> i
         [*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
     listening = _bind(server, spec.address(settings), settings)
+    if settings.tls is None and not _is_loopback(listening):
+        log.warning(
+            "%s listens on %s without TLS: tokens and passwords cross the network in clear"
+            " (set TLS_CERT and TLS_KEY)",
+            spec.name,
+            listening,
+        )
 
     metrics_port = spec.metrics_port(settings)
     if metrics_port is not None:

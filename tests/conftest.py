@@ -21,10 +21,11 @@ import pytest
 from sqlalchemy import URL, select
 
 from relman.v1 import auth_pb2, auth_pb2_grpc
-from shared.db import Database, database_url
+from shared.db import Database
 from shared.models import Role, Service, User
 from shared.seed import seed_id
 from shared.tokens import issue_token
+from tests import harness
 from tests.deploying import Client
 from tests.harness import RelmanProcess, client_address, env_for, run_cli, scratch_database
 
@@ -40,8 +41,8 @@ USER_OF_ROLE = {
 
 @pytest.fixture(scope="session")
 def server_url() -> URL:
-    """The PostgreSQL server under test: DATABASE_URL's, or the embedded one."""
-    return database_url()
+    """The PostgreSQL server under test (tests.harness.server_url)."""
+    return harness.server_url()
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +57,7 @@ async def relman(db_url: URL) -> AsyncIterator[RelmanProcess]:
     """Both services started the way `make run` starts them, on free ports, seeded database."""
     process = await RelmanProcess.start(
         ["-m", "shared.run"],
-        env_for(db_url, DEPLOY_SVC_ADDR="127.0.0.1:0", AUDIT_SVC_ADDR="127.0.0.1:0"),
+        env_for(db_url, DEPLOY_SVC_ADDR="127.0.0.1:0", AUDIT_SVC_ADDR="127.0.0.1:0", SEED="1"),
     )
     try:
         await process.wait_listening("deploy_svc", "audit_svc")

@@ -9,11 +9,13 @@ events (a log line, a health status), never fixed sleeps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -23,10 +25,12 @@ import asyncpg
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import URL, select
 
 from shared import PROJECT_ROOT, schema
 from shared.db import libpq_dsn
+from shared.roles import OWNER_ROLE, RUNTIME_ROLE
 
 VENV_BIN = os.path.dirname(sys.executable)
 
@@ -54,19 +58,38 @@ LISTENING = re.compile(r"(?P<service>\w+) listening on (?P<address>\S+)")
 START_TIMEOUT_S = 60
 
 
+def server_url() -> URL:
+    """The PostgreSQL server the tests and the bench use: DATABASE_URL's, or the embedded
+    one as its superuser (they make databases and roles; the services never run as it)."""
+    from shared import embedded_pg
+    from shared.db import database_url, normalize_url
+
+    if os.environ.get("DATABASE_URL", "").strip():
+        return database_url()
+    return normalize_url(embedded_pg.start())
+
+
 @asynccontextmanager
 async def scratch_database(server: URL, *, revision: str | None = "head") -> AsyncIterator[URL]:
-    """A new database on `server`, migrated to `revision` (None: left empty), dropped after."""
+    """A new database on `server`, owned by relman's owner role and migrated to `revision`
+    as that role (None: left empty), with the runtime role granted its privileges; dropped
+    after. Yields the URL as `server`'s own (super)user: the tests' view of everything."""
     name = f"relman_test_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(libpq_dsn(server))
     try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
+        for role in (OWNER_ROLE, RUNTIME_ROLE):
+            if not await admin.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):
+                with contextlib.suppress(
+                    asyncpg.DuplicateObjectError, asyncpg.UniqueViolationError
+                ):
+                    await admin.execute(f'CREATE ROLE "{role}" LOGIN')
+        await admin.execute(f'CREATE DATABASE "{name}" OWNER "{OWNER_ROLE}"')
     finally:
         await admin.close()
     url = server.set(database=name)
     try:
         if revision is not None:
-            await asyncio.to_thread(schema.upgrade, url, revision)
+            await asyncio.to_thread(schema.upgrade, owner_url(url), revision, RUNTIME_ROLE)
         yield url
     finally:
         admin = await asyncpg.connect(libpq_dsn(server))
@@ -76,11 +99,24 @@ async def scratch_database(server: URL, *, revision: str | None = "head") -> Asy
             await admin.close()
 
 
+def owner_url(url: URL) -> URL:
+    """`url`'s database as relman's owner role (migrations, the seed)."""
+    return url.set(username=OWNER_ROLE, password=None)
+
+
+def runtime_url(url: URL) -> URL:
+    """`url`'s database as the services' runtime role."""
+    return url.set(username=RUNTIME_ROLE, password=None)
+
+
 def env_for(url: URL, **settings: str) -> dict[str, str]:
-    """The environment of a subprocess that should use database `url` (and `settings`)."""
+    """The environment of a subprocess that should use database `url` (and `settings`) the
+    way a deployment does: the services as the runtime role, migrations and the seed as
+    the owner."""
     return {
         **os.environ,
-        "DATABASE_URL": libpq_dsn(url),
+        "DATABASE_URL": libpq_dsn(runtime_url(url)),
+        "MIGRATION_DATABASE_URL": libpq_dsn(owner_url(url)),
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         **settings,
     }
@@ -230,6 +266,21 @@ def client_address(address: str) -> str:
     if host in ("[::]", "0.0.0.0", ""):
         host = "127.0.0.1"
     return f"{host}:{port}"
+
+
+METRICS_AT = re.compile(r"metrics on (http://\S+/metrics)")
+
+
+async def scrape_metrics(process: RelmanProcess) -> dict[tuple[str, frozenset], float]:
+    """Every sample of the process's endpoint: (name, labels) -> value."""
+    url = METRICS_AT.search(await process.wait_for_line(METRICS_AT.pattern))[1]
+    url = url.replace("0.0.0.0", "127.0.0.1")
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 def error_details(error: grpc.aio.AioRpcError) -> tuple[error_details_pb2.ErrorInfo, list]:

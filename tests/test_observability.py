@@ -8,13 +8,10 @@ import contextlib
 import io
 import json
 import logging
-import re
-import urllib.request
 import uuid
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from relman.v1 import audit_pb2, audit_pb2_grpc, auth_pb2, auth_pb2_grpc
@@ -27,22 +24,15 @@ from shared.observability import (
     log_handler,
 )
 from tests.deploying import DEV, Client
-from tests.harness import RelmanProcess, bearer, client_address, error_details, start_service
+from tests.harness import (
+    bearer,
+    client_address,
+    error_details,
+    scrape_metrics,
+    start_service,
+)
 
-METRICS_AT = re.compile(r"metrics on (http://\S+/metrics)")
 AUDIT = "relman.v1.AuditService"
-
-
-async def _scrape(process: RelmanProcess) -> dict[tuple[str, frozenset], float]:
-    """Every sample of the process's endpoint: (name, labels) -> value."""
-    url = METRICS_AT.search(await process.wait_for_line(METRICS_AT.pattern))[1]
-    url = url.replace("0.0.0.0", "127.0.0.1")
-    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 def _value(samples, name: str, **labels) -> float:
@@ -69,7 +59,7 @@ async def test_metrics_count_known_calls(observed, tokens, service_id, database)
     deploy, audit, deploy_channel, audit_channel = observed
     stub = audit_pb2_grpc.AuditServiceStub(audit_channel)
     service_auth = bearer(tokens[Role.SERVICE])
-    before = await _scrape(audit)
+    before = await scrape_metrics(audit)
     for _ in range(3):
         await stub.LogAction(
             audit_pb2.LogActionRequest(action="metrics.ok", resource_type="t"),
@@ -93,7 +83,7 @@ async def test_metrics_count_known_calls(observed, tokens, service_id, database)
             metadata=bearer(tokens[Role.LEAD]),
         )
     ]
-    after = await _scrape(audit)
+    after = await scrape_metrics(audit)
 
     def delta(name, **labels):
         return _value(after, name, **labels) - _value(before, name, **labels)
@@ -125,7 +115,7 @@ async def test_metrics_count_known_calls(observed, tokens, service_id, database)
                     .select_from(Deployment)
                     .where(Deployment.status == DeploymentStatus.PENDING.value)
                 )
-            scraped = await _scrape(deploy)
+            scraped = await scrape_metrics(deploy)
             if _value(scraped, "relman_deployments", status="pending") == expected:
                 break
             await asyncio.sleep(0.2)  # the gauge is refreshed every 2 s

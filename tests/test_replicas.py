@@ -17,9 +17,10 @@ import pytest
 from relman.v1 import audit_pb2, audit_pb2_grpc, deploy_pb2
 from shared.db import libpq_dsn
 from shared.models import Role
+from shared.roles import RUNTIME_ROLE
 from tests.deploying import DEV, PROD, STAGING, Client, S
 from tests.faults.invariants import check_invariants
-from tests.harness import bearer, client_address, start_service
+from tests.harness import bearer, client_address, runtime_url, start_service
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,10 @@ async def replicas(db_url):
     """Two deploy_svc and two audit_svc processes, each with its channel."""
     # The second of each runs as it would behind PgBouncer in transaction mode: no
     # named prepared statements, LISTEN on a URL of its own.
-    pgbouncer_mode = {"DB_STATEMENT_CACHE": "0", "DATABASE_LISTEN_URL": libpq_dsn(db_url)}
+    pgbouncer_mode = {
+        "DB_STATEMENT_CACHE": "0",
+        "DATABASE_LISTEN_URL": libpq_dsn(runtime_url(db_url)),
+    }
     processes = [
         await start_service(db_url, module, **settings)
         for module, settings in (
@@ -147,3 +151,32 @@ async def test_audit_rows_written_through_one_replica_are_read_through_the_other
             metadata=bearer(tokens[Role.LEAD]),
         )
         assert sorted(row.details["n"] for row in page.audit_logs) == list(range(6))
+
+
+async def test_every_replica_connects_as_the_runtime_role(replicas, db_url):
+    """Pools, readiness probes and LISTEN connections of all four processes belong to the
+    runtime role: not a superuser, owner of nothing, INSERT and SELECT only on audit_logs."""
+    del replicas  # running: their connections are what is looked at
+    db = await asyncpg.connect(libpq_dsn(db_url))
+    try:
+        rows = await db.fetch(
+            """
+            SELECT a.pid, a.application_name, a.usename, r.rolsuper,
+                   (SELECT count(*) FROM pg_class c WHERE c.relowner = r.oid
+                      AND c.relnamespace = 'public'::regnamespace) AS owned,
+                   has_table_privilege(a.usename, 'audit_logs', 'UPDATE, DELETE, TRUNCATE')
+                     AS may_alter_trail
+            FROM pg_stat_activity a JOIN pg_roles r ON r.rolname = a.usename
+            WHERE a.datname = $1 AND a.client_port IS DISTINCT FROM NULL
+              AND (a.application_name LIKE 'deploy_svc%' OR a.application_name LIKE 'audit_svc%')
+            """,
+            db_url.database,
+        )
+    finally:
+        await db.close()
+    names = {row["application_name"] for row in rows}
+    assert {"deploy_svc", "audit_svc"} <= names, names
+    assert any(name.startswith("deploy_svc") and "listen" in name for name in names), names
+    for row in rows:
+        assert row["usename"] == RUNTIME_ROLE, dict(row)
+        assert not row["rolsuper"] and row["owned"] == 0 and not row["may_alter_trail"], dict(row)
