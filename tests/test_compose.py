@@ -18,6 +18,7 @@ import yaml
 from shared import PROJECT_ROOT
 from shared.config import Settings
 from shared.db import normalize_url
+from shared.roles import OWNER_ROLE, RUNTIME_ROLE
 from tests.harness import client_address
 
 COMPOSE = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())
@@ -27,6 +28,14 @@ READ = set(
     re.findall(r'reader\.\w+\(\s*"([A-Z_]+)"', (PROJECT_ROOT / "shared/config.py").read_text())
 )
 READ |= {"DATABASE_URL", "LOG_LEVEL"}
+# The roles docker/postgres-init.sql creates: name -> (password, its CREATE ROLE line).
+INIT_SQL = (PROJECT_ROOT / "docker/postgres-init.sql").read_text()
+INIT_ROLES = {
+    name: (password, line)
+    for line in INIT_SQL.splitlines()
+    if (match := re.match(r"CREATE ROLE (\w+) LOGIN PASSWORD '([^']*)';$", line))
+    for name, password in [match.groups()]
+}
 SVC = {"deploy_svc": ("DEPLOY", 50051, "relman.v1.DeployService"),
        "audit_svc": ("AUDIT", 50052, "relman.v1.AuditService")}  # fmt: skip
 
@@ -37,19 +46,40 @@ def test_postgres_16_with_a_named_volume_and_a_healthcheck():
     volume = postgres["volumes"][0].split(":")[0]
     assert volume in COMPOSE["volumes"]
     assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
+    init = postgres["volumes"][1].split(":")
+    assert init[0] == "./docker/postgres-init.sql"
+    assert init[1].startswith("/docker-entrypoint-initdb.d/")
+
+
+def test_the_init_script_makes_the_two_roles_the_code_expects():
+    """An owner and a runtime role, neither a superuser nor able to create roles, and the
+    relman database owned by the owner."""
+    assert set(INIT_ROLES) == {OWNER_ROLE, RUNTIME_ROLE}
+    for _, line in INIT_ROLES.values():
+        assert not re.search(r"SUPERUSER|CREATEROLE|CREATEDB|BYPASSRLS", line), line
+    assert f"CREATE DATABASE relman OWNER {OWNER_ROLE};" in INIT_SQL
+
+
+def _url_of(environment: dict, name: str):
+    url = normalize_url(str(environment[name]))
+    assert (url.host, url.database) == ("postgres", "relman")
+    assert url.password == INIT_ROLES[url.username][0]
+    return url
 
 
 def test_migrate_runs_once_after_postgres_and_seeds_only_when_asked():
     migrate = SERVICES["migrate"]
     command = " ".join(migrate["command"])
-    assert "alembic upgrade head" in command and "python -m shared.seed" in command
+    assert "python -m shared.schema" in command and "python -m shared.seed" in command
+    # Migrations and the seed run as the owner; the grants go to the services' role.
+    assert _url_of(migrate["environment"], "MIGRATION_DATABASE_URL").username == OWNER_ROLE
+    assert _url_of(migrate["environment"], "DATABASE_URL").username == RUNTIME_ROLE
     assert '"$$SEED" = 1' in command  # $$: compose passes a literal $ to the shell
     assert migrate["depends_on"] == {"postgres": {"condition": "service_healthy"}}
     assert migrate["restart"] == "no" and migrate["build"] == "."
 
 
 def test_each_service_gets_settings_the_code_reads_and_accepts():
-    postgres_env = SERVICES["postgres"]["environment"]
     for name, (prefix, port, readiness) in SVC.items():
         service = SERVICES[name]
         env = {key: str(value) for key, value in service["environment"].items()}
@@ -59,13 +89,10 @@ def test_each_service_gets_settings_the_code_reads_and_accepts():
         assert address.endswith(f":{port}") and f"{port}:{port}" in service["ports"]
         metrics = getattr(settings, f"{prefix.lower()}_metrics_port")
         assert f"{metrics}:{metrics}" in service["ports"]
-        url = normalize_url(env["DATABASE_URL"])
-        assert (url.username, url.password, url.database, url.host) == (
-            postgres_env["POSTGRES_USER"],
-            postgres_env["POSTGRES_PASSWORD"],
-            postgres_env["POSTGRES_DB"],
-            "postgres",
-        )
+        # The runtime role, never the owner's URL, and a refusal to start otherwise.
+        assert _url_of(env, "DATABASE_URL").username == RUNTIME_ROLE
+        assert "MIGRATION_DATABASE_URL" not in env
+        assert settings.require_protected_trail
         assert service["command"] == ["python", "-m", name]
         assert service["depends_on"] == {"migrate": {"condition": "service_completed_successfully"}}
         probe = service["healthcheck"]["test"]
