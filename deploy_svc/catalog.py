@@ -57,7 +57,7 @@ async def list_teams(session: AsyncSession, *, page_size: int, page_token: str) 
     return await list_page(session, Team, page_size=page_size, page_token=page_token)
 
 
-# -- administration (leads and admins) ------------------------------------------------------------
+# -- administration (leads and admins; environments admins only) ---------------------------------
 
 SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9-]*")
 MAX_TAGS = 20
@@ -111,6 +111,8 @@ async def create_team(session, actor, *, name, description, slack_channel, reque
 async def create_environment(
     session, actor, *, name, description, environment_type, config_path, request_id
 ) -> Environment:
+    """Admins only (`environments.write`): an environment's type decides whether deploying
+    there needs approvals and tested stages, so whoever sets it holds those rules."""
     name = text("name", name, 100)
     if environment_type is None:
         raise InvalidArgument.field("environment_type", "is required")

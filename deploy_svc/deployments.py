@@ -3,11 +3,14 @@
 The rules of DESIGN.md section 4 live here, each also held by the database where
 it can be (migration 003):
 - promotion order development -> staging -> production;
+- outside development the five standard stages come first, and production takes only a
+  release whose five standard stages all succeeded in staging (skipped is not passed);
 - one active deployment per service and environment: a transaction-scoped
   advisory lock serializes concurrent attempts, and a partial unique index
   backs it;
 - production deployments wait for PROD_REQUIRED_APPROVALS votes of leads or
-  admins other than the deployer; one rejection ends them; votes are final;
+  admins other than the deployer, counted only while each approver is still an active
+  lead or admin; one rejection ends them; votes are final;
 - stages run in order, timestamps are the server's, a failed stage fails the
   deployment and skips the rest, and the deployment follows its stages;
 - the release's status is derived again after every change, and every change
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import SimpleNamespace
 
-from sqlalchemy import bindparam, func, select, text, true, update
+from sqlalchemy import and_, bindparam, func, select, text, true, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
@@ -57,6 +60,7 @@ from shared.pagination import Page, list_page
 from shared.validation import text as text_field
 
 PROMOTION_ORDER = list(EnvironmentType)
+APPROVER_ROLES = (Role.LEAD, Role.ADMIN)
 STAGE_OUTPUT_MAX = 64 * 1024
 METRIC_NAME = re.compile(r"[a-z][a-z0-9_.]*")
 MAX_STAGES = 20
@@ -103,8 +107,9 @@ async def create_deployment(
     stage_names: Sequence[str],
     request_id: uuid.UUID | None,
 ) -> Deployment:
-    """Deploys a release to an environment, with the standard stages or `stage_names`;
-    the deployment returned has its stages loaded."""
+    """Deploys a release to an environment, with the standard stages or `stage_names`
+    (outside development, starting with the standard ones); the deployment returned has
+    its stages loaded."""
     return await _deploy(
         session,
         actor,
@@ -139,6 +144,18 @@ def _stage_names(names: Sequence[str]) -> list[str]:
     return checked
 
 
+def _check_standard_stages(stage_names: list[str], environment: Environment) -> None:
+    """Outside development the five standard stages come first, in order: custom stages
+    may only add to them, so that test and security_scan always run before production."""
+    if environment.environment_type == EnvironmentType.DEVELOPMENT:
+        return
+    if stage_names[: len(STANDARD_STAGES)] != list(STANDARD_STAGES):
+        raise InvalidArgument.field(
+            "stage_names",
+            f"in {environment.environment_type} must start with {', '.join(STANDARD_STAGES)}",
+        )
+
+
 # Built once; both rows in one round trip.
 # One row of each, read together: an explicit join on true says the product is meant.
 _RELEASE_AND_ENVIRONMENT = (
@@ -150,6 +167,25 @@ _ACTIVE_IN_SLOT = select(Deployment.id).where(
     Deployment.service_id == bindparam("service_id"),
     Deployment.environment_id == bindparam("environment_id"),
     Deployment.status.in_(ACTIVE_DEPLOYMENT_STATUSES),
+)
+# The succeeded deployments of a release in one environment type, newest first, each with
+# the names of its standard stages that succeeded in their place: the promotion order and
+# the production gate in one query.
+_PASSED_STANDARD_STAGE = and_(
+    PipelineStage.status == StageStatus.SUCCEEDED,
+    tuple_(PipelineStage.order, PipelineStage.name).in_(list(enumerate(STANDARD_STAGES))),
+)
+_SUCCEEDED_BEFORE = (
+    select(Deployment.id, func.array_agg(PipelineStage.name).filter(_PASSED_STANDARD_STAGE))
+    .join(Environment, Environment.id == Deployment.environment_id)
+    .outerjoin(PipelineStage, PipelineStage.deployment_id == Deployment.id)
+    .where(
+        Deployment.release_id == bindparam("release_id"),
+        Deployment.status == DeploymentStatus.SUCCEEDED,
+        Environment.environment_type == bindparam("environment_type"),
+    )
+    .group_by(Deployment.id)
+    .order_by(Deployment.completed_at.desc(), Deployment.id.desc())
 )
 
 
@@ -178,6 +214,7 @@ async def _deploy(session: AsyncSession, actor: Actor, request: DeployRequest) -
     production = _is_production(environment)
     if production:
         require(actor, "deployments.write.production")
+    _check_standard_stages(stage_names, environment)
     if request.reviewer_ids and not production:
         raise InvalidArgument.field("reviewer_ids", "only production deployments have reviewers")
     await _check_promotion_order(session, release, environment)
@@ -272,26 +309,39 @@ async def new_deployment(
 async def _check_promotion_order(
     session: AsyncSession, release: Release, environment: Environment
 ) -> None:
+    """The release succeeded in the previous environment; for production, in a staging
+    deployment whose five standard stages all succeeded: a skipped test or security scan,
+    or a staging run without them, is no evidence that the release passed them."""
     position = PROMOTION_ORDER.index(EnvironmentType(environment.environment_type))
     if position == 0:
         return
     previous = PROMOTION_ORDER[position - 1]
-    succeeded = await session.scalar(
-        select(Deployment.id)
-        .join(Environment, Environment.id == Deployment.environment_id)
-        .where(
-            Deployment.release_id == release.id,
-            Deployment.status == DeploymentStatus.SUCCEEDED,
-            Environment.environment_type == previous,
+    succeeded = (
+        await session.execute(
+            _SUCCEEDED_BEFORE, {"release_id": release.id, "environment_type": previous}
         )
-        .limit(1)
-    )
-    if succeeded is None:
+    ).all()
+    if not succeeded:
         raise FailedPrecondition(
             f"release {release.version} has not succeeded in {previous} yet",
             reason="PROMOTION_ORDER",
             metadata={"missing_environment_type": previous.value, "release_id": str(release.id)},
         )
+    if not _is_production(environment):
+        return
+    if any(set(passed or ()) == set(STANDARD_STAGES) for _, passed in succeeded):
+        return
+    newest, passed = succeeded[0]
+    missing = [name for name in STANDARD_STAGES if name not in (passed or ())]
+    raise FailedPrecondition(
+        f"release {release.version} has not passed {', '.join(missing)} in staging",
+        reason="REQUIRED_STAGES_NOT_PASSED",
+        metadata={
+            "release_id": str(release.id),
+            "staging_deployment_id": str(newest),
+            "stages_not_passed": ",".join(missing),
+        },
+    )
 
 
 async def _reviewers(
@@ -305,7 +355,7 @@ async def _reviewers(
         user = await session.get(User, reviewer_id)
         if user is None or not user.is_active:
             raise InvalidArgument.field(field, "is not an active user")
-        if user.role not in (Role.LEAD, Role.ADMIN):
+        if user.role not in APPROVER_ROLES:
             raise InvalidArgument.field(field, "must be a lead or an admin")
         if user.id == actor.user_id:
             raise InvalidArgument.field(field, "the deployer cannot review their own deployment")
@@ -314,6 +364,21 @@ async def _reviewers(
 
 
 # -- approvals ---------------------------------------------------------------------------------
+
+# A vote counts only while its approver is an active lead or admin: deactivating or demoting
+# an approver withdraws the vote's effect on a deployment still waiting (the row stays,
+# as the record of the vote).
+_COUNTED_APPROVALS = (
+    select(func.count())
+    .select_from(Approval)
+    .join(User, User.id == Approval.approver_id)
+    .where(
+        Approval.deployment_id == bindparam("deployment_id"),
+        Approval.status == ApprovalStatus.APPROVED,
+        User.is_active,
+        User.role.in_(APPROVER_ROLES),
+    )
+)
 
 
 async def vote(
@@ -368,14 +433,7 @@ async def vote(
     if not approve:
         await _end(session, deployment, DeploymentStatus.REJECTED)
     else:
-        approvals = await session.scalar(
-            select(func.count())
-            .select_from(Approval)
-            .where(
-                Approval.deployment_id == deployment_id,
-                Approval.status == ApprovalStatus.APPROVED,
-            )
-        )
+        approvals = await session.scalar(_COUNTED_APPROVALS, {"deployment_id": deployment_id})
         if approvals >= required_approvals:
             deployment.status = DeploymentStatus.PENDING.value
     await session.flush()

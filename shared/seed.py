@@ -2,8 +2,10 @@
 
 Volumes and names are the original design document's: 3 teams, 8 users, 5
 services, 3 environments, 10 releases, 8 deployments, 5 approvals, 20 audit
-logs, 2 rollbacks, 3 runbooks, 8 metrics and 15 pipeline stages. The data tells
-one consistent story that obeys the rules of DESIGN.md section 4:
+logs, 2 rollbacks, 3 runbooks, 8 metrics, and 25 pipeline stages (its 15 and the
+staging runs without which no release reaches production, DESIGN.md section 8).
+The data tells one consistent story that obeys the rules of DESIGN.md sections 4
+and 8:
 
 - auth-service 1.4.0 went development -> staging -> production (approved by
   two leads/admin other than the deployer) and is `completed`;
@@ -34,7 +36,7 @@ from sqlalchemy import URL, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared import schema
-from shared.db import Database, database_url, describe
+from shared.db import Database, database_url, describe, migration_database_url
 from shared.models import (
     STANDARD_STAGES,
     Approval,
@@ -174,6 +176,20 @@ APPROVALS = (
 
 # Stage runs: deployment -> (status, minutes from deployment start to start, duration, output)
 STAGE_RUNS = {
+    "D2": (
+        (StageStatus.SUCCEEDED, 0, 5, "built image auth-service:1.4.0 (sha256:4be1...)"),
+        (StageStatus.SUCCEEDED, 5, 6, "412 passed, 0 failed"),
+        (StageStatus.SUCCEEDED, 11, 4, "0 critical, 0 high, 2 low findings"),
+        (StageStatus.SUCCEEDED, 15, 4, "rolled out 2/2 pods"),
+        (StageStatus.SUCCEEDED, 19, 2, "GET /healthz 200 in 38 ms; login flow ok"),
+    ),
+    "D5": (
+        (StageStatus.SUCCEEDED, 0, 5, "built image auth-service:1.5.0 (sha256:9c07...)"),
+        (StageStatus.SUCCEEDED, 5, 7, "431 passed, 0 failed"),
+        (StageStatus.SUCCEEDED, 12, 4, "0 critical, 0 high, 1 low finding"),
+        (StageStatus.SUCCEEDED, 16, 4, "rolled out 2/2 pods"),
+        (StageStatus.SUCCEEDED, 20, 3, "GET /healthz 200 in 45 ms; login flow ok"),
+    ),
     "D3": (
         (StageStatus.SUCCEEDED, 0, 6, "built image auth-service:1.4.0 (sha256:4be1...)"),
         (StageStatus.SUCCEEDED, 6, 7, "412 passed, 0 failed"),
@@ -640,11 +656,11 @@ def main(argv: list[str] | None = None) -> int:
         help="drop the schema, migrate to head and seed again (destroys all data)",
     )
     args = parser.parse_args(argv)
-    url = database_url()
+    url = migration_database_url()  # as the schema's owner
     target = describe(url)
     if args.reset:
         asyncio.run(drop_schema(url))
-        schema.upgrade(url)
+        schema.upgrade(url, runtime_role=schema.runtime_role(url, database_url()))
         print(f"schema dropped and migrated to {schema.head_revision()} on {target}")
     try:
         added = asyncio.run(seed(url))

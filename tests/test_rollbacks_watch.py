@@ -374,12 +374,13 @@ async def test_catalogue_admin_creates_updates_and_refuses_duplicates(clients):
     lead, developer = clients["lead"], clients["developer"]
     team = await lead.CreateTeam(name=f"Team {uuid.uuid4().hex[:6]}", slack_channel="#t")
     await fails(lead.CreateTeam(name=team.name), grpc.StatusCode.ALREADY_EXISTS, "TEAM_EXISTS")
-    environment = await lead.CreateEnvironment(
+    admin = clients["admin"]  # environments are admin only
+    environment = await admin.CreateEnvironment(
         name=f"qa-{uuid.uuid4().hex[:6]}", environment_type=S.ENVIRONMENT_TYPE_STAGING
     )
     assert environment.environment_type == S.ENVIRONMENT_TYPE_STAGING and environment.is_active
     await fails(
-        lead.CreateEnvironment(name="x", environment_type=0), grpc.StatusCode.INVALID_ARGUMENT
+        admin.CreateEnvironment(name="x", environment_type=0), grpc.StatusCode.INVALID_ARGUMENT
     )
     name = f"billing-{uuid.uuid4().hex[:6]}"
     request_id = str(uuid.uuid4())

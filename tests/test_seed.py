@@ -30,7 +30,7 @@ EXPECTED_COUNTS = {
     "rollbacks": 2,
     "runbooks": 3,
     "deployment_metrics": 8,
-    "pipeline_stages": 15,
+    "pipeline_stages": 25,
 }
 
 
@@ -89,7 +89,7 @@ async def test_names_of_the_design_document(seeded):
         'SELECT deployment_id, array_agg(name ORDER BY "order") AS names'
         " FROM pipeline_stages GROUP BY deployment_id"
     )
-    assert len(stages) == 3
+    assert len(stages) == 5
     assert all(
         r["names"] == ["build", "test", "security_scan", "deploy", "smoke_test"] for r in stages
     )
@@ -148,6 +148,19 @@ RULE_VIOLATIONS = {
               AND p.completed_at <= d.created_at
               AND pe.environment_type = CASE e.environment_type
                   WHEN 'staging' THEN 'development' WHEN 'production' THEN 'staging' END)
+    """,
+    "a release that reached production has a staging deployment, finished before, whose "
+    "five standard stages all succeeded": """
+        SELECT d.id FROM deployments d JOIN environments e ON e.id = d.environment_id
+        WHERE e.environment_type = 'production' AND NOT EXISTS (
+            SELECT 1 FROM deployments p JOIN environments pe ON pe.id = p.environment_id
+            JOIN pipeline_stages s ON s.deployment_id = p.id
+            WHERE p.release_id = d.release_id AND pe.environment_type = 'staging'
+              AND p.status = 'succeeded' AND p.completed_at <= d.created_at
+              AND s.status = 'succeeded' AND (s."order", s.name) IN (
+                  (0, 'build'), (1, 'test'), (2, 'security_scan'), (3, 'deploy'),
+                  (4, 'smoke_test'))
+            GROUP BY p.id HAVING count(*) = 5)
     """,
     "at most one active deployment per service and environment": """
         SELECT r.service_id, d.environment_id FROM deployments d
