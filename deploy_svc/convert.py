@@ -46,6 +46,7 @@ def api_token(row: models.ApiToken) -> auth_pb2.ApiToken:
         expires_at=timestamp(row.expires_at),
         last_used_at=timestamp(row.last_used_at),
         revoked_at=timestamp(row.revoked_at),
+        created_by=str(row.created_by) if row.created_by else "",
     )
 
 

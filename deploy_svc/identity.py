@@ -1,9 +1,12 @@
-"""Logins and user administration (domain layer of AuthService).
+"""Logins, user administration and API tokens (domain layer of AuthService).
 
-Login never says which part was wrong: an unknown user is checked against a
-dummy hash, and unknown user, wrong password and deactivated user all get the
-same UNAUTHENTICATED answer, in about the same time. bcrypt (cost 12) runs in a
-worker thread and never while a database connection is held.
+Login never says which part was wrong: an unknown user, and a user without a
+password (a service user), are checked against a dummy hash, and unknown user,
+wrong password and deactivated user all get the same UNAUTHENTICATED answer, in
+about the same time. bcrypt (cost 12) runs in a worker thread and never while a
+database connection is held; failed logins are throttled (deploy_svc.login_throttle)
+and at most `queue_max` password checks wait for that thread, so that a flood is
+refused at once instead of queueing without bound.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from datetime import UTC, datetime, timedelta
 import bcrypt
 from sqlalchemy import func, or_, select
 
+from deploy_svc import login_throttle
+from deploy_svc.login_throttle import LoginLimits
 from shared import audit_log, tokens
 from shared.actor import Actor
 from shared.db import Database, load, replay
@@ -27,6 +32,7 @@ from shared.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
+    ResourceExhausted,
     Unauthenticated,
 )
 from shared.models import ApiToken, Role, User
@@ -56,7 +62,7 @@ def check_password(field: str, password: str) -> bytes:
 def _password_matches(password: bytes, stored: bytes) -> bool:
     try:
         return bcrypt.checkpw(password, stored)
-    except ValueError:  # an unusable hash (service users have none)
+    except ValueError:  # a malformed hash
         return False
 
 
@@ -87,28 +93,65 @@ async def hash_password(password: bytes) -> str:
     return hashed.decode()
 
 
+_logins_checking = 0  # logins of this process between admission and their password check's end
+
+
+@contextlib.contextmanager
+def _password_check_slot(queue_max: int):
+    """One of `queue_max` places for a login's password check, or RESOURCE_EXHAUSTED at once:
+    a flood gets refused in microseconds instead of waiting minutes for the one thread."""
+    global _logins_checking
+    if _logins_checking >= queue_max:
+        raise ResourceExhausted(
+            "too many logins are being checked; retry shortly",
+            reason="LOGIN_BUSY",
+            retry_after_s=1.0,
+        )
+    _logins_checking += 1
+    try:
+        yield
+    finally:
+        _logins_checking -= 1
+
+
 async def login(
-    db: Database, actor: Actor, username: str, password: str, ttl_s: int
+    db: Database,
+    actor: Actor,
+    username: str,
+    password: str,
+    ttl_s: int,
+    limits: LoginLimits,
+    peers: login_throttle.PeerQueue,
 ) -> tuple[str, ApiToken, User]:
-    """A new login token for valid credentials; every refusal looks the same and is audited."""
+    """A new login token for valid credentials; every refusal looks the same and is audited
+    (a throttled one once per window)."""
     username = text("username", username, 100)
     secret_bytes = check_password("password", password)
+    with _password_check_slot(limits.queue_max):
+        async with peers.one_at_a_time(actor):
+            async with db.transaction() as session:
+                refusal = await login_throttle.refusal(session, actor, username, limits)
+                by_name = select(User).where(User.username == username)
+                user = None if refusal else await session.scalar(by_name)
+            if refusal is not None:
+                raise refusal
+            usable = user is not None and user.hashed_password.startswith("$2")
+            stored = user.hashed_password.encode() if usable else DUMMY_HASH
+            matches = await _hashing_thread(_password_matches, secret_bytes, stored) and usable
+            if not matches or not user.is_active:
+                async with db.transaction() as session:
+                    await login_throttle.failed(session, actor, username, limits)
+                    await audit_log.append(
+                        session,
+                        actor,
+                        "login_failed",
+                        "user",
+                        user.id if user else None,
+                        {"username": username},
+                    )
+                raise Unauthenticated("invalid username or password", reason="INVALID_CREDENTIALS")
     async with db.transaction() as session:
-        user = await session.scalar(select(User).where(User.username == username))
-    stored = user.hashed_password.encode() if user is not None else DUMMY_HASH
-    matches = await _hashing_thread(_password_matches, secret_bytes, stored)
-    if user is None or not matches or not user.is_active:
-        async with db.transaction() as session:
-            await audit_log.append(
-                session,
-                actor,
-                "login_failed",
-                "user",
-                user.id if user else None,
-                {"username": username},
-            )
-        raise Unauthenticated("invalid username or password", reason="INVALID_CREDENTIALS")
-    async with db.transaction() as session:
+        await login_throttle.succeeded(session, actor, username, limits)
         expires_at = datetime.now(UTC) + timedelta(seconds=ttl_s)
         secret, token = await tokens.issue_token(session, user, "login", expires_at)
         signed_in = actor.signed_in(user.id, user.username, Role(user.role), token.id)
@@ -196,8 +239,11 @@ async def create_user(
 async def update_user(
     db: Database, actor: Actor, user_id: uuid.UUID, changes: dict[str, object]
 ) -> tuple[User, bool]:
-    """Applies `changes` (role, is_active, full_name); returns the user and whether its
-    tokens were revoked (deactivation). Leaving no active admin is refused."""
+    """Applies `changes` (role, is_active, full_name); returns the user and whether tokens
+    were revoked: all of them on deactivation, those others made for the user on a change
+    of role (made for a service user, they must not survive making it a human: mint for
+    a lead turned service, turn her back, and her token would approve as her). Leaving
+    no active admin is refused."""
     async with db.transaction() as session:
         user = await load(session, User, user_id, for_update=True)
         changed = {}
@@ -208,9 +254,11 @@ async def update_user(
                 setattr(user, field, value)
         if "role" in changed:
             user.is_admin = user.role == Role.ADMIN
-        revoked = False
+        revoked = 0
         if changed.get("is_active", [None, True])[1] is False:
-            revoked = await tokens.revoke_user_tokens(session, user.id) > 0
+            revoked = await tokens.revoke_user_tokens(session, user.id)
+        elif "role" in changed:
+            revoked = await tokens.revoke_user_tokens(session, user.id, made_by_others_only=True)
         await session.flush()
         admins = await session.scalar(
             select(func.count()).select_from(User).where(User.is_admin, User.is_active)
@@ -231,4 +279,29 @@ async def update_user(
                 {"changed": changed, "tokens_revoked": revoked},
             )
         await session.refresh(user)
-    return user, revoked
+    return user, revoked > 0
+
+
+async def create_api_token(
+    db: Database,
+    actor: Actor,
+    user_id: uuid.UUID,
+    name: str,
+    expires_at: datetime | None,
+    *,
+    never_expires: bool,
+    request_id: uuid.UUID | None,
+) -> tuple[str, ApiToken]:
+    """An API token (shared.tokens has the rules); the user's row stays locked until it is
+    stored, so a concurrent change of role cannot slip between the check and the insert."""
+    async with db.transaction() as session:
+        user = await load(session, User, user_id, for_update=True)
+        return await tokens.create_token(
+            session,
+            actor,
+            user,
+            name,
+            expires_at,
+            never_expires=never_expires,
+            request_id=request_id,
+        )

@@ -10,6 +10,7 @@ import grpc
 from google.protobuf import empty_pb2
 
 from deploy_svc import catalog, convert, deployments, identity, releases, rollbacks, sweeper
+from deploy_svc.login_throttle import LoginLimits, PeerQueue
 from deploy_svc.watch import DeploymentWatcher
 from relman.v1 import auth_pb2, auth_pb2_grpc, common_pb2, deploy_pb2, deploy_pb2_grpc
 from shared import tokens
@@ -426,6 +427,13 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         self.database = resources.database
         self.settings = resources.settings
         self.verifier = resources.authenticator.verifier
+        self.login_limits = LoginLimits(
+            per_user=self.settings.login_failures_per_user,
+            per_peer=self.settings.login_failures_per_peer,
+            window_s=self.settings.login_throttle_window_s,
+            queue_max=self.settings.login_queue_max,
+        )
+        self.login_peers = PeerQueue()
 
     async def Login(self, request, context):
         secret, token, user = await identity.login(
@@ -434,6 +442,8 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
             request.username,
             request.password,
             self.settings.token_ttl_s,
+            self.login_limits,
+            self.login_peers,
         )
         return auth_pb2.LoginResponse(
             access_token=secret,
@@ -496,11 +506,16 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
             if request.HasField("expires_at")
             else None
         )
-        user = await identity.get_user(self.database, user_id)
-        async with self.database.transaction() as session:
-            secret, token = await tokens.create_token(
-                session, current_actor.get(), user, request.name, expires_at
-            )
+        secret, token = await identity.create_api_token(
+            self.database,
+            current_actor.get(),
+            user_id,
+            request.name,
+            expires_at,
+            never_expires=request.never_expires,
+            request_id=optional_uuid("request_id", request.request_id),
+        )
+        # A retried request (same request_id) gets the record with an empty secret.
         return auth_pb2.CreateApiTokenResponse(api_token=convert.api_token(token), token=secret)
 
     async def ListApiTokens(self, request, context):

@@ -72,7 +72,7 @@ RPC_PERMISSIONS: dict[str, str] = {
     "relman.v1.DeployService/GetRunbook": "catalog.read",
     "relman.v1.DeployService/CreateService": "catalog.write",
     "relman.v1.DeployService/UpdateService": "catalog.write",
-    "relman.v1.DeployService/CreateEnvironment": "catalog.write",
+    "relman.v1.DeployService/CreateEnvironment": "environments.write",  # its type sets the rules
     "relman.v1.DeployService/CreateTeam": "catalog.write",
     "relman.v1.DeployService/CreateRunbook": "catalog.write",
     "relman.v1.DeployService/UpdateRunbook": "catalog.write",
@@ -104,7 +104,7 @@ ROLE_PERMISSIONS: dict[Role, frozenset[str]] = {
     Role.VIEWER: _VIEWER,
     Role.DEVELOPER: _DEVELOPER,
     Role.LEAD: _LEAD,
-    Role.ADMIN: _LEAD | {"users.admin", "audit.write.on_behalf"},
+    Role.ADMIN: _LEAD | {"users.admin", "audit.write.on_behalf", "environments.write"},
     Role.SERVICE: frozenset({SELF, "catalog.read", "audit.write", "audit.write.on_behalf"}),
 }
 
@@ -208,6 +208,9 @@ class TokenVerifier:
                         ApiToken.revoked_at.is_(None),
                         or_(ApiToken.expires_at.is_(None), ApiToken.expires_at > text("now()")),
                         User.is_active,
+                        # A token someone else made acts only for a service user, whatever
+                        # happened to the user since (UpdateUser revokes them too).
+                        or_(ApiToken.created_by == User.id, User.role == Role.SERVICE.value),
                     )
                 )
             ).one_or_none()

@@ -2,10 +2,11 @@
 
 The domain raises these without knowing gRPC; the interceptor in shared.server
 turns each into a status whose details carry a google.rpc.ErrorInfo (reason,
-domain "relman", the ids involved) and, for INVALID_ARGUMENT, a
-google.rpc.BadRequest with one field violation per bad field. Database
-failures become UNAVAILABLE, DEADLINE_EXCEEDED or ABORTED; anything else is a
-bug: INTERNAL, logged with its traceback, answered without it.
+domain "relman", the ids involved), for INVALID_ARGUMENT a google.rpc.BadRequest
+with one field violation per bad field, and when waiting helps (a throttled login)
+a google.rpc.RetryInfo saying how long. Database failures become UNAVAILABLE,
+DEADLINE_EXCEEDED or ABORTED; anything else is a bug: INTERNAL, logged with its
+traceback, answered without it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import logging
 
 import asyncpg
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from sqlalchemy import exc as sa_exc
@@ -36,12 +37,14 @@ class DomainError(Exception):
         reason: str | None = None,
         metadata: dict[str, str] | None = None,
         field_violations: dict[str, str] | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason
         self.metadata = {key: str(value) for key, value in (metadata or {}).items()}
         self.field_violations = dict(field_violations or {})
+        self.retry_after_s = retry_after_s
 
     def to_status(self) -> grpc.Status:
         details = [
@@ -56,6 +59,10 @@ class DomainError(Exception):
                     ]
                 )
             )
+        if self.retry_after_s is not None:
+            delay = duration_pb2.Duration()
+            delay.FromMilliseconds(max(0, round(self.retry_after_s * 1000)))
+            details.append(error_details_pb2.RetryInfo(retry_delay=delay))
         packed = []
         for detail in details:
             any_detail = any_pb2.Any()
@@ -110,6 +117,13 @@ class Unauthenticated(DomainError):
 class PermissionDenied(DomainError):
     code = grpc.StatusCode.PERMISSION_DENIED
     default_reason = "PERMISSION_DENIED"
+
+
+class ResourceExhausted(DomainError):
+    """A limit was reached: retry later (after `retry_after_s` when it is known)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_reason = "RESOURCE_EXHAUSTED"
 
 
 class Unavailable(DomainError):

@@ -1,10 +1,17 @@
 """API tokens: created, listed and revoked by AuthService and by this command line.
 
-`python -m shared.tokens create --user NAME --name LABEL [--expires-days N] [--service-user]`
-prints a new token for an internal caller, working straight on the database, so
-the first token can exist before any admin has one. `list [--user NAME]` and
-`revoke ID` complete it. Changes made here are audited like any other, with no
-user id and `"via": "tokens-cli"` in the details.
+A token someone made for another user is how a second person could act as a
+human without their password: so tokens for others are for service users only,
+they stop working when the user's role changes (shared.auth checks too), and
+every token records who made it (`created_by`). API tokens expire (90 days by
+default, at most a year); only a service user's may never expire, and only when
+asked for.
+
+`python -m shared.tokens create --user NAME --name LABEL [--expires-days N | --never-expires]
+[--service-user]` prints a new token for a service user, working straight on the
+database, so an internal caller can have one before any admin token exists. `list [--user NAME]`
+and `revoke ID` complete it. Changes made here are audited like any other, with no
+user id and `"via": "tokens-cli"` in the details; its tokens have no `created_by`.
 """
 
 from __future__ import annotations
@@ -22,26 +29,33 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from shared import audit_log
 from shared.actor import Actor
 from shared.auth import new_token, token_hash
-from shared.db import Database, database_url, load
-from shared.errors import DomainError, InvalidArgument, NotFound
+from shared.db import Database, check_same_request, database_url, load, replay
+from shared.errors import DomainError, InvalidArgument, NotFound, PermissionDenied
 from shared.models import ApiToken, Role, User
 from shared.pagination import Page, list_page
 from shared.validation import text
 
 UNUSABLE_PASSWORD = "!"  # no bcrypt hash matches it: the user cannot Login, only use tokens
+DEFAULT_LIFETIME = timedelta(days=90)
+MAX_LIFETIME = timedelta(days=365)
 
 
-async def issue_token(
-    session: AsyncSession, user: User, name: str, expires_at: datetime | None
+async def _store(
+    session: AsyncSession,
+    user: User,
+    name: str,
+    expires_at: datetime | None,
+    created_by: uuid.UUID | None,
+    token_id: uuid.UUID | None = None,
 ) -> tuple[str, ApiToken]:
-    """Stores a new token for `user` (the caller audits); returns the secret and its record."""
     secret = new_token()
     token = ApiToken(
-        id=uuid.uuid4(),
+        id=token_id or uuid.uuid4(),
         user_id=user.id,
         token_hash=token_hash(secret),
         name=name,
         expires_at=expires_at,
+        created_by=created_by,
     )
     session.add(token)
     await session.flush()
@@ -49,16 +63,70 @@ async def issue_token(
     return secret, token
 
 
-async def create_token(
-    session: AsyncSession, actor: Actor, user: User, name: str, expires_at: datetime | None
+async def issue_token(
+    session: AsyncSession, user: User, name: str, expires_at: datetime | None
 ) -> tuple[str, ApiToken]:
-    """A new long-lived token for `user`; returns the secret (shown once) and its record."""
-    name = text("name", name, 100)
-    if expires_at is not None and expires_at <= datetime.now(UTC):
+    """Stores a token of the user's own (a Login; the caller audits); returns the secret
+    and its record."""
+    return await _store(session, user, name, expires_at, created_by=user.id)
+
+
+def token_expiry(user: User, expires_at: datetime | None, never_expires: bool) -> datetime | None:
+    """When a new API token expires: as asked (within a year), else in 90 days; never only
+    for a service user who asks for it, since a human's token outliving its purpose is a
+    standing key to their account."""
+    if never_expires:
+        if expires_at is not None:
+            raise InvalidArgument.field("never_expires", "cannot be combined with expires_at")
+        if user.role != Role.SERVICE:
+            raise InvalidArgument.field(
+                "never_expires", f"only a service user's token may never expire ({user.role})"
+            )
+        return None
+    now = datetime.now(UTC)
+    if expires_at is None:
+        return now + DEFAULT_LIFETIME
+    if expires_at <= now:
         raise InvalidArgument.field("expires_at", "must be in the future")
+    if expires_at > now + MAX_LIFETIME:
+        raise InvalidArgument.field("expires_at", "must be at most one year ahead")
+    return expires_at
+
+
+async def create_token(
+    session: AsyncSession,
+    actor: Actor,
+    user: User,
+    name: str,
+    expires_at: datetime | None,
+    *,
+    never_expires: bool = False,
+    request_id: uuid.UUID | None = None,
+) -> tuple[str, ApiToken]:
+    """A new API token for `user`; returns the secret (shown once) and its record.
+
+    Made for someone else, it may only be for a service user: a token for another human
+    would let its maker act as them (approve their own deployment as a second lead).
+    A retry with the same `request_id` returns the record and an empty secret (secrets
+    are never stored)."""
+    name = text("name", name, 100)
+    if user.id != actor.user_id and user.role != Role.SERVICE:
+        raise PermissionDenied(
+            f"tokens for another user are for service users only; {user.username} logs in",
+            reason="TOKEN_FOR_ANOTHER_USER",
+            metadata={"user_id": str(user.id), "role": user.role},
+        )
     if not user.is_active:
         raise InvalidArgument.field("user_id", f"user {user.username} is deactivated")
-    secret, token = await issue_token(session, user, name, expires_at)
+    same = {"user_id": user.id, "name": name, "created_by": actor.user_id}
+    if never_expires or expires_at is not None:  # a default expiry moves with the clock
+        same["expires_at"] = None if never_expires else expires_at
+    expires_at = token_expiry(user, expires_at, never_expires)
+    if earlier := await replay(session, ApiToken, request_id, same):
+        if earlier.expires_at is None and not never_expires:  # made without expiry: differs
+            check_same_request(earlier, {"expires_at": expires_at})
+        return "", earlier
+    secret, token = await _store(session, user, name, expires_at, actor.user_id, request_id)
     await audit_log.append(
         session,
         actor,
@@ -98,13 +166,16 @@ async def revoke_token(session: AsyncSession, actor: Actor, token_id: uuid.UUID)
     return token
 
 
-async def revoke_user_tokens(session: AsyncSession, user_id: uuid.UUID) -> int:
-    """Revokes every live token of a user (on deactivation); returns how many."""
-    result = await session.execute(
-        update(ApiToken)
-        .where(ApiToken.user_id == user_id, ApiToken.revoked_at.is_(None))
-        .values(revoked_at=datetime.now(UTC))
-    )
+async def revoke_user_tokens(
+    session: AsyncSession, user_id: uuid.UUID, *, made_by_others_only: bool = False
+) -> int:
+    """Revokes every live token of a user (on deactivation), or only those someone else
+    made (on a change of role: they were valid only while the user was a service user);
+    returns how many."""
+    query = update(ApiToken).where(ApiToken.user_id == user_id, ApiToken.revoked_at.is_(None))
+    if made_by_others_only:
+        query = query.where(ApiToken.created_by.is_distinct_from(user_id))
+    result = await session.execute(query.values(revoked_at=datetime.now(UTC)))
     return result.rowcount
 
 
@@ -146,10 +217,10 @@ async def _create(database: Database, args) -> str:
             )
         if user is None:
             raise NotFound(f"no user {args.user!r} (add --service-user to create one)")
-        expires = (
-            datetime.now(UTC) + timedelta(days=args.expires_days) if args.expires_days else None
+        expires = None if args.never_expires else datetime.now(UTC) + timedelta(args.expires_days)
+        secret, token = await create_token(
+            session, actor, user, args.name, expires, never_expires=args.never_expires
         )
-        secret, token = await create_token(session, actor, user, args.name, expires)
     print(
         f"created token {token.id} for {user.username} ({user.role}); it is shown only once:",
         file=sys.stderr,
@@ -206,9 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(required=True)
     create = commands.add_parser("create", help="create a token and print it (once)")
-    create.add_argument("--user", required=True, help="the user the token acts as")
+    create.add_argument("--user", required=True, help="the service user the token acts as")
     create.add_argument("--name", required=True, help="a label, e.g. the caller's name")
-    create.add_argument("--expires-days", type=int, default=0, help="lifetime; 0: no expiry")
+    lifetime = create.add_mutually_exclusive_group()
+    lifetime.add_argument(
+        "--expires-days", type=int, default=90, help="lifetime in days (at most 365; default 90)"
+    )
+    lifetime.add_argument("--never-expires", action="store_true", help="a token without expiry")
     create.add_argument(
         "--service-user",
         action="store_true",
@@ -222,8 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     revoke.add_argument("id")
     revoke.set_defaults(command=_revoke)
     args = parser.parse_args(argv)
-    if getattr(args, "expires_days", 0) < 0:
-        parser.error("--expires-days must not be negative")
+    if not 1 <= getattr(args, "expires_days", 1) <= MAX_LIFETIME.days:
+        parser.error(f"--expires-days must be from 1 to {MAX_LIFETIME.days}")
     try:
         print(asyncio.run(_run(args)))
     except DomainError as exc:

@@ -298,6 +298,11 @@ async def test_rpc_by_role_matrix(relman, reflected_methods, database, role):
             assert info.reason == "MISSING_PERMISSION"
             permission = info.metadata["permission"]
         outcomes[method] = (code, permission)
+    if role != Role.ADMIN:  # an environment's type decides its rules: admins only create one
+        assert outcomes["relman.v1.DeployService/CreateEnvironment"] == (
+            grpc.StatusCode.PERMISSION_DENIED,
+            "environments.write",
+        )
     for method, (code, permission) in outcomes.items():
         lacking = _expectation(role, method)
         if lacking is None:
@@ -435,15 +440,19 @@ async def test_create_user_validates_and_refuses_duplicates(deploy_channel, toke
 
 async def test_api_token_is_shown_once_and_works(deploy_channel, tokens, database):
     admin = auth_pb2_grpc.AuthServiceStub(deploy_channel)
-    victor = await admin.WhoAmI(auth_pb2.WhoAmIRequest(), metadata=bearer(tokens[Role.VIEWER]))
+    bot = await admin.WhoAmI(auth_pb2.WhoAmIRequest(), metadata=bearer(tokens[Role.SERVICE]))
+    maker = await admin.WhoAmI(auth_pb2.WhoAmIRequest(), metadata=bearer(tokens[Role.ADMIN]))
     created = await admin.CreateApiToken(
-        auth_pb2.CreateApiTokenRequest(user_id=victor.id, name="dashboard"),
+        auth_pb2.CreateApiTokenRequest(user_id=bot.id, name="dashboard"),
         metadata=bearer(tokens[Role.ADMIN]),
     )
+    assert created.api_token.created_by == maker.id
+    ttl = created.api_token.expires_at.ToDatetime(tzinfo=UTC) - datetime.now(UTC)
+    assert timedelta(days=89, hours=23) < ttl <= timedelta(days=90)  # the default lifetime
     me = await admin.WhoAmI(auth_pb2.WhoAmIRequest(), metadata=bearer(created.token))
-    assert me.username == "victor"
+    assert me.username == bot.username
     listed = await admin.ListApiTokens(
-        auth_pb2.ListApiTokensRequest(user_id=victor.id), metadata=bearer(tokens[Role.ADMIN])
+        auth_pb2.ListApiTokensRequest(user_id=bot.id), metadata=bearer(tokens[Role.ADMIN])
     )
     assert created.api_token.id in {token.id for token in listed.api_tokens}
     assert created.token not in str(listed)
@@ -587,3 +596,24 @@ async def test_tokens_cli_creates_lists_and_revokes(relman, db_url, deploy_chann
         ).returncode
         == 2
     )
+    # Tokens for people come from Login: the command line makes them for service users only.
+    human = run_cli(db_url, "shared.tokens", "create", "--user", "lena", "--name", "x")
+    assert human.returncode == 2 and "service users only" in human.stderr
+    too_long = ("--expires-days", "400")
+    assert (
+        run_cli(
+            db_url, "shared.tokens", "create", "--user", "deployer-bot", "--name", "x", *too_long
+        ).returncode
+        == 2
+    )
+    forever = run_cli(
+        db_url,
+        "shared.tokens",
+        "create",
+        "--user",
+        "deployer-bot",
+        "--name",
+        "x",
+        "--never-expires",
+    )
+    assert forever.returncode == 0, forever.stderr
