@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -36,27 +35,12 @@ from shared.errors import (
     Unauthenticated,
 )
 from shared.models import ApiToken, Role, User
+from shared.users import BCRYPT_COST, EMAIL, USERNAME, USERNAME_HINT, check_password
 from shared.validation import text
 
-BCRYPT_COST = 12
-PASSWORD_MAX_BYTES = 72  # bcrypt ignores (bcrypt 5 refuses) anything longer
 # A cost-12 hash of a random password nobody knows: unknown users are checked against it.
 DUMMY_HASH = b"$2b$12$R9D7xE0wAKfUvLP49tMyr..qZBn9Aoe8.CFFanuVaanNLKLPmxXp6"
-USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 UPDATABLE_FIELDS = ("role", "is_active", "full_name")
-
-
-def check_password(field: str, password: str) -> bytes:
-    """1 to 72 bytes of UTF-8 without NUL, as bcrypt needs."""
-    if not password:
-        raise InvalidArgument.field(field, "is required")
-    if "\x00" in password:
-        raise InvalidArgument.field(field, "must not contain NUL characters")
-    encoded = password.encode()
-    if len(encoded) > PASSWORD_MAX_BYTES:
-        raise InvalidArgument.field(field, f"is longer than {PASSWORD_MAX_BYTES} bytes")
-    return encoded
 
 
 def _password_matches(password: bytes, stored: bytes) -> bool:
@@ -193,7 +177,7 @@ async def create_user(
         username,
         100,
         pattern=USERNAME,
-        hint="must start with a letter or digit and hold only letters, digits, . _ -",
+        hint=USERNAME_HINT,
     )
     email = text("email", email, 255, pattern=EMAIL, hint="is not an e-mail address")
     full_name = text("full_name", full_name, 200, required=False)

@@ -60,9 +60,9 @@ from shared.models import (
     Team,
     User,
 )
+from shared.users import BCRYPT_COST
 
 SEED_PASSWORD = "password123"
-BCRYPT_COST = 12
 SEED_NAMESPACE = uuid.UUID("6f1c1a52-8e0b-4d1e-9a55-7a3c3f0e2b10")
 # Serializes concurrent seeders (two `make run`s on one database).
 SEED_LOCK_KEY = 0x7265_6C6D_616E  # "relman"

@@ -11,6 +11,9 @@ The password is read from the terminal (asked twice) or, when stdin is not a
 terminal, from its first line; never from an argument, which would stay in the
 shell's history and in `ps`. The new user is audited like any other, with no
 user id and `"via": "users-cli"` in the details.
+
+The rules of an account (username, e-mail, password, bcrypt cost) live here, for
+this command and AuthService alike.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from sqlalchemy import or_, select
 from shared import audit_log
 from shared.actor import Actor
 from shared.db import Database, database_url
-from shared.errors import AlreadyExists, DomainError
+from shared.errors import AlreadyExists, DomainError, InvalidArgument
 from shared.models import Role, User
 from shared.validation import text
 
@@ -39,19 +42,15 @@ USERNAME_HINT = "must start with a letter or digit and hold only letters, digits
 EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 
 
-class PasswordError(ValueError):
-    """The password typed is not one relman can store."""
-
-
-def password_bytes(password: str) -> bytes:
+def check_password(field: str, password: str) -> bytes:
     """1 to 72 bytes of UTF-8 without NUL, as bcrypt needs."""
     if not password:
-        raise PasswordError("the password is empty")
+        raise InvalidArgument.field(field, "is required")
     if "\x00" in password:
-        raise PasswordError("the password holds a NUL character")
+        raise InvalidArgument.field(field, "must not contain NUL characters")
     encoded = password.encode()
     if len(encoded) > PASSWORD_MAX_BYTES:
-        raise PasswordError(f"the password is longer than {PASSWORD_MAX_BYTES} bytes")
+        raise InvalidArgument.field(field, f"is longer than {PASSWORD_MAX_BYTES} bytes")
     return encoded
 
 
@@ -60,7 +59,7 @@ def _read_password() -> str:
         return sys.stdin.readline().rstrip("\r\n")
     first = getpass.getpass("password: ")
     if getpass.getpass("password again: ") != first:
-        raise PasswordError("the two passwords differ")
+        raise InvalidArgument.field("password", "the two passwords differ")
     return first
 
 
@@ -69,7 +68,7 @@ async def create_admin(database: Database, username: str, email: str, password: 
     username = text("username", username, 100, pattern=USERNAME, hint=USERNAME_HINT)
     email = text("email", email, 255, pattern=EMAIL, hint="is not an e-mail address")
     hashed = await asyncio.to_thread(
-        bcrypt.hashpw, password_bytes(password), bcrypt.gensalt(BCRYPT_COST)
+        bcrypt.hashpw, check_password("password", password), bcrypt.gensalt(BCRYPT_COST)
     )
     actor = Actor(None, None, None, None, "relman-users-cli")
     async with database.transaction() as session:
@@ -116,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         asyncio.run(_main(args))
-    except (DomainError, PasswordError) as exc:
+    except DomainError as exc:
         print(f"users: {exc}", file=sys.stderr)
         return 2
     return 0
