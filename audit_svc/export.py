@@ -12,8 +12,11 @@ connection is closed, not returned to the pool).
 Text cells that a spreadsheet would run as a formula (starting with = + - @,
 tab or CR) get a leading ' unless `raw` is asked for.
 
-`python -m audit_svc.export --since ... --until ... --action ... -o audit.csv`
+`python -m audit_svc.export --since ... --until ... --action ... --origin client -o audit.csv`
 streams an export from a running audit_svc to a file or stdout.
+
+An export whose reader takes nothing for EXPORT_READER_IDLE_S is ended by the
+servicer (audit_svc.servicer), which closes this stream and so its connection.
 """
 
 from __future__ import annotations
@@ -57,6 +60,9 @@ def export_query(f: Filter, raw: bool) -> tuple[str, list]:
         "a.details::text AS details",
         "a.ip_address",
         cell("user_agent", "a.user_agent"),
+        # Set by relman only (`relman` or `client`, and the caller's id): never a formula.
+        "a.origin",
+        "a.recorded_by",
     ]
     where, args = [], []
     for column, operator, value in (
@@ -66,6 +72,7 @@ def export_query(f: Filter, raw: bool) -> tuple[str, list]:
         ("a.resource_id", "=", f.resource_id),
         ("a.created_at", ">=", f.start_time),
         ("a.created_at", "<", f.end_time),
+        ("a.origin", "=", f.origin),
     ):
         if value is not None:
             args.append(value)
@@ -165,6 +172,7 @@ async def _download(args, out) -> int:
     from google.protobuf.timestamp_pb2 import Timestamp
 
     from relman.v1 import audit_pb2, audit_pb2_grpc
+    from shared.protos import enum_to_proto
 
     def stamp(value: datetime | None):
         if value is None:
@@ -181,6 +189,7 @@ async def _download(args, out) -> int:
             resource_id=args.resource_id or "",
             start_time=stamp(args.since),
             end_time=stamp(args.until),
+            origin=enum_to_proto(audit_pb2.AuditOrigin, args.origin),
         ),
         raw=args.raw,
     )
@@ -228,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--user-id")
     parser.add_argument("--resource-type")
     parser.add_argument("--resource-id")
+    parser.add_argument(
+        "--origin", choices=("relman", "client"), help="rows relman wrote, or rows clients sent"
+    )
     parser.add_argument("--raw", action="store_true", help="no formula neutralizing")
     parser.add_argument("-o", "--output", default="-", help="file to write; - for stdout")
     args = parser.parse_args(argv)

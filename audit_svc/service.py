@@ -3,7 +3,9 @@ export_audit_logs_csv, now a stream in audit_svc.export).
 
 The caller, its address and user agent come from the call (the Actor). A request
 may name another user, address or user agent only with `audit.write.on_behalf`
-(service and admin roles). Reading the trail is itself recorded (`audit.read`).
+(service and admin roles); the row still says who wrote it (`recorded_by`, the
+caller) and that a client sent it (origin `client`), so it never passes for
+relman's own record. Reading the trail is itself recorded (`audit.read`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from shared.actor import USER_AGENT_MAX, Actor
 from shared.auth import may
 from shared.db import check_same_request, driver_connection
 from shared.errors import InvalidArgument, PermissionDenied
-from shared.models import AuditLog, User
+from shared.models import AuditLog, AuditOrigin, User
 from shared.pagination import Page, list_page
 from shared.validation import canonical_ip, text
 
@@ -57,6 +59,7 @@ class Filter:
     resource_id: str | None = None
     start_time: datetime | None = None  # inclusive
     end_time: datetime | None = None  # exclusive
+    origin: AuditOrigin | None = None
 
     def describe(self) -> dict[str, str]:
         """The filters that are set, as audit details and as the page token's fingerprint."""
@@ -85,12 +88,17 @@ def conditions(f: Filter) -> dict[str, Any]:
         "resource_id": lambda: AuditLog.resource_id == f.resource_id,
         "start_time": lambda: AuditLog.created_at >= f.start_time,
         "end_time": lambda: AuditLog.created_at < f.end_time,
+        "origin": lambda: AuditLog.origin == f.origin,
     }
     return {name: every[name]() for name in f.describe()}
 
 
 def validate(actor: Actor, entry: Entry, field: str = "") -> dict[str, Any]:
-    """The row `entry` asks for, as column values; refuses anything bad before a write."""
+    """The row `entry` asks for, as column values; refuses anything bad before a write.
+
+    The row is a client's (origin `client`) recorded by the caller, whoever it names as
+    the user: no request field sets either, so a row written on behalf of someone can
+    always be told from relman's own record of what they did."""
 
     def name(part: str) -> str:
         return f"{field}{part}"
@@ -143,6 +151,8 @@ def validate(actor: Actor, entry: Entry, field: str = "") -> dict[str, Any]:
             if entry.user_agent
             else actor.user_agent
         ),
+        "origin": AuditOrigin.CLIENT.value,
+        "recorded_by": actor.user_id,
     }
 
 
@@ -159,21 +169,27 @@ async def check_users(session: AsyncSession, rows: Iterable[tuple[str, dict]]) -
 
 # One statement, so one round trip and its own transaction: rows naming a user that
 # does not exist and rows whose id is taken are left out, and each row comes back
-# with its creation time and username.
+# with its creation time and the usernames of its user and of its recorder.
 INSERT_NEW_ROWS = """
     INSERT INTO audit_logs
-        (id, user_id, action, resource_type, resource_id, details, ip_address, user_agent)
+        (id, user_id, action, resource_type, resource_id, details, ip_address, user_agent,
+         origin, recorded_by)
     SELECT r.* FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[],
-                           $6::jsonb[], $7::text[], $8::text[])
-        AS r(id, user_id, action, resource_type, resource_id, details, ip_address, user_agent)
+                           $6::jsonb[], $7::text[], $8::text[], $9::text[], $10::uuid[])
+        AS r(id, user_id, action, resource_type, resource_id, details, ip_address, user_agent,
+             origin, recorded_by)
     WHERE r.user_id IS NULL OR EXISTS (SELECT FROM users u WHERE u.id = r.user_id)
     ON CONFLICT (id) DO NOTHING
-    RETURNING id, created_at, (SELECT username FROM users u WHERE u.id = audit_logs.user_id)
+    RETURNING id, created_at, (SELECT username FROM users u WHERE u.id = audit_logs.user_id),
+              (SELECT username FROM users u WHERE u.id = audit_logs.recorded_by)
 """
 STORED_ROWS = """
     SELECT a.id, a.created_at, a.user_id, a.action, a.resource_type, a.resource_id, a.details,
-           a.ip_address, a.user_agent, u.username
-    FROM audit_logs a LEFT JOIN users u ON u.id = a.user_id
+           a.ip_address, a.user_agent, a.origin, a.recorded_by, u.username,
+           r.username AS recorded_by_username
+    FROM audit_logs a
+    LEFT JOIN users u ON u.id = a.user_id
+    LEFT JOIN users r ON r.id = a.recorded_by
     WHERE a.id = ANY($1)
 """
 
@@ -190,15 +206,17 @@ class Stored(NamedTuple):
     details: dict[str, Any]
     ip_address: str | None
     user_agent: str | None
+    origin: str | None
+    recorded_by: uuid.UUID | None
 
 
 async def write_rows(connection: asyncpg.Connection, rows: Sequence[dict]) -> list[Any]:
     """Appends validated rows (the LogAction group commit's writer), usually in one
     statement.
 
-    Returns, for each row, `(Stored, username)` or the error its caller gets: a
-    user that does not exist, or a request_id reused for another request. A row
-    whose id (request_id) is already stored is a retry: it gets the stored row.
+    Returns, for each row, `(Stored, username, recorded_by_username)` or the error its
+    caller gets: a user that does not exist, or a request_id reused for another request.
+    A row whose id (request_id) is already stored is a retry: it gets the stored row.
     """
     for row in rows:
         if row["id"] is None:
@@ -217,11 +235,12 @@ async def write_rows(connection: asyncpg.Connection, rows: Sequence[dict]) -> li
     left_out = {}
     for index, row in enumerate(rows):
         if first_of_id[row["id"]] == index and row["id"] in created:
-            _, created_at, username = created[row["id"]]
+            _, created_at, username, recorded_by_username = created[row["id"]]
             details = json.loads(row["details"])
             outcomes[index] = (
                 Stored(**{**row, "details": details}, created_at=created_at),
                 username,
+                recorded_by_username,
             )
         else:
             left_out[index] = row
@@ -246,7 +265,7 @@ def _retry_or_refusal(row: dict, record) -> Any:
         check_same_request(earlier, {k: row[k] for k in ("action", "resource_type")})
     except InvalidArgument as error:
         return error
-    return earlier, record["username"]
+    return earlier, record["username"], record["recorded_by_username"]
 
 
 COPY_COLUMNS = (
@@ -258,6 +277,8 @@ COPY_COLUMNS = (
     "details",
     "ip_address",
     "user_agent",
+    "origin",
+    "recorded_by",
 )
 
 
@@ -278,7 +299,8 @@ async def append_batch(session: AsyncSession, rows: list[dict]) -> None:
 async def get_audit_logs(
     session: AsyncSession, f: Filter, page_size: int, page_token: str
 ) -> tuple[Page, dict[uuid.UUID, str]]:
-    """A page of the trail, newest first, with the usernames of its rows."""
+    """A page of the trail, newest first, with the usernames of its rows' users and
+    recorders."""
     described = f.describe()
     page = await list_page(
         session,
@@ -287,7 +309,8 @@ async def get_audit_logs(
         page_token=page_token,
         where={name: (described[name], condition) for name, condition in conditions(f).items()},
     )
-    user_ids = {row.user_id for row in page.items if row.user_id is not None}
+    user_ids = {row.user_id for row in page.items} | {row.recorded_by for row in page.items}
+    user_ids.discard(None)
     usernames = (
         dict(
             (
@@ -302,7 +325,7 @@ async def get_audit_logs(
 
 def read_row(actor: Actor, action: str, f: Filter, extra: dict[str, Any] | None = None) -> dict:
     """The row recording that `actor` read the trail (`audit.read`, `audit.export`), to be
-    written like a LogAction row (write_rows)."""
+    written like a LogAction row (write_rows) but relman's own (origin `relman`)."""
     return {
         "id": None,
         "user_id": actor.user_id,
@@ -312,4 +335,6 @@ def read_row(actor: Actor, action: str, f: Filter, extra: dict[str, Any] | None 
         "details": _COMPACT_JSON.encode({"filter": f.describe(), **(extra or {})}),
         "ip_address": actor.peer,
         "user_agent": actor.user_agent,
+        "origin": AuditOrigin.RELMAN.value,
+        "recorded_by": actor.user_id,
     }

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import uuid
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
 
 import grpc
 from google.protobuf import struct_pb2
@@ -12,11 +15,12 @@ from audit_svc import export, service
 from audit_svc.group_commit import GroupCommit
 from relman.v1 import audit_pb2, audit_pb2_grpc
 from shared.actor import current_actor
+from shared.config import Settings
 from shared.db import Database
-from shared.errors import InvalidArgument
-from shared.models import AuditLog
+from shared.errors import Aborted, InvalidArgument, ResourceExhausted
+from shared.models import AuditLog, AuditOrigin
 from shared.observability import counter
-from shared.protos import id_text, struct_to_dict, timestamp
+from shared.protos import enum_from_proto, enum_to_proto, id_text, struct_to_dict, timestamp
 from shared.server import Resources
 from shared.validation import optional_uuid, parse_timestamp
 
@@ -49,6 +53,12 @@ def _filter(request_filter: audit_pb2.AuditLogFilter) -> service.Filter:
             return None
         return parse_timestamp(f"filter.{field}", getattr(request_filter, field))
 
+    origin = enum_from_proto(audit_pb2.AuditOrigin, request_filter.origin)
+    if origin is None and request_filter.origin:  # proto3 enums are open: any number parses
+        raise InvalidArgument.field(
+            "filter.origin", "must be AUDIT_ORIGIN_RELMAN, AUDIT_ORIGIN_CLIENT or unset"
+        )
+
     return service.check_filter(
         service.Filter(
             user_id=optional_uuid("filter.user_id", request_filter.user_id),
@@ -57,11 +67,14 @@ def _filter(request_filter: audit_pb2.AuditLogFilter) -> service.Filter:
             resource_id=request_filter.resource_id or None,
             start_time=when("start_time"),
             end_time=when("end_time"),
+            origin=None if origin is None else AuditOrigin(origin),
         )
     )
 
 
-def _audit_log(row: AuditLog, username: str | None) -> audit_pb2.AuditLog:
+def _audit_log(
+    row: AuditLog | service.Stored, username: str | None, recorded_by_username: str | None
+) -> audit_pb2.AuditLog:
     details = struct_pb2.Struct()
     details.update(row.details or {})
     return audit_pb2.AuditLog(
@@ -75,44 +88,99 @@ def _audit_log(row: AuditLog, username: str | None) -> audit_pb2.AuditLog:
         details=details,
         ip_address=row.ip_address or "",
         user_agent=row.user_agent or "",
+        recorded_by=id_text(row.recorded_by),
+        recorded_by_username=recorded_by_username or "",
+        origin=enum_to_proto(audit_pb2.AuditOrigin, row.origin),
     )
 
 
+class StreamSlots:
+    """At most `limit` LogActions streams open per caller: each holds a pooled connection
+    for as long as it stays open, so one caller must not be able to take the pool."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: collections.Counter[uuid.UUID | None] = collections.Counter()
+
+    @contextlib.contextmanager
+    def held(self, caller: uuid.UUID | None) -> Iterator[None]:
+        if self._open[caller] >= self.limit:
+            raise ResourceExhausted(
+                f"at most {self.limit} LogActions streams per caller at once: "
+                "finish one before opening another",
+                reason="TOO_MANY_STREAMS",
+                metadata={"limit": self.limit},
+            )
+        self._open[caller] += 1
+        try:
+            yield
+        finally:
+            self._open[caller] -= 1
+            if not self._open[caller]:
+                del self._open[caller]
+
+
+async def _until_idle(messages: AsyncIterable, idle_s: float) -> AsyncIterator:
+    """The stream's messages; ABORTED (STREAM_IDLE) once none came for `idle_s`, so that a
+    caller cannot keep a stream, and its transaction and connection, open for ever."""
+    iterator = aiter(messages)
+    while True:
+        try:
+            async with asyncio.timeout(idle_s):
+                message = await anext(iterator)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise Aborted(
+                f"no message for {idle_s:g} s: the stream was ended and nothing of it stored",
+                reason="STREAM_IDLE",
+                metadata={"idle_s": f"{idle_s:g}"},
+            ) from None
+        yield message
+
+
 class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, settings: Settings) -> None:
         self.database = database
+        self.settings = settings
         self.appender = GroupCommit(database, service.write_rows)
+        self.streams = StreamSlots(settings.audit_streams_per_caller)
 
     async def LogAction(self, request, context):
         row = service.validate(current_actor.get(), _entry(request))
-        stored, username = await self.appender.append(row)
+        stored, username, recorded_by_username = await self.appender.append(row)
         INGESTED.labels("LogAction").inc()
-        return _audit_log(stored, username)
+        return _audit_log(stored, username, recorded_by_username)
 
     async def LogActions(self, request_iterator, context):
         """All rows of the stream or none: validated batch by batch, COPYed inside one
-        transaction that commits only after the last batch arrived."""
+        transaction that commits only after the last batch arrived. A stream idle for
+        AUDIT_STREAM_IDLE_S ends rolled back."""
         actor = current_actor.get()
         count = 0
-        async with self.database.transaction() as session:
-            async for batch in request_iterator:
-                if len(batch.actions) > MAX_ROWS_PER_BATCH:
-                    raise InvalidArgument.field(
-                        "actions", f"a batch holds at most {MAX_ROWS_PER_BATCH} rows"
-                    )
-                rows = []
-                for action in batch.actions:
-                    field = f"actions[{count + len(rows)}]."
-                    rows.append((field, service.validate(actor, _entry(action), field)))
-                await service.check_users(session, rows)
-                if rows:
-                    await service.append_batch(session, [row for _, row in rows])
-                count += len(rows)
-            # gRPC hands a client's cancel to this handler as the end of the request
-            # stream first, and as the cancellation of its task on the next turn of the
-            # event loop. Let that turn pass before committing, so that a cancelled
-            # stream is rolled back, not stored.
-            await asyncio.sleep(0)
+        with self.streams.held(actor.user_id):
+            async with self.database.transaction() as session:
+                batches = _until_idle(request_iterator, self.settings.audit_stream_idle_s)
+                async for batch in batches:
+                    if len(batch.actions) > MAX_ROWS_PER_BATCH:
+                        raise InvalidArgument.field(
+                            "actions", f"a batch holds at most {MAX_ROWS_PER_BATCH} rows"
+                        )
+                    rows = []
+                    for action in batch.actions:
+                        field = f"actions[{count + len(rows)}]."
+                        rows.append((field, service.validate(actor, _entry(action), field)))
+                    await service.check_users(session, rows)
+                    if rows:
+                        await service.append_batch(session, [row for _, row in rows])
+                    count += len(rows)
+                # gRPC ends the request stream alike for a client's half-close and for its
+                # cancel, and cancels this task only once its core's cancel notice is
+                # handled. A send passes through the core after that notice, so a cancel
+                # reaches this task before the commit: the stream is rolled back, not
+                # stored. (Waiting one turn of the event loop instead let about 1 in 20
+                # streams commit when several were cancelled at once.)
+                await context.send_initial_metadata(())
         INGESTED.labels("LogActions").inc(count)
         return audit_pb2.LogActionsResponse(count=count)
 
@@ -132,22 +200,41 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             self.appender.append(service.read_row(actor, "audit.read", audit_filter)), read()
         )
         return audit_pb2.ListAuditLogsResponse(
-            audit_logs=[_audit_log(row, usernames.get(row.user_id)) for row in page.items],
+            audit_logs=[
+                _audit_log(row, usernames.get(row.user_id), usernames.get(row.recorded_by))
+                for row in page.items
+            ],
             next_page_token=page.next_page_token,
             total_size=page.total_size,
         )
 
     async def ExportAuditLogs(self, request, context):
+        """Writes the chunks itself (context.write) rather than yielding them, so that a
+        write the reader does not take within EXPORT_READER_IDLE_S can end the export
+        and give its connection back to the pool."""
         actor = current_actor.get()
         audit_filter = _filter(request.filter)
         extra = {"raw": request.raw, "export_id": str(uuid.uuid4())}
         # Stored before the first byte goes out, so even a cancelled export is recorded.
         await self.appender.append(service.read_row(actor, "audit.export", audit_filter, extra))
-        async for chunk in export.export_audit_logs_csv(self.database, audit_filter, request.raw):
-            EXPORTED.inc(chunk.count("\n"))
-            yield audit_pb2.ExportAuditLogsResponse(data=chunk)
+        idle_s = self.settings.export_reader_idle_s
+        chunks = export.export_audit_logs_csv(self.database, audit_filter, request.raw)
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                EXPORTED.inc(chunk.count("\n"))
+                try:
+                    async with asyncio.timeout(idle_s):
+                        await context.write(audit_pb2.ExportAuditLogsResponse(data=chunk))
+                except TimeoutError:
+                    raise Aborted(
+                        f"the reader took nothing for {idle_s:g} s: the export was cancelled",
+                        reason="EXPORT_READER_IDLE",
+                        metadata={"idle_s": f"{idle_s:g}"},
+                    ) from None
 
 
 def register(server: grpc.aio.Server, resources: Resources) -> list[str]:
-    audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(resources.database), server)
+    audit_pb2_grpc.add_AuditServiceServicer_to_server(
+        AuditServicer(resources.database, resources.settings), server
+    )
     return [AUDIT_SERVICE.full_name]

@@ -141,12 +141,16 @@ def _batch_bytes(first: int, count: int, users: list[str]) -> bytes:
 
 
 def _records(first: int, count: int, users: list[str]):
+    recorder = uuid.UUID(users[0])
     for i in range(first, first + count):
         row = {
             **_row(i, users),
             "id": uuid.uuid4(),
             "user_id": uuid.UUID(users[i % len(users)]),
             "details": json.dumps({"n": i, "source": "bench"}, separators=(",", ":")),
+            # what LogActions stores with each row: a client's, recorded by its caller
+            "origin": "client",
+            "recorded_by": recorder,
         }
         yield tuple(row[column] for column in COPY_COLUMNS)
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, func, select, text, tuple_
-from sqlalchemy.exc import CompileError
+from sqlalchemy import ClauseElement, Executable, Select, func, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import InstrumentedAttribute
 
 from shared.errors import InvalidArgument
@@ -124,10 +124,10 @@ async def total_size(session: AsyncSession, query: Select) -> int:
     if count <= PROBE_LIMIT:
         return count
     estimate = await _planner_estimate(session, query)
-    if estimate is not None and estimate > ESTIMATE_TRUSTED_ABOVE:
+    if estimate > ESTIMATE_TRUSTED_ABOVE:
         return estimate
     count = await _count_up_to(session, query, EXACT_TOTAL_LIMIT)
-    return count if count <= EXACT_TOTAL_LIMIT else max(estimate or 0, count)
+    return count if count <= EXACT_TOTAL_LIMIT else max(estimate, count)
 
 
 async def _count_up_to(session: AsyncSession, query: Select, limit: int) -> int:
@@ -136,16 +136,27 @@ async def _count_up_to(session: AsyncSession, query: Select, limit: int) -> int:
     return await session.scalar(select(func.count()).select_from(bounded))
 
 
-async def _planner_estimate(session: AsyncSession, query: Select) -> int | None:
-    """The planner's row estimate for `query`, or None for a query whose values cannot
-    be written as SQL literals (JSONB containment, say): then rows are counted."""
-    try:
-        compiled = query.order_by(None).compile(
-            dialect=session.bind.dialect, compile_kwargs={"literal_binds": True}
-        )
-    except CompileError:
-        return None
-    plan = await session.scalar(text(f"EXPLAIN (FORMAT JSON) {compiled}"))
+class _Explain(Executable, ClauseElement):
+    """`EXPLAIN (FORMAT JSON) <query>`, compiled like the query itself: its filter values
+    stay bind parameters, never SQL text (rendered as literals inside text(), a value
+    such as `a :x` became a parameter of its own and the call failed)."""
+
+    # Compiled on each use (only past PROBE_LIMIT matches): a cached form would carry the
+    # query's own result columns, not the plan's.
+    inherit_cache = False
+
+    def __init__(self, query: Select) -> None:
+        self.query = query
+
+
+@compiles(_Explain)
+def _compile_explain(element: _Explain, compiler, **kw) -> str:
+    return f"EXPLAIN (FORMAT JSON) {compiler.process(element.query, **kw)}"
+
+
+async def _planner_estimate(session: AsyncSession, query: Select) -> int:
+    """The planner's row estimate for `query`, planned with its actual filter values."""
+    plan = await session.scalar(_Explain(query.order_by(None)))
     if isinstance(plan, str):
         plan = json.loads(plan)
     return int(plan[0]["Plan"]["Plan Rows"])
