@@ -380,6 +380,22 @@ class _Call:
         call_finished(self.record, self.code)
 
 
+class _CountedWrites:
+    """The context of a stream handler that writes its messages itself (context.write):
+    each write counts as a message sent, as each yielded one does."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, record) -> None:
+        self._context = context
+        self._record = record
+
+    async def write(self, message) -> None:
+        await self._context.write(message)
+        message_sent(self._record)
+
+    def __getattr__(self, name: str):
+        return getattr(self._context, name)
+
+
 def _map_errors(behaviour, drain: Drain | None, method: str, kind: str):
     def checked(request, record):
         if kind in ("client_stream", "bidi_stream"):
@@ -410,8 +426,13 @@ def _map_errors(behaviour, drain: Drain | None, method: str, kind: str):
         call = _Call(drain, method, kind, context)
         try:
             await call.begin()
-            response = await behaviour(checked(request, call.record), context)
-            message_sent(call.record)
+            if kind in ("server_stream", "bidi_stream"):
+                response = await behaviour(
+                    checked(request, call.record), _CountedWrites(context, call.record)
+                )
+            else:
+                response = await behaviour(checked(request, call.record), context)
+                message_sent(call.record)
             return response
         except grpc.aio.AbortError:
             raise

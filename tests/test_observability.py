@@ -72,9 +72,14 @@ async def test_metrics_count_known_calls(observed, tokens, service_id, database)
     )
     await stub.LogActions(iter([batch, batch]), metadata=service_auth)
     tag = uuid.uuid4().hex
-    await stub.LogAction(
-        audit_pb2.LogActionRequest(action="metrics.export", resource_type="t", resource_id=tag),
-        metadata=service_auth,
+    # One row logged alone, then 20 rows of some 50 KB: the export takes several messages.
+    exported = audit_pb2.LogActionRequest(
+        action="metrics.export", resource_type="t", resource_id=tag
+    )
+    await stub.LogAction(exported, metadata=service_auth)
+    exported.details.update({"pad": "x" * 50_000})
+    await stub.LogActions(
+        iter([audit_pb2.LogActionsRequest(actions=[exported] * 20)]), metadata=service_auth
     )
     messages = [
         m
@@ -94,13 +99,14 @@ async def test_metrics_count_known_calls(observed, tokens, service_id, database)
     assert delta("grpc_server_handled_total", **unary, grpc_code="INVALID_ARGUMENT") == 1
     assert delta("grpc_server_handling_seconds_count", **unary) == 5
     bulk = {"grpc_type": "client_stream", "grpc_service": AUDIT, "grpc_method": "LogActions"}
-    assert delta("grpc_server_msg_received_total", **bulk) == 2
-    assert delta("grpc_server_handled_total", **bulk, grpc_code="OK") == 1
+    assert delta("grpc_server_msg_received_total", **bulk) == 3
+    assert delta("grpc_server_handled_total", **bulk, grpc_code="OK") == 2
     export = {"grpc_type": "server_stream", "grpc_service": AUDIT, "grpc_method": "ExportAuditLogs"}
+    assert len(messages) >= 2
     assert delta("grpc_server_msg_sent_total", **export) == len(messages)
     assert delta("relman_audit_rows_ingested_total", rpc="LogAction") == 4
-    assert delta("relman_audit_rows_ingested_total", rpc="LogActions") == 10
-    assert delta("relman_audit_export_rows_total") == 2  # the header and the one row
+    assert delta("relman_audit_rows_ingested_total", rpc="LogActions") == 30
+    assert delta("relman_audit_export_rows_total") == 22  # the header and 21 rows
     assert _value(after, "relman_db_pool_connections", state="size") == 10
 
     # deploy_svc: deployments by status, as the database holds them (refreshed every 2 s).
