@@ -62,7 +62,7 @@ class Settings:
             audit_addr=reader.address("AUDIT_SVC_ADDR", "[::]:50052"),
             shutdown_grace_s=reader.number("SHUTDOWN_GRACE_S", 10.0, minimum=0.0),
             db_pool_size=reader.integer("DB_POOL_SIZE", 10, minimum=1, maximum=100),
-            token_ttl_s=reader.integer("TOKEN_TTL_S", 43200, minimum=60),
+            token_ttl_s=reader.integer("TOKEN_TTL_S", 43200, minimum=60, maximum=31_536_000),
             prod_required_approvals=reader.integer(
                 "PROD_REQUIRED_APPROVALS", 1, minimum=1, maximum=10
             ),
@@ -78,7 +78,9 @@ class Settings:
             audit_streams_per_caller=reader.integer(
                 "AUDIT_STREAMS_PER_CALLER", 4, minimum=1, maximum=1000
             ),
-            export_reader_idle_s=reader.number("EXPORT_READER_IDLE_S", 60.0, minimum=0.1),
+            export_reader_idle_s=reader.number(
+                "EXPORT_READER_IDLE_S", 60.0, minimum=0.1, maximum=90.0
+            ),
             login_failures_per_user=reader.integer(
                 "LOGIN_FAILURES_PER_USER", 5, minimum=1, maximum=1000
             ),

@@ -72,13 +72,13 @@ def database_url() -> URL:
 def migration_database_url() -> URL:
     """The database as its owner, for migrations and the seed: MIGRATION_DATABASE_URL,
     else DATABASE_URL (one role does everything), else the embedded owner role."""
-    raw = (
-        os.environ.get("MIGRATION_DATABASE_URL", "").strip()
-        or os.environ.get("DATABASE_URL", "").strip()
-    )
-    if not raw:
+    migration = os.environ.get("MIGRATION_DATABASE_URL", "").strip()
+    runtime = os.environ.get("DATABASE_URL", "").strip()
+    if migration and not runtime:  # else the embedded services, another database's schema
+        raise DatabaseUrlError("MIGRATION_DATABASE_URL is set but DATABASE_URL is not")
+    if not (migration or runtime):
         return _embedded_url(OWNER_ROLE)
-    return normalize_url(raw)
+    return normalize_url(migration or runtime)
 
 
 def _embedded_url(role: str) -> URL:

@@ -56,8 +56,8 @@ ALTER SCHEMA public OWNER TO {OWNER_ROLE};
 SELECT format('ALTER TABLE %s OWNER TO {OWNER_ROLE}', c.oid::regclass)
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
   WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p', 'v', 'm')
-    AND c.relowner <> '{OWNER_ROLE}'::regrole \\gexec
+    AND c.relowner = 'postgres'::regrole \\gexec
 SELECT format('ALTER FUNCTION %s OWNER TO {OWNER_ROLE}', p.oid::regprocedure)
   FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-  WHERE n.nspname = 'public' AND p.proowner <> '{OWNER_ROLE}'::regrole \\gexec
+  WHERE n.nspname = 'public' AND p.proowner = 'postgres'::regrole \\gexec
 """

@@ -63,7 +63,10 @@ def main() -> int:
         flush=True,
     )
 
-    env = {**LOOPBACK, **os.environ, "DATABASE_URL": libpq_dsn(url)}
+    env = {**os.environ, "DATABASE_URL": libpq_dsn(url)}
+    for name, address in LOOPBACK.items():  # unset or blank: loopback, not every address
+        if not env.get(name, "").strip():
+            env[name] = address
     env.pop("MIGRATION_DATABASE_URL", None)  # the services never hold the owner's URL
     children = {
         subprocess.Popen([sys.executable, "-m", name], cwd=PROJECT_ROOT, env=env).pid: name

@@ -29,6 +29,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+import asyncpg
 import grpc
 import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -44,6 +45,7 @@ from shared.db import (
     call_deadline,
     database_url,
     describe,
+    libpq_dsn,
     listen_url,
 )
 from shared.errors import InvalidArgument, Unavailable, from_exception
@@ -565,23 +567,50 @@ async def serve(spec: ServiceSpec, settings: Settings, database: Database) -> in
 
 
 async def _check_trail(spec: ServiceSpec, settings: Settings, database: Database) -> None:
-    """Says at start-up whether this process's own database role could alter the audit
-    trail: one WARNING line naming what it can do and the gauge at 0, or, with
+    """Says at start-up whether this process's own database roles (the pool's, and the
+    LISTEN connection's when it has a URL of its own) could alter the audit trail: one
+    WARNING line naming what they can do and the gauge at 0, or, with
     REQUIRE_PROTECTED_TRAIL, a refusal to start."""
+    problems = []
     async with database.autocommit_connection(deadline_s=STARTUP_DB_WAIT_S) as connection:
-        role = await connection.fetchval("SELECT current_user")
-        exposure = await roles.trail_exposure(connection)
-    TRAIL_PROTECTED.set(0 if exposure else 1)
-    if not exposure:
+        problems.append(await _exposure(connection, "DATABASE_URL"))
+    if database.listen_url != database.url:
+        try:
+            connection = await asyncpg.connect(libpq_dsn(database.listen_url), timeout=5)
+        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+            raise StartupError(f"cannot connect to DATABASE_LISTEN_URL: {exc}") from None
+        try:
+            problems.append(await _exposure(connection, "DATABASE_LISTEN_URL"))
+        finally:
+            await connection.close()
+    problems = [problem for problem in problems if problem]
+    TRAIL_PROTECTED.set(0 if problems else 1)
+    if not problems:
         return
     problem = (
-        f"the database role {role} can alter the audit trail: it {', '.join(exposure)}"
-        "; run the services as a role with INSERT and SELECT only on audit_logs"
+        "; ".join(problems)
+        + "; run the services as a role with INSERT and SELECT only on audit_logs"
         " (README: Database roles)"
     )
     if settings.require_protected_trail:
         raise StartupError(f"{problem} (REQUIRE_PROTECTED_TRAIL=1)")
     log.warning("%s: %s", spec.name, problem)
+
+
+async def _exposure(connection: asyncpg.Connection, setting: str) -> str:
+    """What the connection's role could do to the trail, as words ("" when nothing)."""
+    try:
+        exposure = await roles.trail_exposure(connection)
+    except asyncpg.UndefinedTableError:
+        raise StartupError(
+            "the database has no audit_logs table: migrate it first (make migrate)"
+        ) from None
+    if not exposure:
+        return ""
+    role = await connection.fetchval("SELECT current_user")
+    return (
+        f"the database role {role} ({setting}) can alter the audit trail: it {', '.join(exposure)}"
+    )
 
 
 def _is_loopback(address: str) -> bool:

@@ -28,14 +28,31 @@ READ = set(
     re.findall(r'reader\.\w+\(\s*"([A-Z_]+)"', (PROJECT_ROOT / "shared/config.py").read_text())
 )
 READ |= {"DATABASE_URL", "LOG_LEVEL"}
-# The roles docker/postgres-init.sql creates: name -> (password, its CREATE ROLE line).
-INIT_SQL = (PROJECT_ROOT / "docker/postgres-init.sql").read_text()
+# The roles docker/postgres-init.sh creates: name -> (the psql variable holding its
+# password, its CREATE ROLE line), and the environment variable behind each psql variable.
+INIT_SCRIPT = (PROJECT_ROOT / "docker/postgres-init.sh").read_text()
 INIT_ROLES = {
-    name: (password, line)
-    for line in INIT_SQL.splitlines()
-    if (match := re.match(r"CREATE ROLE (\w+) LOGIN PASSWORD '([^']*)';$", line))
-    for name, password in [match.groups()]
+    name: (variable, line)
+    for line in INIT_SCRIPT.splitlines()
+    if (match := re.match(r"CREATE ROLE (\w+) LOGIN PASSWORD :'(\w+)';$", line))
+    for name, variable in [match.groups()]
 }
+PSQL_VARIABLES = dict(re.findall(r'-v (\w+)="\$(\w+)"', INIT_SCRIPT))
+# What compose's interpolation of ${NAME:?message} gives with the passwords set.
+PASSWORDS = {"POSTGRES_PASSWORD": "s3", "RELMAN_OWNER_PASSWORD": "o1", "RELMAN_APP_PASSWORD": "a2"}
+
+
+def interpolated(value) -> str:
+    """`value` as compose passes it on; a reference without `:?` (no default refused when
+    unset) would let a password go empty, so every reference must have one."""
+
+    def one(match: re.Match) -> str:
+        assert match[2], f"${{{match[1]}}} must be required (:?)"
+        return PASSWORDS[match[1]]
+
+    return re.sub(r"\$\{(\w+)(:\?[^}]*)?\}", one, str(value))
+
+
 SVC = {"deploy_svc": ("DEPLOY", 50051, "relman.v1.DeployService"),
        "audit_svc": ("AUDIT", 50052, "relman.v1.AuditService")}  # fmt: skip
 
@@ -47,23 +64,29 @@ def test_postgres_16_with_a_named_volume_and_a_healthcheck():
     assert volume in COMPOSE["volumes"]
     assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
     init = postgres["volumes"][1].split(":")
-    assert init[0] == "./docker/postgres-init.sql"
-    assert init[1].startswith("/docker-entrypoint-initdb.d/")
+    assert init[0] == "./docker/postgres-init.sh"
+    assert init[1].startswith("/docker-entrypoint-initdb.d/") and init[1].endswith(".sh")
 
 
 def test_the_init_script_makes_the_two_roles_the_code_expects():
-    """An owner and a runtime role, neither a superuser nor able to create roles, and the
-    relman database owned by the owner."""
+    """An owner and a runtime role, neither a superuser nor able to create roles, the
+    relman database owned by the owner, and no password in the repository: each comes
+    from an environment variable compose requires."""
     assert set(INIT_ROLES) == {OWNER_ROLE, RUNTIME_ROLE}
     for _, line in INIT_ROLES.values():
         assert not re.search(r"SUPERUSER|CREATEROLE|CREATEDB|BYPASSRLS", line), line
-    assert f"CREATE DATABASE relman OWNER {OWNER_ROLE};" in INIT_SQL
+    assert f"CREATE DATABASE relman OWNER {OWNER_ROLE};" in INIT_SCRIPT
+    postgres_env = SERVICES["postgres"]["environment"]
+    for variable, _ in INIT_ROLES.values():
+        source = PSQL_VARIABLES[variable]
+        assert interpolated(postgres_env[source]) == PASSWORDS[source]
+    assert interpolated(postgres_env["POSTGRES_PASSWORD"]) == PASSWORDS["POSTGRES_PASSWORD"]
 
 
 def _url_of(environment: dict, name: str):
-    url = normalize_url(str(environment[name]))
+    url = normalize_url(interpolated(environment[name]))
     assert (url.host, url.database) == ("postgres", "relman")
-    assert url.password == INIT_ROLES[url.username][0]
+    assert url.password == PASSWORDS[PSQL_VARIABLES[INIT_ROLES[url.username][0]]]
     return url
 
 
@@ -82,7 +105,7 @@ def test_migrate_runs_once_after_postgres_and_seeds_only_when_asked():
 def test_each_service_gets_settings_the_code_reads_and_accepts():
     for name, (prefix, port, readiness) in SVC.items():
         service = SERVICES[name]
-        env = {key: str(value) for key, value in service["environment"].items()}
+        env = {key: interpolated(value) for key, value in service["environment"].items()}
         assert set(env) <= READ, set(env) - READ
         settings = Settings.from_env(env)  # raises on any value the code refuses
         address = getattr(settings, f"{name.split('_')[0]}_addr")

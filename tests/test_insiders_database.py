@@ -27,7 +27,7 @@ import pytest
 from relman.v1 import auth_pb2, auth_pb2_grpc, common_pb2
 from shared import PROJECT_ROOT
 from shared.db import libpq_dsn
-from shared.roles import OWNER_ROLE, RUNTIME_ROLE
+from shared.roles import OWNER_ROLE, RUNTIME_ROLE, trail_exposure
 from tests.harness import (
     RelmanProcess,
     client_address,
@@ -57,6 +57,12 @@ TAMPERING = [
     "ALTER TABLE audit_logs RENAME TO audit_logs_old",
     f"GRANT {OWNER_ROLE} TO {RUNTIME_ROLE}",
     "SET ROLE postgres",
+    # A backdated row, or objects that relman's own SQL (or the owner's migrations) could
+    # pick up instead of the real ones.
+    "INSERT INTO audit_logs (action, resource_type, created_at)"
+    " VALUES ('approve', 'deployment', '2020-01-01')",
+    "CREATE TABLE public.shadow (x int)",
+    "CREATE FUNCTION public.now() RETURNS timestamptz LANGUAGE sql AS 'SELECT NULL::timestamptz'",
 ]
 
 
@@ -75,6 +81,7 @@ async def test_the_services_role_cannot_alter_the_trail(relman, db_url):
                 assert refused.sqlstate == "42501", (statement, refused)  # no privilege
             else:
                 pytest.fail(f"the services' role was allowed to run {statement}")
+        assert await trail_exposure(connection) == []  # what each service checks at start
         # It may append (relman's own path) and read.
         await connection.execute(
             "INSERT INTO audit_logs (action, resource_type) VALUES ('test.append', 'test')"
@@ -163,6 +170,39 @@ async def test_one_all_powerful_url_warns_and_reports_an_unprotected_trail(serve
     )
     assert await refused.wait(60) == 2
     assert "REQUIRE_PROTECTED_TRAIL" in refused.output
+
+    # LISTEN on a URL of its own (PgBouncer set-ups) is checked too: the superuser there
+    # is a superuser in the process all the same.
+    listening = await start_service(
+        db_url, "deploy_svc", DEPLOY_METRICS_PORT="0", DATABASE_LISTEN_URL=libpq_dsn(db_url)
+    )
+    try:
+        warning = await listening.wait_for_line("can alter the audit trail")
+        assert "(DATABASE_LISTEN_URL)" in warning and "(DATABASE_URL)" not in warning, warning
+        assert (await scrape_metrics(listening))[TRAIL_GAUGE] == 0
+    finally:
+        assert await listening.stop() == 0, listening.output
+
+
+async def test_a_half_set_up_database_stops_with_one_line(server_url):
+    """MIGRATION_DATABASE_URL without DATABASE_URL would migrate and seed one database
+    and serve another (the embedded one): refused. A service on a database that was
+    never migrated says so in one line, exit 2."""
+    async with scratch_database(server_url, revision=None) as url:
+        env = env_for(url)
+        del env["DATABASE_URL"]
+        run = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "shared.run"],
+            cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert run.returncode == 2, run.stderr
+        assert "MIGRATION_DATABASE_URL is set but DATABASE_URL is not" in run.stderr
+        bare = await RelmanProcess.start(
+            ["-m", "audit_svc"], env_for(url, AUDIT_SVC_ADDR="127.0.0.1:0")
+        )
+        assert await bare.wait(60) == 2
+        assert "migrate it first" in bare.output and "Traceback" not in bare.output
 
 
 async def test_plaintext_on_a_non_loopback_address_warns(db_url):

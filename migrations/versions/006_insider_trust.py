@@ -13,7 +13,7 @@ Create Date: 2026-11-30
 - api_tokens.created_by: who minted the token (NULL: the tokens command line). A
   token minted by someone else works only while its user's role is service.
   Existing tokens take it from the audit row that recorded their creation; login
-  tokens are their user's own.
+  tokens are their user's own. A person's token that never expired gets 90 days.
 - login_throttle: failed logins per (username, peer) and per peer in a fixed
   window, shared by every replica.
 """
@@ -49,13 +49,26 @@ def upgrade() -> None:
         ondelete="RESTRICT",
     )
     op.create_index(op.f("ix_api_tokens_created_by"), "api_tokens", ["created_by"])
-    op.execute("UPDATE api_tokens SET created_by = user_id WHERE name = 'login'")
+    # The audit row of a token's creation names its maker; only then are the remaining
+    # login tokens their user's own (an admin-made token named "login" is not).
     op.execute(
         """
         UPDATE api_tokens t SET created_by = a.user_id
         FROM audit_logs a
         WHERE t.created_by IS NULL AND a.action = 'create' AND a.resource_type = 'api_token'
           AND a.resource_id = t.id::text AND a.user_id IS NOT NULL
+        """
+    )
+    op.execute(
+        "UPDATE api_tokens SET created_by = user_id WHERE created_by IS NULL AND name = 'login'"
+    )
+    # A person's token that never expires now expires like a new one would, in 90 days.
+    op.execute(
+        """
+        UPDATE api_tokens t SET expires_at = now() + interval '90 days'
+        FROM users u
+        WHERE u.id = t.user_id AND u.role <> 'service' AND t.expires_at IS NULL
+          AND t.revoked_at IS NULL
         """
     )
 

@@ -1,0 +1,12 @@
+#!/bin/sh
+# Run once by the postgres image on an empty volume: relman's two roles (shared.roles).
+# relman_owner owns the schema (migrations, the seed); the services connect as
+# relman_app, which the migrate step grants INSERT and SELECT only on audit_logs.
+# The passwords come from the environment (docker-compose.yml requires them).
+set -eu
+psql -v ON_ERROR_STOP=1 --username "$POSTGRES_USER" --dbname postgres \
+  -v owner_password="$RELMAN_OWNER_PASSWORD" -v app_password="$RELMAN_APP_PASSWORD" <<'SQL'
+CREATE ROLE relman_owner LOGIN PASSWORD :'owner_password';
+CREATE ROLE relman_app LOGIN PASSWORD :'app_password';
+CREATE DATABASE relman OWNER relman_owner;
+SQL
