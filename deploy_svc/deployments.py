@@ -367,18 +367,40 @@ async def _reviewers(
 
 # A vote counts only while its approver is an active lead or admin: deactivating or demoting
 # an approver withdraws the vote's effect on a deployment still waiting (the row stays,
-# as the record of the vote).
-_COUNTED_APPROVALS = (
-    select(func.count())
-    .select_from(Approval)
-    .join(User, User.id == Approval.approver_id)
+# as the record of the vote). The approvers' rows are locked FOR SHARE: a demotion or
+# deactivation in flight (UpdateUser holds the row FOR UPDATE) commits first and is seen
+# here, or starts after this vote has committed; it never lands between count and commit.
+_COUNTED_APPROVERS = (
+    select(User.id)
+    .join(Approval, Approval.approver_id == User.id)
     .where(
         Approval.deployment_id == bindparam("deployment_id"),
         Approval.status == ApprovalStatus.APPROVED,
         User.is_active,
         User.role.in_(APPROVER_ROLES),
     )
+    .with_for_update(read=True, of=User)
 )
+
+
+async def _eligible_voter(session: AsyncSession, actor: Actor, deployment_id: uuid.UUID) -> None:
+    """The voter's own row, locked FOR SHARE, must be an active lead or admin now: the
+    token's role may be up to 5 s old on another replica, and a rejection ends the
+    deployment at once."""
+    voter = await session.get(
+        User, actor.user_id, with_for_update={"read": True}, populate_existing=True
+    )
+    if voter is None or not voter.is_active or voter.role not in APPROVER_ROLES:
+        raise PermissionDenied(
+            "only an active lead or admin may vote",
+            reason="APPROVER_NOT_ELIGIBLE",
+            metadata={
+                "deployment_id": str(deployment_id),
+                "user_id": str(actor.user_id),
+                "role": voter.role if voter else "",
+                "is_active": str(bool(voter and voter.is_active)).lower(),
+            },
+        )
 
 
 async def vote(
@@ -392,6 +414,7 @@ async def vote(
     """A lead's or admin's final vote on a production deployment awaiting approval."""
     notes = text_field("notes", notes, 10_000, required=False)
     deployment = await load(session, Deployment, deployment_id, for_update=True)
+    await _eligible_voter(session, actor, deployment_id)
     environment = await session.get(Environment, deployment.environment_id)
     if not _is_production(environment):
         raise FailedPrecondition(
@@ -433,8 +456,8 @@ async def vote(
     if not approve:
         await _end(session, deployment, DeploymentStatus.REJECTED)
     else:
-        approvals = await session.scalar(_COUNTED_APPROVALS, {"deployment_id": deployment_id})
-        if approvals >= required_approvals:
+        approvers = await session.scalars(_COUNTED_APPROVERS, {"deployment_id": deployment_id})
+        if len(approvers.all()) >= required_approvals:
             deployment.status = DeploymentStatus.PENDING.value
     await session.flush()
     await refresh_status(session, deployment.release_id)

@@ -6,7 +6,11 @@ wrong password and deactivated user all get the same UNAUTHENTICATED answer, in
 about the same time. bcrypt (cost 12) runs in a worker thread and never while a
 database connection is held; failed logins are throttled (deploy_svc.login_throttle)
 and at most `queue_max` password checks wait for that thread, so that a flood is
-refused at once instead of queueing without bound.
+refused at once instead of queueing without bound. A login takes its peer's turn
+before a place in that queue, so one address holds at most one place.
+
+An account never changes kind: a human never becomes a service user nor the reverse
+(else an admin makes a lead a service user, mints her a token, and acts as her).
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ from shared.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
-    ResourceExhausted,
     Unauthenticated,
 )
 from shared.models import ApiToken, Role, User
@@ -86,11 +89,7 @@ def _password_check_slot(queue_max: int):
     a flood gets refused in microseconds instead of waiting minutes for the one thread."""
     global _logins_checking
     if _logins_checking >= queue_max:
-        raise ResourceExhausted(
-            "too many logins are being checked; retry shortly",
-            reason="LOGIN_BUSY",
-            retry_after_s=1.0,
-        )
+        raise login_throttle.busy()
     _logins_checking += 1
     try:
         yield
@@ -108,11 +107,12 @@ async def login(
     peers: login_throttle.PeerQueue,
 ) -> tuple[str, ApiToken, User]:
     """A new login token for valid credentials; every refusal looks the same and is audited
-    (a throttled one once per window)."""
+    (a throttled one once per window). The peer's turn comes before the queue's place: the
+    other way round, one address's logins waiting for their turn held every place."""
     username = text("username", username, 100)
     secret_bytes = check_password("password", password)
-    with _password_check_slot(limits.queue_max):
-        async with peers.one_at_a_time(actor):
+    async with peers.one_at_a_time(actor):
+        with _password_check_slot(limits.queue_max):
             async with db.transaction() as session:
                 refusal = await login_throttle.refusal(session, actor, username, limits)
                 by_name = select(User).where(User.username == username)
@@ -225,11 +225,22 @@ async def update_user(
 ) -> tuple[User, bool]:
     """Applies `changes` (role, is_active, full_name); returns the user and whether tokens
     were revoked: all of them on deactivation, those others made for the user on a change
-    of role (made for a service user, they must not survive making it a human: mint for
-    a lead turned service, turn her back, and her token would approve as her). Leaving
-    no active admin is refused."""
+    of role. A change of role to or from `service` is refused (ACCOUNT_KIND_FIXED): made a
+    service user, a lead could be given a token by an admin, who would then act as her
+    (approve, or write audit rows as her with the service role's on-behalf right); service
+    accounts are created as such. The revocation stays as a second line. Leaving no active
+    admin is refused."""
     async with db.transaction() as session:
         user = await load(session, User, user_id, for_update=True)
+        new_role = changes.get("role", user.role)
+        if (user.role == Role.SERVICE) != (new_role == Role.SERVICE):
+            raise FailedPrecondition(
+                f"{user.username} is a {'service' if user.role == Role.SERVICE else 'human'}"
+                " account and stays one: create a service user (CreateUser, or the tokens"
+                " command line) instead of changing a role to or from service",
+                reason="ACCOUNT_KIND_FIXED",
+                metadata={"user_id": str(user_id), "role": user.role, "requested_role": new_role},
+            )
         changed = {}
         for field, value in changes.items():
             old = getattr(user, field)

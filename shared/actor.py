@@ -10,6 +10,7 @@ from __future__ import annotations
 import uuid
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
+from urllib.parse import unquote
 
 from shared.models import Role
 from shared.validation import canonical_ip
@@ -37,10 +38,14 @@ class Actor:
 
 
 def peer_address(peer: str | None) -> str | None:
-    """`ipv4:10.0.0.7:5123` -> `10.0.0.7`; `ipv6:[::1]:5123` -> `::1`; others -> None."""
+    """`ipv4:10.0.0.7:5123` -> `10.0.0.7`; `ipv6:%5B::1%5D:5123` -> `::1`; others -> None.
+
+    gRPC gives the peer as a URI, percent-encoded (grpc 1.85: `ipv6:%5B::1%5D:41302`,
+    a zone as `%25eth0`): decoded first, else every IPv6 caller would have no address,
+    share one login throttle key and leave `ip_address` empty in the audit trail."""
     if not peer:
         return None
-    kind, _, rest = peer.partition(":")
+    kind, _, rest = unquote(peer).partition(":")
     if kind == "ipv4":
         host = rest.rpartition(":")[0]
     elif kind == "ipv6":

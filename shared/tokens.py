@@ -2,8 +2,10 @@
 
 A token someone made for another user is how a second person could act as a
 human without their password: so tokens for others are for service users only,
-they stop working when the user's role changes (shared.auth checks too), and
-every token records who made it (`created_by`). API tokens expire (90 days by
+an account never changes kind (UpdateUser refuses a role change to or from
+service: ACCOUNT_KIND_FIXED), such a token stops working should its user's role
+change anyway (revoked by UpdateUser; shared.auth checks too), and every token
+records who made it (`created_by`). API tokens expire (90 days by
 default, at most a year); only a service user's may never expire, and only when
 asked for.
 
@@ -170,8 +172,8 @@ async def revoke_user_tokens(
     session: AsyncSession, user_id: uuid.UUID, *, made_by_others_only: bool = False
 ) -> int:
     """Revokes every live token of a user (on deactivation), or only those someone else
-    made (on a change of role: they were valid only while the user was a service user);
-    returns how many."""
+    made (on a change of role: such a token is valid only for a service user, and one for
+    a person can only be a row from before the rules); returns how many."""
     query = update(ApiToken).where(ApiToken.user_id == user_id, ApiToken.revoked_at.is_(None))
     if made_by_others_only:
         query = query.where(ApiToken.created_by.is_distinct_from(user_id))

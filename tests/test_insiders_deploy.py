@@ -2,20 +2,34 @@
 
 Each test performs the attack through the API with the insider's own token, asserts the
 refusal and that nothing was written, and shows that the legitimate path still works.
+The vote tests at the end run two deploy_svc processes on one database, as replicas.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from collections.abc import AsyncIterator
 
+import asyncpg
 import grpc
+import pytest
 from google.protobuf import field_mask_pb2
 from sqlalchemy import func, select
 
 from relman.v1 import auth_pb2, auth_pb2_grpc, common_pb2
+from shared.db import libpq_dsn
 from shared.models import STANDARD_STAGES, AuditLog, Deployment, Environment, Role
 from tests.deploying import DEV, PROD, STAGING, Client, S, deployed, release_status, run_all_stages
-from tests.harness import RelmanProcess, bearer, client_address, env_for, error_details, fails
+from tests.harness import (
+    RelmanProcess,
+    bearer,
+    client_address,
+    env_for,
+    error_details,
+    fails,
+    start_service,
+)
 
 
 async def deployments_of(database, service_id: str) -> list[str]:
@@ -216,3 +230,123 @@ async def test_votes_of_deactivated_or_demoted_approvers_do_not_count(db_url, to
             assert approved.status == S.DEPLOYMENT_STATUS_PENDING
     finally:
         await process.stop()
+
+
+@pytest.fixture(scope="module")
+async def two_replicas(db_url) -> AsyncIterator[list[grpc.aio.Channel]]:
+    """Two deploy_svc processes on the test database (two approvals needed in production),
+    a channel to each: a token verified by one stays cached there for up to 5 s, whatever
+    the other changes."""
+    processes = [
+        await start_service(db_url, "deploy_svc", PROD_REQUIRED_APPROVALS="2") for _ in range(2)
+    ]
+    channels = [
+        grpc.aio.insecure_channel(client_address(process.addresses["deploy_svc"]))
+        for process in processes
+    ]
+    try:
+        yield channels
+    finally:
+        for channel in channels:
+            await channel.close()
+        for process in processes:
+            assert await process.stop() == 0, process.output
+
+
+async def lead_of_its_own(channel: grpc.aio.Channel, admin_token: str) -> tuple[str, str]:
+    """A new lead, logged in: her id and her login token."""
+    auth = auth_pb2_grpc.AuthServiceStub(channel)
+    username = f"lead-{uuid.uuid4().hex[:8]}"
+    user = await auth.CreateUser(
+        auth_pb2.CreateUserRequest(
+            username=username,
+            email=f"{username}@relman.example",
+            password="password123",
+            role=common_pb2.ROLE_LEAD,
+        ),
+        metadata=bearer(admin_token),
+    )
+    login = await auth.Login(auth_pb2.LoginRequest(username=username, password="password123"))
+    return user.id, login.access_token
+
+
+async def test_a_lead_demoted_or_deactivated_on_another_replica_cannot_vote(
+    two_replicas, tokens, service_id
+):
+    """Replica B has verified a lead's token; replica A demotes her (then deactivates
+    another); at once, through B, whose cache still says lead, each rejects (a rejection
+    ends the deployment at once) and approves: PERMISSION_DENIED APPROVER_NOT_ELIGIBLE, no
+    vote recorded, the deployment still waiting."""
+    a, b = two_replicas
+    admin_on_a = auth_pb2_grpc.AuthServiceStub(a)
+    lead = Client(b, tokens[Role.LEAD])
+    release = await deployed(lead, service_id, "1.0.0", DEV, STAGING)
+    waiting = await lead.PromoteRelease(release_id=release.id, target_environment_id=PROD)
+    for field, change in (
+        ("role", common_pb2.User(role=common_pb2.ROLE_DEVELOPER)),
+        ("is_active", common_pb2.User(is_active=False)),
+    ):
+        user_id, token = await lead_of_its_own(a, tokens[Role.ADMIN])
+        voter = Client(b, token)
+        await voter.GetDeployment(deployment_id=waiting.id)  # B verifies the token: a lead
+        change.id = user_id
+        await admin_on_a.UpdateUser(
+            auth_pb2.UpdateUserRequest(
+                user=change, update_mask=field_mask_pb2.FieldMask(paths=[field])
+            ),
+            metadata=bearer(tokens[Role.ADMIN]),
+        )
+        for vote in (voter.RejectDeployment, voter.ApproveDeployment):
+            error = await fails(
+                vote(deployment_id=waiting.id),
+                grpc.StatusCode.PERMISSION_DENIED,
+                "APPROVER_NOT_ELIGIBLE",
+            )
+            assert error_details(error)[0].metadata["user_id"] == user_id, field
+        state = await lead.GetDeployment(deployment_id=waiting.id, view=S.DEPLOYMENT_VIEW_FULL)
+        assert state.status == S.DEPLOYMENT_STATUS_AWAITING_APPROVAL, field
+        assert not state.approvals, field
+
+
+async def test_a_demotion_committing_during_a_vote_is_counted(
+    two_replicas, tokens, service_id, db_url
+):
+    """Two approvals needed, one cast. While that approver's demotion is in flight (a
+    transaction holding her row, as UpdateUser's does), a second lead approves: the vote
+    waits for the demotion and counts one approval, not two, so the deployment keeps
+    waiting; an eligible second approval then opens it."""
+    a, _ = two_replicas
+    lead = Client(a, tokens[Role.LEAD])
+    release = await deployed(lead, service_id, "1.0.0", DEV, STAGING)
+    waiting = await lead.PromoteRelease(release_id=release.id, target_environment_id=PROD)
+    (first_id, first), (_, second) = [await lead_of_its_own(a, tokens[Role.ADMIN]) for _ in "12"]
+    await Client(a, first).ApproveDeployment(deployment_id=waiting.id)
+
+    demoting = await asyncpg.connect(libpq_dsn(db_url))
+    watching = await asyncpg.connect(libpq_dsn(db_url))
+    try:
+        demotion = demoting.transaction()
+        await demotion.start()
+        await demoting.execute(
+            "UPDATE users SET role = 'developer' WHERE id = $1", uuid.UUID(first_id)
+        )
+        vote = asyncio.create_task(Client(a, second).ApproveDeployment(deployment_id=waiting.id))
+        # Until the vote waits for the demotion's row lock (or, not waiting, has finished):
+        # the database has no event for it, so pg_stat_activity is polled.
+        async with asyncio.timeout(30):
+            while not vote.done() and not await watching.fetchval(  # noqa: ASYNC110
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND application_name = 'deploy_svc' AND wait_event_type = 'Lock'"
+            ):
+                await asyncio.sleep(0.02)
+        await demotion.commit()
+        approval = await vote
+    finally:
+        await demoting.close()
+        await watching.close()
+    assert approval.status == S.APPROVAL_STATUS_APPROVED
+    state = await lead.GetDeployment(deployment_id=waiting.id)
+    assert state.status == S.DEPLOYMENT_STATUS_AWAITING_APPROVAL
+    await Client(a, tokens[Role.ADMIN]).ApproveDeployment(deployment_id=waiting.id)
+    state = await lead.GetDeployment(deployment_id=waiting.id)
+    assert state.status == S.DEPLOYMENT_STATUS_PENDING

@@ -3,8 +3,10 @@
 Attack 3: an admin makes a token for a lead and approves, as her, a production
 deployment the admin started; or turns her into a service user, mints, and turns her
 back. Attack 8: an unauthenticated flood of logins guesses passwords, queues bcrypt
-without bound and writes one audit row per attempt. Each test performs the attack
-through the API and asserts the refusal.
+without bound and writes one audit row per attempt; and, found in review, callers over
+IPv6 sharing one throttle key, one address's logins holding the whole check queue, a
+100-character username breaking the throttled attempt's audit row. Each test performs
+the attack through the API and asserts the refusal.
 
 The login tests run on a database of their own (throttling is shared by every replica
 through the database, and this run's main database serves other tests' logins from the
@@ -14,8 +16,11 @@ same address) with small limits: 3 failures per (username, peer), 10 per peer.
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -23,8 +28,9 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2, timestamp_pb2
 from google.rpc import error_details_pb2, status_pb2
-from sqlalchemy import URL, select
+from sqlalchemy import URL, func, select
 
+from deploy_svc import login_throttle
 from relman.v1 import auth_pb2, auth_pb2_grpc, common_pb2
 from shared.auth import token_hash
 from shared.db import libpq_dsn
@@ -35,6 +41,7 @@ from tests.harness import (
     RelmanProcess,
     bearer,
     client_address,
+    env_for,
     error_details,
     fails,
     scratch_database,
@@ -113,61 +120,103 @@ async def test_an_admin_cannot_mint_a_token_for_another_human(
     assert approval.status == S.APPROVAL_STATUS_APPROVED
 
 
-async def test_a_service_user_detour_leaves_no_working_token(
+async def test_a_service_user_detour_fails_at_its_first_step(
     deploy_channel, clients, tokens, service_id, database
 ):
-    """The admin makes the lead a service user, mints her a token and makes her a lead
-    again: the token is revoked, refused, and cannot approve the admin's deployment."""
+    """The admin tries to make the lead a service user (to mint her a token, act as her,
+    and make her a lead again): FAILED_PRECONDITION ACCOUNT_KIND_FIXED, and her role,
+    her tokens and her login are as they were. A service user does not become a person
+    either (its tokens, made by others, would then act as one)."""
     admin = auth_pb2_grpc.AuthServiceStub(deploy_channel)
     auth = bearer(tokens[Role.ADMIN])
     lead = await new_lead(admin, auth)
     own = await admin.Login(auth_pb2.LoginRequest(username=lead.username, password="password123"))
     deployment = await awaiting_approval(clients["admin"], service_id)
+    before = await admin.ListApiTokens(
+        auth_pb2.ListApiTokensRequest(user_id=lead.id), metadata=auth
+    )
 
-    await set_role(admin, auth, lead.id, common_pb2.ROLE_SERVICE)
-    minted = await admin.CreateApiToken(
-        auth_pb2.CreateApiTokenRequest(user_id=lead.id, name="detour"), metadata=auth
+    error = await fails(
+        set_role(admin, auth, lead.id, common_pb2.ROLE_SERVICE),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ACCOUNT_KIND_FIXED",
     )
-    assert minted.token  # a service user may get one
-    await set_role(admin, auth, lead.id, common_pb2.ROLE_LEAD)
+    info = error_details(error)[0]
+    assert (info.metadata["user_id"], info.metadata["role"]) == (lead.id, "lead")
+    await fails(  # so the detour's second step finds her a person still
+        admin.CreateApiToken(
+            auth_pb2.CreateApiTokenRequest(user_id=lead.id, name="detour"), metadata=auth
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "TOKEN_FOR_ANOTHER_USER",
+    )
+    me = await admin.WhoAmI(auth_pb2.WhoAmIRequest(), metadata=bearer(own.access_token))
+    assert me.role == common_pb2.ROLE_LEAD
+    after = await admin.ListApiTokens(auth_pb2.ListApiTokensRequest(user_id=lead.id), metadata=auth)
+    assert [t.id for t in after.api_tokens] == [t.id for t in before.api_tokens]
+    [login_token] = after.api_tokens
+    assert login_token.created_by == lead.id and not login_token.HasField("revoked_at")
+    again = await admin.Login(auth_pb2.LoginRequest(username=lead.username, password="password123"))
+    assert again.user.role == common_pb2.ROLE_LEAD
+    # Herself, she still approves: the two-person rule with two persons.
+    approval = await Client(deploy_channel, own.access_token).ApproveDeployment(
+        deployment_id=deployment.id
+    )
+    assert approval.status == S.APPROVAL_STATUS_APPROVED
 
-    as_lead = Client(deploy_channel, minted.token)
-    await fails(
-        as_lead.ApproveDeployment(deployment_id=deployment.id), grpc.StatusCode.UNAUTHENTICATED
-    )
-    await fails(
-        admin.WhoAmI(auth_pb2.WhoAmIRequest(), metadata=bearer(minted.token)),
-        grpc.StatusCode.UNAUTHENTICATED,
-        "INVALID_TOKEN",
-    )
+    bot = await admin.WhoAmI(auth_pb2.WhoAmIRequest(), metadata=bearer(tokens[Role.SERVICE]))
+    for role in (common_pb2.ROLE_LEAD, common_pb2.ROLE_ADMIN, common_pb2.ROLE_VIEWER):
+        await fails(
+            set_role(admin, auth, bot.id, role),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "ACCOUNT_KIND_FIXED",
+        )
+    still = await admin.WhoAmI(auth_pb2.WhoAmIRequest(), metadata=bearer(tokens[Role.SERVICE]))
+    assert still.role == common_pb2.ROLE_SERVICE
+    async with database.transaction() as session:
+        updates = await session.scalar(
+            select(func.count())
+            .select_from(AuditLog)
+            .where(AuditLog.resource_id == lead.id, AuditLog.action == "update")
+        )
+    assert updates == 0
+
+
+async def test_a_change_of_role_revokes_the_tokens_others_made(deploy_channel, tokens, database):
+    """Defence in depth: should a token someone else made for a person exist (a row from
+    before the rules, written here straight into the database), a change of her role
+    revokes it; her own login token survives."""
+    admin = auth_pb2_grpc.AuthServiceStub(deploy_channel)
+    auth = bearer(tokens[Role.ADMIN])
+    me = await admin.WhoAmI(auth_pb2.WhoAmIRequest(), metadata=auth)
+    lead = await new_lead(admin, auth)
+    own = await admin.Login(auth_pb2.LoginRequest(username=lead.username, password="password123"))
+    escaped_id = uuid.uuid4()
+    async with database.transaction() as session:
+        session.add(
+            ApiToken(
+                id=escaped_id,
+                user_id=uuid.UUID(lead.id),
+                token_hash=token_hash(f"rm_{uuid.uuid4().hex}"),
+                name="escaped",
+                created_by=uuid.UUID(me.id),
+            )
+        )
+    await set_role(admin, auth, lead.id, common_pb2.ROLE_DEVELOPER)
     listed = await admin.ListApiTokens(
         auth_pb2.ListApiTokensRequest(user_id=lead.id), metadata=auth
     )
     by_id = {token.id: token for token in listed.api_tokens}
-    assert by_id[minted.api_token.id].HasField("revoked_at")
-    assert (
-        by_id[minted.api_token.id].created_by
-        == (await admin.WhoAmI(auth_pb2.WhoAmIRequest(), metadata=auth)).id
-    )
-    # Her own login token was hers: it survives the change of role.
-    own_token = next(t for t in listed.api_tokens if t.id != minted.api_token.id)
-    assert own_token.created_by == lead.id and not own_token.HasField("revoked_at")
-    me = await admin.WhoAmI(auth_pb2.WhoAmIRequest(), metadata=bearer(own.access_token))
-    assert me.role == common_pb2.ROLE_LEAD
+    assert by_id.pop(str(escaped_id)).HasField("revoked_at")
+    [login_token] = by_id.values()
+    assert login_token.created_by == lead.id and not login_token.HasField("revoked_at")
+    demoted = await admin.WhoAmI(auth_pb2.WhoAmIRequest(), metadata=bearer(own.access_token))
+    assert demoted.role == common_pb2.ROLE_DEVELOPER
     async with database.transaction() as session:
-        updates = await session.scalars(
-            select(AuditLog)
-            .where(AuditLog.resource_id == lead.id, AuditLog.action == "update")
-            .order_by(AuditLog.created_at)
+        update = await session.scalar(
+            select(AuditLog).where(AuditLog.resource_id == lead.id, AuditLog.action == "update")
         )
-        back_to_lead = updates.all()[-1]
-    assert back_to_lead.details == {
-        "changed": {"role": ["service", "lead"]},
-        "tokens_revoked": 1,
-    }
-    # The deployment still waits for a second person.
-    waiting = await clients["admin"].GetDeployment(deployment_id=deployment.id)
-    assert waiting.status == S.DEPLOYMENT_STATUS_AWAITING_APPROVAL
+    assert update.details == {"changed": {"role": ["lead", "developer"]}, "tokens_revoked": 1}
 
 
 async def test_a_token_someone_else_made_acts_only_for_a_service_user(
@@ -331,13 +380,16 @@ def retry_delay(error: grpc.aio.AioRpcError) -> timedelta | None:
     return None
 
 
-async def audit_rows(sql, action: str, resource_id: str | None = None, username: str | None = None):
+async def audit_rows(sql, action: str, key: str | None = None, username: str | None = None):
+    """Rows of `action`; `key` is a `login_throttled` row's throttle key (in its details:
+    its resource_id is the address)."""
     return await sql.fetch(
-        "SELECT resource_id, details, ip_address FROM audit_logs WHERE action = $1"
-        " AND ($2::text IS NULL OR resource_id = $2)"
+        "SELECT resource_id, details, ip_address FROM audit_logs"
+        " WHERE action = $1"
+        " AND ($2::text IS NULL OR details->>'key' = $2)"
         " AND ($3::text IS NULL OR details->>'username' = $3)",
         action,
-        resource_id,
+        key,
         username,
     )
 
@@ -361,7 +413,7 @@ async def test_a_flood_on_one_account_is_throttled_without_bcrypt(auth_stub, sql
     key = "user:lena|127.0.0.1"
     assert len(await audit_rows(sql, "login_failed", username="lena")) == PER_USER
     [throttled] = await audit_rows(sql, "login_throttled", key)
-    assert throttled["ip_address"] == "127.0.0.1"
+    assert (throttled["resource_id"], throttled["ip_address"]) == ("127.0.0.1", "127.0.0.1")
     row = await sql.fetchrow("SELECT failures, throttled FROM login_throttle WHERE key = $1", key)
     assert (row["failures"], row["throttled"]) == (PER_USER, len(flood))
 
@@ -394,8 +446,8 @@ async def test_a_flood_over_many_usernames_is_throttled_per_peer(auth_stub, sql)
 
 async def test_a_success_resets_the_pair_and_is_never_counted(auth_stub, sql):
     """A user who mistypes twice and then logs in starts again from zero; successful
-    logins, however many and however concurrent, count against nothing (the README and
-    the bench log in again and again)."""
+    logins, however many, several at once included, count against nothing (the README
+    and the bench log in again and again)."""
     for _ in range(PER_USER - 1):
         assert (await attempt(auth_stub, "priya")).code() == grpc.StatusCode.UNAUTHENTICATED
     at_once = [attempt(auth_stub, "priya", "password123") for _ in range(PER_USER + 3)]
@@ -431,9 +483,138 @@ async def test_a_password_less_service_account_fails_like_a_wrong_password(auth_
     assert await sql.fetchval("SELECT failures FROM login_throttle WHERE key = $1", key) == 2
 
 
+async def test_a_throttled_login_with_a_100_character_username_is_recorded(auth_stub, sql):
+    """The longest username Login takes makes a throttle key longer than an audit row's
+    resource_id (100): the throttled attempt still answers LOGIN_THROTTLED (not INTERNAL)
+    and leaves its one row, the address as resource_id, key and username in its details."""
+    username = "g" * 100
+    for _ in range(PER_USER):
+        assert (await attempt(auth_stub, username)).code() == grpc.StatusCode.UNAUTHENTICATED
+    for _ in range(2):
+        error = await attempt(auth_stub, username)
+        assert error.code() == RESOURCE_EXHAUSTED, error.details()
+        assert error_details(error)[0].reason == "LOGIN_THROTTLED"
+    key = f"user:{username}|127.0.0.1"
+    [row] = await audit_rows(sql, "login_throttled", username=username)
+    assert (row["resource_id"], row["ip_address"]) == ("127.0.0.1", "127.0.0.1")
+    assert json.loads(row["details"])["key"] == key
+    assert await sql.fetchval("SELECT throttled FROM login_throttle WHERE key = $1", key) == 2
+
+
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+async def test_an_ipv6_caller_is_throttled_and_audited_by_its_own_address(login_db, auth_stub, sql):
+    """grpc names an IPv6 peer `ipv6:%5B::1%5D:port`: read undecoded, every IPv6 caller had
+    no address, shared one throttle key and left ip_address empty. A failed login from ::1
+    records "::1" and counts against keys of its own, apart from 127.0.0.1's."""
+    if not has_ipv6_loopback():
+        pytest.skip("this machine has no IPv6 loopback")
+    process = await RelmanProcess.start(
+        ["-m", "deploy_svc"], env_for(login_db, DEPLOY_SVC_ADDR="[::1]:0")
+    )
+    try:
+        address = (await process.wait_listening("deploy_svc"))["deploy_svc"]
+        assert address.startswith("[::1]:")
+        username = new_username()
+        async with grpc.aio.insecure_channel(address) as channel:
+            error = await attempt(auth_pb2_grpc.AuthServiceStub(channel), username)
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        await process.stop()
+    assert (await attempt(auth_stub, username)).code() == grpc.StatusCode.UNAUTHENTICATED
+    failed = await audit_rows(sql, "login_failed", username=username)
+    assert sorted(row["ip_address"] for row in failed) == ["127.0.0.1", "::1"]
+    counts = dict(await sql.fetch("SELECT key, failures FROM login_throttle"))
+    assert counts == {
+        "peer:::1": 1,
+        f"user:{username}|::1": 1,
+        "peer:127.0.0.1": 1,
+        f"user:{username}|127.0.0.1": 1,
+    }
+
+
+@asynccontextmanager
+async def on_both_loopbacks(login_db: URL, **settings: str) -> AsyncIterator[tuple]:
+    """A deploy_svc on `localhost:0` (127.0.0.1 and ::1, one port) and an AuthService stub
+    through each: two callers with two addresses (a channel to 127.0.0.2 still comes from
+    127.0.0.1, so IPv6 is the second address)."""
+    if not has_ipv6_loopback():
+        pytest.skip("this machine has no IPv6 loopback")
+    process = await RelmanProcess.start(
+        ["-m", "deploy_svc"], env_for(login_db, DEPLOY_SVC_ADDR="localhost:0", **settings)
+    )
+    try:
+        port = (await process.wait_listening("deploy_svc"))["deploy_svc"].rpartition(":")[2]
+        for host in ("127.0.0.1", "::1"):  # gRPC binds both for localhost (RFC 6761)
+            try:
+                _, writer = await asyncio.open_connection(host, int(port))
+            except OSError:
+                pytest.skip(f"localhost:0 did not bind {host} on this machine")
+            writer.close()
+            await writer.wait_closed()
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}") as v4,
+            grpc.aio.insecure_channel(f"[::1]:{port}") as v6,
+        ):
+            yield auth_pb2_grpc.AuthServiceStub(v4), auth_pb2_grpc.AuthServiceStub(v6)
+    finally:
+        await process.stop()
+
+
+async def first_busy(logins: list[asyncio.Task]) -> None:
+    """Returns once one of `logins` has been refused LOGIN_BUSY: the others are then in
+    the process, holding what they hold."""
+    for finished in asyncio.as_completed(logins):
+        error = await finished
+        if error is not None and error_details(error)[0].reason == "LOGIN_BUSY":
+            return
+    raise AssertionError("no login of the flood was refused LOGIN_BUSY")
+
+
+async def test_one_address_cannot_hold_every_place_in_the_login_queue(login_db, sql):
+    """An insider loops logins of their own account (never throttled) from 127.0.0.1, 40
+    at once, more than LOGIN_QUEUE_MAX (32): one is checked, 8 wait behind it, the rest are
+    LOGIN_BUSY at once; a login from another address (::1) meanwhile is not LOGIN_BUSY."""
+    async with on_both_loopbacks(login_db) as (insider, other):
+        flood = [asyncio.create_task(attempt(insider, "priya", "password123")) for _ in range(40)]
+        try:
+            await first_busy(flood)
+            assert await attempt(other, "marco", "password123") is None
+        finally:
+            outcomes = await asyncio.gather(*flood)
+    refused = [error for error in outcomes if error is not None]
+    assert {error_details(error)[0].reason for error in refused} == {"LOGIN_BUSY"}
+    assert len(refused) >= len(flood) - 1 - login_throttle.WAITING_PER_PEER_MAX
+
+
+async def test_the_login_queue_bounds_checks_across_addresses(login_db, sql):
+    """LOGIN_QUEUE_MAX=1: while a login from ::1 is being checked (ten from there: one
+    checked, eight waiting, the tenth LOGIN_BUSY), one from 127.0.0.1 finds no place."""
+    async with on_both_loopbacks(login_db, LOGIN_QUEUE_MAX="1") as (v4, v6):
+        burst = [
+            asyncio.create_task(attempt(v6, new_username()))
+            for _ in range(login_throttle.WAITING_PER_PEER_MAX + 2)
+        ]
+        try:
+            await first_busy(burst)
+            error = await attempt(v4, new_username())
+        finally:
+            await asyncio.gather(*burst)
+    assert error.code() == RESOURCE_EXHAUSTED
+    assert error_details(error)[0].reason == "LOGIN_BUSY"
+
+
 async def test_the_password_check_queue_is_bounded(login_db, sql):
     """With room for one login at a time, a burst is refused at once (LOGIN_BUSY) instead
-    of queueing behind bcrypt; refused attempts leave no audit row."""
+    of queueing behind bcrypt (from one address, at most 8 wait behind the one being
+    checked); refused attempts leave no audit row."""
     process = await start_service(
         login_db, "deploy_svc", LOGIN_QUEUE_MAX="1", LOGIN_FAILURES_PER_PEER="1000"
     )
