@@ -57,7 +57,16 @@ async def relman(db_url: URL) -> AsyncIterator[RelmanProcess]:
     """Both services started the way `make run` starts them, on free ports, seeded database."""
     process = await RelmanProcess.start(
         ["-m", "shared.run"],
-        env_for(db_url, DEPLOY_SVC_ADDR="127.0.0.1:0", AUDIT_SVC_ADDR="127.0.0.1:0", SEED="1"),
+        env_for(
+            db_url,
+            DEPLOY_SVC_ADDR="127.0.0.1:0",
+            AUDIT_SVC_ADDR="127.0.0.1:0",
+            SEED="1",
+            # Every test calls from 127.0.0.1, and many fail logins on purpose: the login
+            # throttle is tested on processes of its own (tests/test_insiders_identity.py).
+            LOGIN_FAILURES_PER_PEER="100000",
+            LOGIN_FAILURES_PER_USER="1000",
+        ),
     )
     try:
         await process.wait_listening("deploy_svc", "audit_svc")

@@ -89,7 +89,9 @@ async def scratch_database(server: URL, *, revision: str | None = "head") -> Asy
     url = server.set(database=name)
     try:
         if revision is not None:
-            await asyncio.to_thread(schema.upgrade, owner_url(url), revision, RUNTIME_ROLE)
+            # The grants name head's columns: only a database at head gets them.
+            runtime = RUNTIME_ROLE if revision == "head" else None
+            await asyncio.to_thread(schema.upgrade, owner_url(url), revision, runtime)
         yield url
     finally:
         admin = await asyncpg.connect(libpq_dsn(server))

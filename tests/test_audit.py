@@ -524,6 +524,7 @@ async def test_reading_the_trail_is_audited(stub, as_role, database, marker):
         {"resource_type": "release"},
         {"resource_type": "release", "resource_id": "x"},
         {"action": "create", "start_time": datetime(2026, 1, 1, tzinfo=UTC)},
+        {"origin": AuditOrigin.RELMAN},
         {"origin": AuditOrigin.CLIENT},
     ],
     ids=str,
