@@ -262,6 +262,26 @@ async def mint_tokens(url: URL, usernames: Sequence[str], name: str) -> dict[str
     return tokens
 
 
+async def new_lead(channel: grpc.aio.Channel, admin_token: str) -> tuple[str, str]:
+    """A lead of the test's own, created by an admin through AuthService and logged in:
+    her id and her login token (the seeded leads' tokens serve other tests)."""
+    from relman.v1 import auth_pb2, auth_pb2_grpc, common_pb2
+
+    auth = auth_pb2_grpc.AuthServiceStub(channel)
+    username = f"lead-{uuid.uuid4().hex[:8]}"
+    user = await auth.CreateUser(
+        auth_pb2.CreateUserRequest(
+            username=username,
+            email=f"{username}@relman.example",
+            password="password123",
+            role=common_pb2.ROLE_LEAD,
+        ),
+        metadata=bearer(admin_token),
+    )
+    login = await auth.Login(auth_pb2.LoginRequest(username=username, password="password123"))
+    return user.id, login.access_token
+
+
 def client_address(address: str) -> str:
     """Where a client connects to a server listening on `address` ([::] or 0.0.0.0 -> loopback)."""
     host, _, port = address.rpartition(":")

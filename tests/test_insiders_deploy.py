@@ -28,6 +28,7 @@ from tests.harness import (
     env_for,
     error_details,
     fails,
+    new_lead,
     start_service,
 )
 
@@ -174,21 +175,9 @@ async def test_votes_of_deactivated_or_demoted_approvers_do_not_count(db_url, to
             auth = auth_pb2_grpc.AuthServiceStub(channel)
             as_admin = bearer(tokens[Role.ADMIN])
 
-            async def new_lead() -> tuple[str, Client]:
-                username = f"lead-{uuid.uuid4().hex[:8]}"
-                user = await auth.CreateUser(
-                    auth_pb2.CreateUserRequest(
-                        username=username,
-                        email=f"{username}@relman.example",
-                        password="password123",
-                        role=common_pb2.ROLE_LEAD,
-                    ),
-                    metadata=as_admin,
-                )
-                login = await auth.Login(
-                    auth_pb2.LoginRequest(username=username, password="password123")
-                )
-                return user.id, Client(channel, login.access_token)
+            async def lead_of_its_own() -> tuple[str, Client]:
+                user_id, token = await new_lead(channel, tokens[Role.ADMIN])
+                return user_id, Client(channel, token)
 
             async def change(user_id: str, field: str, **values) -> None:
                 await auth.UpdateUser(
@@ -202,7 +191,7 @@ async def test_votes_of_deactivated_or_demoted_approvers_do_not_count(db_url, to
             lead = Client(channel, tokens[Role.LEAD])
             admin = Client(channel, tokens[Role.ADMIN])
             (demoted_id, demoted), (leaving_id, leaving), (_, third) = [
-                await new_lead() for _ in range(3)
+                await lead_of_its_own() for _ in range(3)
             ]
             release = await deployed(lead, service_id, "1.0.0", DEV, STAGING)
             waiting = await lead.PromoteRelease(release_id=release.id, target_environment_id=PROD)
@@ -253,23 +242,6 @@ async def two_replicas(db_url) -> AsyncIterator[list[grpc.aio.Channel]]:
             assert await process.stop() == 0, process.output
 
 
-async def lead_of_its_own(channel: grpc.aio.Channel, admin_token: str) -> tuple[str, str]:
-    """A new lead, logged in: her id and her login token."""
-    auth = auth_pb2_grpc.AuthServiceStub(channel)
-    username = f"lead-{uuid.uuid4().hex[:8]}"
-    user = await auth.CreateUser(
-        auth_pb2.CreateUserRequest(
-            username=username,
-            email=f"{username}@relman.example",
-            password="password123",
-            role=common_pb2.ROLE_LEAD,
-        ),
-        metadata=bearer(admin_token),
-    )
-    login = await auth.Login(auth_pb2.LoginRequest(username=username, password="password123"))
-    return user.id, login.access_token
-
-
 async def test_a_lead_demoted_or_deactivated_on_another_replica_cannot_vote(
     two_replicas, tokens, service_id
 ):
@@ -286,7 +258,7 @@ async def test_a_lead_demoted_or_deactivated_on_another_replica_cannot_vote(
         ("role", common_pb2.User(role=common_pb2.ROLE_DEVELOPER)),
         ("is_active", common_pb2.User(is_active=False)),
     ):
-        user_id, token = await lead_of_its_own(a, tokens[Role.ADMIN])
+        user_id, token = await new_lead(a, tokens[Role.ADMIN])
         voter = Client(b, token)
         await voter.GetDeployment(deployment_id=waiting.id)  # B verifies the token: a lead
         change.id = user_id
@@ -319,7 +291,7 @@ async def test_a_demotion_committing_during_a_vote_is_counted(
     lead = Client(a, tokens[Role.LEAD])
     release = await deployed(lead, service_id, "1.0.0", DEV, STAGING)
     waiting = await lead.PromoteRelease(release_id=release.id, target_environment_id=PROD)
-    (first_id, first), (_, second) = [await lead_of_its_own(a, tokens[Role.ADMIN]) for _ in "12"]
+    (first_id, first), (_, second) = [await new_lead(a, tokens[Role.ADMIN]) for _ in "12"]
     await Client(a, first).ApproveDeployment(deployment_id=waiting.id)
 
     demoting = await asyncpg.connect(libpq_dsn(db_url))
