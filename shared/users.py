@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         asyncio.run(_main(args))
     except DomainError as exc:
-        print(f"users: {exc}", file=sys.stderr)
+        print(f"users: {exc.message}", file=sys.stderr)
         return 2
     return 0
 
