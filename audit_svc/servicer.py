@@ -120,22 +120,31 @@ class StreamSlots:
                 del self._open[caller]
 
 
+@contextlib.asynccontextmanager
+async def _idle_limit(idle_s: float, reason: str, what: str) -> AsyncIterator[None]:
+    """ABORTED (`reason`) when the awaited step takes longer than `idle_s`: a peer that
+    stops sending or reading cannot hold a stream, its transaction or its connection."""
+    try:
+        async with asyncio.timeout(idle_s):
+            yield
+    except TimeoutError:
+        raise Aborted(
+            f"{what} for {idle_s:g} s: the stream was ended",
+            reason=reason,
+            metadata={"idle_s": f"{idle_s:g}"},
+        ) from None
+
+
 async def _until_idle(messages: AsyncIterable, idle_s: float) -> AsyncIterator:
-    """The stream's messages; ABORTED (STREAM_IDLE) once none came for `idle_s`, so that a
-    caller cannot keep a stream, and its transaction and connection, open for ever."""
+    """The stream's messages; ABORTED (STREAM_IDLE) once none came for `idle_s`; nothing
+    of the stream is stored then."""
     iterator = aiter(messages)
     while True:
         try:
-            async with asyncio.timeout(idle_s):
+            async with _idle_limit(idle_s, "STREAM_IDLE", "no message"):
                 message = await anext(iterator)
         except StopAsyncIteration:
             return
-        except TimeoutError:
-            raise Aborted(
-                f"no message for {idle_s:g} s: the stream was ended and nothing of it stored",
-                reason="STREAM_IDLE",
-                metadata={"idle_s": f"{idle_s:g}"},
-            ) from None
         yield message
 
 
@@ -222,15 +231,8 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         async with contextlib.aclosing(chunks):
             async for chunk in chunks:
                 EXPORTED.inc(chunk.count("\n"))
-                try:
-                    async with asyncio.timeout(idle_s):
-                        await context.write(audit_pb2.ExportAuditLogsResponse(data=chunk))
-                except TimeoutError:
-                    raise Aborted(
-                        f"the reader took nothing for {idle_s:g} s: the export was cancelled",
-                        reason="EXPORT_READER_IDLE",
-                        metadata={"idle_s": f"{idle_s:g}"},
-                    ) from None
+                async with _idle_limit(idle_s, "EXPORT_READER_IDLE", "the reader took nothing"):
+                    await context.write(audit_pb2.ExportAuditLogsResponse(data=chunk))
 
 
 def register(server: grpc.aio.Server, resources: Resources) -> list[str]:

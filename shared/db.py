@@ -9,6 +9,7 @@ seed, which run as the owner of the schema (shared.roles).
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import re
 import time
@@ -82,9 +83,15 @@ def migration_database_url() -> URL:
 
 
 def _embedded_url(role: str) -> URL:
+    return _embedded_server_url().set(username=role)
+
+
+@functools.cache
+def _embedded_server_url() -> URL:
+    """Started (or joined) once per process: `make run` asks for two roles' URLs."""
     from shared import embedded_pg
 
-    return normalize_url(embedded_pg.start()).set(username=role)
+    return normalize_url(embedded_pg.start())
 
 
 def describe(url: URL) -> str:
