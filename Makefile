@@ -30,14 +30,14 @@ $(GENERATED): $(PROTOS) $(STAMP)
 
 # As the schema's owner (MIGRATION_DATABASE_URL), then grants the services' role.
 migrate: install
-	$(PY) -m shared.schema
+	$(PY) -m shared.persistence.schema
 
 seed: migrate
-	$(PY) -m shared.seed
+	$(PY) -m shared.devtools.seed
 
 # Embedded PostgreSQL unless DATABASE_URL is set; migrate, seed once, serve until Ctrl-C.
 run: protos
-	$(PY) -m shared.run
+	$(PY) -m shared.devtools.run
 
 test: protos
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -3,7 +3,7 @@
 import sys
 
 from audit_svc.servicer import register
-from shared.server import ServiceSpec, main
+from shared.framework.server import ServiceSpec, main
 
 SPEC = ServiceSpec(
     name="audit_svc",

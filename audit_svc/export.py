@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 from audit_svc.service import Filter
-from shared.db import Database, time_left
+from shared.persistence.db import Database, time_left
 
 CHUNK_BYTES = 64 * 1024
 NEUTRALIZED = ("username", "action", "resource_type", "resource_id", "user_agent")
@@ -172,7 +172,7 @@ async def _download(args, out) -> int:
     from google.protobuf.timestamp_pb2 import Timestamp
 
     from relman.v1 import audit_pb2, audit_pb2_grpc
-    from shared.protos import enum_to_proto
+    from shared.framework.protos import enum_to_proto
 
     def stamp(value: datetime | None):
         if value is None:

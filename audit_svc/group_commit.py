@@ -21,7 +21,7 @@ from typing import Any, Generic, TypeVar
 
 import asyncpg
 
-from shared.db import Database, statement_error
+from shared.persistence.db import Database, statement_error
 
 log = logging.getLogger("relman.audit")
 

@@ -23,13 +23,13 @@ import asyncpg
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.actor import USER_AGENT_MAX, Actor
-from shared.auth import may
-from shared.db import check_same_request, driver_connection
-from shared.errors import InvalidArgument, PermissionDenied
-from shared.models import AuditLog, AuditOrigin, User
-from shared.pagination import Page, list_page
-from shared.validation import canonical_ip, text
+from shared.framework.errors import InvalidArgument, PermissionDenied
+from shared.framework.validation import canonical_ip, text
+from shared.identity.actor import USER_AGENT_MAX, Actor
+from shared.identity.auth import may
+from shared.persistence.db import check_same_request, driver_connection
+from shared.persistence.models import AuditLog, AuditOrigin, User
+from shared.persistence.pagination import Page, list_page
 
 ACTION = re.compile(r"[a-z][a-z0-9_.]{0,49}")
 DETAILS_MAX_BYTES = 64 * 1024

@@ -14,15 +14,21 @@ from google.protobuf import struct_pb2
 from audit_svc import export, service
 from audit_svc.group_commit import GroupCommit
 from relman.v1 import audit_pb2, audit_pb2_grpc
-from shared.actor import current_actor
-from shared.config import Settings
-from shared.db import Database
-from shared.errors import Aborted, InvalidArgument, ResourceExhausted
-from shared.models import AuditLog, AuditOrigin
-from shared.observability import counter
-from shared.protos import enum_from_proto, enum_to_proto, id_text, struct_to_dict, timestamp
-from shared.server import Resources
-from shared.validation import optional_uuid, parse_timestamp
+from shared.framework.config import Settings
+from shared.framework.errors import Aborted, InvalidArgument, ResourceExhausted
+from shared.framework.observability import counter
+from shared.framework.protos import (
+    enum_from_proto,
+    enum_to_proto,
+    id_text,
+    struct_to_dict,
+    timestamp,
+)
+from shared.framework.server import Resources
+from shared.framework.validation import optional_uuid, parse_timestamp
+from shared.identity.actor import current_actor
+from shared.persistence.db import Database
+from shared.persistence.models import AuditLog, AuditOrigin
 
 AUDIT_SERVICE = audit_pb2.DESCRIPTOR.services_by_name["AuditService"]
 INGESTED = counter(

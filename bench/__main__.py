@@ -13,7 +13,7 @@ from pathlib import Path
 from bench import scenarios
 from bench.report import table, write_json
 from bench.stack import running
-from shared.db import describe
+from shared.persistence.db import describe
 from tests.harness import server_url
 
 DEFAULT_OUTPUT = Path(__file__).parent / "results.json"

@@ -36,9 +36,9 @@ from relman.v1 import (
     deploy_pb2,
     deploy_pb2_grpc,
 )
-from shared.db import libpq_dsn
-from shared.models import User
-from shared.seed import seed_id
+from shared.devtools.seed import seed_id
+from shared.persistence.db import libpq_dsn
+from shared.persistence.models import User
 from tests.harness import bearer
 
 DEV = str(seed_id("environment", "development"))

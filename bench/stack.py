@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import grpc
 from sqlalchemy import URL
 
-from shared.db import Database
-from shared.seed import seed
+from shared.devtools.seed import seed
+from shared.persistence.db import Database
 from tests.harness import (
     RelmanProcess,
     client_address,

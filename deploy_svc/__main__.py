@@ -3,7 +3,7 @@
 import sys
 
 from deploy_svc.servicer import register
-from shared.server import ServiceSpec, main
+from shared.framework.server import ServiceSpec, main
 
 SPEC = ServiceSpec(
     name="deploy_svc",

@@ -8,13 +8,13 @@ import uuid
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared import audit_log
-from shared.actor import Actor
-from shared.db import load, replay
-from shared.errors import AlreadyExists, InvalidArgument
-from shared.models import Environment, Runbook, Service, Team, User
-from shared.pagination import Page, list_page
-from shared.validation import text
+from shared.framework.errors import AlreadyExists, InvalidArgument
+from shared.framework.validation import text
+from shared.identity.actor import Actor
+from shared.persistence import audit_log
+from shared.persistence.db import load, replay
+from shared.persistence.models import Environment, Runbook, Service, Team, User
+from shared.persistence.pagination import Page, list_page
 
 
 async def get_runbook(session: AsyncSession, runbook_id: uuid.UUID) -> Runbook:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from relman.v1 import auth_pb2, common_pb2
-from shared import models
-from shared.protos import enum_to_proto, id_text, timestamp
+from shared.framework.protos import enum_to_proto, id_text, timestamp
+from shared.persistence import models
 
 
 def runbook(row: models.Runbook) -> common_pb2.Runbook:

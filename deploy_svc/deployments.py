@@ -33,12 +33,18 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
 from deploy_svc.releases import refresh_status
-from shared import audit_log
-from shared.actor import Actor
-from shared.auth import require
-from shared.db import load, replay
-from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, PermissionDenied
-from shared.models import (
+from shared.framework.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+)
+from shared.framework.validation import text as text_field
+from shared.identity.actor import Actor
+from shared.identity.auth import require
+from shared.persistence import audit_log
+from shared.persistence.db import load, replay
+from shared.persistence.models import (
     ACTIVE_DEPLOYMENT_STATUSES,
     STANDARD_STAGES,
     Approval,
@@ -56,8 +62,7 @@ from shared.models import (
     StageStatus,
     User,
 )
-from shared.pagination import Page, list_page
-from shared.validation import text as text_field
+from shared.persistence.pagination import Page, list_page
 
 PROMOTION_ORDER = list(EnvironmentType)
 APPROVER_ROLES = (Role.LEAD, Role.ADMIN)

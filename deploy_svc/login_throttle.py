@@ -29,10 +29,10 @@ from sqlalchemy import case, delete, func, literal, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared import audit_log
-from shared.actor import Actor
-from shared.errors import ResourceExhausted
-from shared.models import LoginThrottle
+from shared.framework.errors import ResourceExhausted
+from shared.identity.actor import Actor
+from shared.persistence import audit_log
+from shared.persistence.models import LoginThrottle
 
 LOCAL_PEER = "local"  # calls over a Unix socket have no address
 # Logins of one peer that may wait behind the one being checked: enough for an office

@@ -8,13 +8,13 @@ import uuid
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared import audit_log
-from shared.actor import Actor
-from shared.db import load, replay
-from shared.errors import AlreadyExists, FailedPrecondition
-from shared.models import Release, ReleaseStatus, Service
-from shared.pagination import Page, list_page
-from shared.validation import text as text_field
+from shared.framework.errors import AlreadyExists, FailedPrecondition
+from shared.framework.validation import text as text_field
+from shared.identity.actor import Actor
+from shared.persistence import audit_log
+from shared.persistence.db import load, replay
+from shared.persistence.models import Release, ReleaseStatus, Service
+from shared.persistence.pagination import Page, list_page
 
 # semver.org's own expression (2.0.0).
 SEMVER = re.compile(

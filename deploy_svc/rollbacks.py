@@ -18,12 +18,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from deploy_svc.deployments import lock_slot, new_deployment
 from deploy_svc.releases import refresh_status
-from shared import audit_log
-from shared.actor import Actor
-from shared.auth import require
-from shared.db import load, replay
-from shared.errors import FailedPrecondition
-from shared.models import (
+from shared.framework.errors import FailedPrecondition
+from shared.framework.validation import text
+from shared.identity.actor import Actor
+from shared.identity.auth import require
+from shared.persistence import audit_log
+from shared.persistence.db import load, replay
+from shared.persistence.models import (
     STANDARD_STAGES,
     Deployment,
     DeploymentStatus,
@@ -34,7 +35,6 @@ from shared.models import (
     Rollback,
     RollbackStatus,
 )
-from shared.validation import text
 
 ROLLBACK_FROM = (DeploymentStatus.SUCCEEDED, DeploymentStatus.FAILED)
 

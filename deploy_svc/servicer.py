@@ -9,17 +9,17 @@ from __future__ import annotations
 import grpc
 from google.protobuf import empty_pb2
 
-from deploy_svc import catalog, convert, deployments, identity, releases, rollbacks, sweeper
+from deploy_svc import accounts, catalog, convert, deployments, releases, rollbacks, sweeper
 from deploy_svc.login_throttle import LoginLimits, PeerQueue
 from deploy_svc.watch import DeploymentWatcher
 from relman.v1 import auth_pb2, auth_pb2_grpc, common_pb2, deploy_pb2, deploy_pb2_grpc
-from shared import tokens
-from shared.actor import current_actor
-from shared.errors import InvalidArgument
-from shared.models import Role, Runbook, Service, StageStatus
-from shared.protos import enum_from_proto, timestamp
-from shared.server import Resources
-from shared.validation import optional_uuid, parse_timestamp, parse_uuid, text
+from shared.framework.errors import InvalidArgument
+from shared.framework.protos import enum_from_proto, timestamp
+from shared.framework.server import Resources
+from shared.framework.validation import optional_uuid, parse_timestamp, parse_uuid, text
+from shared.identity import tokens
+from shared.identity.actor import current_actor
+from shared.persistence.models import Role, Runbook, Service, StageStatus
 
 DEPLOY_SERVICE = deploy_pb2.DESCRIPTOR.services_by_name["DeployService"]
 AUTH_SERVICE = auth_pb2.DESCRIPTOR.services_by_name["AuthService"]
@@ -436,7 +436,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         self.login_peers = PeerQueue()
 
     async def Login(self, request, context):
-        secret, token, user = await identity.login(
+        secret, token, user = await accounts.login(
             self.database,
             current_actor.get(),
             request.username,
@@ -453,15 +453,15 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
 
     async def Logout(self, request, context):
         actor = current_actor.get()
-        await identity.logout(self.database, actor)
+        await accounts.logout(self.database, actor)
         self.verifier.forget(token_id=actor.token_id)
         return empty_pb2.Empty()
 
     async def WhoAmI(self, request, context):
-        return convert.user(await identity.get_user(self.database, current_actor.get().user_id))
+        return convert.user(await accounts.get_user(self.database, current_actor.get().user_id))
 
     async def CreateUser(self, request, context):
-        user = await identity.create_user(
+        user = await accounts.create_user(
             self.database,
             current_actor.get(),
             username=request.username,
@@ -492,7 +492,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
                 raise InvalidArgument.field(
                     "update_mask", f"{path!r} cannot be changed (role, is_active, full_name can)"
                 )
-        user, revoked = await identity.update_user(
+        user, revoked = await accounts.update_user(
             self.database, current_actor.get(), user_id, changes
         )
         if revoked or "role" in changes or "is_active" in changes:
@@ -506,7 +506,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
             if request.HasField("expires_at")
             else None
         )
-        secret, token = await identity.create_api_token(
+        secret, token = await accounts.create_api_token(
             self.database,
             current_actor.get(),
             user_id,

@@ -15,9 +15,9 @@ import logging
 from sqlalchemy import func, select
 
 from deploy_svc.deployments import fail_timed_out_stages
-from shared.db import Database
-from shared.models import Deployment, DeploymentStatus
-from shared.observability import gauge, serving_metrics
+from shared.framework.observability import gauge, serving_metrics
+from shared.persistence.db import Database
+from shared.persistence.models import Deployment, DeploymentStatus
 
 DEPLOYMENTS = gauge("relman_deployments", "Deployments in the database, by status.", ("status",))
 

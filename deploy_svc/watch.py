@@ -22,9 +22,9 @@ from collections.abc import AsyncIterator
 import asyncpg
 
 from deploy_svc.deployments import get_deployment_with_metrics
-from shared.db import Database, libpq_dsn
-from shared.errors import Unavailable
-from shared.models import Deployment
+from shared.framework.errors import Unavailable
+from shared.persistence.db import Database, libpq_dsn
+from shared.persistence.models import Deployment
 
 log = logging.getLogger("relman.watch")
 

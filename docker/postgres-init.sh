@@ -1,5 +1,5 @@
 #!/bin/sh
-# Run once by the postgres image on an empty volume: relman's two roles (shared.roles).
+# Run once by the postgres image on an empty volume: relman's two roles (shared.persistence.roles).
 # relman_owner owns the schema (migrations, the seed); the services connect as
 # relman_app, which the migrate step grants INSERT and SELECT only on audit_logs.
 # The passwords come from the environment (docker-compose.yml requires them).

@@ -1,7 +1,7 @@
 """Alembic environment: async migrations through asyncpg, the only driver relman uses.
 
 The URL comes from `config.attributes["database_url"]` when a caller (the tests,
-the seed's --reset) passes one, else from shared.db.migration_database_url() (the
+the seed's --reset) passes one, else from shared.persistence.db.migration_database_url() (the
 schema's owner).
 """
 
@@ -13,8 +13,8 @@ from sqlalchemy import pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from shared.db import migration_database_url, normalize_url
-from shared.models import Base
+from shared.persistence.db import migration_database_url, normalize_url
+from shared.persistence.models import Base
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logging", True):

@@ -23,7 +23,7 @@ import uuid
 import grpc
 
 from relman.v1 import audit_pb2_grpc, auth_pb2_grpc, deploy_pb2_grpc
-from shared.protos import rpc_methods
+from shared.framework.protos import rpc_methods
 
 DEFAULT_DEADLINE_S = 30
 RETRY_POLICY = {

@@ -21,10 +21,10 @@ import pytest
 from sqlalchemy import URL, select
 
 from relman.v1 import auth_pb2, auth_pb2_grpc
-from shared.db import Database
-from shared.models import Role, Service, User
-from shared.seed import seed_id
-from shared.tokens import issue_token
+from shared.devtools.seed import seed_id
+from shared.identity.tokens import issue_token
+from shared.persistence.db import Database
+from shared.persistence.models import Role, Service, User
 from tests import harness
 from tests.deploying import Client
 from tests.harness import RelmanProcess, client_address, env_for, run_cli, scratch_database
@@ -56,7 +56,7 @@ async def db_url(server_url: URL) -> AsyncIterator[URL]:
 async def relman(db_url: URL) -> AsyncIterator[RelmanProcess]:
     """Both services started the way `make run` starts them, on free ports, seeded database."""
     process = await RelmanProcess.start(
-        ["-m", "shared.run"],
+        ["-m", "shared.devtools.run"],
         env_for(
             db_url,
             DEPLOY_SVC_ADDR="127.0.0.1:0",
@@ -101,7 +101,7 @@ async def tokens(database: Database, db_url: URL) -> dict[Role, str]:
     """A bearer token for a user of each role."""
     result = run_cli(
         db_url,
-        "shared.tokens",
+        "shared.identity.tokens",
         "create",
         "--user",
         USER_OF_ROLE[Role.SERVICE],

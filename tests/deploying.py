@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 from relman.v1 import common_pb2, deploy_pb2, deploy_pb2_grpc
-from shared.seed import seed_id
+from shared.devtools.seed import seed_id
 from tests.harness import bearer
 
 DEV = str(seed_id("environment", "development"))

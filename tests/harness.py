@@ -2,7 +2,7 @@
 
 Everything is real: databases are created on the server under test, services run
 as `python -m deploy_svc` / `python -m audit_svc` processes (or through
-`python -m shared.run`, as `make run` does) on free ports, and waits are for
+`python -m shared.devtools.run`, as `make run` does) on free ports, and waits are for
 events (a log line, a health status), never fixed sleeps.
 """
 
@@ -28,9 +28,10 @@ from google.rpc import error_details_pb2, status_pb2
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import URL, select
 
-from shared import PROJECT_ROOT, schema
-from shared.db import libpq_dsn
-from shared.roles import OWNER_ROLE, RUNTIME_ROLE
+from shared import PROJECT_ROOT
+from shared.persistence import schema
+from shared.persistence.db import libpq_dsn
+from shared.persistence.roles import OWNER_ROLE, RUNTIME_ROLE
 
 VENV_BIN = os.path.dirname(sys.executable)
 
@@ -61,8 +62,8 @@ START_TIMEOUT_S = 60
 def server_url() -> URL:
     """The PostgreSQL server the tests and the bench use: DATABASE_URL's, or the embedded
     one as its superuser (they make databases and roles; the services never run as it)."""
-    from shared import embedded_pg
-    from shared.db import database_url, normalize_url
+    from shared.devtools import embedded_pg
+    from shared.persistence.db import database_url, normalize_url
 
     if os.environ.get("DATABASE_URL", "").strip():
         return database_url()
@@ -240,12 +241,12 @@ async def start_service(url: URL, module: str, **settings: str) -> RelmanProcess
 async def mint_tokens(url: URL, usernames: Sequence[str], name: str) -> dict[str, str]:
     """A bearer token for each of `usernames` (seeded users) and for `ci-bot`, a service
     user the tokens CLI creates."""
-    from shared.db import Database
-    from shared.models import User
-    from shared.tokens import issue_token
+    from shared.identity.tokens import issue_token
+    from shared.persistence.db import Database
+    from shared.persistence.models import User
 
     minted = await asyncio.to_thread(
-        run_cli, url, "shared.tokens", "create", "--user", "ci-bot", "--name", name,
+        run_cli, url, "shared.identity.tokens", "create", "--user", "ci-bot", "--name", name,
         "--service-user",
     )  # fmt: skip
     if minted.returncode != 0:
@@ -365,7 +366,7 @@ async def call_empty(
 
 def method_shape(method: str) -> dict[str, bool]:
     """Whether a relman RPC streams requests and/or responses, from the proto descriptors."""
-    from shared.protos import rpc_methods
+    from shared.framework.protos import rpc_methods
 
     for descriptor in rpc_methods():
         if f"{descriptor.containing_service.full_name}/{descriptor.name}" == method:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.actor import peer_address, user_agent
+from shared.identity.actor import peer_address, user_agent
 
 
 @pytest.mark.parametrize(

@@ -19,10 +19,10 @@ from sqlalchemy import func, select, text
 
 from audit_svc import service
 from relman.v1 import audit_pb2, audit_pb2_grpc
-from shared.db import libpq_dsn
-from shared.models import AuditLog, AuditOrigin, Role, User
-from shared.seed import seed_id
-from shared.tokens import issue_token
+from shared.devtools.seed import seed_id
+from shared.identity.tokens import issue_token
+from shared.persistence.db import libpq_dsn
+from shared.persistence.models import AuditLog, AuditOrigin, Role, User
 from tests.harness import (
     RelmanProcess,
     bearer,
@@ -691,7 +691,7 @@ async def test_a_200k_row_export_keeps_memory_flat_and_a_cancel_frees_the_query(
             )
         finally:
             await connection.close()
-        from shared.db import Database
+        from shared.persistence.db import Database
 
         database = Database(url, pool_size=1)
         try:

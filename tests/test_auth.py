@@ -13,10 +13,10 @@ from google.protobuf import field_mask_pb2
 from sqlalchemy import select
 
 from relman.v1 import auth_pb2, auth_pb2_grpc, common_pb2
-from shared.auth import OPEN_SERVICES, PUBLIC, ROLE_PERMISSIONS, RPC_PERMISSIONS, SELF
-from shared.db import libpq_dsn
-from shared.models import ApiToken, AuditLog, Role, User
-from shared.tokens import issue_token
+from shared.identity.auth import OPEN_SERVICES, PUBLIC, ROLE_PERMISSIONS, RPC_PERMISSIONS, SELF
+from shared.identity.tokens import issue_token
+from shared.persistence.db import libpq_dsn
+from shared.persistence.models import ApiToken, AuditLog, Role, User
 from tests.conftest import USER_OF_ROLE
 from tests.harness import (
     RelmanProcess,
@@ -569,7 +569,7 @@ async def test_refused_calls_are_audited_with_a_rate_limit_per_peer(db_url, relm
 async def test_tokens_cli_creates_lists_and_revokes(relman, db_url, deploy_channel):
     created = run_cli(
         db_url,
-        "shared.tokens",
+        "shared.identity.tokens",
         "create",
         "--user",
         "deployer-bot",
@@ -585,30 +585,37 @@ async def test_tokens_cli_creates_lists_and_revokes(relman, db_url, deploy_chann
     me = await stub.WhoAmI(auth_pb2.WhoAmIRequest(), metadata=bearer(token))
     assert (me.username, me.role) == ("deployer-bot", common_pb2.ROLE_SERVICE)
 
-    listed = run_cli(db_url, "shared.tokens", "list", "--user", "deployer-bot")
+    listed = run_cli(db_url, "shared.identity.tokens", "list", "--user", "deployer-bot")
     assert listed.returncode == 0 and token not in listed.stdout
     token_id = listed.stdout.splitlines()[1].split("\t")[0]
-    revoked = run_cli(db_url, "shared.tokens", "revoke", token_id)
+    revoked = run_cli(db_url, "shared.identity.tokens", "revoke", token_id)
     assert revoked.returncode == 0, revoked.stderr
     assert (
         run_cli(
-            db_url, "shared.tokens", "create", "--user", "nobody-here", "--name", "x"
+            db_url, "shared.identity.tokens", "create", "--user", "nobody-here", "--name", "x"
         ).returncode
         == 2
     )
     # Tokens for people come from Login: the command line makes them for service users only.
-    human = run_cli(db_url, "shared.tokens", "create", "--user", "lena", "--name", "x")
+    human = run_cli(db_url, "shared.identity.tokens", "create", "--user", "lena", "--name", "x")
     assert human.returncode == 2 and "service users only" in human.stderr
     too_long = ("--expires-days", "400")
     assert (
         run_cli(
-            db_url, "shared.tokens", "create", "--user", "deployer-bot", "--name", "x", *too_long
+            db_url,
+            "shared.identity.tokens",
+            "create",
+            "--user",
+            "deployer-bot",
+            "--name",
+            "x",
+            *too_long,
         ).returncode
         == 2
     )
     forever = run_cli(
         db_url,
-        "shared.tokens",
+        "shared.identity.tokens",
         "create",
         "--user",
         "deployer-bot",

@@ -14,7 +14,7 @@ import pytest
 
 from relman.v1 import audit_pb2, audit_pb2_grpc, common_pb2, deploy_pb2, deploy_pb2_grpc
 from shared.client import RelmanClient, service_config
-from shared.models import Role
+from shared.persistence.models import Role
 from tests.harness import client_address
 
 

@@ -16,16 +16,18 @@ import sys
 import yaml
 
 from shared import PROJECT_ROOT
-from shared.config import Settings
-from shared.db import normalize_url
-from shared.roles import OWNER_ROLE, RUNTIME_ROLE
+from shared.framework.config import Settings
+from shared.persistence.db import normalize_url
+from shared.persistence.roles import OWNER_ROLE, RUNTIME_ROLE
 from tests.harness import client_address
 
 COMPOSE = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
 # Every environment variable the code reads: Settings' names, and DATABASE_URL.
 READ = set(
-    re.findall(r'reader\.\w+\(\s*"([A-Z_]+)"', (PROJECT_ROOT / "shared/config.py").read_text())
+    re.findall(
+        r'reader\.\w+\(\s*"([A-Z_]+)"', (PROJECT_ROOT / "shared/framework/config.py").read_text()
+    )
 )
 READ |= {"DATABASE_URL", "LOG_LEVEL"}
 # The roles docker/postgres-init.sh creates: name -> (the psql variable holding its
@@ -93,7 +95,10 @@ def _url_of(environment: dict, name: str):
 def test_migrate_runs_once_after_postgres_and_seeds_only_when_asked():
     migrate = SERVICES["migrate"]
     command = " ".join(migrate["command"])
-    assert "python -m shared.schema" in command and "python -m shared.seed" in command
+    assert (
+        "python -m shared.persistence.schema" in command
+        and "python -m shared.devtools.seed" in command
+    )
     # Migrations and the seed run as the owner; the grants go to the services' role.
     assert _url_of(migrate["environment"], "MIGRATION_DATABASE_URL").username == OWNER_ROLE
     assert _url_of(migrate["environment"], "DATABASE_URL").username == RUNTIME_ROLE
@@ -138,7 +143,7 @@ def test_the_image_is_slim_non_root_with_generated_code_and_one_default_command(
 def test_the_healthcheck_command_answers_for_the_real_servers(relman):
     def probe(*args: str) -> int:
         return subprocess.run(
-            [sys.executable, "-m", "shared.healthcheck", *args],
+            [sys.executable, "-m", "shared.framework.healthcheck", *args],
             cwd=PROJECT_ROOT,
             capture_output=True,
             timeout=30,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import text
 
-from shared.config import ConfigError, Settings
-from shared.db import Database, DatabaseUrlError, database_url, describe, normalize_url
+from shared.framework.config import ConfigError, Settings
+from shared.persistence.db import Database, DatabaseUrlError, database_url, describe, normalize_url
 
 
 @pytest.mark.parametrize(

@@ -10,9 +10,9 @@ import grpc
 import pytest
 from sqlalchemy import func, select
 
-from shared.db import libpq_dsn
-from shared.models import AuditLog, Deployment, Release, Role
-from shared.seed import seed_id
+from shared.devtools.seed import seed_id
+from shared.persistence.db import libpq_dsn
+from shared.persistence.models import AuditLog, Deployment, Release, Role
 from tests.deploying import DEV, PROD, STAGING, Client, S, deployed, release_status, run_all_stages
 from tests.harness import (
     RELEASE_STATUS_MISMATCHES,

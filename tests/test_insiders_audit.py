@@ -24,8 +24,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import URL
 
 from relman.v1 import audit_pb2, audit_pb2_grpc, auth_pb2, auth_pb2_grpc
-from shared.db import libpq_dsn
-from shared.seed import seed, seed_id
+from shared.devtools.seed import seed, seed_id
+from shared.persistence.db import libpq_dsn
 from tests.deploying import Client
 from tests.faults.load import process_state
 from tests.harness import (

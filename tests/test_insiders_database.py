@@ -8,7 +8,7 @@
   relman_audit_trail_protected 0 (1 with the two roles); REQUIRE_PROTECTED_TRAIL=1
   refuses to start.
 - `make run` against a real database seeds no published password; the first
-  admin comes from `python -m shared.users create-admin`, password on stdin.
+  admin comes from `python -m shared.identity.users create-admin`, password on stdin.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import pytest
 
 from relman.v1 import auth_pb2, auth_pb2_grpc, common_pb2
 from shared import PROJECT_ROOT
-from shared.db import libpq_dsn
-from shared.roles import OWNER_ROLE, RUNTIME_ROLE, trail_exposure
+from shared.persistence.db import libpq_dsn
+from shared.persistence.roles import OWNER_ROLE, RUNTIME_ROLE, trail_exposure
 from tests.harness import (
     RelmanProcess,
     client_address,
@@ -128,15 +128,15 @@ async def test_make_run_on_the_embedded_database_uses_the_runtime_role(server_ur
         k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "MIGRATION_DATABASE_URL")
     }
     env.update(DEPLOY_SVC_ADDR="127.0.0.1:0", AUDIT_SVC_ADDR="127.0.0.1:0", DEPLOY_METRICS_PORT="0")
-    process = await RelmanProcess.start(["-m", "shared.run"], env)
+    process = await RelmanProcess.start(["-m", "shared.devtools.run"], env)
     try:
         await process.wait_listening("deploy_svc", "audit_svc")
         assert "using the database relman on " in process.output
         assert "(socket)" in process.output
         assert "seeded" in process.output and "did not seed" not in process.output
         assert "can alter the audit trail" not in process.output
-        from shared import embedded_pg
-        from shared.db import normalize_url
+        from shared.devtools import embedded_pg
+        from shared.persistence.db import normalize_url
 
         _assert_runtime_role(await _services_roles(normalize_url(embedded_pg.start()), "relman"))
         assert (await scrape_metrics(process))[TRAIL_GAUGE] == 1
@@ -193,7 +193,7 @@ async def test_a_half_set_up_database_stops_with_one_line(server_url):
         del env["DATABASE_URL"]
         run = await asyncio.to_thread(
             subprocess.run,
-            [sys.executable, "-m", "shared.run"],
+            [sys.executable, "-m", "shared.devtools.run"],
             cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip
         assert run.returncode == 2, run.stderr
@@ -231,14 +231,14 @@ def _port_free(port: int) -> bool:
 async def test_make_run_on_a_real_database_seeds_no_published_password(server_url):
     """Attack 6: `DATABASE_URL=<a real database> make run` used to seed eight accounts
     whose password is published. Now it migrates and serves (on loopback), says it did
-    not seed, and nobody can log in until `shared.users create-admin` makes an admin."""
+    not seed, and nobody can log in until `shared.identity.users create-admin` makes an admin."""
     if not (_port_free(50051) and _port_free(50052)):
         pytest.skip("make run's default ports are in use on this machine")
     async with scratch_database(server_url, revision=None) as url:
         env = env_for(url)
         for name in ("DEPLOY_SVC_ADDR", "AUDIT_SVC_ADDR", "SEED"):
             env.pop(name, None)
-        process = await RelmanProcess.start(["-m", "shared.run"], env)
+        process = await RelmanProcess.start(["-m", "shared.devtools.run"], env)
         try:
             addresses = await process.wait_listening("deploy_svc", "audit_svc")
             assert addresses == {"deploy_svc": "127.0.0.1:50051", "audit_svc": "127.0.0.1:50052"}
@@ -252,7 +252,7 @@ async def test_make_run_on_a_real_database_seeds_no_published_password(server_ur
                 username = f"ada-{uuid.uuid4().hex[:6]}"
                 made = await asyncio.to_thread(
                     subprocess.run,
-                    [sys.executable, "-m", "shared.users", "create-admin",
+                    [sys.executable, "-m", "shared.identity.users", "create-admin",
                      "--username", username, "--email", f"{username}@example.com"],
                     input="a long passphrase\n", cwd=PROJECT_ROOT, env=env_for(url),
                     capture_output=True, text=True, timeout=60, check=False,
@@ -269,7 +269,7 @@ async def test_make_run_on_a_real_database_seeds_no_published_password(server_ur
 def test_create_admin_takes_no_password_argument():
     """A password given as an argument would stay in the shell's history and in `ps`."""
     shown = subprocess.run(
-        [sys.executable, "-m", "shared.users", "create-admin", "--help"],
+        [sys.executable, "-m", "shared.identity.users", "create-admin", "--help"],
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,

@@ -18,8 +18,8 @@ from google.protobuf import field_mask_pb2
 from sqlalchemy import func, select
 
 from relman.v1 import auth_pb2, auth_pb2_grpc, common_pb2
-from shared.db import libpq_dsn
-from shared.models import STANDARD_STAGES, AuditLog, Deployment, Environment, Role
+from shared.persistence.db import libpq_dsn
+from shared.persistence.models import STANDARD_STAGES, AuditLog, Deployment, Environment, Role
 from tests.deploying import DEV, PROD, STAGING, Client, S, deployed, release_status, run_all_stages
 from tests.harness import (
     RelmanProcess,

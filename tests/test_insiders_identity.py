@@ -32,10 +32,10 @@ from sqlalchemy import URL, func, select
 
 from deploy_svc import login_throttle
 from relman.v1 import auth_pb2, auth_pb2_grpc, common_pb2
-from shared.auth import token_hash
-from shared.db import libpq_dsn
-from shared.models import ApiToken, AuditLog, Role, User
-from shared.seed import seed
+from shared.devtools.seed import seed
+from shared.identity.auth import token_hash
+from shared.persistence.db import libpq_dsn
+from shared.persistence.models import ApiToken, AuditLog, Role, User
 from tests.deploying import DEV, PROD, STAGING, Client, S, deployed
 from tests.harness import (
     RelmanProcess,

@@ -11,9 +11,9 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import URL
 
-from shared import schema
-from shared.db import create_engine, libpq_dsn
-from shared.models import Base
+from shared.persistence import schema
+from shared.persistence.db import create_engine, libpq_dsn
+from shared.persistence.models import Base
 from tests.harness import scratch_database
 
 REVISION_ID = re.compile(r"^(\d{3})_[a-z0-9_]+$")

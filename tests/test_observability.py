@@ -15,14 +15,14 @@ import pytest
 from sqlalchemy import func, select
 
 from relman.v1 import audit_pb2, audit_pb2_grpc, auth_pb2, auth_pb2_grpc
-from shared.models import Deployment, DeploymentStatus, Role
-from shared.observability import (
+from shared.framework.observability import (
     CallRecord,
     _MethodMetrics,
     _rpc_lines,
     call_finished,
     log_handler,
 )
+from shared.persistence.models import Deployment, DeploymentStatus, Role
 from tests.deploying import DEV, Client
 from tests.harness import (
     bearer,

@@ -15,9 +15,9 @@ import grpc
 import pytest
 
 from relman.v1 import audit_pb2, audit_pb2_grpc, deploy_pb2
-from shared.db import libpq_dsn
-from shared.models import Role
-from shared.roles import RUNTIME_ROLE
+from shared.persistence.db import libpq_dsn
+from shared.persistence.models import Role
+from shared.persistence.roles import RUNTIME_ROLE
 from tests.deploying import DEV, PROD, STAGING, Client, S
 from tests.faults.invariants import check_invariants
 from tests.harness import bearer, client_address, runtime_url, start_service

@@ -14,8 +14,8 @@ from sqlalchemy import func, select
 
 from deploy_svc import convert
 from relman.v1 import common_pb2, deploy_pb2
-from shared.db import libpq_dsn
-from shared.models import Deployment, Role, Rollback
+from shared.persistence.db import libpq_dsn
+from shared.persistence.models import Deployment, Role, Rollback
 from tests.deploying import DEV, PROD, STAGING, Client, S, deployed, release_status, run_all_stages
 from tests.harness import RelmanProcess, client_address, env_for, error_details, fails
 
@@ -445,7 +445,7 @@ async def test_catalogue_admin_creates_updates_and_refuses_duplicates(clients):
 async def test_two_sweepers_at_once_fail_a_stage_once(database, clients, service_id):
     """Replica safety: concurrent sweeps (as two processes would run them) act once."""
     from deploy_svc.deployments import fail_timed_out_stages
-    from shared.models import AuditLog, PipelineStage
+    from shared.persistence.models import AuditLog, PipelineStage
 
     developer = clients["developer"]
     release = await developer.CreateRelease(service_id=service_id, version="1.0.0")

@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 from sqlalchemy import URL
 
-from shared.db import libpq_dsn
+from shared.persistence.db import libpq_dsn
 from tests.harness import scratch_database
 
 UUID = "uuid"

@@ -13,9 +13,9 @@ import bcrypt
 import pytest
 from sqlalchemy import URL
 
-from shared.db import libpq_dsn
-from shared.models import Base
-from shared.seed import SEED_PASSWORD
+from shared.devtools.seed import SEED_PASSWORD
+from shared.persistence.db import libpq_dsn
+from shared.persistence.models import Base
 from tests.harness import RELEASE_STATUS_MISMATCHES, run_cli, scratch_database
 
 EXPECTED_COUNTS = {
@@ -35,12 +35,12 @@ EXPECTED_COUNTS = {
 
 
 def run_seed(url: URL, *args: str) -> subprocess.CompletedProcess[str]:
-    return run_cli(url, "shared.seed", *args)
+    return run_cli(url, "shared.devtools.seed", *args)
 
 
 @pytest.fixture(scope="module")
 async def seeded(server_url: URL):
-    """A database migrated to head and seeded once by `python -m shared.seed`."""
+    """A database migrated to head and seeded once by `python -m shared.devtools.seed`."""
     async with scratch_database(server_url) as url:
         result = run_seed(url)
         assert result.returncode == 0, result.stderr

@@ -17,9 +17,9 @@ from audit_svc.servicer import AuditServicer
 from deploy_svc.servicer import AuthServicer, DeployServicer
 from relman.v1 import audit_pb2, auth_pb2, deploy_pb2, deploy_pb2_grpc
 from shared import PROJECT_ROOT
-from shared.db import libpq_dsn
-from shared.models import Role
-from shared.seed import seed_id
+from shared.devtools.seed import seed_id
+from shared.persistence.db import libpq_dsn
+from shared.persistence.models import Role
 from tests.harness import (
     RelmanProcess,
     bearer,

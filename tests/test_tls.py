@@ -15,7 +15,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from relman.v1 import auth_pb2, auth_pb2_grpc
-from shared.models import Role
+from shared.persistence.models import Role
 from tests.harness import RelmanProcess, bearer, env_for, grpcurl
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from sqlalchemy import URL
 
 from shared import PROJECT_ROOT
-from shared.db import normalize_url
+from shared.persistence.db import normalize_url
 
 
 def _helper(*args: str) -> str:

@@ -20,9 +20,9 @@ import grpc
 import pytest
 from sqlalchemy import URL
 
-from shared.db import Database
-from shared.models import Service
-from shared.seed import seed, seed_id
+from shared.devtools.seed import seed, seed_id
+from shared.persistence.db import Database
+from shared.persistence.models import Service
 from tests.faults.cluster import StoppableCluster
 from tests.harness import (
     RelmanProcess,

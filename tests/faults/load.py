@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import URL
 
 from relman.v1 import audit_pb2, audit_pb2_grpc
-from shared.db import libpq_dsn
+from shared.persistence.db import libpq_dsn
 from tests.deploying import DEV, Client, S
 from tests.harness import RELEASE_STATUS_MISMATCHES, RelmanProcess, bearer
 

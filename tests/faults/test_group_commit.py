@@ -16,7 +16,7 @@ import asyncpg
 import grpc
 
 from relman.v1 import audit_pb2, audit_pb2_grpc
-from shared.db import libpq_dsn
+from shared.persistence.db import libpq_dsn
 from tests.harness import bearer, client_address, start_service
 
 CALLS = 64

@@ -28,9 +28,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relman.v1 import audit_pb2, audit_pb2_grpc, auth_pb2, auth_pb2_grpc
-from shared.db import libpq_dsn
-from shared.protos import rpc_methods
-from shared.seed import seed_id
+from shared.devtools.seed import seed_id
+from shared.framework.protos import rpc_methods
+from shared.persistence.db import libpq_dsn
 from tests.deploying import DEV, PROD, STAGING, Client
 from tests.faults.conftest import assert_no_internal_errors, new_service_id, services
 from tests.faults.invariants import check_invariants

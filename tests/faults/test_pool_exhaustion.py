@@ -11,7 +11,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from relman.v1 import audit_pb2, audit_pb2_grpc
-from shared.db import libpq_dsn
+from shared.persistence.db import libpq_dsn
 from tests.deploying import DEV, Client
 from tests.faults.conftest import assert_no_internal_errors, new_service_id, services
 from tests.faults.load import settled

@@ -19,8 +19,8 @@ import asyncpg
 import grpc
 
 from relman.v1 import audit_pb2, audit_pb2_grpc, deploy_pb2
-from shared.db import libpq_dsn
-from shared.server import STOPPED
+from shared.framework.server import STOPPED
+from shared.persistence.db import libpq_dsn
 from tests.deploying import DEV, Client
 from tests.faults.conftest import assert_no_internal_errors, new_service_id, services
 from tests.faults.load import code_of, deployment_parts

@@ -12,7 +12,7 @@ import collections
 
 import asyncpg
 
-from shared.db import libpq_dsn
+from shared.persistence.db import libpq_dsn
 from tests.deploying import DEV, PROD, STAGING, Client, S, deployed, run_all_stages
 from tests.faults.conftest import assert_no_internal_errors, new_service_id, services
 from tests.faults.invariants import check_invariants

@@ -6,7 +6,7 @@ up while the services run. Migrations and the seed run as the schema's owner
 services get only DATABASE_URL (the embedded runtime role by default), never the
 owner's URL. The sample users (published password) are seeded into the embedded
 database, or anywhere with SEED=1; with DATABASE_URL set and no SEED=1 nothing is
-seeded (`python -m shared.users create-admin` makes the first admin). The services
+seeded (`python -m shared.identity.users create-admin` makes the first admin). The services
 listen on loopback unless DEPLOY_SVC_ADDR / AUDIT_SVC_ADDR say otherwise.
 
 SIGINT or SIGTERM is passed on to the services, which stop gracefully; if one of
@@ -22,16 +22,17 @@ import signal
 import subprocess
 import sys
 
-from shared import PROJECT_ROOT, schema
-from shared.config import ConfigError, Settings, env_flag
-from shared.db import (
+from shared import PROJECT_ROOT
+from shared.devtools.seed import SeedError, seed
+from shared.framework.config import ConfigError, Settings, env_flag
+from shared.persistence import schema
+from shared.persistence.db import (
     DatabaseUrlError,
     database_url,
     describe,
     libpq_dsn,
     migration_database_url,
 )
-from shared.seed import SeedError, seed
 
 SERVICES = ("deploy_svc", "audit_svc")
 LOOPBACK = {"DEPLOY_SVC_ADDR": "127.0.0.1:50051", "AUDIT_SVC_ADDR": "127.0.0.1:50052"}

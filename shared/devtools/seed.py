@@ -1,4 +1,4 @@
-"""The sample data set: `python -m shared.seed [--reset]` (also `make seed`).
+"""The sample data set: `python -m shared.devtools.seed [--reset]` (also `make seed`).
 
 Volumes and names are the original design document's: 3 teams, 8 users, 5
 services, 3 environments, 10 releases, 8 deployments, 5 approvals, 20 audit
@@ -35,9 +35,10 @@ import bcrypt
 from sqlalchemy import URL, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared import schema
-from shared.db import Database, database_url, describe, migration_database_url
-from shared.models import (
+from shared.identity.users import BCRYPT_COST
+from shared.persistence import schema
+from shared.persistence.db import Database, database_url, describe, migration_database_url
+from shared.persistence.models import (
     STANDARD_STAGES,
     Approval,
     ApprovalStatus,
@@ -60,7 +61,6 @@ from shared.models import (
     Team,
     User,
 )
-from shared.users import BCRYPT_COST
 
 SEED_PASSWORD = "password123"
 SEED_NAMESPACE = uuid.UUID("6f1c1a52-8e0b-4d1e-9a55-7a3c3f0e2b10")
@@ -648,7 +648,7 @@ class SeedError(RuntimeError):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m shared.seed", description=__doc__.split("\n")[0]
+        prog="python -m shared.devtools.seed", description=__doc__.split("\n")[0]
     )
     parser.add_argument(
         "--reset",

@@ -1,6 +1,6 @@
 """Domain exceptions, and their one mapping to gRPC statuses with rich details (AIP-193).
 
-The domain raises these without knowing gRPC; the interceptor in shared.server
+The domain raises these without knowing gRPC; the interceptor in shared.framework.server
 turns each into a status whose details carry a google.rpc.ErrorInfo (reason,
 domain "relman", the ids involved), for INVALID_ARGUMENT a google.rpc.BadRequest
 with one field violation per bad field, and when waiting helps (a throttled login)

@@ -1,4 +1,4 @@
-"""`python -m shared.healthcheck HOST:PORT [SERVICE]`: exit 0 if the service is SERVING.
+"""`python -m shared.framework.healthcheck HOST:PORT [SERVICE]`: exit 0 if the service is SERVING.
 
 The container health check (docker-compose.yml): SERVICE "" (the default) is
 liveness, a `relman.v1.*` name readiness. Plaintext only; with TLS use the platform's
@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 def main(argv: list[str]) -> int:
     if not 1 <= len(argv) <= 2:
-        print("usage: python -m shared.healthcheck HOST:PORT [SERVICE]", file=sys.stderr)
+        print("usage: python -m shared.framework.healthcheck HOST:PORT [SERVICE]", file=sys.stderr)
         return 2
     address, service = argv[0], argv[1] if len(argv) == 2 else ""
     with grpc.insecure_channel(address) as channel:

@@ -3,9 +3,9 @@
 Alembic's env.py runs its own event loop (asyncio.run), so these helpers are
 synchronous; async callers run them in a worker thread (asyncio.to_thread).
 
-`python -m shared.schema` (`make migrate`, compose's migrate step) upgrades the
+`python -m shared.persistence.schema` (`make migrate`, compose's migrate step) upgrades the
 database as its owner (MIGRATION_DATABASE_URL) and grants the services' role
-(DATABASE_URL's user, when it is another role) what shared.roles says.
+(DATABASE_URL's user, when it is another role) what shared.persistence.roles says.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy import URL
 
-from shared import PROJECT_ROOT, roles
+from shared import PROJECT_ROOT
+from shared.persistence import roles
 
 
 def alembic_config(url: URL | None = None) -> Config:
     """The project's Alembic config, aimed at `url` (default: the owner's,
-    shared.db.migration_database_url())."""
+    shared.persistence.db.migration_database_url())."""
     config = Config(str(PROJECT_ROOT / "alembic.ini"))
     config.set_main_option("script_location", str(PROJECT_ROOT / "migrations"))
     if url is not None:
@@ -49,7 +50,7 @@ def upgrade(url: URL, revision: str = "head", runtime_role: str | None = None) -
 
 
 async def _grant(url: URL, runtime_role: str) -> None:
-    from shared.db import libpq_dsn
+    from shared.persistence.db import libpq_dsn
 
     connection = await asyncpg.connect(libpq_dsn(url))
     try:
@@ -65,7 +66,12 @@ def runtime_role(owner_url: URL, runtime_url: URL) -> str | None:
 
 
 def main() -> int:
-    from shared.db import DatabaseUrlError, database_url, describe, migration_database_url
+    from shared.persistence.db import (
+        DatabaseUrlError,
+        database_url,
+        describe,
+        migration_database_url,
+    )
 
     try:
         owner, runtime = migration_database_url(), database_url()

@@ -4,7 +4,7 @@ Logs: JSON lines on stderr (one object per record, the RPC line carrying method,
 code, duration_ms, caller, peer and request_id), readable text when stderr is a
 terminal. The request id is the caller's `x-request-id` metadata (when it is a
 short printable token) or a new one; it is echoed in the response's metadata
-(shared.server: trailing for a single response, initial for a response stream), so
+(shared.framework.server: trailing for a single response, initial for a response stream), so
 a caller can quote it. Request and response bodies are never logged,
 nor is any metadata but the request id: no token or password reaches a log line.
 

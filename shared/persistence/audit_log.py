@@ -12,8 +12,8 @@ from typing import Any
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.actor import Actor
-from shared.models import AuditLog, AuditOrigin
+from shared.identity.actor import Actor
+from shared.persistence.models import AuditLog, AuditOrigin
 
 # Built once: a Core INSERT on the table, not an ORM one built per call (both showed in
 # the profile of every write RPC).

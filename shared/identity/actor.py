@@ -12,8 +12,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from urllib.parse import unquote
 
-from shared.models import Role
-from shared.validation import canonical_ip
+from shared.framework.validation import canonical_ip
+from shared.persistence.models import Role
 
 USER_AGENT_MAX = 255
 
@@ -63,5 +63,5 @@ def user_agent(metadata) -> str | None:
     return None
 
 
-# The caller of the RPC being served, set by the authentication wrapper in shared.server.
+# The caller of the RPC being served, set by the authentication wrapper in shared.framework.server.
 current_actor: ContextVar[Actor] = ContextVar("current_actor")

@@ -88,7 +88,7 @@ class RollbackStatus(StrEnum):
 
 
 class Role(StrEnum):
-    """What a user may do (shared.auth maps each role to its permissions)."""
+    """What a user may do (shared.identity.auth maps each role to its permissions)."""
 
     ADMIN = "admin"
     LEAD = "lead"
@@ -361,7 +361,7 @@ class Approval(Base):
 
 class AuditLog(Base):
     """Append-only: a trigger refuses UPDATE, DELETE and TRUNCATE (migration 005), and the
-    services' own database role holds only INSERT and SELECT on it (shared.roles)."""
+    services' own database role holds only INSERT and SELECT on it (shared.persistence.roles)."""
 
     __tablename__ = "audit_logs"
     __table_args__ = (

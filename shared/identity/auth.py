@@ -1,7 +1,7 @@
 """Bearer tokens, roles and the one permission table.
 
 Every RPC maps to one permission (data, below); every role to the permissions it
-holds. The interceptor in shared.server asks `Authenticator.admit` before each
+holds. The interceptor in shared.framework.server asks `Authenticator.admit` before each
 call: health and reflection stay open, Login needs no token, everything else
 needs a valid `authorization: Bearer <token>` whose user's role holds the RPC's
 permission. The parts that depend on the target (a production deployment needs
@@ -26,11 +26,11 @@ from datetime import UTC, datetime
 
 from sqlalchemy import or_, select, text, update
 
-from shared import audit_log
-from shared.actor import Actor, peer_address, user_agent
-from shared.db import Database
-from shared.errors import PermissionDenied, Unauthenticated
-from shared.models import ApiToken, Role, User
+from shared.framework.errors import PermissionDenied, Unauthenticated
+from shared.identity.actor import Actor, peer_address, user_agent
+from shared.persistence import audit_log
+from shared.persistence.db import Database
+from shared.persistence.models import ApiToken, Role, User
 
 log = logging.getLogger("relman.auth")
 

@@ -35,21 +35,9 @@ import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shared import roles
-from shared.actor import current_actor
-from shared.auth import Authenticator
-from shared.config import ConfigError, Settings
-from shared.db import (
-    Database,
-    DatabaseUrlError,
-    call_deadline,
-    database_url,
-    describe,
-    libpq_dsn,
-    listen_url,
-)
-from shared.errors import InvalidArgument, Unavailable, from_exception
-from shared.observability import (
+from shared.framework.config import ConfigError, Settings
+from shared.framework.errors import InvalidArgument, Unavailable, from_exception
+from shared.framework.observability import (
     REQUEST_ID,
     call_finished,
     call_started,
@@ -61,6 +49,18 @@ from shared.observability import (
     message_sent,
     serve_metrics,
     watch_pool,
+)
+from shared.identity.actor import current_actor
+from shared.identity.auth import Authenticator
+from shared.persistence import roles
+from shared.persistence.db import (
+    Database,
+    DatabaseUrlError,
+    call_deadline,
+    database_url,
+    describe,
+    libpq_dsn,
+    listen_url,
 )
 
 log = logging.getLogger("relman.server")
@@ -223,7 +223,7 @@ class _WrappingInterceptor(grpc.aio.ServerInterceptor):
 
 
 class ErrorMappingInterceptor(_WrappingInterceptor):
-    """Turns any exception a handler raises into a proper status (shared.errors), and
+    """Turns any exception a handler raises into a proper status (shared.framework.errors), and
     keeps the calls in flight in `drain`."""
 
     def __init__(self, drain: Drain) -> None:
@@ -242,7 +242,7 @@ class ErrorMappingInterceptor(_WrappingInterceptor):
 
 
 class AuthInterceptor(_WrappingInterceptor):
-    """Admits each call (shared.auth) and makes its Actor `current_actor` for the handler."""
+    """Admits each call (shared.identity.auth); its Actor becomes `current_actor`."""
 
     def __init__(self, authenticator: Authenticator) -> None:
         super().__init__()
@@ -332,7 +332,7 @@ async def _checked(requests, record):
 class _Call:
     """One call as the outermost wrapper sees it: admitted by the drain, its request
     checked, its status mapped from whatever the handler raised, its log line and
-    metrics recorded once it ends (shared.observability)."""
+    metrics recorded once it ends (shared.framework.observability)."""
 
     def __init__(self, drain: Drain | None, method: str, kind: str, context) -> None:
         self.drain = drain

@@ -1,11 +1,11 @@
-"""The first admin of a real database: `python -m shared.users create-admin`.
+"""The first admin of a real database: `python -m shared.identity.users create-admin`.
 
 `make run` seeds the sample users (whose password is published) only into the
 embedded database or with SEED=1, so a real database starts with no user at all.
 This command makes an admin working straight on the database, like the tokens
 command line:
 
-    python -m shared.users create-admin --username ada --email ada@example.com
+    python -m shared.identity.users create-admin --username ada --email ada@example.com
 
 The password is read from the terminal (asked twice) or, when stdin is not a
 terminal, from its first line; never from an argument, which would stay in the
@@ -28,12 +28,12 @@ import uuid
 import bcrypt
 from sqlalchemy import or_, select
 
-from shared import audit_log
-from shared.actor import Actor
-from shared.db import Database, database_url
-from shared.errors import AlreadyExists, DomainError, InvalidArgument
-from shared.models import Role, User
-from shared.validation import text
+from shared.framework.errors import AlreadyExists, DomainError, InvalidArgument
+from shared.framework.validation import text
+from shared.identity.actor import Actor
+from shared.persistence import audit_log
+from shared.persistence.db import Database, database_url
+from shared.persistence.models import Role, User
 
 BCRYPT_COST = 12
 PASSWORD_MAX_BYTES = 72  # bcrypt ignores (bcrypt 5 refuses) anything longer
@@ -107,7 +107,7 @@ async def _main(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shared.users", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m shared.identity.users", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     create = commands.add_parser("create-admin", help="make an admin (password from stdin)")
     create.add_argument("--username", required=True)

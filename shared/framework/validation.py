@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from shared.errors import InvalidArgument
+from shared.framework.errors import InvalidArgument
 
 
 def canonical_ip(value: str) -> str | None:

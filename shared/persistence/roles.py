@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncpg
 
-from shared.models import AuditLog
+from shared.persistence.models import AuditLog
 
 # The embedded database's and docker-compose's role names (any names work elsewhere).
 OWNER_ROLE = "relman_owner"

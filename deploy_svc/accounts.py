@@ -28,18 +28,19 @@ from sqlalchemy import func, or_, select
 
 from deploy_svc import login_throttle
 from deploy_svc.login_throttle import LoginLimits
-from shared import audit_log, tokens
-from shared.actor import Actor
-from shared.db import Database, load, replay
-from shared.errors import (
+from shared.framework.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     Unauthenticated,
 )
-from shared.models import ApiToken, Role, User
-from shared.users import BCRYPT_COST, EMAIL, USERNAME, USERNAME_HINT, check_password
-from shared.validation import text
+from shared.framework.validation import text
+from shared.identity import tokens
+from shared.identity.actor import Actor
+from shared.identity.users import BCRYPT_COST, EMAIL, USERNAME, USERNAME_HINT, check_password
+from shared.persistence import audit_log
+from shared.persistence.db import Database, load, replay
+from shared.persistence.models import ApiToken, Role, User
 
 # A cost-12 hash of a random password nobody knows: unknown users are checked against it.
 DUMMY_HASH = b"$2b$12$R9D7xE0wAKfUvLP49tMyr..qZBn9Aoe8.CFFanuVaanNLKLPmxXp6"
@@ -287,7 +288,7 @@ async def create_api_token(
     never_expires: bool,
     request_id: uuid.UUID | None,
 ) -> tuple[str, ApiToken]:
-    """An API token (shared.tokens has the rules); the user's row stays locked until it is
+    """An API token (shared.identity.tokens has the rules); the user's row stays locked until it is
     stored, so a concurrent change of role cannot slip between the check and the insert."""
     async with db.transaction() as session:
         user = await load(session, User, user_id, for_update=True)

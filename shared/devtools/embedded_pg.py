@@ -11,7 +11,7 @@ when the last one exits (the package counts the processes in the data dir).
 
 Its superuser stays `postgres`, trusted over the socket (a local development
 database). relman itself never runs as it: `start` also makes the owner role
-(migrations, the seed) and the services' runtime role of shared.roles, with
+(migrations, the seed) and the services' runtime role of shared.persistence.roles, with
 the `relman` database owned by the former.
 """
 
@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 
 from shared import PROJECT_ROOT
-from shared.roles import OWNER_ROLE, RUNTIME_ROLE
+from shared.persistence.roles import OWNER_ROLE, RUNTIME_ROLE
 
 DEFAULT_DATA_DIR = PROJECT_ROOT / ".data"
 DATABASE = "relman"

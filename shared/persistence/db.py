@@ -3,7 +3,7 @@
 `database_url()` is the one place that decides which server and role the
 services use: DATABASE_URL when set, the embedded PostgreSQL's runtime role
 otherwise. `migration_database_url()` decides the same for migrations and the
-seed, which run as the owner of the schema (shared.roles).
+seed, which run as the owner of the schema (shared.persistence.roles).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from shared.errors import DeadlineExceeded, InvalidArgument, NotFound
-from shared.roles import OWNER_ROLE, RUNTIME_ROLE
+from shared.framework.errors import DeadlineExceeded, InvalidArgument, NotFound
+from shared.persistence.roles import OWNER_ROLE, RUNTIME_ROLE
 
 ASYNC_DRIVER = "postgresql+asyncpg"
 T = TypeVar("T")
@@ -63,7 +63,7 @@ def listen_url() -> URL | None:
 
 def database_url() -> URL:
     """The database the services use: DATABASE_URL, or the embedded server's `relman`
-    database as the runtime role (shared.roles)."""
+    database as the runtime role (shared.persistence.roles)."""
     raw = os.environ.get("DATABASE_URL", "").strip()
     if not raw:
         return _embedded_url(RUNTIME_ROLE)
@@ -89,7 +89,7 @@ def _embedded_url(role: str) -> URL:
 @functools.cache
 def _embedded_server_url() -> URL:
     """Started (or joined) once per process: `make run` asks for two roles' URLs."""
-    from shared import embedded_pg
+    from shared.devtools import embedded_pg
 
     return normalize_url(embedded_pg.start())
 
@@ -113,7 +113,7 @@ STATEMENT_TIMEOUT_S = 60  # the backstop for work no deadline bounds
 # session, so a stuck caller cannot pin a pooled connection and its locks for ever.
 IDLE_IN_TRANSACTION_S = 120
 
-# The time.monotonic() deadline of the RPC being served (shared.server sets it), so that
+# The time.monotonic() deadline of the RPC being served (shared.framework.server sets it), so that
 # every unit of work of a call is bounded by the caller's deadline without passing it on.
 call_deadline: ContextVar[float | None] = ContextVar("call_deadline", default=None)
 

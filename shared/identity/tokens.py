@@ -4,16 +4,17 @@ A token someone made for another user is how a second person could act as a
 human without their password: so tokens for others are for service users only,
 an account never changes kind (UpdateUser refuses a role change to or from
 service: ACCOUNT_KIND_FIXED), such a token stops working should its user's role
-change anyway (revoked by UpdateUser; shared.auth checks too), and every token
+change anyway (revoked by UpdateUser; shared.identity.auth checks too), and every token
 records who made it (`created_by`). API tokens expire (90 days by
 default, at most a year); only a service user's may never expire, and only when
 asked for.
 
-`python -m shared.tokens create --user NAME --name LABEL [--expires-days N | --never-expires]
-[--service-user]` prints a new token for a service user, working straight on the
-database, so an internal caller can have one before any admin token exists. `list [--user NAME]`
-and `revoke ID` complete it. Changes made here are audited like any other, with no
-user id and `"via": "tokens-cli"` in the details; its tokens have no `created_by`.
+`python -m shared.identity.tokens create --user NAME --name LABEL
+[--expires-days N | --never-expires] [--service-user]` prints a new token for a
+service user, working straight on the database, so an internal caller can have one
+before any admin token exists. `list [--user NAME]` and `revoke ID` complete it.
+Changes made here are audited like any other, with no user id and
+`"via": "tokens-cli"` in the details; its tokens have no `created_by`.
 """
 
 from __future__ import annotations
@@ -28,14 +29,14 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared import audit_log
-from shared.actor import Actor
-from shared.auth import new_token, token_hash
-from shared.db import Database, check_same_request, database_url, load, replay
-from shared.errors import DomainError, InvalidArgument, NotFound, PermissionDenied
-from shared.models import ApiToken, Role, User
-from shared.pagination import Page, list_page
-from shared.validation import text
+from shared.framework.errors import DomainError, InvalidArgument, NotFound, PermissionDenied
+from shared.framework.validation import text
+from shared.identity.actor import Actor
+from shared.identity.auth import new_token, token_hash
+from shared.persistence import audit_log
+from shared.persistence.db import Database, check_same_request, database_url, load, replay
+from shared.persistence.models import ApiToken, Role, User
+from shared.persistence.pagination import Page, list_page
 
 UNUSABLE_PASSWORD = "!"  # no bcrypt hash matches it: the user cannot Login, only use tokens
 DEFAULT_LIFETIME = timedelta(days=90)
@@ -275,7 +276,7 @@ async def _run(args) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m shared.tokens", description="API tokens for internal callers."
+        prog="python -m shared.identity.tokens", description="API tokens for internal callers."
     )
     commands = parser.add_subparsers(required=True)
     create = commands.add_parser("create", help="create a token and print it (once)")
