@@ -1,4 +1,4 @@
-"""DeployService and AuthService over gRPC (transport layer): proto in, proto out, no SQL.
+"""DeployService over gRPC (transport layer): proto in, proto out, no SQL.
 
 The caller is `current_actor`, set by the authentication interceptor from the
 bearer token and the connection, never from a request field.
@@ -7,31 +7,24 @@ bearer token and the connection, never from a request field.
 from __future__ import annotations
 
 import grpc
-from google.protobuf import empty_pb2
 
-from deploy_svc import accounts, catalog, convert, deployments, releases, rollbacks, sweeper
-from deploy_svc.login_throttle import LoginLimits, PeerQueue
+from deploy_svc import catalog, convert, deployments, releases, rollbacks, sweeper
+from deploy_svc.auth_servicer import AUTH_SERVICE, AuthServicer
 from deploy_svc.watch import DeploymentWatcher
-from relman.v1 import auth_pb2, auth_pb2_grpc, common_pb2, deploy_pb2, deploy_pb2_grpc
+from relman.v1 import auth_pb2_grpc, common_pb2, deploy_pb2, deploy_pb2_grpc
 from shared.framework.errors import InvalidArgument
-from shared.framework.protos import enum_from_proto, timestamp
 from shared.framework.server import Resources
-from shared.framework.validation import optional_uuid, parse_timestamp, parse_uuid, text
-from shared.identity import tokens
+from shared.framework.validation import (
+    enum_word,
+    masked_changes,
+    optional_uuid,
+    parse_uuid,
+    text,
+)
 from shared.identity.actor import current_actor
-from shared.persistence.models import Role, Runbook, Service, StageStatus
+from shared.persistence.models import Runbook, Service, StageStatus
 
 DEPLOY_SERVICE = deploy_pb2.DESCRIPTOR.services_by_name["DeployService"]
-AUTH_SERVICE = auth_pb2.DESCRIPTOR.services_by_name["AuthService"]
-
-
-def _enum(field: str, enum_type, number: int, *, required: bool) -> str | None:
-    """A proto enum as its vocabulary word; _UNSPECIFIED is None (or refused if required)."""
-    word = enum_from_proto(enum_type, number)
-    if word is None and (required or number != 0):
-        names = ", ".join(n for n in enum_type.keys() if not n.endswith("_UNSPECIFIED"))
-        raise InvalidArgument.field(field, f"must be one of {names}")
-    return word
 
 
 def _page(response_type, field: str, page, convert_item):
@@ -73,7 +66,7 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
 
     async def ListReleases(self, request, context):
         service_id = optional_uuid("service_id", request.service_id)
-        status = _enum("status", common_pb2.ReleaseStatus, request.status, required=False)
+        status = enum_word("status", common_pb2.ReleaseStatus, request.status, required=False)
         async with self.database.transaction() as session:
             page = await releases.list_releases(
                 session,
@@ -142,7 +135,9 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
             "service_id": optional_uuid("service_id", request.service_id),
             "release_id": optional_uuid("release_id", request.release_id),
             "environment_id": optional_uuid("environment_id", request.environment_id),
-            "status": _enum("status", common_pb2.DeploymentStatus, request.status, required=False),
+            "status": enum_word(
+                "status", common_pb2.DeploymentStatus, request.status, required=False
+            ),
         }
         async with self.database.transaction() as session:
             page = await deployments.list_deployments(
@@ -175,7 +170,9 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
 
     async def UpdatePipelineStage(self, request, context):
         stage_id = parse_uuid("stage_id", request.stage_id)
-        status = StageStatus(_enum("status", common_pb2.StageStatus, request.status, required=True))
+        status = StageStatus(
+            enum_word("status", common_pb2.StageStatus, request.status, required=True)
+        )
         async with self.database.transaction() as session:
             stage = await deployments.update_pipeline_stage(
                 session, current_actor.get(), stage_id, status, request.output
@@ -309,7 +306,7 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
 
     async def CreateEnvironment(self, request, context):
         request_id = optional_uuid("request_id", request.request_id)
-        environment_type = _enum(
+        environment_type = enum_word(
             "environment_type", common_pb2.EnvironmentType, request.environment_type, required=True
         )
         async with self.database.transaction() as session:
@@ -360,7 +357,7 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
             "owner_id": lambda: optional_uuid("service.owner_id", service.owner_id),
             "is_active": lambda: service.is_active,
         }
-        changes = _masked(request.update_mask, readers)
+        changes = masked_changes(request.update_mask, readers)
         async with self.database.transaction() as session:
             row = await catalog.update(session, current_actor.get(), Service, service_id, changes)
             return convert.service(row)
@@ -395,145 +392,10 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
             "tags": lambda: catalog.check_tags(runbook.tags),
             "is_active": lambda: runbook.is_active,
         }
-        changes = _masked(request.update_mask, readers)
+        changes = masked_changes(request.update_mask, readers)
         async with self.database.transaction() as session:
             row = await catalog.update(session, current_actor.get(), Runbook, runbook_id, changes)
             return convert.runbook(row)
-
-
-def _masked(mask, readers: dict) -> dict:
-    """The fields an update_mask names, each read and validated by its reader."""
-    if not mask.paths:
-        raise InvalidArgument.field("update_mask", "must name the fields to change")
-    unknown = [path for path in mask.paths if path not in readers]
-    if unknown:
-        raise InvalidArgument.field(
-            "update_mask", f"{unknown[0]!r} cannot be changed ({', '.join(readers)} can)"
-        )
-    return {path: readers[path]() for path in mask.paths}
-
-
-def _role(field: str, number: int, *, required: bool) -> Role | None:
-    word = enum_from_proto(common_pb2.Role, number)
-    if word is None and (required or number != 0):
-        raise InvalidArgument.field(
-            field, "must be one of ROLE_ADMIN, ROLE_LEAD, ROLE_DEVELOPER, ROLE_VIEWER, ROLE_SERVICE"
-        )
-    return Role(word) if word else None
-
-
-class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
-    def __init__(self, resources: Resources) -> None:
-        self.database = resources.database
-        self.settings = resources.settings
-        self.verifier = resources.authenticator.verifier
-        self.login_limits = LoginLimits(
-            per_user=self.settings.login_failures_per_user,
-            per_peer=self.settings.login_failures_per_peer,
-            window_s=self.settings.login_throttle_window_s,
-            queue_max=self.settings.login_queue_max,
-        )
-        self.login_peers = PeerQueue()
-
-    async def Login(self, request, context):
-        secret, token, user = await accounts.login(
-            self.database,
-            current_actor.get(),
-            request.username,
-            request.password,
-            self.settings.token_ttl_s,
-            self.login_limits,
-            self.login_peers,
-        )
-        return auth_pb2.LoginResponse(
-            access_token=secret,
-            expires_at=timestamp(token.expires_at),
-            user=convert.user(user),
-        )
-
-    async def Logout(self, request, context):
-        actor = current_actor.get()
-        await accounts.logout(self.database, actor)
-        self.verifier.forget(token_id=actor.token_id)
-        return empty_pb2.Empty()
-
-    async def WhoAmI(self, request, context):
-        return convert.user(await accounts.get_user(self.database, current_actor.get().user_id))
-
-    async def CreateUser(self, request, context):
-        user = await accounts.create_user(
-            self.database,
-            current_actor.get(),
-            username=request.username,
-            email=request.email,
-            full_name=request.full_name,
-            password=request.password,
-            role=_role("role", request.role, required=True),
-            request_id=optional_uuid("request_id", request.request_id),
-        )
-        return convert.user(user)
-
-    async def UpdateUser(self, request, context):
-        user_id = parse_uuid("user.id", request.user.id)
-        paths = list(request.update_mask.paths)
-        if not paths:
-            raise InvalidArgument.field("update_mask", "must name the fields to change")
-        changes: dict[str, object] = {}
-        for path in paths:
-            if path == "role":
-                changes["role"] = _role("user.role", request.user.role, required=True).value
-            elif path == "is_active":
-                changes["is_active"] = request.user.is_active
-            elif path == "full_name":
-                changes["full_name"] = text(
-                    "user.full_name", request.user.full_name, 200, required=False
-                )
-            else:
-                raise InvalidArgument.field(
-                    "update_mask", f"{path!r} cannot be changed (role, is_active, full_name can)"
-                )
-        user, revoked = await accounts.update_user(
-            self.database, current_actor.get(), user_id, changes
-        )
-        if revoked or "role" in changes or "is_active" in changes:
-            self.verifier.forget(user_id=user.id)
-        return convert.user(user)
-
-    async def CreateApiToken(self, request, context):
-        user_id = parse_uuid("user_id", request.user_id)
-        expires_at = (
-            parse_timestamp("expires_at", request.expires_at)
-            if request.HasField("expires_at")
-            else None
-        )
-        secret, token = await accounts.create_api_token(
-            self.database,
-            current_actor.get(),
-            user_id,
-            request.name,
-            expires_at,
-            never_expires=request.never_expires,
-            request_id=optional_uuid("request_id", request.request_id),
-        )
-        # A retried request (same request_id) gets the record with an empty secret.
-        return auth_pb2.CreateApiTokenResponse(api_token=convert.api_token(token), token=secret)
-
-    async def ListApiTokens(self, request, context):
-        user_id = optional_uuid("user_id", request.user_id)
-        async with self.database.transaction() as session:
-            page = await tokens.list_tokens(session, user_id, request.page_size, request.page_token)
-        return auth_pb2.ListApiTokensResponse(
-            api_tokens=[convert.api_token(token) for token in page.items],
-            next_page_token=page.next_page_token,
-            total_size=page.total_size,
-        )
-
-    async def RevokeApiToken(self, request, context):
-        token_id = parse_uuid("token_id", request.token_id)
-        async with self.database.transaction() as session:
-            token = await tokens.revoke_token(session, current_actor.get(), token_id)
-        self.verifier.forget(token_id=token.id)
-        return convert.api_token(token)
 
 
 def register(server: grpc.aio.Server, resources: Resources) -> list[str]:

@@ -14,7 +14,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from audit_svc.servicer import AuditServicer
-from deploy_svc.servicer import AuthServicer, DeployServicer
+from deploy_svc.auth_servicer import AuthServicer
+from deploy_svc.servicer import DeployServicer
 from relman.v1 import audit_pb2, auth_pb2, deploy_pb2, deploy_pb2_grpc
 from shared import PROJECT_ROOT
 from shared.devtools.seed import seed_id

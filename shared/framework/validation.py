@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from shared.framework.errors import InvalidArgument
+from shared.framework.protos import enum_from_proto
 
 
 def canonical_ip(value: str) -> str | None:
@@ -91,3 +92,27 @@ def text(
     if pattern is not None and not pattern.fullmatch(value):
         raise InvalidArgument.field(field, hint or f"must match {pattern.pattern}")
     return value
+
+
+def enum_word(field: str, enum_type, number: int, *, required: bool) -> str | None:
+    """A proto enum as its vocabulary word (ROLE_LEAD -> "lead"). _UNSPECIFIED is None, or
+    refused when `required`; a number the enum does not define is refused (proto3 enums
+    are open: any number parses)."""
+    word = enum_from_proto(enum_type, number)
+    if word is None and (required or number != 0):
+        names = ", ".join(n for n in enum_type.keys() if not n.endswith("_UNSPECIFIED"))
+        raise InvalidArgument.field(field, f"must be one of {names}")
+    return word
+
+
+def masked_changes(mask, readers: dict) -> dict:
+    """The fields an update_mask names (AIP-134), each read and checked by its reader;
+    a mask that is empty or names a field no reader has is INVALID_ARGUMENT."""
+    if not mask.paths:
+        raise InvalidArgument.field("update_mask", "must name the fields to change")
+    unknown = [path for path in mask.paths if path not in readers]
+    if unknown:
+        raise InvalidArgument.field(
+            "update_mask", f"{unknown[0]!r} cannot be changed ({', '.join(readers)} can)"
+        )
+    return {path: readers[path]() for path in mask.paths}
