@@ -35,8 +35,8 @@ from shared.persistence.roles import OWNER_ROLE, RUNTIME_ROLE
 
 VENV_BIN = os.path.dirname(sys.executable)
 
-# DESIGN.md section 4's derivation of a release's status, written independently of the
-# domain's: the releases whose stored status disagrees with it.
+# The derivation of a release's status (README, "Deployment rules"), written independently
+# of the domain's: the releases whose stored status disagrees with it.
 RELEASE_STATUS_MISMATCHES = """
     WITH derived AS (
         SELECT r.id, r.version, r.status, CASE

@@ -1,4 +1,4 @@
-"""Insiders against the deployment rules (issue 15, attacks 1, 2 and 7; DESIGN.md section 8).
+"""Insiders against the deployment rules (issue 15, attacks 1, 2 and 7).
 
 Each test performs the attack through the API with the insider's own token, asserts the
 refusal and that nothing was written, and shows that the legitimate path still works.

@@ -1,4 +1,4 @@
-"""Insiders and outsiders against identity (issue 15, attacks 3 and 8; DESIGN.md section 8).
+"""Insiders and outsiders against identity (issue 15, attacks 3 and 8).
 
 Attack 3: an admin makes a token for a lead and approves, as her, a production
 deployment the admin started; or turns her into a service user, mints, and turns her

@@ -1,8 +1,8 @@
-"""Schema 001 read back from PostgreSQL's catalog, compared with the design document.
+"""Schema 001 read back from PostgreSQL's catalog, compared with the intended schema.
 
-The expectations below are written from the design document (its "Database
-Schema" section) and DESIGN.md section 2, not from the models, so a mistake in
-the migration and the models alike is still caught.
+The expectations below are written by hand from the intended tables, columns,
+sizes and constraints, not from the models, so a mistake in the migration and
+the models alike is still caught.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def vc(size: int) -> str:
     return f"character varying({size})"
 
 
-# table -> column -> (type, nullable); column order is the design document's.
+# table -> column -> (type, nullable); column order is the intended one.
 TIMESTAMPS = {"created_at": (TS, False), "updated_at": (TS, False)}
 EXPECTED_COLUMNS: dict[str, dict[str, tuple[str, bool]]] = {
     "teams": {

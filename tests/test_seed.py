@@ -1,6 +1,6 @@
 """The sample data set, seeded through its real command line into a database of its own.
 
-Each rule of DESIGN.md section 4 that the seed must obey is a query that lists
+Each deployment rule (README, "Deployment rules") that the seed must obey is a query that lists
 the rows breaking it; every such query must come back empty.
 """
 

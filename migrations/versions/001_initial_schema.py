@@ -1,15 +1,15 @@
-"""Initial schema: the 12 tables of the original design document.
+"""Initial schema: the 12 tables relman started with.
 
 Revision ID: 001_initial_schema
 Revises:
 Create Date: 2026-11-24
 
-Column names are the design document's; sizes, defaults and CHECKs are those of
-DESIGN.md section 2. Every listed index exists, except where a unique
+Column names, sizes, defaults and CHECKs are those the project started with (the
+README's Layout names each table's purpose). Every listed index exists, except where a unique
 constraint on exactly that column already provides it (teams.name,
 users.email, users.username, environments.name, services.name): a second index
 on the same column would only slow writes. One deliberate change from the
-document: deployment_metrics is unique on (deployment_id, metric_name), so a
+first design: deployment_metrics is unique on (deployment_id, metric_name), so a
 deployment carries several metrics.
 
 Names are spelled out and wrapped in op.f() so that the models' naming

@@ -5,7 +5,7 @@ Revises: 001_initial_schema
 Create Date: 2026-11-24
 
 Every user gets a role (admin, lead, developer, viewer, service); is_admin stays
-for the design document's sake and a CHECK keeps it equal to `role = 'admin'`.
+from the first schema (001) and a CHECK keeps it equal to `role = 'admin'`.
 Existing admins become admins, everyone else a viewer (least privilege).
 api_tokens holds only the SHA-256 of each bearer token, unique for the per-call
 look-up, and is indexed by user for listing and for revoking a user's tokens.

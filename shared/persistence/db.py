@@ -1,9 +1,18 @@
-"""Where the database is, and the async engine every process uses.
+"""Where the database is, the async engine every process uses, and its units of work.
 
 `database_url()` is the one place that decides which server and role the
 services use: DATABASE_URL when set, the embedded PostgreSQL's runtime role
 otherwise. `migration_database_url()` decides the same for migrations and the
 seed, which run as the owner of the schema (shared.persistence.roles).
+
+The transaction rule: a use case owns its unit of work. The domain function an
+RPC calls takes the `Database` and opens its units of work itself:
+`transaction()` for anything that writes or locks, `read()` for what only reads.
+A servicer (transport) never opens one and never holds a session; functions that
+take a session are steps inside a use case. Why the use case: only it knows what
+must commit together, what must commit even when the call fails (a failed
+login's count), and what must not hold locks across slow work (bcrypt). A use
+case that opens more than one unit of work says why in its docstring.
 """
 
 from __future__ import annotations

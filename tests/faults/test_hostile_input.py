@@ -5,7 +5,7 @@ request messages whose values are hostile: random and malformed ids mixed with r
 ones, `_UNSPECIFIED` and out-of-range enum numbers, empty, huge and NUL-containing
 strings, SQL fragments, extreme numbers, deeply nested details. Every answer must be
 a deliberate status, never INTERNAL, UNKNOWN or a hang; afterwards the database must
-hold no partial row (DESIGN.md section 4's invariants, checked by queries) and both
+hold no partial row (the deployment rules' invariants, checked by queries) and both
 servers must be healthy. Hypothesis runs in a worker thread and hands each call to
 the test's event loop, where the channels live.
 """
@@ -370,5 +370,5 @@ async def test_after_the_hostile_inputs_the_data_and_the_servers_are_sound(
         f"{total} generated hostile requests over {len(_ANSWERS)} RPCs (up to {EXAMPLES_PER_RPC} "
         f"each): {dict(sorted(codes.items()))}; never INTERNAL, UNKNOWN or a hang; "
         f"{verbatim} audit rows hold an SQL fragment verbatim; raw garbage on both ports; "
-        "both servers SERVING; every invariant of DESIGN.md section 4 holds"
+        "both servers SERVING; every invariant of the deployment rules holds"
     )

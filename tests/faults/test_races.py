@@ -1,4 +1,4 @@
-"""Fault 7: races on one deployment, then every invariant of DESIGN.md section 4 checked.
+"""Fault 7: races on one deployment, then every invariant of the deployment rules checked.
 
 Each race fires its calls at once from several callers; whatever order the server
 picks, each call must get OK or a refusal that names the lost race (FAILED_PRECONDITION,
