@@ -13,14 +13,31 @@ LogActions streams) is tried once.
             action="release.shipped", resource_type="service", resource_id="payments"))
         deployment = await relman.deploy.PromoteRelease(deploy_pb2.PromoteReleaseRequest(
             release_id=release_id, target_environment_id=staging_id))
+
+Every failed call raises a `RelmanError` of the status code's class (named as
+google-api-core names them) with the server's rich details already unpacked, so
+callers branch on a reason instead of parsing trailers:
+
+    try:
+        await relman.deploy.PromoteRelease(request)
+    except FailedPrecondition as error:
+        if error.reason == "REQUIRED_STAGES_NOT_PASSED": ...
+
+RelmanError subclasses grpc.aio.AioRpcError, so `except grpc.aio.AioRpcError`,
+`.code()`, `.details()` and `.trailing_metadata()` keep working as before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
+from typing import NamedTuple
 
 import grpc
+from google.protobuf import any_pb2, message
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from relman.v1 import audit_pb2_grpc, auth_pb2_grpc, deploy_pb2_grpc
 from shared.framework.protos import rpc_methods
@@ -56,13 +73,310 @@ def service_config() -> dict:
     return {"methodConfig": configs}
 
 
-class _Caller(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
-    """Adds the token to every call, and a request_id to creates that have none."""
+# -- typed errors ------------------------------------------------------------------------------
+
+# The google.rpc detail types a relman server (or gRPC itself) may send; others stay Any.
+_DETAIL_TYPES = (
+    error_details_pb2.ErrorInfo,
+    error_details_pb2.BadRequest,
+    error_details_pb2.RetryInfo,
+    error_details_pb2.PreconditionFailure,
+    error_details_pb2.QuotaFailure,
+    error_details_pb2.ResourceInfo,
+    error_details_pb2.RequestInfo,
+    error_details_pb2.DebugInfo,
+    error_details_pb2.Help,
+    error_details_pb2.LocalizedMessage,
+)
+
+
+class FieldViolation(NamedTuple):
+    """One bad request field (google.rpc.BadRequest); compares equal to a plain tuple."""
+
+    field: str
+    description: str
+
+
+def _rich_status(error: grpc.aio.AioRpcError) -> status_pb2.Status | None:
+    """The google.rpc.Status in the trailer, or None when there is none or it disagrees
+    with the call's own code and message (then the transport's status is the truth)."""
+    try:
+        return rpc_status.from_call(error)
+    except (ValueError, message.DecodeError):
+        return None
+
+
+def _unpack(detail: any_pb2.Any) -> message.Message:
+    for detail_type in _DETAIL_TYPES:
+        if detail.Is(detail_type.DESCRIPTOR):
+            unpacked = detail_type()
+            detail.Unpack(unpacked)
+            return unpacked
+    return detail
+
+
+class RelmanError(grpc.aio.AioRpcError):
+    """A failed relman call with its AIP-193 details unpacked.
+
+    A subclass of AioRpcError built from the same five values (so it pickles as one,
+    and code that catches AioRpcError or calls `.code()` / `.details()` still works):
+    the status code is `.code()` (and `grpc_status_code`), the message `.details()`
+    (and `message`). The raw unpacked detail messages are `error_details`, not
+    google-api-core's `details`, which AioRpcError already uses for the message.
+    The original AioRpcError is `__cause__`.
+    """
+
+    grpc_status_code: grpc.StatusCode | None = None  # fixed by each subclass
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        initial_metadata: grpc.aio.Metadata | None = None,
+        trailing_metadata: grpc.aio.Metadata | None = None,
+        details: str | None = None,
+        debug_error_string: str | None = None,
+    ) -> None:
+        super().__init__(code, initial_metadata, trailing_metadata, details, debug_error_string)
+        self.grpc_status_code = code
+        self.message: str = details or ""
+        status = _rich_status(self)
+        self.error_details: list[message.Message] = (
+            [_unpack(detail) for detail in status.details] if status is not None else []
+        )
+        self.error_info: error_details_pb2.ErrorInfo | None = None
+        self.field_violations: list[FieldViolation] = []
+        self.retry_delay: float | None = None
+        for detail in self.error_details:
+            if isinstance(detail, error_details_pb2.ErrorInfo) and self.error_info is None:
+                self.error_info = detail
+            elif isinstance(detail, error_details_pb2.BadRequest):
+                self.field_violations.extend(
+                    FieldViolation(v.field, v.description) for v in detail.field_violations
+                )
+            elif isinstance(detail, error_details_pb2.RetryInfo) and self.retry_delay is None:
+                self.retry_delay = detail.retry_delay.ToTimedelta().total_seconds()
+        info = self.error_info
+        self.reason: str = info.reason if info is not None else ""
+        self.domain: str = info.domain if info is not None else ""
+        self.metadata: dict[str, str] = dict(info.metadata) if info is not None else {}
+
+    def __str__(self) -> str:
+        text = f"{self.code().name}"
+        if self.reason:
+            text += f" {self.reason}"
+        text += f": {self.message}"
+        if self.field_violations:
+            text += " [" + "; ".join(f"{f}: {d}" for f, d in self.field_violations) + "]"
+        return text
+
+
+class InvalidArgument(RelmanError):
+    grpc_status_code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(RelmanError):
+    grpc_status_code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(RelmanError):
+    grpc_status_code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class PermissionDenied(RelmanError):
+    grpc_status_code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Unauthenticated(RelmanError):
+    grpc_status_code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class FailedPrecondition(RelmanError):
+    """A rule blocks the action: retrying will not help until the state changes."""
+
+    grpc_status_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Aborted(RelmanError):
+    """A lost race: retrying the whole read-modify-write is safe."""
+
+    grpc_status_code = grpc.StatusCode.ABORTED
+
+
+class OutOfRange(RelmanError):
+    grpc_status_code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class ResourceExhausted(RelmanError):
+    """A limit was reached: retry after `retry_delay` when it is known."""
+
+    grpc_status_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(RelmanError):
+    """Still failing after the service config's retries (or not retried: not repeatable)."""
+
+    grpc_status_code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(RelmanError):
+    grpc_status_code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Internal(RelmanError):
+    grpc_status_code = grpc.StatusCode.INTERNAL
+
+
+class Unknown(RelmanError):
+    grpc_status_code = grpc.StatusCode.UNKNOWN
+
+
+class Cancelled(RelmanError):
+    """Cancelled by the server; a caller's own cancel is asyncio.CancelledError, as before."""
+
+    grpc_status_code = grpc.StatusCode.CANCELLED
+
+
+class Unimplemented(RelmanError):
+    grpc_status_code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class DataLoss(RelmanError):
+    grpc_status_code = grpc.StatusCode.DATA_LOSS
+
+
+_ERROR_CLASSES: dict[grpc.StatusCode, type[RelmanError]] = {
+    cls.grpc_status_code: cls for cls in RelmanError.__subclasses__()
+}
+
+
+def from_rpc_error(error: grpc.aio.AioRpcError) -> RelmanError:
+    """The typed error for a failed call (the same object if it is typed already)."""
+    if isinstance(error, RelmanError):
+        return error
+    typed = _ERROR_CLASSES.get(error.code(), RelmanError)(
+        error.code(),
+        error.initial_metadata(),
+        error.trailing_metadata(),
+        error.details(),
+        error.debug_error_string(),
+    )
+    typed.__cause__ = error
+    return typed
+
+
+@contextlib.contextmanager
+def _typed_errors():
+    try:
+        yield
+    except RelmanError:
+        raise
+    except grpc.aio.AioRpcError as error:
+        raise from_rpc_error(error) from error
+
+
+class _TypedCall:
+    """A call that raises typed errors where the RPC's status surfaces: awaiting the
+    response, reading or iterating responses. The rest goes to the call as it is, so
+    metadata, code() and cancel() are the call's own; gRPC's retries happen underneath."""
+
+    def __init__(self, call) -> None:
+        self._call = call
+
+    def cancel(self) -> bool:
+        return self._call.cancel()
+
+    def cancelled(self) -> bool:
+        return self._call.cancelled()
+
+    def done(self) -> bool:
+        return self._call.done()
+
+    def add_done_callback(self, callback) -> None:
+        self._call.add_done_callback(callback)
+
+    def time_remaining(self) -> float | None:
+        return self._call.time_remaining()
+
+    async def initial_metadata(self):
+        return await self._call.initial_metadata()
+
+    async def trailing_metadata(self):
+        return await self._call.trailing_metadata()
+
+    async def code(self) -> grpc.StatusCode:
+        return await self._call.code()
+
+    async def details(self) -> str:
+        return await self._call.details()
+
+    async def debug_error_string(self) -> str | None:
+        return await self._call.debug_error_string()
+
+    async def wait_for_connection(self) -> None:
+        with _typed_errors():
+            await self._call.wait_for_connection()
+
+
+class _OneResponse:
+    def __await__(self):
+        with _typed_errors():
+            response = yield from self._call.__await__()
+        return response
+
+
+class _StreamedResponses:
+    _responses = None
+
+    def __aiter__(self):
+        if self._responses is None:
+            self._responses = self._iterate()
+        return self._responses
+
+    async def _iterate(self):
+        with _typed_errors():
+            async for response in self._call:
+                yield response
+
+    async def read(self):
+        with _typed_errors():
+            return await self._call.read()
+
+
+class _StreamedRequests:
+    async def write(self, request) -> None:
+        with _typed_errors():
+            await self._call.write(request)
+
+    async def done_writing(self) -> None:
+        with _typed_errors():
+            await self._call.done_writing()
+
+    @property
+    def _done_writing_flag(self) -> bool:  # read by grpc.aio's intercepted write()
+        return self._call._done_writing_flag
+
+
+class _UnaryUnary(_OneResponse, _TypedCall, grpc.aio.UnaryUnaryCall):
+    pass
+
+
+class _UnaryStream(_StreamedResponses, _TypedCall, grpc.aio.UnaryStreamCall):
+    pass
+
+
+class _StreamUnary(_OneResponse, _StreamedRequests, _TypedCall, grpc.aio.StreamUnaryCall):
+    pass
+
+
+class _StreamStream(_StreamedResponses, _StreamedRequests, _TypedCall, grpc.aio.StreamStreamCall):
+    pass
+
+
+class _Caller:
+    """Adds the token to every call, and a request_id to creates that have none; the
+    call it returns raises typed errors. One subclass per arity: grpc.aio files an
+    interceptor under the first arity it implements only, so one class for all four
+    would leave streaming calls without the token."""
 
     def __init__(self, token: str) -> None:
         self.authorization = ("authorization", f"Bearer {token}")
@@ -81,17 +395,29 @@ class _Caller(
             return filled
         return request
 
+
+class _UnaryUnaryCaller(_Caller, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, details, request):
-        return await continuation(self._details(details), self._with_request_id(request))
+        call = await continuation(self._details(details), self._with_request_id(request))
+        return _UnaryUnary(call)
 
+
+class _UnaryStreamCaller(_Caller, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, details, request):
-        return await continuation(self._details(details), request)
+        return _UnaryStream(await continuation(self._details(details), request))
 
+
+class _StreamUnaryCaller(_Caller, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation, details, requests):
-        return await continuation(self._details(details), requests)
+        return _StreamUnary(await continuation(self._details(details), requests))
 
+
+class _StreamStreamCaller(_Caller, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation, details, requests):
-        return await continuation(self._details(details), requests)
+        return _StreamStream(await continuation(self._details(details), requests))
+
+
+_CALLERS = (_UnaryUnaryCaller, _UnaryStreamCaller, _StreamUnaryCaller, _StreamStreamCaller)
 
 
 def channel(
@@ -102,7 +428,7 @@ def channel(
         ("grpc.enable_retries", 1),
         ("grpc.service_config", json.dumps(service_config())),
     ]
-    interceptors = [_Caller(token)]
+    interceptors = [caller(token) for caller in _CALLERS]
     if credentials is None:
         return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
     return grpc.aio.secure_channel(address, credentials, options, interceptors=interceptors)
