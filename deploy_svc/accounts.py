@@ -1,4 +1,7 @@
-"""Logins, user administration and API tokens (domain layer of AuthService).
+"""AuthService's use cases: login, logout, WhoAmI, user administration and API tokens.
+Each takes the Database and opens its own unit(s) of work; the rules it applies are
+shared.identity.users' (accounts) and shared.identity.tokens' (tokens), and failed logins
+are counted by deploy_svc.login_throttle.
 
 Login never says which part was wrong: an unknown user, and a user without a
 password (a service user), are checked against a dummy hash, and unknown user,
@@ -8,9 +11,6 @@ database connection is held; failed logins are throttled (deploy_svc.login_throt
 and at most `queue_max` password checks wait for that thread, so that a flood is
 refused at once instead of queueing without bound. A login takes its peer's turn
 before a place in that queue, so one address holds at most one place.
-
-An account never changes kind: a human never becomes a service user nor the reverse
-(else an admin makes a lead a service user, mints her a token, and acts as her).
 """
 
 from __future__ import annotations
@@ -24,27 +24,22 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import bcrypt
-from sqlalchemy import func, or_, select
+from sqlalchemy import select
 
 from deploy_svc import login_throttle
 from deploy_svc.login_throttle import LoginLimits
-from shared.framework.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
-    Unauthenticated,
-)
+from shared.framework.errors import AlreadyExists, InvalidArgument, Unauthenticated
 from shared.framework.validation import text
-from shared.identity import tokens
+from shared.identity import tokens, users
 from shared.identity.actor import Actor
-from shared.identity.users import BCRYPT_COST, EMAIL, USERNAME, USERNAME_HINT, check_password
+from shared.identity.users import BCRYPT_COST, check_password
 from shared.persistence import audit_log
 from shared.persistence.db import Database, load, replay
 from shared.persistence.models import ApiToken, Role, User
+from shared.persistence.pagination import Page
 
 # A cost-12 hash of a random password nobody knows: unknown users are checked against it.
 DUMMY_HASH = b"$2b$12$R9D7xE0wAKfUvLP49tMyr..qZBn9Aoe8.CFFanuVaanNLKLPmxXp6"
-UPDATABLE_FIELDS = ("role", "is_active", "full_name")
 
 
 def _password_matches(password: bytes, stored: bytes) -> bool:
@@ -99,7 +94,7 @@ def _password_check_slot(queue_max: int):
 
 
 async def login(
-    db: Database,
+    database: Database,
     actor: Actor,
     username: str,
     password: str,
@@ -109,12 +104,15 @@ async def login(
 ) -> tuple[str, ApiToken, User]:
     """A new login token for valid credentials; every refusal looks the same and is audited
     (a throttled one once per window). The peer's turn comes before the queue's place: the
-    other way round, one address's logins waiting for their turn held every place."""
+    other way round, one address's logins waiting for their turn held every place.
+
+    Two units of work (one when throttled): bcrypt runs between them holding no connection,
+    and a refusal's count and audit row must commit although the call fails."""
     username = text("username", username, 100)
     secret_bytes = check_password("password", password)
     async with peers.one_at_a_time(actor):
         with _password_check_slot(limits.queue_max):
-            async with db.transaction() as session:
+            async with database.transaction() as session:
                 refusal = await login_throttle.refusal(session, actor, username, limits)
                 by_name = select(User).where(User.username == username)
                 user = None if refusal else await session.scalar(by_name)
@@ -124,7 +122,7 @@ async def login(
             stored = user.hashed_password.encode() if usable else DUMMY_HASH
             matches = await _hashing_thread(_password_matches, secret_bytes, stored) and usable
             if not matches or not user.is_active:
-                async with db.transaction() as session:
+                async with database.transaction() as session:
                     await login_throttle.failed(session, actor, username, limits)
                     await audit_log.append(
                         session,
@@ -135,7 +133,7 @@ async def login(
                         {"username": username},
                     )
                 raise Unauthenticated("invalid username or password", reason="INVALID_CREDENTIALS")
-    async with db.transaction() as session:
+    async with database.transaction() as session:
         await login_throttle.succeeded(session, actor, username, limits)
         expires_at = datetime.now(UTC) + timedelta(seconds=ttl_s)
         secret, token = await tokens.issue_token(session, user, "login", expires_at)
@@ -146,9 +144,9 @@ async def login(
     return secret, token, user
 
 
-async def logout(db: Database, actor: Actor) -> None:
+async def logout(database: Database, actor: Actor) -> None:
     """Revokes the token the call was made with."""
-    async with db.transaction() as session:
+    async with database.transaction() as session:
         token = await session.get(ApiToken, actor.token_id, with_for_update=True)
         token.revoked_at = datetime.now(UTC)
         await audit_log.append(
@@ -156,13 +154,14 @@ async def logout(db: Database, actor: Actor) -> None:
         )
 
 
-async def get_user(db: Database, user_id: uuid.UUID) -> User:
-    async with db.transaction() as session:
+async def get_user(database: Database, user_id: uuid.UUID) -> User:
+    """A user's row (WhoAmI: the caller's own)."""
+    async with database.read() as session:
         return await load(session, User, user_id)
 
 
 async def create_user(
-    db: Database,
+    database: Database,
     actor: Actor,
     *,
     username: str,
@@ -172,29 +171,22 @@ async def create_user(
     role: Role | None,
     request_id: uuid.UUID | None,
 ) -> User:
-    """A new user. Service users may have no password: they use API tokens only."""
-    username = text(
-        "username",
-        username,
-        100,
-        pattern=USERNAME,
-        hint=USERNAME_HINT,
-    )
-    email = text("email", email, 255, pattern=EMAIL, hint="is not an e-mail address")
+    """A new user. Service users may have no password: they use API tokens only. bcrypt
+    runs before the unit of work, holding no connection."""
+    username = users.check_username(username)
+    email = users.check_email(email)
     full_name = text("full_name", full_name, 200, required=False)
     if role is None:
         raise InvalidArgument.field("role", "is required")
     if password or role != Role.SERVICE:
         hashed = await hash_password(check_password("password", password))
     else:
-        hashed = tokens.UNUSABLE_PASSWORD
-    async with db.transaction() as session:
+        hashed = users.UNUSABLE_PASSWORD
+    async with database.transaction() as session:
         same = {"username": username, "email": email, "role": role.value}
         if earlier := await replay(session, User, request_id, same):
             return earlier
-        clash = await session.scalar(
-            select(User).where(or_(User.username == username, User.email == email))
-        )
+        clash = await users.holder_of(session, username, email)
         if clash is not None:
             field = "username" if clash.username == username else "email"
             raise AlreadyExists(
@@ -202,69 +194,30 @@ async def create_user(
                 reason="USER_EXISTS",
                 metadata={"user_id": str(clash.id), "field": field},
             )
-        user = User(
-            id=request_id or uuid.uuid4(),
-            username=username,
-            email=email,
-            full_name=full_name,
-            hashed_password=hashed,
-            role=role.value,
-            is_admin=role == Role.ADMIN,
-            is_active=True,
-        )
-        session.add(user)
-        await session.flush()
+        user = users.new_user(request_id or uuid.uuid4(), username, email, full_name, hashed, role)
+        await users.add_user(session, actor, user)
         await session.refresh(user)
-        await audit_log.append(
-            session, actor, "create", "user", user.id, {"username": username, "role": role.value}
-        )
     return user
 
 
 async def update_user(
-    db: Database, actor: Actor, user_id: uuid.UUID, changes: dict[str, object]
+    database: Database, actor: Actor, user_id: uuid.UUID, changes: dict[str, object]
 ) -> tuple[User, bool]:
-    """Applies `changes` (role, is_active, full_name); returns the user and whether tokens
+    """Applies `changes` (of role, is_active, full_name); returns the user and whether tokens
     were revoked: all of them on deactivation, those others made for the user on a change
-    of role. A change of role to or from `service` is refused (ACCOUNT_KIND_FIXED): made a
-    service user, a lead could be given a token by an admin, who would then act as her
-    (approve, or write audit rows as her with the service role's on-behalf right); service
-    accounts are created as such. The revocation stays as a second line. Leaving no active
-    admin is refused."""
-    async with db.transaction() as session:
+    of role (a second line behind ACCOUNT_KIND_FIXED). Refused: a change of account kind,
+    and one that leaves no active admin (shared.identity.users)."""
+    async with database.transaction() as session:
         user = await load(session, User, user_id, for_update=True)
-        new_role = changes.get("role", user.role)
-        if (user.role == Role.SERVICE) != (new_role == Role.SERVICE):
-            raise FailedPrecondition(
-                f"{user.username} is a {'service' if user.role == Role.SERVICE else 'human'}"
-                " account and stays one: create a service user (CreateUser, or the tokens"
-                " command line) instead of changing a role to or from service",
-                reason="ACCOUNT_KIND_FIXED",
-                metadata={"user_id": str(user_id), "role": user.role, "requested_role": new_role},
-            )
-        changed = {}
-        for field, value in changes.items():
-            old = getattr(user, field)
-            if old != value:
-                changed[field] = [old, value]
-                setattr(user, field, value)
-        if "role" in changed:
-            user.is_admin = user.role == Role.ADMIN
+        users.check_kind_kept(user, changes.get("role", user.role))
+        changed = users.apply_changes(user, changes)
         revoked = 0
         if changed.get("is_active", [None, True])[1] is False:
             revoked = await tokens.revoke_user_tokens(session, user.id)
         elif "role" in changed:
             revoked = await tokens.revoke_user_tokens(session, user.id, made_by_others_only=True)
         await session.flush()
-        admins = await session.scalar(
-            select(func.count()).select_from(User).where(User.is_admin, User.is_active)
-        )
-        if admins == 0:
-            raise FailedPrecondition(
-                "this change would leave no active admin",
-                reason="LAST_ADMIN",
-                metadata={"user_id": str(user_id)},
-            )
+        await users.check_an_admin_remains(session, user_id)
         if changed:
             await audit_log.append(
                 session,
@@ -279,7 +232,7 @@ async def update_user(
 
 
 async def create_api_token(
-    db: Database,
+    database: Database,
     actor: Actor,
     user_id: uuid.UUID,
     name: str,
@@ -288,9 +241,9 @@ async def create_api_token(
     never_expires: bool,
     request_id: uuid.UUID | None,
 ) -> tuple[str, ApiToken]:
-    """An API token (shared.identity.tokens has the rules); the user's row stays locked until it is
-    stored, so a concurrent change of role cannot slip between the check and the insert."""
-    async with db.transaction() as session:
+    """An API token (shared.identity.tokens has the rules); the user's row stays locked until
+    it is stored, so a concurrent change of role cannot slip between the check and the insert."""
+    async with database.transaction() as session:
         user = await load(session, User, user_id, for_update=True)
         return await tokens.create_token(
             session,
@@ -301,3 +254,17 @@ async def create_api_token(
             never_expires=never_expires,
             request_id=request_id,
         )
+
+
+async def list_api_tokens(
+    database: Database, user_id: uuid.UUID | None, page_size: int, page_token: str
+) -> Page:
+    """One page of API token records (never their secrets), of one user or of all."""
+    async with database.read() as session:
+        return await tokens.list_tokens(session, user_id, page_size, page_token)
+
+
+async def revoke_api_token(database: Database, actor: Actor, token_id: uuid.UUID) -> ApiToken:
+    """Revokes a token (audited); revoking it again changes nothing and is not an error."""
+    async with database.transaction() as session:
+        return await tokens.revoke_token(session, actor, token_id)

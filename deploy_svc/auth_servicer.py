@@ -1,5 +1,6 @@
-"""AuthService over gRPC (transport layer): logins, tokens and users; the rules live in
-deploy_svc.accounts (use cases) and shared.identity (tokens, accounts, permissions).
+"""AuthService over gRPC (transport layer): each method parses the request's fields,
+calls one use case of deploy_svc.accounts and converts what it returns; the rules are
+shared.identity's (users, tokens, and the permission each RPC needs, in auth).
 
 The caller is `current_actor`, set by the authentication interceptor from the
 bearer token and the connection, never from a request field.
@@ -12,11 +13,16 @@ from google.protobuf import empty_pb2
 from deploy_svc import accounts, convert
 from deploy_svc.login_throttle import LoginLimits, PeerQueue
 from relman.v1 import auth_pb2, auth_pb2_grpc, common_pb2
-from shared.framework.errors import InvalidArgument
 from shared.framework.protos import timestamp
 from shared.framework.server import Resources
-from shared.framework.validation import enum_word, optional_uuid, parse_timestamp, parse_uuid, text
-from shared.identity import tokens
+from shared.framework.validation import (
+    enum_word,
+    masked_changes,
+    optional_uuid,
+    parse_timestamp,
+    parse_uuid,
+    text,
+)
 from shared.identity.actor import current_actor
 from shared.persistence.models import Role
 
@@ -80,23 +86,13 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
 
     async def UpdateUser(self, request, context):
         user_id = parse_uuid("user.id", request.user.id)
-        paths = list(request.update_mask.paths)
-        if not paths:
-            raise InvalidArgument.field("update_mask", "must name the fields to change")
-        changes: dict[str, object] = {}
-        for path in paths:
-            if path == "role":
-                changes["role"] = _role("user.role", request.user.role).value
-            elif path == "is_active":
-                changes["is_active"] = request.user.is_active
-            elif path == "full_name":
-                changes["full_name"] = text(
-                    "user.full_name", request.user.full_name, 200, required=False
-                )
-            else:
-                raise InvalidArgument.field(
-                    "update_mask", f"{path!r} cannot be changed (role, is_active, full_name can)"
-                )
+        fields = request.user
+        readers = {  # the fields UpdateUser may change
+            "role": lambda: _role("user.role", fields.role).value,
+            "is_active": lambda: fields.is_active,
+            "full_name": lambda: text("user.full_name", fields.full_name, 200, required=False),
+        }
+        changes = masked_changes(request.update_mask, readers)
         user, revoked = await accounts.update_user(
             self.database, current_actor.get(), user_id, changes
         )
@@ -125,8 +121,9 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
 
     async def ListApiTokens(self, request, context):
         user_id = optional_uuid("user_id", request.user_id)
-        async with self.database.transaction() as session:
-            page = await tokens.list_tokens(session, user_id, request.page_size, request.page_token)
+        page = await accounts.list_api_tokens(
+            self.database, user_id, request.page_size, request.page_token
+        )
         return auth_pb2.ListApiTokensResponse(
             api_tokens=[convert.api_token(token) for token in page.items],
             next_page_token=page.next_page_token,
@@ -135,7 +132,6 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
 
     async def RevokeApiToken(self, request, context):
         token_id = parse_uuid("token_id", request.token_id)
-        async with self.database.transaction() as session:
-            token = await tokens.revoke_token(session, current_actor.get(), token_id)
+        token = await accounts.revoke_api_token(self.database, current_actor.get(), token_id)
         self.verifier.forget(token_id=token.id)
         return convert.api_token(token)

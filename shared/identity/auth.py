@@ -1,11 +1,12 @@
-"""Bearer tokens, roles and the one permission table.
+"""Authenticating a call and the one permission table, for both services.
 
 Every RPC maps to one permission (data, below); every role to the permissions it
-holds. The interceptor in shared.framework.server asks `Authenticator.admit` before each
-call: health and reflection stay open, Login needs no token, everything else
-needs a valid `authorization: Bearer <token>` whose user's role holds the RPC's
-permission. The parts that depend on the target (a production deployment needs
-`deployments.write.production`) are decided in the domain with `require`.
+holds. The authentication interceptor (shared.framework) asks
+`Authenticator.authenticate_and_authorize` before each call: health and reflection
+stay open, Login needs no token, everything else needs a valid `authorization: Bearer
+<token>` whose user's role holds the RPC's permission. The parts that depend on the
+target (a production deployment needs `deployments.write.production`) are decided in
+the domain with `require`. Making, listing and revoking tokens is shared.identity.tokens'.
 
 Tokens are random strings; only their SHA-256 is stored. A verified token is
 cached in-process for at most CACHE_TTL_S, so a revoked or expired token, or one
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import secrets
 import time
 import uuid
 from collections import OrderedDict
@@ -126,17 +126,11 @@ def require(actor: Actor, permission: str, method: str | None = None) -> None:
         )
 
 
-# -- tokens ------------------------------------------------------------------------------
-
-TOKEN_PREFIX = "rm_"
-
-
-def new_token() -> str:
-    """A random opaque bearer token: 32 bytes from `secrets`, URL-safe."""
-    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+# -- verifying tokens --------------------------------------------------------------------
 
 
 def token_hash(token: str) -> str:
+    """What is stored of a token, and looked up: its SHA-256."""
     return hashlib.sha256(token.encode()).hexdigest()
 
 
@@ -245,7 +239,7 @@ def _checked_at(entry: _Verified | float) -> float:
     return entry if isinstance(entry, float) else entry.checked_at
 
 
-# -- admission ---------------------------------------------------------------------------
+# -- authenticating and authorizing a call ----------------------------------------------
 
 
 class DenialLimiter:
@@ -258,8 +252,9 @@ class DenialLimiter:
         self._last: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
 
-    def admit(self, peer: str) -> int | None:
-        """None: do not write a row; else how many denials were suppressed before this one."""
+    def claim_row(self, peer: str) -> int | None:
+        """Claims the peer's one row of the window: None when it is taken (this denial is
+        counted for the next row instead), else how many denials were held back before."""
         now = time.monotonic()
         if now - self._last.get(peer, float("-inf")) < self.WINDOW_S:
             self._suppressed[peer] = self._suppressed.get(peer, 0) + 1
@@ -287,8 +282,9 @@ class Authenticator:
     def is_open(method_path: str) -> bool:
         return method_path.split("/")[1] in OPEN_SERVICES
 
-    async def admit(self, method_path: str, context) -> Actor:
-        """The caller of `method_path` (/pkg.Service/Method), or a refusal (which is audited)."""
+    async def authenticate_and_authorize(self, method_path: str, context) -> Actor:
+        """The caller of `method_path` (/pkg.Service/Method), from its bearer token, once its
+        role holds the RPC's permission; else a refusal (which is audited)."""
         method = method_path.lstrip("/")
         actor = Actor.anonymous(
             peer_address(context.peer()), user_agent(context.invocation_metadata())
@@ -314,8 +310,12 @@ class Authenticator:
             await self._record_denial(actor, method, denial)
             raise
 
+    # The old name, which shared.framework.server still calls: drop it once that calls
+    # authenticate_and_authorize.
+    admit = authenticate_and_authorize
+
     async def _record_denial(self, actor: Actor, method: str, denial) -> None:
-        suppressed = self.denials.admit(actor.peer or "unknown")
+        suppressed = self.denials.claim_row(actor.peer or "unknown")
         if suppressed is None:
             return
         details = {"code": denial.code.name, "reason": denial.reason, **denial.metadata}

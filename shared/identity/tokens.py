@@ -1,4 +1,6 @@
-"""API tokens: created, listed and revoked by AuthService and by this command line.
+"""Token rules, and the tokens command line. The rules are steps that take the caller's
+session (deploy_svc.accounts opens the unit of work): minting a secret, who may have a token
+made, expiry, replays, revocation. Verifying a token on a call is shared.identity.auth's.
 
 A token someone made for another user is how a second person could act as a
 human without their password: so tokens for others are for service users only,
@@ -20,8 +22,8 @@ Changes made here are audited like any other, with no user id and
 from __future__ import annotations
 
 import argparse
-import asyncio
 import getpass
+import secrets
 import sys
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -29,18 +31,24 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.framework.errors import DomainError, InvalidArgument, NotFound, PermissionDenied
+from shared.framework.errors import InvalidArgument, NotFound, PermissionDenied
 from shared.framework.validation import text
+from shared.identity import users
 from shared.identity.actor import Actor
-from shared.identity.auth import new_token, token_hash
+from shared.identity.auth import token_hash
 from shared.persistence import audit_log
-from shared.persistence.db import Database, check_same_request, database_url, load, replay
+from shared.persistence.db import Database, check_same_request, load, replay
 from shared.persistence.models import ApiToken, Role, User
 from shared.persistence.pagination import Page, list_page
 
-UNUSABLE_PASSWORD = "!"  # no bcrypt hash matches it: the user cannot Login, only use tokens
+TOKEN_PREFIX = "rm_"
 DEFAULT_LIFETIME = timedelta(days=90)
 MAX_LIFETIME = timedelta(days=365)
+
+
+def new_token() -> str:
+    """A random opaque bearer token: 32 bytes from `secrets`, URL-safe."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
 async def _store(
@@ -199,25 +207,15 @@ async def _create(database: Database, args) -> str:
     async with database.transaction() as session:
         user = await _user_by_name(session, args.user)
         if user is None and args.service_user:
-            user = User(
-                id=uuid.uuid4(),
-                username=text("user", args.user, 100),
-                email=f"{args.user}@services.relman.invalid",
-                full_name=args.user,
-                hashed_password=UNUSABLE_PASSWORD,
-                role=Role.SERVICE.value,
-                is_admin=False,
+            user = users.new_user(
+                uuid.uuid4(),
+                text("user", args.user, 100),
+                f"{args.user}@services.relman.invalid",
+                args.user,
+                users.UNUSABLE_PASSWORD,
+                Role.SERVICE,
             )
-            session.add(user)
-            await session.flush()
-            await audit_log.append(
-                session,
-                actor,
-                "create",
-                "user",
-                user.id,
-                {**details, "username": user.username, "role": "service"},
-            )
+            await users.add_user(session, actor, user, details)
         if user is None:
             raise NotFound(f"no user {args.user!r} (add --service-user to create one)")
         expires = None if args.never_expires else datetime.now(UTC) + timedelta(args.expires_days)
@@ -232,7 +230,7 @@ async def _create(database: Database, args) -> str:
 
 
 async def _list(database: Database, args) -> str:
-    async with database.transaction() as session:
+    async with database.read() as session:
         query = select(ApiToken, User.username).join(User, User.id == ApiToken.user_id)
         if args.user:
             query = query.where(User.username == args.user)
@@ -267,11 +265,8 @@ async def _revoke(database: Database, args) -> str:
 
 
 async def _run(args) -> str:
-    database = Database(database_url(), pool_size=1)
-    try:
+    async with users.cli_database() as database:
         return await args.command(database, args)
-    finally:
-        await database.dispose()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,12 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 1 <= getattr(args, "expires_days", 1) <= MAX_LIFETIME.days:
         parser.error(f"--expires-days must be from 1 to {MAX_LIFETIME.days}")
-    try:
-        print(asyncio.run(_run(args)))
-    except DomainError as exc:
-        print(f"tokens: {exc.message}", file=sys.stderr)
-        return 2
-    return 0
+    return users.run_command("tokens", _run(args))
 
 
 if __name__ == "__main__":
