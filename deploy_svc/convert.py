@@ -1,8 +1,13 @@
-"""Database rows as DeployService messages (transport layer)."""
+"""Domain results as DeployService and AuthService messages (transport layer).
+
+Each function copies what the domain loaded into a message; none of them reads the
+database (what a view needs is loaded by its use case).
+"""
 
 from __future__ import annotations
 
-from relman.v1 import auth_pb2, common_pb2
+from deploy_svc.deployments import FullDeployment, LiveDeployment, StageRecord
+from relman.v1 import auth_pb2, common_pb2, deploy_pb2
 from shared.framework.protos import enum_to_proto, id_text, timestamp
 from shared.persistence import models
 
@@ -104,7 +109,7 @@ def release(row: models.Release) -> common_pb2.Release:
     )
 
 
-def stage(row: models.PipelineStage) -> common_pb2.PipelineStage:
+def stage(row: models.PipelineStage | StageRecord) -> common_pb2.PipelineStage:
     return common_pb2.PipelineStage(
         id=str(row.id),
         deployment_id=str(row.deployment_id),
@@ -145,7 +150,9 @@ def metric(row: models.DeploymentMetric) -> common_pb2.DeploymentMetric:
     )
 
 
-def deployment(row: models.Deployment, view: int = common_pb2.DEPLOYMENT_VIEW_BASIC):
+def deployment(
+    row: models.Deployment | FullDeployment, view: int = common_pb2.DEPLOYMENT_VIEW_BASIC
+) -> common_pb2.Deployment:
     """A deployment with the children its view asks for (loaded by the domain)."""
     message = common_pb2.Deployment(
         id=str(row.id),
@@ -178,4 +185,14 @@ def rollback(row: models.Rollback) -> common_pb2.Rollback:
         created_at=timestamp(row.created_at),
         updated_at=timestamp(row.updated_at),
         redeployment_id=id_text(row.redeployment_id),
+    )
+
+
+def live_deployment(item: LiveDeployment) -> deploy_pb2.LiveDeployment:
+    return deploy_pb2.LiveDeployment(
+        service_id=str(item.service_id),
+        environment_id=str(item.environment_id),
+        live_release=release(item.live_release) if item.live_release else None,
+        live_deployment=deployment(item.live_deployment) if item.live_deployment else None,
+        active_deployment=deployment(item.active_deployment) if item.active_deployment else None,
     )

@@ -1,7 +1,9 @@
-"""Deployments (domain layer): the one deploy path, approvals, pipeline stages, cancel, reads.
+"""Deployments (domain layer): the one deploy path, approvals, pipeline stages, cancel,
+metrics, reads and stage timeouts.
 
-The rules of DESIGN.md section 4 live here, each also held by the database where
-it can be (migration 003):
+Each use case the servicer calls takes the `Database` and opens its own unit of work;
+the functions that take a session are its steps. The rules, each also held by the
+database where it can be (migration 003):
 - promotion order development -> staging -> production;
 - outside development the five standard stages come first, and production takes only a
   release whose five standard stages all succeeded in staging (skipped is not passed);
@@ -25,9 +27,8 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from types import SimpleNamespace
 
-from sqlalchemy import and_, bindparam, func, select, text, true, tuple_, update
+from sqlalchemy import Row, and_, bindparam, func, select, text, true, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
@@ -43,7 +44,7 @@ from shared.framework.validation import text as text_field
 from shared.identity.actor import Actor
 from shared.identity.auth import require
 from shared.persistence import audit_log
-from shared.persistence.db import load, replay
+from shared.persistence.db import Database, load, replay
 from shared.persistence.models import (
     ACTIVE_DEPLOYMENT_STATUSES,
     STANDARD_STAGES,
@@ -93,6 +94,44 @@ class DeployRequest:
     action: str  # "deploy" (CreateDeployment) or "promote" (PromoteRelease)
 
 
+@dataclass(frozen=True, slots=True)
+class StageRecord:
+    """A pipeline stage as stored, a plain record: stage moves are written by one prebuilt
+    Core UPDATE, not through the ORM (UpdatePipelineStage is the hottest write)."""
+
+    id: uuid.UUID
+    deployment_id: uuid.UUID
+    name: str
+    order: int
+    status: str
+    timeout_seconds: int
+    started_at: datetime | None
+    completed_at: datetime | None
+    output: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class FullDeployment:
+    """A deployment with its stages, approvals and metrics (the full view, and what
+    watchers are sent), read as plain rows: the ORM's loading cost three times the CPU."""
+
+    id: uuid.UUID
+    release_id: uuid.UUID
+    service_id: uuid.UUID
+    environment_id: uuid.UUID
+    status: str
+    deployed_by: uuid.UUID
+    deployed_at: datetime | None
+    completed_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    stages: Sequence[Row]
+    approvals: Sequence[Row]
+    metrics: Sequence[Row]
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -101,11 +140,45 @@ def _is_production(environment: Environment) -> bool:
     return environment.environment_type == EnvironmentType.PRODUCTION
 
 
+def _check_production_rights(actor: Actor, environment: Environment) -> None:
+    """Changing what runs in production needs deployments.write.production (leads, admins)."""
+    if _is_production(environment):
+        require(actor, "deployments.write.production")
+
+
+async def _lock_deployment(
+    session: AsyncSession, deployment_id: uuid.UUID
+) -> tuple[Deployment, Environment]:
+    """The deployment, locked FOR UPDATE until the unit of work ends, and its environment."""
+    deployment = await load(session, Deployment, deployment_id, for_update=True)
+    return deployment, await session.get(Environment, deployment.environment_id)
+
+
+async def lock_deployment_for_change(
+    session: AsyncSession, actor: Actor, deployment_id: uuid.UUID
+) -> tuple[Deployment, Environment]:
+    """The opening of a change to a deployment: it locked, its environment, and in
+    production the caller's right to change it."""
+    deployment, environment = await _lock_deployment(session, deployment_id)
+    _check_production_rights(actor, environment)
+    return deployment, environment
+
+
+async def _with_stages(session: AsyncSession, deployment_id: uuid.UUID) -> Deployment:
+    """The deployment with its stages loaded; also reloads what a flush left unloaded."""
+    deployment = await session.scalar(
+        select(Deployment)
+        .where(Deployment.id == deployment_id)
+        .options(selectinload(Deployment.stages))
+    )
+    return deployment or await load(session, Deployment, deployment_id)
+
+
 # -- the one deploy path ----------------------------------------------------------------------
 
 
 async def create_deployment(
-    session: AsyncSession,
+    database: Database,
     actor: Actor,
     release_id: uuid.UUID,
     environment_id: uuid.UUID,
@@ -116,14 +189,14 @@ async def create_deployment(
     (outside development, starting with the standard ones); the deployment returned has
     its stages loaded."""
     return await _deploy(
-        session,
+        database,
         actor,
         DeployRequest(release_id, environment_id, stage_names, (), request_id, "deploy"),
     )
 
 
 async def promote_release(
-    session: AsyncSession,
+    database: Database,
     actor: Actor,
     release_id: uuid.UUID,
     target_env_id: uuid.UUID,
@@ -132,7 +205,7 @@ async def promote_release(
 ) -> Deployment:
     """Promotes a release to the next environment with the five standard stages."""
     return await _deploy(
-        session,
+        database,
         actor,
         DeployRequest(release_id, target_env_id, (), reviewer_ids, request_id, "promote"),
     )
@@ -194,12 +267,58 @@ _SUCCEEDED_BEFORE = (
 )
 
 
-async def _deploy(session: AsyncSession, actor: Actor, request: DeployRequest) -> Deployment:
+async def _deploy(database: Database, actor: Actor, request: DeployRequest) -> Deployment:
     stage_names = _stage_names(request.stage_names)
-    same = {"release_id": request.release_id, "environment_id": request.environment_id}
-    if earlier := await replay(session, Deployment, request.request_id, same):
-        return await get_deployment_with_stages(session, earlier.id)
+    async with database.transaction() as session:
+        same = {"release_id": request.release_id, "environment_id": request.environment_id}
+        if earlier := await replay(session, Deployment, request.request_id, same):
+            return await _with_stages(session, earlier.id)
+        release, environment = await _release_and_environment(session, request)
+        _check_target(actor, environment, stage_names, request.reviewer_ids)
+        await _check_promotion_order(session, release, environment)
 
+        await lock_slot(session, release.service_id, environment)
+        reviewers = await _reviewers(session, actor, request.reviewer_ids)
+        production = _is_production(environment)
+        deployment = await new_deployment(
+            session,
+            actor,
+            release,
+            environment,
+            stage_names,
+            request.request_id,
+            status=(DeploymentStatus.AWAITING_APPROVAL if production else DeploymentStatus.PENDING),
+        )
+        session.add_all(
+            Approval(
+                deployment_id=deployment.id,
+                approver_id=reviewer.id,
+                status=ApprovalStatus.PENDING.value,
+            )
+            for reviewer in reviewers
+        )
+        await session.flush()
+        await refresh_status(session, release.id)
+        await audit_log.append(
+            session,
+            actor,
+            request.action,
+            "deployment",
+            deployment.id,
+            {
+                "release_id": str(release.id),
+                "version": release.version,
+                "environment": environment.name,
+                "stages": stage_names,
+                "reviewer_ids": [str(r.id) for r in reviewers],
+            },
+        )
+        return deployment
+
+
+async def _release_and_environment(
+    session: AsyncSession, request: DeployRequest
+) -> tuple[Release, Environment]:
     found = (
         await session.execute(
             _RELEASE_AND_ENVIRONMENT,
@@ -210,56 +329,28 @@ async def _deploy(session: AsyncSession, actor: Actor, request: DeployRequest) -
         await load(session, Release, request.release_id)
         await load(session, Environment, request.environment_id)
     release, environment = found
+    return release, environment
+
+
+def _check_target(
+    actor: Actor,
+    environment: Environment,
+    stage_names: list[str],
+    reviewer_ids: Sequence[uuid.UUID],
+) -> None:
+    """The environment takes this deployment: it is active, production needs the caller's
+    right, outside development the standard stages come first, and only production has
+    reviewers."""
     if not environment.is_active:
         raise FailedPrecondition(
             f"environment {environment.name} is deactivated",
             reason="ENVIRONMENT_INACTIVE",
             metadata={"environment_id": str(environment.id)},
         )
-    production = _is_production(environment)
-    if production:
-        require(actor, "deployments.write.production")
+    _check_production_rights(actor, environment)
     _check_standard_stages(stage_names, environment)
-    if request.reviewer_ids and not production:
+    if reviewer_ids and not _is_production(environment):
         raise InvalidArgument.field("reviewer_ids", "only production deployments have reviewers")
-    await _check_promotion_order(session, release, environment)
-
-    await lock_slot(session, release.service_id, environment)
-    reviewers = await _reviewers(session, actor, request.reviewer_ids)
-    deployment = await new_deployment(
-        session,
-        actor,
-        release,
-        environment,
-        stage_names,
-        request.request_id,
-        status=(DeploymentStatus.AWAITING_APPROVAL if production else DeploymentStatus.PENDING),
-    )
-    session.add_all(
-        Approval(
-            deployment_id=deployment.id,
-            approver_id=reviewer.id,
-            status=ApprovalStatus.PENDING.value,
-        )
-        for reviewer in reviewers
-    )
-    await session.flush()
-    await refresh_status(session, release.id)
-    await audit_log.append(
-        session,
-        actor,
-        request.action,
-        "deployment",
-        deployment.id,
-        {
-            "release_id": str(release.id),
-            "version": release.version,
-            "environment": environment.name,
-            "stages": stage_names,
-            "reviewer_ids": [str(r.id) for r in reviewers],
-        },
-    )
-    return deployment
 
 
 async def lock_slot(session: AsyncSession, service_id: uuid.UUID, environment: Environment):
@@ -409,7 +500,7 @@ async def _eligible_voter(session: AsyncSession, actor: Actor, deployment_id: uu
 
 
 async def vote(
-    session: AsyncSession,
+    database: Database,
     actor: Actor,
     deployment_id: uuid.UUID,
     approve: bool,
@@ -418,27 +509,56 @@ async def vote(
 ) -> Approval:
     """A lead's or admin's final vote on a production deployment awaiting approval."""
     notes = text_field("notes", notes, 10_000, required=False)
-    deployment = await load(session, Deployment, deployment_id, for_update=True)
-    await _eligible_voter(session, actor, deployment_id)
-    environment = await session.get(Environment, deployment.environment_id)
+    async with database.transaction() as session:
+        deployment, environment = await _lock_deployment(session, deployment_id)
+        await _eligible_voter(session, actor, deployment_id)
+        _check_votable(actor, deployment, environment)
+        approval = await _cast(session, actor, deployment_id, approve, notes)
+        if not approve:
+            await _end_deployment(session, deployment, DeploymentStatus.REJECTED)
+        else:
+            approvers = await session.scalars(_COUNTED_APPROVERS, {"deployment_id": deployment_id})
+            if len(approvers.all()) >= required_approvals:
+                deployment.status = DeploymentStatus.PENDING.value
+        await session.flush()
+        await refresh_status(session, deployment.release_id)
+        await audit_log.append(
+            session,
+            actor,
+            "approve" if approve else "reject",
+            "deployment",
+            deployment_id,
+            {"approval_id": str(approval.id), "deployment_status": deployment.status},
+        )
+        await session.refresh(approval)
+        return approval
+
+
+def _check_votable(actor: Actor, deployment: Deployment, environment: Environment) -> None:
     if not _is_production(environment):
         raise FailedPrecondition(
             "only production deployments are voted on",
             reason="NOT_PRODUCTION",
-            metadata={"deployment_id": str(deployment_id)},
+            metadata={"deployment_id": str(deployment.id)},
         )
     if deployment.status != DeploymentStatus.AWAITING_APPROVAL:
         raise FailedPrecondition(
             f"deployment is {deployment.status}, not awaiting approval",
             reason="NOT_AWAITING_APPROVAL",
-            metadata={"deployment_id": str(deployment_id), "status": deployment.status},
+            metadata={"deployment_id": str(deployment.id), "status": deployment.status},
         )
     if deployment.deployed_by == actor.user_id:
         raise PermissionDenied(
             "the deployer cannot vote on their own deployment",
             reason="SELF_APPROVAL",
-            metadata={"deployment_id": str(deployment_id)},
+            metadata={"deployment_id": str(deployment.id)},
         )
+
+
+async def _cast(
+    session: AsyncSession, actor: Actor, deployment_id: uuid.UUID, approve: bool, notes: str | None
+) -> Approval:
+    """The voter's approval row (asked for as a reviewer, or new), voted; a vote is final."""
     approval = await session.scalar(
         select(Approval).where(
             Approval.deployment_id == deployment_id, Approval.approver_id == actor.user_id
@@ -457,24 +577,6 @@ async def vote(
     approval.notes = notes
     approval.approved_at = _now()
     await session.flush()
-
-    if not approve:
-        await _end(session, deployment, DeploymentStatus.REJECTED)
-    else:
-        approvers = await session.scalars(_COUNTED_APPROVERS, {"deployment_id": deployment_id})
-        if len(approvers.all()) >= required_approvals:
-            deployment.status = DeploymentStatus.PENDING.value
-    await session.flush()
-    await refresh_status(session, deployment.release_id)
-    await audit_log.append(
-        session,
-        actor,
-        "approve" if approve else "reject",
-        "deployment",
-        deployment_id,
-        {"approval_id": str(approval.id), "deployment_status": deployment.status},
-    )
-    await session.refresh(approval)
     return approval
 
 
@@ -497,7 +599,9 @@ async def _settle_rollback(session: AsyncSession, deployment: Deployment) -> Non
     )
 
 
-async def _end(session: AsyncSession, deployment: Deployment, status: DeploymentStatus) -> None:
+async def _end_deployment(
+    session: AsyncSession, deployment: Deployment, status: DeploymentStatus
+) -> None:
     """Ends a deployment: its stages that did not run are skipped."""
     now = _now()
     deployment.status = status.value
@@ -546,27 +650,74 @@ _UPDATE_STAGE = (
 
 
 async def update_pipeline_stage(
-    session: AsyncSession,
+    database: Database,
     actor: Actor,
     stage_id: uuid.UUID,
     status: StageStatus,
     output: str,
-) -> SimpleNamespace:
-    """Moves a stage on; returns the stage as stored (a record convert.stage reads)."""
+) -> StageRecord:
+    """Moves a stage on, and its deployment with it; returns the stage as stored."""
+    output = _stage_output(output)
+    async with database.transaction() as session:
+        deployment, environment, stages = await _lock_stage_deployment(session, stage_id)
+        stage = next(s for s in stages if s.id == stage_id)
+        _check_production_rights(actor, environment)
+        _check_stage_move(deployment, stages, stage, status)
+
+        now = _now()
+        status_before = deployment.status
+        if status == StageStatus.FAILED:
+            moved = await _fail_stage(session, deployment, stage, output, now)
+        else:
+            moved = await _write_stage(session, stage, status, output, now)
+            await _advance_deployment(session, deployment, stages, moved, now)
+        await session.flush()
+        if deployment.status != status_before:  # a release's status follows its deployments'
+            await refresh_status(session, deployment.release_id)
+        await audit_log.append(
+            session,
+            actor,
+            "update",
+            "pipeline_stage",
+            moved.id,
+            {
+                "deployment_id": str(deployment.id),
+                "stage": moved.name,
+                "from": stage.status,
+                "to": status.value,
+                "deployment_status": deployment.status,
+            },
+        )
+        return moved
+
+
+def _stage_output(output: str) -> str | None:
     output = text_field("output", output, STAGE_OUTPUT_MAX, required=False)
     if output is not None and len(output.encode()) > STAGE_OUTPUT_MAX:
         raise InvalidArgument.field("output", f"is larger than {STAGE_OUTPUT_MAX} bytes")
+    return output
+
+
+async def _lock_stage_deployment(
+    session: AsyncSession, stage_id: uuid.UUID
+) -> tuple[Deployment, Environment, list[Row]]:
+    """The stage's deployment, locked, its environment, and its stages in order, read under
+    that lock (no other change of them can be under way) as plain rows: a stage's move is
+    written by _UPDATE_STAGE, not by the ORM."""
     found = (await session.execute(_LOCK_STAGE_DEPLOYMENT, {"stage_id": stage_id})).one_or_none()
     if found is None:
         await load(session, PipelineStage, stage_id)  # NOT_FOUND, naming the stage
     deployment, environment = found
-    # Read under the deployment's lock: no other change of these stages can be under way.
-    # Plain rows (Core): the stage's change is written by _UPDATE_STAGE, not by the ORM.
     connection = await session.connection()
     stages = (await connection.execute(_STAGES_OF, {"deployment_id": deployment.id})).all()
-    stage = next(s for s in stages if s.id == stage_id)
-    if _is_production(environment):
-        require(actor, "deployments.write.production")
+    return deployment, environment, stages
+
+
+def _check_stage_move(
+    deployment: Deployment, stages: list[Row], stage: Row, status: StageStatus
+) -> None:
+    """The deployment may run (approved, not ended), the move is one STAGE_MOVES allows,
+    and a stage starts only after every earlier one is done."""
     if deployment.status == DeploymentStatus.AWAITING_APPROVAL:
         raise FailedPrecondition(
             "the deployment is waiting for approval",
@@ -595,8 +746,15 @@ async def update_pipeline_stage(
             metadata={"stage_id": str(stage.id), "waiting_for_stage_id": str(waiting.id)},
         )
 
-    now = _now()
-    status_before = deployment.status
+
+async def _write_stage(
+    session: AsyncSession,
+    stage: Row,
+    status: StageStatus,
+    output: str | None,
+    now: datetime,
+) -> StageRecord:
+    """Writes a stage's move (_UPDATE_STAGE); returns the stage as stored now."""
     running = status == StageStatus.RUNNING
     changed = {
         "status": status.value,
@@ -604,79 +762,79 @@ async def update_pipeline_stage(
         "started_at": now if running else stage.started_at,
         "completed_at": stage.completed_at if running else now,
     }
+    connection = await session.connection()
     changed["updated_at"] = await connection.scalar(
         _UPDATE_STAGE, {"stage_id": stage.id, **{f"new_{k}": v for k, v in changed.items()}}
     )
-    stage = SimpleNamespace(**{**stage._mapping, **changed})  # the stage as stored now
-    stages = [stage if s.id == stage.id else s for s in stages]
-    if running and deployment.status == DeploymentStatus.PENDING:
+    return StageRecord(**{**stage._mapping, **changed})
+
+
+async def _fail_stage(
+    session: AsyncSession, deployment: Deployment, stage: Row, output: str | None, now: datetime
+) -> StageRecord:
+    """A failed stage fails its deployment, whose stages that did not run are skipped."""
+    failed = await _write_stage(session, stage, StageStatus.FAILED, output, now)
+    await _end_deployment(session, deployment, DeploymentStatus.FAILED)
+    return failed
+
+
+async def _advance_deployment(
+    session: AsyncSession,
+    deployment: Deployment,
+    stages: list[Row],
+    moved: StageRecord,
+    now: datetime,
+) -> None:
+    """The deployment follows its stages: the first to run starts it, and it succeeds
+    once every stage succeeded or was skipped."""
+    if moved.status == StageStatus.RUNNING and deployment.status == DeploymentStatus.PENDING:
         deployment.status = DeploymentStatus.IN_PROGRESS.value
         deployment.deployed_at = now
-    if status == StageStatus.FAILED:
-        await _end(session, deployment, DeploymentStatus.FAILED)
-    elif all(s.status in DONE_STAGES for s in stages):
+    if all((moved if s.id == moved.id else s).status in DONE_STAGES for s in stages):
         deployment.status = DeploymentStatus.SUCCEEDED.value
         deployment.completed_at = now
         deployment.deployed_at = deployment.deployed_at or now
         await _settle_rollback(session, deployment)
-    await session.flush()
-    if deployment.status != status_before:  # a release's status follows its deployments'
-        await refresh_status(session, deployment.release_id)
-    await audit_log.append(
-        session,
-        actor,
-        "update",
-        "pipeline_stage",
-        stage.id,
-        {
-            "deployment_id": str(deployment.id),
-            "stage": stage.name,
-            "from": current.value,
-            "to": status.value,
-            "deployment_status": deployment.status,
-        },
-    )
-    return stage
 
 
 async def cancel_deployment(
-    session: AsyncSession, actor: Actor, deployment_id: uuid.UUID, reason: str
+    database: Database, actor: Actor, deployment_id: uuid.UUID, reason: str
 ) -> Deployment:
+    """Ends an active deployment as cancelled; returns it with its stages."""
     reason = text_field("reason", reason, 10_000, required=False)
-    deployment = await load(session, Deployment, deployment_id, for_update=True)
-    environment = await session.get(Environment, deployment.environment_id)
-    if _is_production(environment):
-        require(actor, "deployments.write.production")
-    if deployment.status not in ACTIVE_DEPLOYMENT_STATUSES:
-        raise FailedPrecondition(
-            f"only an active deployment can be cancelled, this one is {deployment.status}",
-            reason="DEPLOYMENT_NOT_ACTIVE",
-            metadata={"deployment_id": str(deployment_id), "status": deployment.status},
+    async with database.transaction() as session:
+        deployment, _ = await lock_deployment_for_change(session, actor, deployment_id)
+        if deployment.status not in ACTIVE_DEPLOYMENT_STATUSES:
+            raise FailedPrecondition(
+                f"only an active deployment can be cancelled, this one is {deployment.status}",
+                reason="DEPLOYMENT_NOT_ACTIVE",
+                metadata={"deployment_id": str(deployment_id), "status": deployment.status},
+            )
+        await _end_deployment(session, deployment, DeploymentStatus.CANCELLED)
+        await session.flush()
+        await refresh_status(session, deployment.release_id)
+        await audit_log.append(
+            session, actor, "cancel", "deployment", deployment_id, {"reason": reason}
         )
-    await _end(session, deployment, DeploymentStatus.CANCELLED)
-    await session.flush()
-    await refresh_status(session, deployment.release_id)
-    await audit_log.append(
-        session, actor, "cancel", "deployment", deployment_id, {"reason": reason}
-    )
-    await session.refresh(deployment)
-    return deployment
+        return await _with_stages(session, deployment_id)
 
 
 # -- reads -----------------------------------------------------------------------------------
 
 
-async def get_deployment(session: AsyncSession, deployment_id: uuid.UUID) -> Deployment:
-    return await load(session, Deployment, deployment_id)
+async def get_deployment(database: Database, deployment_id: uuid.UUID) -> Deployment:
+    async with database.read() as session:
+        return await load(session, Deployment, deployment_id)
 
 
-async def get_deployment_with_stages(session: AsyncSession, deployment_id: uuid.UUID) -> Deployment:
-    deployment = await session.scalar(
-        select(Deployment)
-        .where(Deployment.id == deployment_id)
-        .options(selectinload(Deployment.stages))
-    )
-    return deployment or await load(session, Deployment, deployment_id)
+async def get_deployment_with_stages(database: Database, deployment_id: uuid.UUID) -> Deployment:
+    async with database.read() as session:
+        return await _with_stages(session, deployment_id)
+
+
+async def get_full_deployment(database: Database, deployment_id: uuid.UUID) -> FullDeployment:
+    async with database.read() as session:
+        return await load_full_deployment(session, deployment_id)
 
 
 # Read with Core, as plain rows: the ORM's loading (one query and three selectin
@@ -693,10 +851,9 @@ _CHILD_ROWS = {
 }
 
 
-async def get_deployment_with_metrics(session: AsyncSession, deployment_id: uuid.UUID):
-    """The deployment with its stages, approvals and metrics (DEPLOYMENT_VIEW_FULL), as a
-    read-only record: its columns as attributes, and `stages`, `approvals`, `metrics`
-    lists of rows, which convert.deployment reads like the ORM object."""
+async def load_full_deployment(session: AsyncSession, deployment_id: uuid.UUID) -> FullDeployment:
+    """The deployment with its stages, approvals and metrics (a step of GetDeployment's
+    full view, and of the watcher's reads, which have a unit of work of their own)."""
     connection = await session.connection()
     parameters = {"deployment_id": deployment_id}
     found = (await connection.execute(_DEPLOYMENT_ROW, parameters)).one_or_none()
@@ -706,11 +863,11 @@ async def get_deployment_with_metrics(session: AsyncSession, deployment_id: uuid
         name: (await connection.execute(query, parameters)).all()
         for name, query in _CHILD_ROWS.items()
     }
-    return SimpleNamespace(**found._mapping, **children)
+    return FullDeployment(**found._mapping, **children)
 
 
 async def list_deployments(
-    session: AsyncSession,
+    database: Database,
     *,
     service_id: uuid.UUID | None,
     release_id: uuid.UUID | None,
@@ -719,18 +876,16 @@ async def list_deployments(
     page_size: int,
     page_token: str,
 ) -> Page:
-    return await list_page(
-        session,
-        Deployment,
-        page_size=page_size,
-        page_token=page_token,
-        equal={
-            "service_id": service_id,
-            "release_id": release_id,
-            "environment_id": environment_id,
-            "status": status,
-        },
-    )
+    equal = {
+        "service_id": service_id,
+        "release_id": release_id,
+        "environment_id": environment_id,
+        "status": status,
+    }
+    async with database.read() as session:
+        return await list_page(
+            session, Deployment, page_size=page_size, page_token=page_token, equal=equal
+        )
 
 
 @dataclass(frozen=True)
@@ -743,7 +898,7 @@ class LiveDeployment:
 
 
 async def list_live_deployments(
-    session: AsyncSession, service_id: uuid.UUID | None
+    database: Database, service_id: uuid.UUID | None
 ) -> list[LiveDeployment]:
     """Per service and environment: the newest succeeded deployment and the active one."""
     newest_succeeded = (
@@ -761,14 +916,17 @@ async def list_live_deployments(
     if service_id is not None:
         newest_succeeded = newest_succeeded.where(Deployment.service_id == service_id)
         active = active.where(Deployment.service_id == service_id)
-    live = {(d.service_id, d.environment_id): d for d in await session.scalars(newest_succeeded)}
-    running = {(d.service_id, d.environment_id): d for d in await session.scalars(active)}
-    releases = {
-        r.id: r
-        for r in await session.scalars(
-            select(Release).where(Release.id.in_([d.release_id for d in live.values()]))
-        )
-    }
+    async with database.read() as session:
+        live = {
+            (d.service_id, d.environment_id): d for d in await session.scalars(newest_succeeded)
+        }
+        running = {(d.service_id, d.environment_id): d for d in await session.scalars(active)}
+        releases = {
+            r.id: r
+            for r in await session.scalars(
+                select(Release).where(Release.id.in_([d.release_id for d in live.values()]))
+            )
+        }
     result = []
     for key in sorted(live.keys() | running.keys(), key=lambda k: (str(k[0]), str(k[1]))):
         deployment = live.get(key)
@@ -787,8 +945,8 @@ async def list_live_deployments(
 # -- metrics ----------------------------------------------------------------------------------
 
 
-async def record_deployment_metrics(
-    session: AsyncSession,
+async def record_deployment_metric(
+    database: Database,
     actor: Actor,
     deployment_id: uuid.UUID,
     metric_name: str,
@@ -806,62 +964,61 @@ async def record_deployment_metrics(
     unit = text_field("unit", unit, 20, required=False)
     if not math.isfinite(metric_value):
         raise InvalidArgument.field("metric_value", "must be a finite number")
-    deployment = await load(session, Deployment, deployment_id, for_update=True)
-    environment = await session.get(Environment, deployment.environment_id)
-    if _is_production(environment):
-        require(actor, "deployments.write.production")
-    metric_id = await session.scalar(
-        pg_insert(DeploymentMetric)
-        .values(
-            deployment_id=deployment_id,
-            metric_name=metric_name,
-            metric_value=metric_value,
-            unit=unit,
+    async with database.transaction() as session:
+        await lock_deployment_for_change(session, actor, deployment_id)
+        metric_id = await session.scalar(
+            pg_insert(DeploymentMetric)
+            .values(
+                deployment_id=deployment_id,
+                metric_name=metric_name,
+                metric_value=metric_value,
+                unit=unit,
+            )
+            .on_conflict_do_update(
+                index_elements=["deployment_id", "metric_name"],
+                set_={"metric_value": metric_value, "unit": unit, "updated_at": func.now()},
+            )
+            .returning(DeploymentMetric.id)
         )
-        .on_conflict_do_update(
-            index_elements=["deployment_id", "metric_name"],
-            set_={"metric_value": metric_value, "unit": unit, "updated_at": func.now()},
+        await audit_log.append(
+            session,
+            actor,
+            "record",
+            "deployment_metric",
+            metric_id,
+            {
+                "deployment_id": str(deployment_id),
+                "metric_name": metric_name,
+                "metric_value": metric_value,
+                "unit": unit,
+            },
         )
-        .returning(DeploymentMetric.id)
-    )
-    await audit_log.append(
-        session,
-        actor,
-        "record",
-        "deployment_metric",
-        metric_id,
-        {
-            "deployment_id": str(deployment_id),
-            "metric_name": metric_name,
-            "metric_value": metric_value,
-            "unit": unit,
-        },
-    )
-    return await session.get(DeploymentMetric, metric_id, populate_existing=True)
+        return await session.get(DeploymentMetric, metric_id, populate_existing=True)
 
 
 # -- stage timeouts ------------------------------------------------------------------------------
 
 SWEEPER = Actor(None, "stage-sweeper", None, None, "relman-deploy-svc")
+_OVERDUE = (
+    PipelineStage.status == StageStatus.RUNNING,
+    PipelineStage.started_at + func.make_interval(0, 0, 0, 0, 0, 0, PipelineStage.timeout_seconds)
+    < func.now(),
+)
 
 
 async def fail_timed_out_stages(session: AsyncSession, limit: int = 100) -> int:
     """Fails running stages past their timeout_seconds ("timed out"), failing their deployment.
 
-    Safe with several replicas at once: each deployment is taken with FOR UPDATE SKIP
-    LOCKED (a busy one waits for the next sweep) and the stage is checked again under it.
+    A step of the sweeper, which owns the unit of work. Safe with several replicas at
+    once: each deployment is taken with FOR UPDATE SKIP LOCKED (a busy one waits for the
+    next sweep) and the stage is checked again under it.
     """
-    overdue = (
-        PipelineStage.status == StageStatus.RUNNING,
-        PipelineStage.started_at
-        + func.make_interval(0, 0, 0, 0, 0, 0, PipelineStage.timeout_seconds)
-        < func.now(),
-    )
     candidates = (
         await session.execute(
-            select(PipelineStage.id, PipelineStage.deployment_id).where(*overdue).limit(limit)
+            select(PipelineStage.id, PipelineStage.deployment_id).where(*_OVERDUE).limit(limit)
         )
     ).all()
+    connection = await session.connection()
     failed = 0
     for stage_id, deployment_id in candidates:
         deployment = await session.scalar(
@@ -871,17 +1028,14 @@ async def fail_timed_out_stages(session: AsyncSession, limit: int = 100) -> int:
         )
         if deployment is None:
             continue
-        stage = await session.scalar(
-            select(PipelineStage)
-            .where(PipelineStage.id == stage_id, *overdue)
-            .execution_options(populate_existing=True)
-        )
+        stage = (
+            await connection.execute(
+                select(_STAGES_TABLE).where(_STAGES_TABLE.c.id == stage_id, *_OVERDUE)
+            )
+        ).one_or_none()
         if stage is None:
             continue
-        stage.status = StageStatus.FAILED.value
-        stage.output = "timed out"
-        stage.completed_at = _now()
-        await _end(session, deployment, DeploymentStatus.FAILED)
+        stage = await _fail_stage(session, deployment, stage, "timed out", _now())
         await session.flush()
         await refresh_status(session, deployment.release_id)
         await audit_log.append(

@@ -1,4 +1,6 @@
-"""Releases (domain layer): creation, reads, and the status derived from their deployments."""
+"""Releases (domain layer): their use cases (create, get, list), each in its own unit of
+work, and their status, derived again from their deployments after every change to them.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from shared.framework.errors import AlreadyExists, FailedPrecondition
 from shared.framework.validation import text as text_field
 from shared.identity.actor import Actor
 from shared.persistence import audit_log
-from shared.persistence.db import load, replay
+from shared.persistence.db import Database, load, replay
 from shared.persistence.models import Release, ReleaseStatus, Service
 from shared.persistence.pagination import Page, list_page
 
@@ -24,7 +26,9 @@ SEMVER = re.compile(
 )
 GIT_COMMIT = re.compile(r"[0-9a-f]{7,40}")
 
-# DESIGN.md section 4, first match wins.
+# A release's status from its deployments, first match wins: rolled back in production,
+# succeeded there (completed), one running (in progress), one waiting to run (promoted),
+# one succeeded elsewhere (testing), else draft.
 _DERIVE_STATUS = text(
     """
     UPDATE releases r SET status = derived.status, updated_at = now()
@@ -52,7 +56,7 @@ async def refresh_status(session: AsyncSession, release_id: uuid.UUID) -> None:
 
 
 async def create_release(
-    session: AsyncSession,
+    database: Database,
     actor: Actor,
     *,
     service_id: uuid.UUID,
@@ -77,6 +81,19 @@ async def create_release(
         pattern=GIT_COMMIT,
         hint="must be 7 to 40 lowercase hex digits",
     )
+    async with database.transaction() as session:
+        return await _create(session, actor, service_id, version, notes, commit, request_id)
+
+
+async def _create(
+    session: AsyncSession,
+    actor: Actor,
+    service_id: uuid.UUID,
+    version: str,
+    notes: str | None,
+    commit: str | None,
+    request_id: uuid.UUID | None,
+) -> Release:
     same = {"service_id": service_id, "version": version}
     if earlier := await replay(session, Release, request_id, same):
         return earlier
@@ -119,22 +136,21 @@ async def create_release(
     return release
 
 
-async def get_release(session: AsyncSession, release_id: uuid.UUID) -> Release:
-    return await load(session, Release, release_id)
+async def get_release(database: Database, release_id: uuid.UUID) -> Release:
+    async with database.read() as session:
+        return await load(session, Release, release_id)
 
 
 async def list_releases(
-    session: AsyncSession,
+    database: Database,
     *,
     service_id: uuid.UUID | None,
     status: str | None,
     page_size: int,
     page_token: str,
 ) -> Page:
-    return await list_page(
-        session,
-        Release,
-        page_size=page_size,
-        page_token=page_token,
-        equal={"service_id": service_id, "status": status},
-    )
+    equal = {"service_id": service_id, "status": status}
+    async with database.read() as session:
+        return await list_page(
+            session, Release, page_size=page_size, page_token=page_token, equal=equal
+        )

@@ -1,4 +1,4 @@
-"""Rollbacks that really redeploy the last good release (domain layer; the seed's execute_rollback).
+"""Rollbacks (domain layer): rolling a deployment back redeploys the last good release.
 
 Only the newest deployment of a service in an environment, succeeded or failed,
 can be rolled back. The target is the release of the newest other succeeded
@@ -16,20 +16,18 @@ import uuid
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from deploy_svc.deployments import lock_slot, new_deployment
+from deploy_svc.deployments import lock_deployment_for_change, lock_slot, new_deployment
 from deploy_svc.releases import refresh_status
 from shared.framework.errors import FailedPrecondition
 from shared.framework.validation import text
 from shared.identity.actor import Actor
-from shared.identity.auth import require
 from shared.persistence import audit_log
-from shared.persistence.db import load, replay
+from shared.persistence.db import Database, replay
 from shared.persistence.models import (
     STANDARD_STAGES,
     Deployment,
     DeploymentStatus,
     Environment,
-    EnvironmentType,
     Release,
     ReleaseStatus,
     Rollback,
@@ -39,29 +37,40 @@ from shared.persistence.models import (
 ROLLBACK_FROM = (DeploymentStatus.SUCCEEDED, DeploymentStatus.FAILED)
 
 
-async def execute_rollback(
-    session: AsyncSession,
+async def rollback_deployment(
+    database: Database,
     actor: Actor,
     deployment_id: uuid.UUID,
     reason: str,
     request_id: uuid.UUID | None,
 ) -> Rollback:
+    """Rolls the deployment back to the last good release (a retried request_id returns
+    the rollback it made)."""
     reason = text("reason", reason, 10_000)
-    if earlier := await replay(session, Rollback, request_id, {"deployment_id": deployment_id}):
-        return earlier
-    deployment = await load(session, Deployment, deployment_id, for_update=True)
-    environment = await session.get(Environment, deployment.environment_id)
-    if environment.environment_type == EnvironmentType.PRODUCTION:
-        require(actor, "deployments.write.production")
+    async with database.transaction() as session:
+        same = {"deployment_id": deployment_id}
+        if earlier := await replay(session, Rollback, request_id, same):
+            return earlier
+        deployment, environment = await lock_deployment_for_change(session, actor, deployment_id)
+        _check_rollbackable(deployment)
+        # Nothing else may start here meanwhile (and nothing is active: this is the newest).
+        await lock_slot(session, deployment.service_id, environment)
+        await _check_newest(session, deployment)
+        target = await _target(session, deployment)
+        return await _redeploy(session, actor, deployment, environment, target, reason, request_id)
+
+
+def _check_rollbackable(deployment: Deployment) -> None:
     if deployment.status not in ROLLBACK_FROM:
         raise FailedPrecondition(
             f"only a succeeded or failed deployment can be rolled back, this one is "
             f"{deployment.status}",
             reason="NOT_ROLLBACKABLE",
-            metadata={"deployment_id": str(deployment_id), "status": deployment.status},
+            metadata={"deployment_id": str(deployment.id), "status": deployment.status},
         )
-    # Nothing else may start here meanwhile (and nothing is active: this is the newest).
-    await lock_slot(session, deployment.service_id, environment)
+
+
+async def _check_newest(session: AsyncSession, deployment: Deployment) -> None:
     newer = await session.scalar(
         select(Deployment.id)
         .where(
@@ -75,8 +84,12 @@ async def execute_rollback(
         raise FailedPrecondition(
             "only the newest deployment of a service in an environment can be rolled back",
             reason="NOT_NEWEST",
-            metadata={"deployment_id": str(deployment_id), "newer_deployment_id": str(newer)},
+            metadata={"deployment_id": str(deployment.id), "newer_deployment_id": str(newer)},
         )
+
+
+async def _target(session: AsyncSession, deployment: Deployment) -> Release:
+    """The release of the newest other succeeded deployment there, not itself rolled back."""
     target = await session.scalar(
         select(Release)
         .join(Deployment, Deployment.release_id == Release.id)
@@ -95,9 +108,21 @@ async def execute_rollback(
         raise FailedPrecondition(
             "no earlier release succeeded here to roll back to",
             reason="NO_ROLLBACK_TARGET",
-            metadata={"deployment_id": str(deployment_id)},
+            metadata={"deployment_id": str(deployment.id)},
         )
+    return target
 
+
+async def _redeploy(
+    session: AsyncSession,
+    actor: Actor,
+    deployment: Deployment,
+    environment: Environment,
+    target: Release,
+    reason: str,
+    request_id: uuid.UUID | None,
+) -> Rollback:
+    """Marks the deployment rolled back and creates the rollback with its redeployment."""
     deployment.status = DeploymentStatus.ROLLED_BACK.value
     redeployment = await new_deployment(
         session,

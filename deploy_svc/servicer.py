@@ -1,7 +1,10 @@
 """DeployService over gRPC (transport layer): proto in, proto out, no SQL.
 
-The caller is `current_actor`, set by the authentication interceptor from the
-bearer token and the connection, never from a request field.
+Each RPC parses and checks its request's fields, calls one use case of the domain
+(deploy_svc.releases, deployments, rollbacks, catalog), which opens its own unit of
+work, and converts the result (deploy_svc.convert). The caller is `current_actor`, set
+by the authentication interceptor from the bearer token and the connection, never
+from a request field.
 """
 
 from __future__ import annotations
@@ -14,17 +17,19 @@ from deploy_svc.watch import DeploymentWatcher
 from relman.v1 import auth_pb2_grpc, common_pb2, deploy_pb2, deploy_pb2_grpc
 from shared.framework.errors import InvalidArgument
 from shared.framework.server import Resources
-from shared.framework.validation import (
-    enum_word,
-    masked_changes,
-    optional_uuid,
-    parse_uuid,
-    text,
-)
+from shared.framework.validation import enum_word, masked_changes, optional_uuid, parse_uuid
 from shared.identity.actor import current_actor
-from shared.persistence.models import Runbook, Service, StageStatus
+from shared.persistence.models import StageStatus
 
 DEPLOY_SERVICE = deploy_pb2.DESCRIPTOR.services_by_name["DeployService"]
+
+# The use case that reads a deployment in each view.
+_READ_IN_VIEW = {
+    common_pb2.DEPLOYMENT_VIEW_UNSPECIFIED: deployments.get_deployment,
+    common_pb2.DEPLOYMENT_VIEW_BASIC: deployments.get_deployment,
+    common_pb2.DEPLOYMENT_VIEW_WITH_STAGES: deployments.get_deployment_with_stages,
+    common_pb2.DEPLOYMENT_VIEW_FULL: deployments.get_full_deployment,
+}
 
 
 def _page(response_type, field: str, page, convert_item):
@@ -47,56 +52,48 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
     async def CreateRelease(self, request, context):
         service_id = parse_uuid("service_id", request.service_id)
         request_id = optional_uuid("request_id", request.request_id)
-        async with self.database.transaction() as session:
-            release = await releases.create_release(
-                session,
-                current_actor.get(),
-                service_id=service_id,
-                version=request.version,
-                release_notes=request.release_notes,
-                git_commit=request.git_commit,
-                request_id=request_id,
-            )
-            return convert.release(release)
+        release = await releases.create_release(
+            self.database,
+            current_actor.get(),
+            service_id=service_id,
+            version=request.version,
+            release_notes=request.release_notes,
+            git_commit=request.git_commit,
+            request_id=request_id,
+        )
+        return convert.release(release)
 
     async def GetRelease(self, request, context):
         release_id = parse_uuid("release_id", request.release_id)
-        async with self.database.read() as session:
-            return convert.release(await releases.get_release(session, release_id))
+        return convert.release(await releases.get_release(self.database, release_id))
 
     async def ListReleases(self, request, context):
         service_id = optional_uuid("service_id", request.service_id)
         status = enum_word("status", common_pb2.ReleaseStatus, request.status, required=False)
-        async with self.database.transaction() as session:
-            page = await releases.list_releases(
-                session,
-                service_id=service_id,
-                status=status,
-                page_size=request.page_size,
-                page_token=request.page_token,
-            )
+        page = await releases.list_releases(
+            self.database,
+            service_id=service_id,
+            status=status,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
         return _page(deploy_pb2.ListReleasesResponse, "releases", page, convert.release)
 
     # deployments
-
-    async def _with_stages(self, session, deployment) -> common_pb2.Deployment:
-        loaded = await deployments.get_deployment_with_stages(session, deployment.id)
-        return convert.deployment(loaded, common_pb2.DEPLOYMENT_VIEW_WITH_STAGES)
 
     async def CreateDeployment(self, request, context):
         release_id = parse_uuid("release_id", request.release_id)
         environment_id = parse_uuid("environment_id", request.environment_id)
         request_id = optional_uuid("request_id", request.request_id)
-        async with self.database.transaction() as session:
-            deployment = await deployments.create_deployment(
-                session,
-                current_actor.get(),
-                release_id,
-                environment_id,
-                list(request.stage_names),
-                request_id,
-            )
-            return convert.deployment(deployment, common_pb2.DEPLOYMENT_VIEW_WITH_STAGES)
+        deployment = await deployments.create_deployment(
+            self.database,
+            current_actor.get(),
+            release_id,
+            environment_id,
+            list(request.stage_names),
+            request_id,
+        )
+        return convert.deployment(deployment, common_pb2.DEPLOYMENT_VIEW_WITH_STAGES)
 
     async def PromoteRelease(self, request, context):
         release_id = parse_uuid("release_id", request.release_id)
@@ -105,30 +102,23 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
             parse_uuid(f"reviewer_ids[{i}]", value) for i, value in enumerate(request.reviewer_ids)
         ]
         request_id = optional_uuid("request_id", request.request_id)
-        async with self.database.transaction() as session:
-            deployment = await deployments.promote_release(
-                session,
-                current_actor.get(),
-                release_id,
-                environment_id,
-                reviewer_ids,
-                request_id,
-            )
-            return convert.deployment(deployment, common_pb2.DEPLOYMENT_VIEW_WITH_STAGES)
+        deployment = await deployments.promote_release(
+            self.database,
+            current_actor.get(),
+            release_id,
+            environment_id,
+            reviewer_ids,
+            request_id,
+        )
+        return convert.deployment(deployment, common_pb2.DEPLOYMENT_VIEW_WITH_STAGES)
 
     async def GetDeployment(self, request, context):
         deployment_id = parse_uuid("deployment_id", request.deployment_id)
         view = request.view
-        if view not in common_pb2.DeploymentView.values():
+        if view not in _READ_IN_VIEW:
             raise InvalidArgument.field("view", "is not a DeploymentView")
-        async with self.database.read() as session:
-            if view == common_pb2.DEPLOYMENT_VIEW_FULL:
-                row = await deployments.get_deployment_with_metrics(session, deployment_id)
-            elif view == common_pb2.DEPLOYMENT_VIEW_WITH_STAGES:
-                row = await deployments.get_deployment_with_stages(session, deployment_id)
-            else:
-                row = await deployments.get_deployment(session, deployment_id)
-            return convert.deployment(row, view or common_pb2.DEPLOYMENT_VIEW_BASIC)
+        row = await _READ_IN_VIEW[view](self.database, deployment_id)
+        return convert.deployment(row, view or common_pb2.DEPLOYMENT_VIEW_BASIC)
 
     async def ListDeployments(self, request, context):
         filters = {
@@ -139,33 +129,16 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
                 "status", common_pb2.DeploymentStatus, request.status, required=False
             ),
         }
-        async with self.database.transaction() as session:
-            page = await deployments.list_deployments(
-                session, **filters, page_size=request.page_size, page_token=request.page_token
-            )
+        page = await deployments.list_deployments(
+            self.database, **filters, page_size=request.page_size, page_token=request.page_token
+        )
         return _page(deploy_pb2.ListDeploymentsResponse, "deployments", page, convert.deployment)
 
     async def ListLiveDeployments(self, request, context):
         service_id = optional_uuid("service_id", request.service_id)
-        async with self.database.transaction() as session:
-            live = await deployments.list_live_deployments(session, service_id)
+        live = await deployments.list_live_deployments(self.database, service_id)
         return deploy_pb2.ListLiveDeploymentsResponse(
-            live_deployments=[
-                deploy_pb2.LiveDeployment(
-                    service_id=str(item.service_id),
-                    environment_id=str(item.environment_id),
-                    live_release=convert.release(item.live_release) if item.live_release else None,
-                    live_deployment=(
-                        convert.deployment(item.live_deployment) if item.live_deployment else None
-                    ),
-                    active_deployment=(
-                        convert.deployment(item.active_deployment)
-                        if item.active_deployment
-                        else None
-                    ),
-                )
-                for item in live
-            ]
+            live_deployments=[convert.live_deployment(item) for item in live]
         )
 
     async def UpdatePipelineStage(self, request, context):
@@ -173,32 +146,29 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
         status = StageStatus(
             enum_word("status", common_pb2.StageStatus, request.status, required=True)
         )
-        async with self.database.transaction() as session:
-            stage = await deployments.update_pipeline_stage(
-                session, current_actor.get(), stage_id, status, request.output
-            )
-            return convert.stage(stage)
+        stage = await deployments.update_pipeline_stage(
+            self.database, current_actor.get(), stage_id, status, request.output
+        )
+        return convert.stage(stage)
 
     async def CancelDeployment(self, request, context):
         deployment_id = parse_uuid("deployment_id", request.deployment_id)
-        async with self.database.transaction() as session:
-            deployment = await deployments.cancel_deployment(
-                session, current_actor.get(), deployment_id, request.reason
-            )
-            return await self._with_stages(session, deployment)
+        deployment = await deployments.cancel_deployment(
+            self.database, current_actor.get(), deployment_id, request.reason
+        )
+        return convert.deployment(deployment, common_pb2.DEPLOYMENT_VIEW_WITH_STAGES)
 
     async def _vote(self, request, context, approve: bool):
         deployment_id = parse_uuid("deployment_id", request.deployment_id)
-        async with self.database.transaction() as session:
-            approval = await deployments.vote(
-                session,
-                current_actor.get(),
-                deployment_id,
-                approve,
-                request.notes,
-                self.required_approvals,
-            )
-            return convert.approval(approval)
+        approval = await deployments.vote(
+            self.database,
+            current_actor.get(),
+            deployment_id,
+            approve,
+            request.notes,
+            self.required_approvals,
+        )
+        return convert.approval(approval)
 
     async def ApproveDeployment(self, request, context):
         return await self._vote(request, context, approve=True)
@@ -209,24 +179,22 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
     async def RollbackDeployment(self, request, context):
         deployment_id = parse_uuid("deployment_id", request.deployment_id)
         request_id = optional_uuid("request_id", request.request_id)
-        async with self.database.transaction() as session:
-            rollback = await rollbacks.execute_rollback(
-                session, current_actor.get(), deployment_id, request.reason, request_id
-            )
-            return convert.rollback(rollback)
+        rollback = await rollbacks.rollback_deployment(
+            self.database, current_actor.get(), deployment_id, request.reason, request_id
+        )
+        return convert.rollback(rollback)
 
     async def RecordDeploymentMetric(self, request, context):
         deployment_id = parse_uuid("deployment_id", request.deployment_id)
-        async with self.database.transaction() as session:
-            metric = await deployments.record_deployment_metrics(
-                session,
-                current_actor.get(),
-                deployment_id,
-                request.metric_name,
-                request.metric_value,
-                request.unit,
-            )
-            return convert.metric(metric)
+        metric = await deployments.record_deployment_metric(
+            self.database,
+            current_actor.get(),
+            deployment_id,
+            request.metric_name,
+            request.metric_value,
+            request.unit,
+        )
+        return convert.metric(metric)
 
     async def WatchDeployment(self, request, context):
         """The deployment now, then after every change, until a terminal status."""
@@ -246,80 +214,73 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
     # catalogue
 
     async def ListEnvironments(self, request, context):
-        async with self.database.transaction() as session:
-            page = await catalog.list_environments(
-                session, page_size=request.page_size, page_token=request.page_token
-            )
+        page = await catalog.list_environments(
+            self.database, page_size=request.page_size, page_token=request.page_token
+        )
         return _page(deploy_pb2.ListEnvironmentsResponse, "environments", page, convert.environment)
 
     async def ListServices(self, request, context):
         team_id = optional_uuid("team_id", request.team_id)
-        async with self.database.transaction() as session:
-            page = await catalog.list_services(
-                session,
-                team_id=team_id,
-                page_size=request.page_size,
-                page_token=request.page_token,
-            )
+        page = await catalog.list_services(
+            self.database,
+            team_id=team_id,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
         return _page(deploy_pb2.ListServicesResponse, "services", page, convert.service)
 
     async def ListTeams(self, request, context):
-        async with self.database.transaction() as session:
-            page = await catalog.list_teams(
-                session, page_size=request.page_size, page_token=request.page_token
-            )
+        page = await catalog.list_teams(
+            self.database, page_size=request.page_size, page_token=request.page_token
+        )
         return _page(deploy_pb2.ListTeamsResponse, "teams", page, convert.team)
 
     async def ListRunbooks(self, request, context):
         service_id = optional_uuid("service_id", request.service_id)
         environment_id = optional_uuid("environment_id", request.environment_id)
-        async with self.database.transaction() as session:
-            page = await catalog.list_runbooks(
-                session,
-                service_id=service_id,
-                environment_id=environment_id,
-                tag=request.tag,
-                page_size=request.page_size,
-                page_token=request.page_token,
-            )
+        page = await catalog.list_runbooks(
+            self.database,
+            service_id=service_id,
+            environment_id=environment_id,
+            tag=request.tag,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
         return _page(deploy_pb2.ListRunbooksResponse, "runbooks", page, convert.runbook)
 
     async def GetRunbook(self, request, context: grpc.aio.ServicerContext):
         runbook_id = parse_uuid("runbook_id", request.runbook_id)
-        async with self.database.read() as session:
-            return convert.runbook(await catalog.get_runbook(session, runbook_id))
+        return convert.runbook(await catalog.get_runbook(self.database, runbook_id))
 
     # catalogue administration
 
     async def CreateTeam(self, request, context):
         request_id = optional_uuid("request_id", request.request_id)
-        async with self.database.transaction() as session:
-            team = await catalog.create_team(
-                session,
-                current_actor.get(),
-                name=request.name,
-                description=request.description,
-                slack_channel=request.slack_channel,
-                request_id=request_id,
-            )
-            return convert.team(team)
+        team = await catalog.create_team(
+            self.database,
+            current_actor.get(),
+            name=request.name,
+            description=request.description,
+            slack_channel=request.slack_channel,
+            request_id=request_id,
+        )
+        return convert.team(team)
 
     async def CreateEnvironment(self, request, context):
         request_id = optional_uuid("request_id", request.request_id)
         environment_type = enum_word(
             "environment_type", common_pb2.EnvironmentType, request.environment_type, required=True
         )
-        async with self.database.transaction() as session:
-            environment = await catalog.create_environment(
-                session,
-                current_actor.get(),
-                name=request.name,
-                description=request.description,
-                environment_type=environment_type,
-                config_path=request.config_path,
-                request_id=request_id,
-            )
-            return convert.environment(environment)
+        environment = await catalog.create_environment(
+            self.database,
+            current_actor.get(),
+            name=request.name,
+            description=request.description,
+            environment_type=environment_type,
+            config_path=request.config_path,
+            request_id=request_id,
+        )
+        return convert.environment(environment)
 
     async def CreateService(self, request, context):
         fields = {
@@ -327,40 +288,40 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
             "owner_id": optional_uuid("owner_id", request.owner_id),
             "request_id": optional_uuid("request_id", request.request_id),
         }
-        async with self.database.transaction() as session:
-            service = await catalog.create_service(
-                session,
-                current_actor.get(),
-                name=request.name,
-                description=request.description,
-                repository_url=request.repository_url,
-                slack_channel=request.slack_channel,
-                **fields,
-            )
-            return convert.service(service)
+        service = await catalog.create_service(
+            self.database,
+            current_actor.get(),
+            name=request.name,
+            description=request.description,
+            repository_url=request.repository_url,
+            slack_channel=request.slack_channel,
+            **fields,
+        )
+        return convert.service(service)
 
     async def UpdateService(self, request, context):
         service = request.service
         service_id = parse_uuid("service.id", service.id)
-        readers = {
-            "name": lambda: catalog.check_service_name(service.name),
-            "description": lambda: text(
-                "service.description", service.description, 10_000, required=False
-            ),
-            "repository_url": lambda: text(
-                "service.repository_url", service.repository_url, 500, required=False
-            ),
-            "team_id": lambda: parse_uuid("service.team_id", service.team_id),
-            "slack_channel": lambda: text(
-                "service.slack_channel", service.slack_channel, 100, required=False
-            ),
-            "owner_id": lambda: optional_uuid("service.owner_id", service.owner_id),
-            "is_active": lambda: service.is_active,
-        }
-        changes = masked_changes(request.update_mask, readers)
-        async with self.database.transaction() as session:
-            row = await catalog.update(session, current_actor.get(), Service, service_id, changes)
-            return convert.service(row)
+        changes = masked_changes(
+            request.update_mask,
+            {
+                "name": lambda: catalog.check_service_name(service.name),
+                "description": lambda: catalog.check_field(
+                    "description", service.description, "service"
+                ),
+                "repository_url": lambda: catalog.check_field(
+                    "repository_url", service.repository_url, "service"
+                ),
+                "team_id": lambda: parse_uuid("service.team_id", service.team_id),
+                "slack_channel": lambda: catalog.check_field(
+                    "slack_channel", service.slack_channel, "service"
+                ),
+                "owner_id": lambda: optional_uuid("service.owner_id", service.owner_id),
+                "is_active": lambda: service.is_active,
+            },
+        )
+        row = await catalog.update_service(self.database, current_actor.get(), service_id, changes)
+        return convert.service(row)
 
     async def CreateRunbook(self, request, context):
         fields = {
@@ -368,34 +329,34 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
             "environment_id": optional_uuid("environment_id", request.environment_id),
             "request_id": optional_uuid("request_id", request.request_id),
         }
-        async with self.database.transaction() as session:
-            runbook = await catalog.create_runbook(
-                session,
-                current_actor.get(),
-                title=request.title,
-                content=request.content,
-                tags=list(request.tags),
-                **fields,
-            )
-            return convert.runbook(runbook)
+        runbook = await catalog.create_runbook(
+            self.database,
+            current_actor.get(),
+            title=request.title,
+            content=request.content,
+            tags=list(request.tags),
+            **fields,
+        )
+        return convert.runbook(runbook)
 
     async def UpdateRunbook(self, request, context):
         runbook = request.runbook
         runbook_id = parse_uuid("runbook.id", runbook.id)
-        readers = {
-            "title": lambda: text("runbook.title", runbook.title, 200),
-            "content": lambda: text("runbook.content", runbook.content, 1_000_000),
-            "service_id": lambda: optional_uuid("runbook.service_id", runbook.service_id),
-            "environment_id": lambda: optional_uuid(
-                "runbook.environment_id", runbook.environment_id
-            ),
-            "tags": lambda: catalog.check_tags(runbook.tags),
-            "is_active": lambda: runbook.is_active,
-        }
-        changes = masked_changes(request.update_mask, readers)
-        async with self.database.transaction() as session:
-            row = await catalog.update(session, current_actor.get(), Runbook, runbook_id, changes)
-            return convert.runbook(row)
+        changes = masked_changes(
+            request.update_mask,
+            {
+                "title": lambda: catalog.check_field("title", runbook.title, "runbook"),
+                "content": lambda: catalog.check_field("content", runbook.content, "runbook"),
+                "service_id": lambda: optional_uuid("runbook.service_id", runbook.service_id),
+                "environment_id": lambda: optional_uuid(
+                    "runbook.environment_id", runbook.environment_id
+                ),
+                "tags": lambda: catalog.check_tags(runbook.tags),
+                "is_active": lambda: runbook.is_active,
+            },
+        )
+        row = await catalog.update_runbook(self.database, current_actor.get(), runbook_id, changes)
+        return convert.runbook(row)
 
 
 def register(server: grpc.aio.Server, resources: Resources) -> list[str]:

@@ -1,4 +1,5 @@
-"""The stage-timeout sweeper: a background task of every deploy_svc process.
+"""The stage-timeout sweeper (domain layer): a background task of every deploy_svc
+process, a use case of its own that opens its own units of work.
 
 Every SWEEP_INTERVAL_S it fails running stages past their timeout_seconds
 (deploy_svc.deployments.fail_timed_out_stages), which is safe with several

@@ -1,4 +1,5 @@
-"""Deployment changes, pushed to watchers as they happen, whichever process made them.
+"""Deployment changes pushed to watchers as they happen, whichever process made them
+(domain layer: WatchDeployment's use case, which opens its own units of work).
 
 Triggers send `NOTIFY relman_deployment, '<deployment id>'` on every change to a
 deployment or its stages, approvals and metrics (migration 004). Each process
@@ -21,10 +22,9 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 
-from deploy_svc.deployments import get_deployment_with_metrics
+from deploy_svc.deployments import FullDeployment, load_full_deployment
 from shared.framework.errors import Unavailable
 from shared.persistence.db import Database, libpq_dsn
-from shared.persistence.models import Deployment
 
 log = logging.getLogger("relman.watch")
 
@@ -38,14 +38,14 @@ class Mailbox:
     """One watcher's queue of snapshots: bounded, the oldest dropped first."""
 
     def __init__(self) -> None:
-        self._snapshots: collections.deque[Deployment] = collections.deque(maxlen=MAILBOX_SIZE)
+        self._snapshots: collections.deque[FullDeployment] = collections.deque(maxlen=MAILBOX_SIZE)
         self._arrived = asyncio.Event()
 
-    def put(self, snapshot: Deployment) -> None:
+    def put(self, snapshot: FullDeployment) -> None:
         self._snapshots.append(snapshot)
         self._arrived.set()
 
-    async def get(self) -> Deployment:
+    async def get(self) -> FullDeployment:
         while not self._snapshots:
             self._arrived.clear()
             await self._arrived.wait()
@@ -88,9 +88,11 @@ class DeploymentWatcher:
                 if not watchers:
                     del self._mailboxes[deployment_id]
 
-    async def read(self, deployment_id: uuid.UUID):
+    async def read(self, deployment_id: uuid.UUID) -> FullDeployment:
+        """The deployment in full, within 10 s: a fan-out runs outside any call, where no
+        caller's deadline would bound it."""
         async with self.database.read(deadline_s=10) as session:
-            return await get_deployment_with_metrics(session, deployment_id)
+            return await load_full_deployment(session, deployment_id)
 
     def _notified(self, connection, pid, channel, payload: str) -> None:
         try:
