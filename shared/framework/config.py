@@ -1,7 +1,8 @@
 """Settings from the environment, validated once at start-up.
 
-A bad value stops the process with one line naming the variable (exit code 2),
-never later in the middle of a call.
+Server framework: the services' settings, each with its default and range (the database
+URLs are read by shared.persistence.db). A bad value stops the process with one line
+naming the variable (exit code 2), never later in the middle of a call.
 """
 
 from __future__ import annotations

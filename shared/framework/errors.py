@@ -1,12 +1,12 @@
 """Domain exceptions, and their one mapping to gRPC statuses with rich details (AIP-193).
 
-The domain raises these without knowing gRPC; the interceptor in shared.framework.server
-turns each into a status whose details carry a google.rpc.ErrorInfo (reason,
-domain "relman", the ids involved), for INVALID_ARGUMENT a google.rpc.BadRequest
-with one field violation per bad field, and when waiting helps (a throttled login)
-a google.rpc.RetryInfo saying how long. Database failures become UNAVAILABLE,
-DEADLINE_EXCEEDED or ABORTED; anything else is a bug: INTERNAL, logged with its
-traceback, answered without it.
+Server framework. The domain raises these without knowing gRPC; the call-lifecycle
+interceptor (shared.framework.interceptors) turns each, through `from_exception`, into
+a status whose details carry a google.rpc.ErrorInfo (reason, domain "relman", the ids
+involved), for INVALID_ARGUMENT a google.rpc.BadRequest with one field violation per
+bad field, and when waiting helps (a throttled login) a google.rpc.RetryInfo saying
+how long. Database failures become UNAVAILABLE, DEADLINE_EXCEEDED or ABORTED;
+anything else is a bug: INTERNAL, logged with its traceback, answered without it.
 """
 
 from __future__ import annotations
@@ -25,10 +25,16 @@ log = logging.getLogger("relman.errors")
 
 
 class DomainError(Exception):
-    """A refusal the caller can act on. Subclasses fix the status code and default reason."""
+    """A refusal the caller can act on. Subclasses fix the status code; the default reason
+    is the code's name unless a subclass names another."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     default_reason: str = "INTERNAL"
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "code" in cls.__dict__ and "default_reason" not in cls.__dict__:
+            cls.default_reason = cls.code.name
 
     def __init__(
         self,
@@ -77,7 +83,6 @@ class DomainError(Exception):
 
 class InvalidArgument(DomainError):
     code = grpc.StatusCode.INVALID_ARGUMENT
-    default_reason = "INVALID_ARGUMENT"
 
     @classmethod
     def field(cls, field: str, description: str, **kwargs) -> InvalidArgument:
@@ -87,43 +92,36 @@ class InvalidArgument(DomainError):
 
 class NotFound(DomainError):
     code = grpc.StatusCode.NOT_FOUND
-    default_reason = "NOT_FOUND"
 
 
 class AlreadyExists(DomainError):
     code = grpc.StatusCode.ALREADY_EXISTS
-    default_reason = "ALREADY_EXISTS"
 
 
 class FailedPrecondition(DomainError):
     """A rule blocks the action: do not retry until the state changes."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
-    default_reason = "FAILED_PRECONDITION"
 
 
 class Aborted(DomainError):
     """A lost race: retrying is safe."""
 
     code = grpc.StatusCode.ABORTED
-    default_reason = "ABORTED"
 
 
 class Unauthenticated(DomainError):
     code = grpc.StatusCode.UNAUTHENTICATED
-    default_reason = "UNAUTHENTICATED"
 
 
 class PermissionDenied(DomainError):
     code = grpc.StatusCode.PERMISSION_DENIED
-    default_reason = "PERMISSION_DENIED"
 
 
 class ResourceExhausted(DomainError):
     """A limit was reached: retry later (after `retry_after_s` when it is known)."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    default_reason = "RESOURCE_EXHAUSTED"
 
 
 class Unavailable(DomainError):
@@ -135,7 +133,6 @@ class Unavailable(DomainError):
 
 class DeadlineExceeded(DomainError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
-    default_reason = "DEADLINE_EXCEEDED"
 
 
 _RETRYABLE_SQLSTATES = {"40001", "40P01"}  # serialization failure, deadlock

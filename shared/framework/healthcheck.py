@@ -1,8 +1,8 @@
 """`python -m shared.framework.healthcheck HOST:PORT [SERVICE]`: exit 0 if the service is SERVING.
 
-The container health check (docker-compose.yml): SERVICE "" (the default) is
-liveness, a `relman.v1.*` name readiness. Plaintext only; with TLS use the platform's
-gRPC probe.
+Server framework: the container health check (docker-compose.yml). SERVICE "" (the
+default) is liveness, a `relman.v1.*` name readiness. Plaintext only; with TLS use the
+platform's gRPC probe.
 """
 
 from __future__ import annotations

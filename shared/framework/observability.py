@@ -1,12 +1,15 @@
 """What a relman process tells its operators: one log line per RPC, and Prometheus metrics.
 
+Server framework: the log format, the record of each call (opened and closed by the
+call-lifecycle interceptor, shared.framework.interceptors) and the metrics registry.
+
 Logs: JSON lines on stderr (one object per record, the RPC line carrying method,
 code, duration_ms, caller, peer and request_id), readable text when stderr is a
 terminal. The request id is the caller's `x-request-id` metadata (when it is a
 short printable token) or a new one; it is echoed in the response's metadata
-(shared.framework.server: trailing for a single response, initial for a response stream), so
-a caller can quote it. Request and response bodies are never logged,
-nor is any metadata but the request id: no token or password reaches a log line.
+(trailing for a single response, initial for a response stream), so a caller can
+quote it. Request and response bodies are never logged, nor is any metadata but the
+request id: no token or password reaches a log line.
 
 Metrics (when DEPLOY_METRICS_PORT / AUDIT_METRICS_PORT is set): the names of Go's
 grpc-prometheus (grpc_server_started_total, grpc_server_handled_total,

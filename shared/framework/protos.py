@@ -1,4 +1,5 @@
-"""Small conversions between database values and protobuf fields, used by both services."""
+"""Server framework: small conversions between database values and protobuf fields, used
+by both services' servicers."""
 
 from __future__ import annotations
 
