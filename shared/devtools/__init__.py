@@ -1,2 +1,3 @@
-"""Tools for a developer's machine, never imported by a service: `make run`, the
-embedded PostgreSQL, and the demo seed."""
+"""Tools for a developer's machine: `make run`, the embedded PostgreSQL, and the demo
+seed. A service reaches only the embedded PostgreSQL, and only when DATABASE_URL is
+unset (shared.persistence.db)."""

@@ -37,7 +37,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shared.framework.config import ConfigError, Settings
-from shared.framework.interceptors import STOPPED as STOPPED  # a call ended by the stop
 from shared.framework.interceptors import AuthInterceptor, CallLifecycleInterceptor, Drain
 from shared.framework.observability import configure_logging, gauge, serve_metrics, watch_pool
 from shared.identity.auth import Authenticator

@@ -63,5 +63,5 @@ def user_agent(metadata) -> str | None:
     return None
 
 
-# The caller of the RPC being served, set by the authentication wrapper in shared.framework.server.
+# The caller of the RPC being served, set by the AuthInterceptor (shared.framework.interceptors).
 current_actor: ContextVar[Actor] = ContextVar("current_actor")

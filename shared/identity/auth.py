@@ -310,10 +310,6 @@ class Authenticator:
             await self._record_denial(actor, method, denial)
             raise
 
-    # The old name, which shared.framework.server still calls: drop it once that calls
-    # authenticate_and_authorize.
-    admit = authenticate_and_authorize
-
     async def _record_denial(self, actor: Actor, method: str, denial) -> None:
         suppressed = self.denials.claim_row(actor.peer or "unknown")
         if suppressed is None:

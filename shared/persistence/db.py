@@ -122,8 +122,9 @@ STATEMENT_TIMEOUT_S = 60  # the backstop for work no deadline bounds
 # session, so a stuck caller cannot pin a pooled connection and its locks for ever.
 IDLE_IN_TRANSACTION_S = 120
 
-# The time.monotonic() deadline of the RPC being served (shared.framework.server sets it), so that
-# every unit of work of a call is bounded by the caller's deadline without passing it on.
+# The time.monotonic() deadline of the RPC being served (shared.framework.interceptors sets
+# it), so that every unit of work of a call is bounded by the caller's deadline without
+# passing it on.
 call_deadline: ContextVar[float | None] = ContextVar("call_deadline", default=None)
 
 

@@ -1,5 +1,6 @@
-"""The deployment rules (README, "Deployment rules") as queries over the whole database, written apart from the
-domain code: each returns the rows that break its rule, so an empty result is a pass."""
+"""The deployment rules (README, "Deployment rules") as queries over the whole database,
+written apart from the domain code: each returns the rows that break its rule, so an
+empty result is a pass."""
 
 from __future__ import annotations
 

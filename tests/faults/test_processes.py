@@ -19,7 +19,7 @@ import asyncpg
 import grpc
 
 from relman.v1 import audit_pb2, audit_pb2_grpc, deploy_pb2
-from shared.framework.server import STOPPED
+from shared.framework.interceptors import STOPPED
 from shared.persistence.db import libpq_dsn
 from tests.deploying import DEV, Client
 from tests.faults.conftest import assert_no_internal_errors, new_service_id, services
