@@ -1,19 +1,17 @@
-"""The CSV export of the audit trail: one `COPY (query) TO STDOUT`, streamed.
+"""The CSV export of the audit trail (domain layer): one `COPY (query) TO STDOUT`, streamed.
 
 PostgreSQL builds the whole CSV (RFC 4180, header, ISO 8601 UTC times, details
-as JSON text) in one consistent snapshot, oldest first. The query orders by
-the table's columns `a.created_at, a.id`, never by the formatted column of the
-same name, so rows flow from the (created_at, id) index at once instead of
-after a sort of everything. Chunks are passed on as they come, gathered to
+as JSON text) in one consistent snapshot, oldest first. The query orders by the
+table's columns `audit_logs.created_at, audit_logs.id`, never by the formatted
+column of the same name, so rows flow from the (created_at, id) index at once
+instead of after a sort of everything. Chunks are passed on as they come, gathered to
 about 64 KiB at row boundaries; the COPY waits while the client reads, so memory
 stays flat for any row count. A cancelled call ends the query at once (its
 connection is closed, not returned to the pool).
 
 Text cells that a spreadsheet would run as a formula (starting with = + - @,
-tab or CR) get a leading ' unless `raw` is asked for.
-
-`python -m audit_svc.export --since ... --until ... --action ... --origin client -o audit.csv`
-streams an export from a running audit_svc to a file or stdout.
+tab or CR) get a leading ' unless `raw` is asked for. The filter is the one
+ListAuditLogs applies (audit_svc.trail.conditions), compiled into the query.
 
 An export whose reader takes nothing for EXPORT_READER_IDLE_S is ended by the
 servicer (audit_svc.servicer), which closes this stream and so its connection.
@@ -21,25 +19,36 @@ servicer (audit_svc.servicer), which closes this stream and so its connection.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import os
-import sys
-import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 
-from audit_svc.service import Filter
+from sqlalchemy import and_
+from sqlalchemy.dialects.postgresql import asyncpg as postgresql_asyncpg
+
+from audit_svc.trail import Filter, conditions
 from shared.persistence.db import Database, time_left
 
 CHUNK_BYTES = 64 * 1024
 NEUTRALIZED = ("username", "action", "resource_type", "resource_id", "user_agent")
 FORMULA_START = r"^[=+\-@\t\r]"
+# The dialect of the engine (asyncpg): $n parameters, as the COPY takes them.
+_DIALECT = postgresql_asyncpg.dialect()
+# (raw, the filters set) -> the COPY's SELECT and the filters whose values fill its $n, in
+# order: built once for each of the 256 shapes a request can take, not per export.
+_QUERIES: dict[tuple[bool, tuple[str, ...]], tuple[str, tuple[str, ...]]] = {}
 
 
 def export_query(f: Filter, raw: bool) -> tuple[str, list]:
-    """The COPY's SELECT with $n parameters for the filters."""
+    """The COPY's SELECT with $n parameters for the filters, and their values."""
+    shape = (raw, tuple(name for name, value in vars(f).items() if value is not None))
+    built = _QUERIES.get(shape)
+    if built is None:
+        built = _QUERIES[shape] = _build_query(f, raw)
+    query, names = built
+    return query, [getattr(f, name) for name in names]
 
+
+def _build_query(f: Filter, raw: bool) -> tuple[str, tuple[str, ...]]:
     def cell(column: str, expression: str) -> str:
         if raw or column not in NEUTRALIZED:
             return f"{expression} AS {column}"
@@ -48,45 +57,40 @@ def export_query(f: Filter, raw: bool) -> tuple[str, list]:
             f" ELSE {expression} END AS {column}"
         )
 
+    # audit_logs is not aliased: the compiled conditions name the table.
     columns = [
-        "a.id",
-        """to_char(a.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""
+        "audit_logs.id",
+        """to_char(audit_logs.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""
         " AS created_at",
-        "a.user_id",
+        "audit_logs.user_id",
         cell("username", "u.username"),
-        cell("action", "a.action"),
-        cell("resource_type", "a.resource_type"),
-        cell("resource_id", "a.resource_id"),
-        "a.details::text AS details",
-        "a.ip_address",
-        cell("user_agent", "a.user_agent"),
+        cell("action", "audit_logs.action"),
+        cell("resource_type", "audit_logs.resource_type"),
+        cell("resource_id", "audit_logs.resource_id"),
+        "audit_logs.details::text AS details",
+        "audit_logs.ip_address",
+        cell("user_agent", "audit_logs.user_agent"),
         # Set by relman only (`relman` or `client`, and the caller's id): never a formula.
-        "a.origin",
-        "a.recorded_by",
+        "audit_logs.origin",
+        "audit_logs.recorded_by",
     ]
-    where, args = [], []
-    for column, operator, value in (
-        ("a.user_id", "=", f.user_id),
-        ("a.action", "=", f.action),
-        ("a.resource_type", "=", f.resource_type),
-        ("a.resource_id", "=", f.resource_id),
-        ("a.created_at", ">=", f.start_time),
-        ("a.created_at", "<", f.end_time),
-        ("a.origin", "=", f.origin),
-    ):
-        if value is not None:
-            args.append(value)
-            where.append(f"{column} {operator} ${len(args)}")
     query = (
-        f"SELECT {', '.join(columns)} FROM audit_logs a LEFT JOIN users u ON u.id = a.user_id"
-        + (f" WHERE {' AND '.join(where)}" if where else "")
-        + " ORDER BY a.created_at, a.id"  # the table's columns: an index walk, no sort
+        f"SELECT {', '.join(columns)}"
+        " FROM audit_logs LEFT JOIN users u ON u.id = audit_logs.user_id"
     )
-    return query, args
+    names: tuple[str, ...] = ()
+    tests = list(conditions(f).values())
+    if tests:
+        where = and_(*tests).compile(dialect=_DIALECT)
+        query += f" WHERE {where}"
+        names = tuple(where.positiontup)
+    # The table's columns, not the formatted created_at: an index walk, no sort.
+    return query + " ORDER BY audit_logs.created_at, audit_logs.id", names
 
 
 async def export_audit_logs_csv(database: Database, f: Filter, raw: bool) -> AsyncIterator[str]:
-    """The filtered trail as CSV text chunks cut at row boundaries (the seed's method, streamed)."""
+    """The filtered trail as CSV text chunks cut at row boundaries; opens its own
+    connection and transaction (one snapshot), held for the stream's life."""
     query, args = export_query(f, raw)
     pieces: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=4)  # backpressure on the COPY
 
@@ -157,97 +161,3 @@ async def _next(pieces: asyncio.Queue, producer: asyncio.Task) -> bytes | None:
     getter.cancel()
     producer.result()  # raises the COPY's error
     return await pieces.get()  # it finished: its last pieces and the end mark are queued
-
-
-# -- command line ----------------------------------------------------------------------------
-
-
-def _time(value: str) -> datetime:
-    parsed = datetime.fromisoformat(value)
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
-async def _download(args, out) -> int:
-    import grpc
-    from google.protobuf.timestamp_pb2 import Timestamp
-
-    from relman.v1 import audit_pb2, audit_pb2_grpc
-    from shared.framework.protos import enum_to_proto
-
-    def stamp(value: datetime | None):
-        if value is None:
-            return None
-        result = Timestamp()
-        result.FromDatetime(value)
-        return result
-
-    request = audit_pb2.ExportAuditLogsRequest(
-        filter=audit_pb2.AuditLogFilter(
-            user_id=args.user_id or "",
-            action=args.action or "",
-            resource_type=args.resource_type or "",
-            resource_id=args.resource_id or "",
-            start_time=stamp(args.since),
-            end_time=stamp(args.until),
-            origin=enum_to_proto(audit_pb2.AuditOrigin, args.origin),
-        ),
-        raw=args.raw,
-    )
-    token = os.environ.get("RELMAN_TOKEN", "")
-    progress = sys.stderr.isatty()
-    rows = written = 0
-    started = time.monotonic()
-    try:
-        async with grpc.aio.insecure_channel(args.address) as channel:
-            stream = audit_pb2_grpc.AuditServiceStub(channel).ExportAuditLogs(
-                request, metadata=(("authorization", f"Bearer {token}"),)
-            )
-            async for chunk in stream:
-                out.write(chunk.data)
-                rows += chunk.data.count("\n")
-                written += len(chunk.data.encode())
-                if progress:
-                    rate = rows / max(time.monotonic() - started, 1e-6)
-                    print(
-                        f"\r{rows:,} rows, {written / 1e6:.1f} MB, {rate:,.0f} rows/s",
-                        end="",
-                        file=sys.stderr,
-                    )
-    except grpc.aio.AioRpcError as error:
-        print(f"export: {error.code().name}: {error.details()}", file=sys.stderr)
-        return 2
-    finally:
-        if progress:
-            print(file=sys.stderr)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m audit_svc.export",
-        description="Stream the audit trail as CSV from audit_svc (token in RELMAN_TOKEN).",
-    )
-    parser.add_argument(
-        "--address",
-        default=os.environ.get("AUDIT_SVC_ADDR", "localhost:50052").replace("[::]", "localhost"),
-    )
-    parser.add_argument("--since", type=_time, help="ISO 8601 start time, inclusive")
-    parser.add_argument("--until", type=_time, help="ISO 8601 end time, exclusive")
-    parser.add_argument("--action")
-    parser.add_argument("--user-id")
-    parser.add_argument("--resource-type")
-    parser.add_argument("--resource-id")
-    parser.add_argument(
-        "--origin", choices=("relman", "client"), help="rows relman wrote, or rows clients sent"
-    )
-    parser.add_argument("--raw", action="store_true", help="no formula neutralizing")
-    parser.add_argument("-o", "--output", default="-", help="file to write; - for stdout")
-    args = parser.parse_args(argv)
-    if args.output == "-":
-        return asyncio.run(_download(args, sys.stdout))
-    with open(args.output, "w", newline="") as out:
-        return asyncio.run(_download(args, out))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Group commit: rows from concurrent LogAction calls written by one INSERT and one commit.
+"""Group commit (persistence layer): concurrent LogAction calls' rows, one INSERT, one commit.
 
 A commit waits for the disk (fsync), and each call committing on its own spends most
 of its time there. Here a caller queues its row and waits; one flusher task takes

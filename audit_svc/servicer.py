@@ -11,21 +11,15 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterator
 import grpc
 from google.protobuf import struct_pb2
 
-from audit_svc import export, service
+from audit_svc import export, trail
 from audit_svc.group_commit import GroupCommit
 from relman.v1 import audit_pb2, audit_pb2_grpc
 from shared.framework.config import Settings
 from shared.framework.errors import Aborted, InvalidArgument, ResourceExhausted
 from shared.framework.observability import counter
-from shared.framework.protos import (
-    enum_from_proto,
-    enum_to_proto,
-    id_text,
-    struct_to_dict,
-    timestamp,
-)
+from shared.framework.protos import enum_to_proto, id_text, struct_to_dict, timestamp
 from shared.framework.server import Resources
-from shared.framework.validation import optional_uuid, parse_timestamp
+from shared.framework.validation import enum_word, optional_uuid, parse_timestamp
 from shared.identity.actor import current_actor
 from shared.persistence.db import Database
 from shared.persistence.models import AuditLog, AuditOrigin
@@ -40,8 +34,8 @@ EXPORTED = counter(
 MAX_ROWS_PER_BATCH = 10_000
 
 
-def _entry(request: audit_pb2.LogActionRequest) -> service.Entry:
-    return service.Entry(
+def _entry(request: audit_pb2.LogActionRequest) -> trail.Entry:
+    return trail.Entry(
         action=request.action,
         resource_type=request.resource_type,
         resource_id=request.resource_id,
@@ -53,20 +47,17 @@ def _entry(request: audit_pb2.LogActionRequest) -> service.Entry:
     )
 
 
-def _filter(request_filter: audit_pb2.AuditLogFilter) -> service.Filter:
+def _filter(request_filter: audit_pb2.AuditLogFilter) -> trail.Filter:
     def when(field: str):
         if not request_filter.HasField(field):
             return None
         return parse_timestamp(f"filter.{field}", getattr(request_filter, field))
 
-    origin = enum_from_proto(audit_pb2.AuditOrigin, request_filter.origin)
-    if origin is None and request_filter.origin:  # proto3 enums are open: any number parses
-        raise InvalidArgument.field(
-            "filter.origin", "must be AUDIT_ORIGIN_RELMAN, AUDIT_ORIGIN_CLIENT or unset"
-        )
-
-    return service.check_filter(
-        service.Filter(
+    origin = enum_word(
+        "filter.origin", audit_pb2.AuditOrigin, request_filter.origin, required=False
+    )
+    return trail.check_filter(
+        trail.Filter(
             user_id=optional_uuid("filter.user_id", request_filter.user_id),
             action=request_filter.action or None,
             resource_type=request_filter.resource_type or None,
@@ -79,7 +70,7 @@ def _filter(request_filter: audit_pb2.AuditLogFilter) -> service.Filter:
 
 
 def _audit_log(
-    row: AuditLog | service.Stored, username: str | None, recorded_by_username: str | None
+    row: AuditLog | trail.Stored, username: str | None, recorded_by_username: str | None
 ) -> audit_pb2.AuditLog:
     details = struct_pb2.Struct()
     details.update(row.details or {})
@@ -158,61 +149,57 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     def __init__(self, database: Database, settings: Settings) -> None:
         self.database = database
         self.settings = settings
-        self.appender = GroupCommit(database, service.write_rows)
+        self.appender = GroupCommit(database, trail.write_rows)
         self.streams = StreamSlots(settings.audit_streams_per_caller)
 
     async def LogAction(self, request, context):
-        row = service.validate(current_actor.get(), _entry(request))
+        row = trail.checked_row(current_actor.get(), _entry(request))
         stored, username, recorded_by_username = await self.appender.append(row)
         INGESTED.labels("LogAction").inc()
         return _audit_log(stored, username, recorded_by_username)
 
     async def LogActions(self, request_iterator, context):
-        """All rows of the stream or none: validated batch by batch, COPYed inside one
-        transaction that commits only after the last batch arrived. A stream idle for
+        """All rows of the stream or none (trail.log_actions). A stream idle for
         AUDIT_STREAM_IDLE_S ends rolled back."""
         actor = current_actor.get()
-        count = 0
+
+        async def before_commit() -> None:
+            # gRPC ends the request stream alike for a client's half-close and for its
+            # cancel, and cancels this task only once its core's cancel notice is
+            # handled. A send passes through the core after that notice, so a cancel
+            # reaches this task before the commit: the stream is rolled back, not
+            # stored. (Waiting one turn of the event loop instead let about 1 in 20
+            # streams commit when several were cancelled at once.)
+            await context.send_initial_metadata(())
+
         with self.streams.held(actor.user_id):
-            async with self.database.transaction() as session:
-                batches = _until_idle(request_iterator, self.settings.audit_stream_idle_s)
-                async for batch in batches:
-                    if len(batch.actions) > MAX_ROWS_PER_BATCH:
-                        raise InvalidArgument.field(
-                            "actions", f"a batch holds at most {MAX_ROWS_PER_BATCH} rows"
-                        )
-                    rows = []
-                    for action in batch.actions:
-                        field = f"actions[{count + len(rows)}]."
-                        rows.append((field, service.validate(actor, _entry(action), field)))
-                    await service.check_users(session, rows)
-                    if rows:
-                        await service.append_batch(session, [row for _, row in rows])
-                    count += len(rows)
-                # gRPC ends the request stream alike for a client's half-close and for its
-                # cancel, and cancels this task only once its core's cancel notice is
-                # handled. A send passes through the core after that notice, so a cancel
-                # reaches this task before the commit: the stream is rolled back, not
-                # stored. (Waiting one turn of the event loop instead let about 1 in 20
-                # streams commit when several were cancelled at once.)
-                await context.send_initial_metadata(())
+            count = await trail.log_actions(
+                self.database, actor, self._entries(request_iterator), before_commit
+            )
         INGESTED.labels("LogActions").inc(count)
         return audit_pb2.LogActionsResponse(count=count)
+
+    async def _entries(self, request_iterator) -> AsyncIterator[Iterator[trail.Entry]]:
+        """The stream's batches, each as its entries, until the client ends it or falls
+        idle; a batch over MAX_ROWS_PER_BATCH is refused as it arrives."""
+        async for batch in _until_idle(request_iterator, self.settings.audit_stream_idle_s):
+            if len(batch.actions) > MAX_ROWS_PER_BATCH:
+                raise InvalidArgument.field(
+                    "actions", f"a batch holds at most {MAX_ROWS_PER_BATCH} rows"
+                )
+            yield map(_entry, batch.actions)
 
     async def ListAuditLogs(self, request, context):
         actor = current_actor.get()
         audit_filter = _filter(request.filter)
 
-        async def read():
-            async with self.database.read() as session:
-                return await service.get_audit_logs(
-                    session, audit_filter, request.page_size, request.page_token
-                )
-
         # The read is recorded even if it fails, and its page is returned only once the
         # record is stored; the two run side by side.
         _, (page, usernames) = await asyncio.gather(
-            self.appender.append(service.read_row(actor, "audit.read", audit_filter)), read()
+            self.appender.append(trail.read_row(actor, "audit.read", audit_filter)),
+            trail.get_audit_logs(
+                self.database, audit_filter, request.page_size, request.page_token
+            ),
         )
         return audit_pb2.ListAuditLogsResponse(
             audit_logs=[
@@ -231,7 +218,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         audit_filter = _filter(request.filter)
         extra = {"raw": request.raw, "export_id": str(uuid.uuid4())}
         # Stored before the first byte goes out, so even a cancelled export is recorded.
-        await self.appender.append(service.read_row(actor, "audit.export", audit_filter, extra))
+        await self.appender.append(trail.read_row(actor, "audit.export", audit_filter, extra))
         idle_s = self.settings.export_reader_idle_s
         chunks = export.export_audit_logs_csv(self.database, audit_filter, request.raw)
         async with contextlib.aclosing(chunks):

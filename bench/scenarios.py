@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2
 from sqlalchemy import select
 
 from audit_svc.export import export_query
-from audit_svc.service import COPY_COLUMNS, Filter
+from audit_svc.trail import Filter
 from bench.load import closed_loop, percentile
 from bench.report import Result, at_least, at_most, at_most_ratio, info
 from bench.stack import Stack
@@ -37,6 +37,7 @@ from relman.v1 import (
     deploy_pb2_grpc,
 )
 from shared.devtools.seed import seed_id
+from shared.persistence.audit_log import COLUMNS as COPY_COLUMNS
 from shared.persistence.db import libpq_dsn
 from shared.persistence.models import User
 from tests.harness import bearer

@@ -385,3 +385,18 @@ async def fails(call, code: grpc.StatusCode, reason: str | None = None):
     if reason is not None:
         assert error_details(failure.value)[0].reason == reason
     return failure.value
+
+
+async def until_streams_hold(url: URL, count: int) -> None:
+    """Waits until `count` LogActions streams hold a connection each, in the transaction
+    that holds their rows (idle in it after their COPY, waiting for the next batch)."""
+    observer = await asyncpg.connect(libpq_dsn(url))
+    try:
+        async with asyncio.timeout(30):
+            while count != await observer.fetchval(  # noqa: ASYNC110 - polling the database
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND state = 'idle in transaction' AND query LIKE 'COPY%'"
+            ):
+                await asyncio.sleep(0.02)
+    finally:
+        await observer.close()

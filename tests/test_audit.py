@@ -17,11 +17,14 @@ from google.protobuf import struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import func, select, text
 
-from audit_svc import service
+from audit_svc import trail
+from audit_svc.export import export_query
 from relman.v1 import audit_pb2, audit_pb2_grpc
 from shared.devtools.seed import seed_id
+from shared.identity.actor import Actor
 from shared.identity.tokens import issue_token
-from shared.persistence.db import libpq_dsn
+from shared.persistence import audit_log
+from shared.persistence.db import driver_connection, libpq_dsn
 from shared.persistence.models import AuditLog, AuditOrigin, Role, User
 from tests.harness import (
     RelmanProcess,
@@ -31,22 +34,13 @@ from tests.harness import (
     error_details,
     fails,
     scratch_database,
+    until_streams_hold,
 )
 
-HEADER = [
-    "id",
-    "created_at",
-    "user_id",
-    "username",
-    "action",
-    "resource_type",
-    "resource_id",
-    "details",
-    "ip_address",
-    "user_agent",
-    "origin",
-    "recorded_by",
-]
+HEADER = (
+    "id,created_at,user_id,username,action,resource_type,resource_id,details,ip_address,"
+    "user_agent,origin,recorded_by"
+).split(",")
 
 
 def details(**values) -> struct_pb2.Struct:
@@ -331,14 +325,6 @@ async def test_streams_cancelled_together_keep_nothing(stub, as_role, db_url):
     observer = await asyncpg.connect(libpq_dsn(db_url))
     callers = [as_role[role] for role in (Role.SERVICE, Role.ADMIN, Role.LEAD, Role.DEVELOPER)]
 
-    async def streams_holding(count: int) -> None:
-        async with asyncio.timeout(30):
-            while count != await observer.fetchval(  # noqa: ASYNC110 - polling the database
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                " AND state = 'idle in transaction' AND query LIKE 'COPY%'"
-            ):
-                await asyncio.sleep(0.02)
-
     try:
         stored = []
         for _ in range(10):
@@ -346,10 +332,10 @@ async def test_streams_cancelled_together_keep_nothing(stub, as_role, db_url):
             calls = [stub.LogActions(metadata=caller) for caller in callers]
             for call in calls:
                 await call.write(next(batches(marker, 1, 1)))
-            await streams_holding(len(calls))
+            await until_streams_hold(db_url, len(calls))
             for call in calls:
                 call.cancel()
-            await streams_holding(0)
+            await until_streams_hold(db_url, 0)
             stored.append(
                 await observer.fetchval(
                     "SELECT count(*) FROM audit_logs WHERE resource_type = $1", marker
@@ -370,21 +356,20 @@ async def _zero(count) -> bool:
 
 async def test_a_bulk_append_is_part_of_its_transaction(database, marker):
     """COPY goes straight to the driver; it must still roll back with its transaction."""
-    row = {
-        "id": uuid.uuid4(),
-        "user_id": None,
-        "action": "x",
-        "resource_type": marker,
-        "resource_id": None,
-        "details": "{}",
-        "ip_address": None,
-        "user_agent": None,
-        "origin": "client",
-        "recorded_by": None,
-    }
+    row = audit_log.client_row(
+        Actor.anonymous(None, None),
+        row_id=uuid.uuid4(),
+        user_id=None,
+        action="x",
+        resource_type=marker,
+        resource_id=None,
+        details="{}",
+        ip_address=None,
+        user_agent=None,
+    )
     with pytest.raises(RuntimeError):
         async with database.transaction() as session:
-            await service.append_batch(session, [row])
+            await trail.append_batch(session, [row])
             raise RuntimeError("the stream failed later")
     assert await rows_of(database, marker) == []
 
@@ -515,25 +500,41 @@ async def test_reading_the_trail_is_audited(stub, as_role, database, marker):
     assert row is not None and row.user_id == seed_id("user", "lena")
 
 
-@pytest.mark.parametrize(
-    "filters",
-    [
-        {},
-        {"action": "create"},
-        {"user_id": uuid.UUID(int=1)},
-        {"resource_type": "release"},
+# Each common filter and the index that serves it in (created_at, id) order. A filter on
+# resource_type alone, or on client rows, walks (created_at, id) and filters.
+INDEX_OF_FILTER = [
+    ({}, "ix_audit_logs_created_at_id"),
+    ({"action": "create"}, "ix_audit_logs_action_created_at_id"),
+    ({"user_id": uuid.UUID(int=1)}, "ix_audit_logs_user_id_created_at_id"),
+    ({"resource_type": "release"}, "ix_audit_logs_created_at_id"),
+    (
         {"resource_type": "release", "resource_id": "x"},
+        "ix_audit_logs_resource_type_resource_id_created_at_id",
+    ),
+    (
         {"action": "create", "start_time": datetime(2026, 1, 1, tzinfo=UTC)},
-        {"origin": AuditOrigin.RELMAN},
-        {"origin": AuditOrigin.CLIENT},
-    ],
-    ids=str,
-)
-async def test_every_common_filter_is_served_by_an_index(database, filters):
-    f = service.Filter(**filters)
+        "ix_audit_logs_action_created_at_id",
+    ),
+    ({"origin": AuditOrigin.RELMAN}, "ix_audit_logs_relman_created_at_id"),
+    ({"origin": AuditOrigin.CLIENT}, "ix_audit_logs_created_at_id"),
+]
+
+
+async def _plan(session, query: str, *args) -> str:
+    """EXPLAIN of `query` with its parameters bound, where only an index can serve the
+    filter *and* the (created_at, id) order: no sequential or bitmap scan, no sort."""
+    for setting in ("enable_seqscan", "enable_bitmapscan", "enable_sort"):
+        await session.execute(text(f"SET LOCAL {setting} = off"))
+    driver = await driver_connection(session)
+    return "\n".join(row[0] for row in await driver.fetch(f"EXPLAIN {query}", *args))
+
+
+@pytest.mark.parametrize(("filters", "index"), INDEX_OF_FILTER, ids=str)
+async def test_every_common_filter_is_served_by_an_index(database, filters, index):
+    f = trail.Filter(**filters)
     query = (
         select(AuditLog)
-        .where(*service.conditions(f).values())
+        .where(*trail.conditions(f).values())
         .order_by(AuditLog.created_at.desc(), AuditLog.id.desc())
         .limit(51)
     )
@@ -541,11 +542,20 @@ async def test_every_common_filter_is_served_by_an_index(database, filters):
         compiled = query.compile(
             dialect=session.bind.dialect, compile_kwargs={"literal_binds": True}
         )
-        # Can an index serve the filter *and* the keyset order? No alternatives.
-        for setting in ("enable_seqscan", "enable_bitmapscan", "enable_sort"):
-            await session.execute(text(f"SET LOCAL {setting} = off"))
-        plan = "\n".join(await session.scalars(text(f"EXPLAIN {compiled}")))
-    assert "Index Scan" in plan and "Seq Scan" not in plan and "Sort" not in plan, plan
+        plan = await _plan(session, str(compiled))
+    assert f"Index Scan Backward using {index} on audit_logs" in plan, plan
+    assert "Seq Scan" not in plan and "Sort" not in plan, plan
+
+
+@pytest.mark.parametrize(("filters", "index"), INDEX_OF_FILTER, ids=str)
+async def test_the_export_walks_the_index_of_its_filter(database, filters, index):
+    """The export's COPY query, as export_query builds it, takes the list's filter and its
+    index, oldest first, the users joined row by row (no sort of the trail)."""
+    query, args = export_query(trail.Filter(**filters), raw=False)
+    async with database.transaction() as session:
+        plan = await _plan(session, query, *args)
+    assert f"Index Scan using {index} on audit_logs" in plan, plan
+    assert "Seq Scan" not in plan and "Sort" not in plan, plan
 
 
 # -- ExportAuditLogs -----------------------------------------------------------------------------
@@ -647,7 +657,7 @@ async def test_grpcurl_and_jq_give_the_same_bytes(
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "audit_svc.export",
+        "audit_svc.export_cli",
         "--address",
         address,
         "--resource-type",
@@ -671,36 +681,41 @@ def _peak_rss_kib(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
+async def _load_200k_rows(url) -> str:
+    """Fills the trail of a database of its own with 200,000 rows; returns an admin's token."""
+    connection = await asyncpg.connect(libpq_dsn(url))
+    try:
+        admin_id = uuid.uuid4()
+        await connection.execute(
+            "INSERT INTO users (id, email, username, hashed_password, role, is_admin)"
+            " VALUES ($1, 'a@x.example', 'auditor', '!', 'admin', true)",
+            admin_id,
+        )
+        await connection.copy_records_to_table(
+            "audit_logs",
+            columns=["user_id", "action", "resource_type", "resource_id", "details"],
+            records=(
+                (admin_id, "bulk", "load", f"r{n}", json.dumps({"n": n, "pad": "x" * 80}))
+                for n in range(200_000)
+            ),
+        )
+    finally:
+        await connection.close()
+    from shared.persistence.db import Database
+
+    database = Database(url, pool_size=1)
+    try:
+        async with database.transaction() as session:
+            admin = await session.get(User, admin_id)
+            token, _ = await issue_token(session, admin, "export-test", None)
+    finally:
+        await database.dispose()
+    return token
+
+
 async def test_a_200k_row_export_keeps_memory_flat_and_a_cancel_frees_the_query(server_url):
     async with scratch_database(server_url) as url:
-        connection = await asyncpg.connect(libpq_dsn(url))
-        try:
-            admin_id = uuid.uuid4()
-            await connection.execute(
-                "INSERT INTO users (id, email, username, hashed_password, role, is_admin)"
-                " VALUES ($1, 'a@x.example', 'auditor', '!', 'admin', true)",
-                admin_id,
-            )
-            await connection.copy_records_to_table(
-                "audit_logs",
-                columns=["user_id", "action", "resource_type", "resource_id", "details"],
-                records=(
-                    (admin_id, "bulk", "load", f"r{n}", json.dumps({"n": n, "pad": "x" * 80}))
-                    for n in range(200_000)
-                ),
-            )
-        finally:
-            await connection.close()
-        from shared.persistence.db import Database
-
-        database = Database(url, pool_size=1)
-        try:
-            async with database.transaction() as session:
-                admin = await session.get(User, admin_id)
-                token, _ = await issue_token(session, admin, "export-test", None)
-        finally:
-            await database.dispose()
-
+        token = await _load_200k_rows(url)
         process = await RelmanProcess.start(
             ["-m", "audit_svc"], env_for(url, AUDIT_SVC_ADDR="127.0.0.1:0")
         )

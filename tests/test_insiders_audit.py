@@ -1,4 +1,4 @@
-"""Issue 15, the audit trail against insiders (DESIGN.md section 8): provenance of every
+"""Issue 15, the audit trail against insiders: provenance of every
 row, resources a caller can hold, and filter values that are only data.
 
 Each test performs the attack through the API of relman processes of this module's
@@ -38,6 +38,7 @@ from tests.harness import (
     mint_tokens,
     scratch_database,
     start_service,
+    until_streams_hold,
 )
 
 RELMAN, CLIENT = audit_pb2.AUDIT_ORIGIN_RELMAN, audit_pb2.AUDIT_ORIGIN_CLIENT
@@ -248,7 +249,7 @@ async def test_the_trail_filters_by_origin(trail):
         marker
     ] * 3
     cli = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "audit_svc.export", "--origin", "client",
+        sys.executable, "-m", "audit_svc.export_cli", "--origin", "client",
         "--since", since.isoformat(),
         "--address", client_address(trail.audit_process.addresses["audit_svc"]),
         env={**env_for(trail.url), "RELMAN_TOKEN": trail.tokens["lena"]},
@@ -331,21 +332,6 @@ async def until_state(process: RelmanProcess, *, in_use: int, calls: int | None 
                 await asyncio.sleep(0.05)
     except TimeoutError:
         raise AssertionError(f"(calls, tasks, connections in use): {state}") from None
-
-
-async def until_streams_hold(url: URL, count: int) -> None:
-    """Waits until `count` LogActions streams hold a connection each, in the transaction
-    that holds their rows (idle in it after their COPY, waiting for the next batch)."""
-    observer = await asyncpg.connect(libpq_dsn(url))
-    try:
-        async with asyncio.timeout(10):
-            while count != await observer.fetchval(  # noqa: ASYNC110 - polling the database
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                " AND state = 'idle in transaction' AND query LIKE 'COPY%'"
-            ):
-                await asyncio.sleep(0.02)
-    finally:
-        await observer.close()
 
 
 async def test_an_idle_stream_is_ended_and_keeps_nothing(trail):

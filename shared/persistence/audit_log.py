@@ -1,7 +1,17 @@
-"""The one function that appends audit rows, used by both services.
+"""The shape of an audit row, and `append`, the writer of relman's own (persistence layer).
 
-It runs inside the caller's transaction, so a change and its audit record
-commit or roll back together: no state change without its audit record.
+Every writer of audit_logs sets the columns in COLUMNS (created_at is the
+database's: the services' role may not set it) from a row built here, so who
+wrote it is never left to the writer: `relman_row` for relman's own records
+(origin `relman`), `client_row` for what a client sent (origin `client`); both
+are recorded by the caller. The writers:
+
+- `append` (here): one row inside the caller's transaction, so a change and its
+  audit record commit or roll back together (both services' use cases);
+- audit_svc.trail.write_rows: the LogAction group commit, one INSERT on asyncpg;
+- audit_svc.trail.append_batch: LogActions, COPY on asyncpg.
+
+The last two are apart from `append` for speed (their docstrings say how much).
 """
 
 from __future__ import annotations
@@ -15,9 +25,76 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from shared.identity.actor import Actor
 from shared.persistence.models import AuditLog, AuditOrigin
 
+# The columns a writer sets, in the order of the asyncpg writers' statements.
+COLUMNS = (
+    "id",
+    "user_id",
+    "action",
+    "resource_type",
+    "resource_id",
+    "details",
+    "ip_address",
+    "user_agent",
+    "origin",
+    "recorded_by",
+)
+
 # Built once: a Core INSERT on the table, not an ORM one built per call (both showed in
 # the profile of every write RPC).
 _APPEND = insert(AuditLog.__table__).returning(AuditLog.__table__.c.id)
+
+
+def relman_row(
+    actor: Actor,
+    action: str,
+    resource_type: str,
+    resource_id: uuid.UUID | str | None = None,
+    details: Any = None,
+) -> dict[str, Any]:
+    """relman's own record that `actor` did `action`: the caller's user, address and user
+    agent, recorded by the caller (None for anonymous calls: a failed login, a refused
+    call without a valid token, the command lines, the stage sweeper). `details` comes
+    as its writer sends it: a dict through SQLAlchemy, JSON text on asyncpg."""
+    return {
+        "id": uuid.uuid4(),
+        "user_id": actor.user_id,
+        "action": action,
+        "resource_type": resource_type,
+        "resource_id": None if resource_id is None else str(resource_id),
+        "details": {} if details is None else details,
+        "ip_address": actor.peer,
+        "user_agent": actor.user_agent,
+        "origin": AuditOrigin.RELMAN.value,
+        "recorded_by": actor.user_id,
+    }
+
+
+def client_row(
+    actor: Actor,
+    row_id: uuid.UUID | None,
+    user_id: uuid.UUID | None,
+    action: str,
+    resource_type: str,
+    resource_id: str | None,
+    details: str,
+    ip_address: str | None,
+    user_agent: str | None,
+) -> dict[str, Any]:
+    """A row a client sent (LogAction, LogActions), its values already checked: whoever
+    it names as the user, it is recorded by the caller with origin `client`, so it never
+    passes for relman's own record. Without `row_id` the id is made where it is written."""
+    return {
+        "id": row_id,
+        "user_id": user_id,
+        "action": action,
+        "resource_type": resource_type,
+        "resource_id": resource_id,
+        "details": details,
+        "ip_address": ip_address,
+        "user_agent": user_agent,
+        "origin": AuditOrigin.CLIENT.value,
+        "recorded_by": actor.user_id,
+    }
 
 
 async def append(
@@ -28,22 +105,8 @@ async def append(
     resource_id: uuid.UUID | str | None = None,
     details: dict[str, Any] | None = None,
 ) -> uuid.UUID:
-    """Appends one row recording that `actor` did `action` to a resource; returns its id.
-
-    Rows written here are relman's own (origin `relman`), recorded by the caller's
-    authenticated user (None for anonymous calls: a failed login, a refused call
-    without a valid token, the command lines, the stage sweeper)."""
+    """Appends relman's record that `actor` did `action` to a resource, in the session's
+    transaction; returns its id."""
     return await session.scalar(
-        _APPEND,
-        {
-            "user_id": actor.user_id,
-            "action": action,
-            "resource_type": resource_type,
-            "resource_id": None if resource_id is None else str(resource_id),
-            "details": details or {},
-            "ip_address": actor.peer,
-            "user_agent": actor.user_agent,
-            "origin": AuditOrigin.RELMAN.value,
-            "recorded_by": actor.user_id,
-        },
+        _APPEND, relman_row(actor, action, resource_type, resource_id, details or {})
     )
