@@ -161,3 +161,7 @@ async def _next(pieces: asyncio.Queue, producer: asyncio.Task) -> bytes | None:
     getter.cancel()
     producer.result()  # raises the COPY's error
     return await pieces.get()  # it finished: its last pieces and the end mark are queued
+
+
+if __name__ == "__main__":  # the command line's old home: say where it went, fail loudly
+    raise SystemExit("python -m audit_svc.export moved: run python -m audit_svc.export_cli")

@@ -11,8 +11,8 @@ create-admin` makes the first admin). The services listen on loopback unless
 DEPLOY_SVC_ADDR / AUDIT_SVC_ADDR say otherwise.
 
 SIGINT or SIGTERM is passed on to the services, which stop gracefully; if one of
-them exits on its own (a port in use, say), the other is stopped too and the first
-one's exit code is returned (1 if it was 0).
+them exits on its own (a port in use, say), the other is stopped too and the exit code is
+the first one's (1 if it was 0), or a later non-zero code of the one stopped.
 """
 
 from __future__ import annotations

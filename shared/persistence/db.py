@@ -9,8 +9,9 @@ The transaction rule: a use case owns its unit of work. The domain function an
 RPC calls takes the `Database` and opens its units of work itself:
 `transaction()` for anything that writes or locks, `read()` for what only reads.
 A servicer (transport) never opens one and never holds a session; functions that
-take a session are steps inside a use case. Why the use case: only it knows what
-must commit together, what must commit even when the call fails (a failed
+take a session are steps inside a use case (the audit service's group commit and
+export stream own their connections the same way). Why the use case: only it knows
+what must commit together, what must commit even when the call fails (a failed
 login's count), and what must not hold locks across slow work (bcrypt). A use
 case that opens more than one unit of work says why in its docstring.
 """
