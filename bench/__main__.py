@@ -11,12 +11,16 @@ import time
 from pathlib import Path
 
 from bench import scenarios
+from bench.balancer import log_action_through_nginx
+from bench.pooler import log_action_through_pgbouncer
 from bench.report import table, write_json
 from bench.stack import running
 from shared.persistence.db import describe
 from tests.harness import server_url
 
 DEFAULT_OUTPUT = Path(__file__).parent / "results.json"
+# The scale-out scenarios come last: each starts processes of its own beside the stack.
+SCENARIOS = (*scenarios.SCENARIOS, log_action_through_pgbouncer, log_action_through_nginx)
 
 
 async def run(quick: bool, output: Path) -> int:
@@ -29,7 +33,7 @@ async def run(quick: bool, output: Path) -> int:
     )
     results = []
     async with running(server) as stack:
-        for scenario in scenarios.SCENARIOS:
+        for scenario in SCENARIOS:
             # What the load generator holds so far stays out of its collector's way, so
             # that its own pauses do not show up as the services' latency.
             gc.collect()

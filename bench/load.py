@@ -21,6 +21,15 @@ class Load:
     def percentile_ms(self, q: float) -> float:
         return percentile(self.latencies_s, q) * 1000
 
+    @classmethod
+    def merged(cls, loads: list[Load]) -> Load:
+        """Several rounds of one load as one: their calls, time and latencies together."""
+        return cls(
+            sum(load.calls for load in loads),
+            sum(load.elapsed_s for load in loads),
+            [latency for load in loads for latency in load.latencies_s],
+        )
+
 
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..1) of `values`."""

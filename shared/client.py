@@ -25,13 +25,30 @@ callers branch on a reason instead of parsing trailers:
 
 RelmanError subclasses grpc.aio.AioRpcError, so `except grpc.aio.AioRpcError`,
 `.code()`, `.details()` and `.trailing_metadata()` keep working as before.
+
+Several replicas: give a service a list of addresses and the channel balances per call
+over them (`round_robin`: each call goes to the next connected replica); a repeatable
+call that meets a replica dying is retried by gRPC on the next one, the others fail
+UNAVAILABLE. A balancer in front (nginx, docker/nginx.conf) is one address instead:
+
+    async with RelmanClient(
+        deploy=["10.0.0.7:50051", "10.0.0.8:50051"],
+        audit=["10.0.0.7:50052", "10.0.0.8:50052"],
+        token=token,
+    ) as relman:
+        async for deployment in relman.watch_deployment(deployment_id):
+            ...  # re-opened on another replica when the one serving it goes away
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import ipaddress
 import json
+import random
 import uuid
+from collections.abc import AsyncIterator, Sequence
 from typing import NamedTuple
 
 import grpc
@@ -39,7 +56,7 @@ from google.protobuf import any_pb2, message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from relman.v1 import audit_pb2_grpc, auth_pb2_grpc, deploy_pb2_grpc
+from relman.v1 import audit_pb2_grpc, auth_pb2_grpc, common_pb2, deploy_pb2, deploy_pb2_grpc
 from shared.framework.protos import rpc_methods
 
 DEFAULT_DEADLINE_S = 30
@@ -51,6 +68,10 @@ RETRY_POLICY = {
     "retryableStatusCodes": ["UNAVAILABLE"],
 }
 _OPEN_ENDED = {"WatchDeployment", "ExportAuditLogs"}  # no default deadline
+# A watch cut this many times in a row (UNAVAILABLE, or a proxy's reset stream) without
+# a message between is given up (the error is raised); between attempts, RETRY_POLICY's
+# backoff.
+WATCH_REOPEN_ATTEMPTS = 5
 
 
 def _repeatable(method) -> bool:
@@ -60,8 +81,14 @@ def _repeatable(method) -> bool:
 
 
 def service_config() -> dict:
-    """The gRPC service config: a deadline for every call but the open-ended ones, and
-    the retry policy for the repeatable ones."""
+    """The gRPC service config: per-call round robin over the target's addresses, a
+    deadline for every call but the open-ended ones, and the retry policy for the
+    repeatable ones.
+
+    round_robin with one address is that address; with several (a list, or a DNS name
+    with several records, `dns:///deploy-svc:50051`) each call goes to the next ready
+    one, and a retry, after UNAVAILABLE, to the next again: a replica that died is not
+    ready, so the retry lands on a live one."""
     configs = []
     for method in rpc_methods():
         config = {"name": [{"service": method.containing_service.full_name, "method": method.name}]}
@@ -70,7 +97,7 @@ def service_config() -> dict:
         if _repeatable(method):
             config["retryPolicy"] = RETRY_POLICY
         configs.append(config)
-    return {"methodConfig": configs}
+    return {"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": configs}
 
 
 # -- typed errors ------------------------------------------------------------------------------
@@ -420,36 +447,115 @@ class _StreamStreamCaller(_Caller, grpc.aio.StreamStreamClientInterceptor):
 _CALLERS = (_UnaryUnaryCaller, _UnaryStreamCaller, _StreamUnaryCaller, _StreamStreamCaller)
 
 
+def target(addresses: str | Sequence[str]) -> str:
+    """The gRPC target of one address (as it is: `host:port`, `dns:///name:port`...) or of
+    a list of replicas' `ip:port` addresses (`ipv4:a:p,b:p` or `ipv6:[a]:p,[b]:p`).
+
+    A list names addresses, not host names (gRPC's ipv4:/ipv6: targets resolve nothing),
+    all of one family; anything else is a ValueError at once, not a channel that never
+    connects. For host names with several addresses use one `dns:///` target."""
+    if isinstance(addresses, str):
+        return addresses
+    addresses = list(addresses)
+    if len(addresses) == 1:
+        return addresses[0]
+    if not addresses:
+        raise ValueError("no address given")
+    families = set()
+    for address in addresses:
+        host, sep, port = address.rpartition(":")
+        try:
+            ip = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+        except ValueError:
+            ip = None
+        if ip is None or not sep or not port.isdigit() or (ip.version == 6) != host.startswith("["):
+            raise ValueError(
+                f"{address!r} is not ip:port ([ipv6]:port): a list names replicas by address"
+            )
+        families.add(ip.version)
+    if len(families) > 1:
+        raise ValueError(f"{addresses} mixes IPv4 and IPv6: gRPC balances over one family")
+    return f"ipv{families.pop()}:{','.join(addresses)}"
+
+
 def channel(
-    address: str, token: str, credentials: grpc.ChannelCredentials | None = None
+    address: str | Sequence[str],
+    token: str,
+    credentials: grpc.ChannelCredentials | None = None,
+    *,
+    authority: str | None = None,
 ) -> grpc.aio.Channel:
-    """A channel to one relman service, with the token, deadlines and retries."""
+    """A channel to one relman service (one address, or its replicas' addresses: see
+    `target`), with the token, deadlines, retries and per-call round robin. `authority`:
+    the name the servers' TLS certificate carries, when the target is a list of
+    addresses."""
     options = [
         ("grpc.enable_retries", 1),
         ("grpc.service_config", json.dumps(service_config())),
     ]
+    if authority is not None:
+        options.append(("grpc.default_authority", authority))
     interceptors = [caller(token) for caller in _CALLERS]
     if credentials is None:
-        return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
-    return grpc.aio.secure_channel(address, credentials, options, interceptors=interceptors)
+        return grpc.aio.insecure_channel(
+            target(address), options=options, interceptors=interceptors
+        )
+    return grpc.aio.secure_channel(target(address), credentials, options, interceptors=interceptors)
 
 
 class RelmanClient:
-    """Stubs of both services over channels from `channel()`; an async context manager."""
+    """Stubs of both services over channels from `channel()`; an async context manager.
+    `deploy` and `audit` are each one address or a list of replicas' addresses."""
 
     def __init__(
         self,
         *,
-        deploy: str,
-        audit: str,
+        deploy: str | Sequence[str],
+        audit: str | Sequence[str],
         token: str,
         credentials: grpc.ChannelCredentials | None = None,
+        authority: str | None = None,
     ) -> None:
-        self._deploy_channel = channel(deploy, token, credentials)
-        self._audit_channel = channel(audit, token, credentials)
+        self._deploy_channel = channel(deploy, token, credentials, authority=authority)
+        self._audit_channel = channel(audit, token, credentials, authority=authority)
         self.deploy = deploy_pb2_grpc.DeployServiceStub(self._deploy_channel)
         self.auth = auth_pb2_grpc.AuthServiceStub(self._deploy_channel)
         self.audit = audit_pb2_grpc.AuditServiceStub(self._audit_channel)
+
+    async def watch_deployment(
+        self, deployment_id: str, *, attempts: int = WATCH_REOPEN_ATTEMPTS
+    ) -> AsyncIterator[common_pb2.Deployment]:
+        """The deployment's snapshots as they change, until it ends (a terminal status),
+        surviving the replica that serves the watch.
+
+        A watch is one long call to one replica: when that replica dies or drains the
+        call ends, and gRPC's retries no longer apply (the first message was received).
+        Directly, it ends UNAVAILABLE; through nginx, whose response to the client had
+        begun, it ends with a reset stream, which gRPC reports as INTERNAL without the
+        ErrorInfo every relman status carries (`cut_in_transit`). Either way the watch
+        is opened again (on another replica: the dead one is not ready) after a backoff,
+        and the server starts it with the deployment as it is then, so no change made
+        meanwhile is missed; a snapshot equal to the last one given is not given twice.
+        After `attempts` such failures in a row without a new snapshot the last error is
+        raised; any other error at once (a relman INTERNAL too: a bug is not retried)."""
+        request = deploy_pb2.WatchDeploymentRequest(deployment_id=deployment_id)
+        failures, last = 0, None
+        while True:
+            call = self.deploy.WatchDeployment(request)
+            try:
+                async for snapshot in call:
+                    if snapshot != last:  # only news counts as progress: a replica
+                        failures = 0  # that cuts every re-opened watch at once cannot
+                        last = snapshot  # keep this loop going for ever
+                        yield snapshot
+                return
+            except RelmanError as error:
+                failures += 1
+                if not cut_in_transit(error) or failures >= attempts:
+                    raise
+            finally:
+                call.cancel()
+            await asyncio.sleep(_backoff_s(failures))
 
     async def __aenter__(self) -> RelmanClient:
         return self
@@ -457,3 +563,20 @@ class RelmanClient:
     async def __aexit__(self, *exc) -> None:
         await self._deploy_channel.close()
         await self._audit_channel.close()
+
+
+def cut_in_transit(error: RelmanError) -> bool:
+    """Whether a call failed because its connection to a replica was lost, not because a
+    relman server answered: UNAVAILABLE, or INTERNAL without relman's ErrorInfo (a
+    proxy's RST_STREAM after the replica behind it died mid-stream)."""
+    if isinstance(error, Unavailable):
+        return True
+    return isinstance(error, Internal) and error.error_info is None
+
+
+def _backoff_s(failures: int) -> float:
+    """RETRY_POLICY's backoff for the `failures`-th attempt: exponential, full jitter."""
+    initial = float(RETRY_POLICY["initialBackoff"].rstrip("s"))
+    ceiling = float(RETRY_POLICY["maxBackoff"].rstrip("s"))
+    multiplier = RETRY_POLICY["backoffMultiplier"]
+    return random.uniform(0, min(ceiling, initial * multiplier ** (failures - 1)))

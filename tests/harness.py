@@ -13,6 +13,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -29,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import URL, select
 
 from shared import PROJECT_ROOT
-from shared.persistence import schema
+from shared.persistence import roles, schema
 from shared.persistence.db import libpq_dsn
 from shared.persistence.roles import OWNER_ROLE, RUNTIME_ROLE
 
@@ -84,6 +85,7 @@ async def scratch_database(server: URL, *, revision: str | None = "head") -> Asy
                     asyncpg.DuplicateObjectError, asyncpg.UniqueViolationError
                 ):
                     await admin.execute(f'CREATE ROLE "{role}" LOGIN')
+        await roles.set_session_bounds(admin, RUNTIME_ROLE)  # as the README asks of operators
         await admin.execute(f'CREATE DATABASE "{name}" OWNER "{OWNER_ROLE}"')
     finally:
         await admin.close()
@@ -400,3 +402,17 @@ async def until_streams_hold(url: URL, count: int) -> None:
                 await asyncio.sleep(0.02)
     finally:
         await observer.close()
+
+
+def free_port(ipv6: bool) -> int:
+    """A port free on 127.0.0.1, and on ::1 if `ipv6`, now: for a helper process that
+    must be told its port (PgBouncer, nginx, which listens on both)."""
+    while True:
+        with socket.socket() as v4:
+            v4.bind(("127.0.0.1", 0))
+            port = v4.getsockname()[1]
+            if not ipv6:
+                return port
+            with socket.socket(socket.AF_INET6) as v6, contextlib.suppress(OSError):
+                v6.bind(("::1", port))
+                return port

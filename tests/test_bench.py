@@ -8,6 +8,17 @@ import subprocess
 import sys
 
 from shared import PROJECT_ROOT
+from tests.nginx import nginx_binary
+from tests.pgbouncer import PgBouncerMissing, find_pgbouncer
+
+
+def pgbouncer_installed() -> bool:
+    try:
+        find_pgbouncer()
+    except PgBouncerMissing:
+        return False
+    return True
+
 
 KEYS = {"scenario", "figure", "baseline", "ratio", "target", "met"}
 # One row at least per scenario of the issue, found by the start of its name.
@@ -20,6 +31,11 @@ SCENARIOS = (
     "Promote + 5 x 2 UpdatePipelineStage + GetDeployment(FULL), 16 in flight: p99",
     "WatchDeployment, ",
     "LogAction, 16 in flight, while 8 Logins run",
+)
+# Measured where PgBouncer and nginx are installed (always in CI), else said to be skipped.
+SCALE_OUT = (
+    ("LogAction through PgBouncer (transaction mode)", pgbouncer_installed),
+    ("LogAction, 64 in flight, through nginx to 2 replicas", lambda: nginx_binary() is not None),
 )
 
 
@@ -38,6 +54,9 @@ def test_quick_bench_reports_every_scenario_against_its_baseline(tmp_path):
     assert all(set(row) == KEYS for row in results)
     for prefix in SCENARIOS:
         assert any(row["scenario"].startswith(prefix) for row in results), prefix
+    for prefix, installed in SCALE_OUT:
+        reported = any(row["scenario"].startswith(prefix) for row in results)
+        assert reported == installed(), prefix
     for row in results:
         assert math.isfinite(row["figure"]) and row["figure"] >= 0, row
         if row["target"]:

@@ -16,6 +16,8 @@ import uuid
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from relman.v1 import audit_pb2, audit_pb2_grpc, common_pb2, deploy_pb2, deploy_pb2_grpc
 from shared.client import (
@@ -30,11 +32,13 @@ from shared.client import (
     Unavailable,
     from_rpc_error,
     service_config,
+    target,
 )
 from shared.framework import errors as server_errors
 from shared.persistence.models import Role
 from tests.deploying import DEV, PROD, STAGING, S
 from tests.harness import client_address, error_details
+from tests.test_tls import _issue, _write
 
 
 class Flaky(audit_pb2_grpc.AuditServiceServicer, deploy_pb2_grpc.DeployServiceServicer):
@@ -296,3 +300,164 @@ async def test_callers_of_aio_rpc_error_still_work(relman, tokens):
     assert from_rpc_error(caught) is caught and from_rpc_error(caught.__cause__) is not caught
     copied = pickle.loads(pickle.dumps(caught))
     assert type(copied) is NotFound and copied.reason == caught.reason
+
+
+# -- several replicas: per-call round robin, retries elsewhere, a watch re-opened ----------
+
+
+class Dying(audit_pb2_grpc.AuditServiceServicer, deploy_pb2_grpc.DeployServiceServicer):
+    """A replica on its way out: every call UNAVAILABLE, as a draining server answers."""
+
+    def __init__(self) -> None:
+        self.attempts: dict[str, int] = {}
+
+    async def _refuse(self, method: str, context) -> None:
+        self.attempts[method] = self.attempts.get(method, 0) + 1
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "shutting down")
+
+    async def LogAction(self, request, context):
+        await self._refuse("LogAction", context)
+
+    async def UpdatePipelineStage(self, request, context):
+        await self._refuse("UpdatePipelineStage", context)
+
+
+def test_a_list_of_replicas_is_one_target_of_addresses_of_one_family():
+    assert target("relman:50051") == "relman:50051"
+    assert target(["10.0.0.7:50051"]) == "10.0.0.7:50051"
+    assert target(["10.0.0.7:50051", "10.0.0.8:50051"]) == "ipv4:10.0.0.7:50051,10.0.0.8:50051"
+    assert target(("[fd00::7]:50051", "[fd00::8]:50051")) == "ipv6:[fd00::7]:50051,[fd00::8]:50051"
+    for bad in (
+        ["deploy-a:50051", "deploy-b:50051"],  # names: use one dns:/// target
+        ["10.0.0.7", "10.0.0.8:50051"],  # no port
+        ["fd00::7:50051", "fd00::8:50051"],  # IPv6 without brackets
+        ["10.0.0.7:50051", "[fd00::8]:50051"],  # two families
+        [],
+    ):
+        with pytest.raises(ValueError):
+            target(bad)
+    assert service_config()["loadBalancingConfig"] == [{"round_robin": {}}]
+
+
+async def test_calls_alternate_over_replicas_and_retries_move_to_a_live_one():
+    """Of two replicas one refuses everything: every repeatable call still succeeds (its
+    retry goes to the next replica), a call that is not repeatable fails UNAVAILABLE
+    where it landed on the dying one, and is not repeated there."""
+    dying, healthy = Dying(), Flaky(failures=0)
+    async with (
+        serving(dying) as dying_address,
+        serving(healthy) as healthy_address,
+        RelmanClient(
+            deploy=[dying_address, healthy_address],
+            audit=[dying_address, healthy_address],
+            token="rm_secret",
+        ) as relman,
+    ):
+        for n in range(20):
+            logged = await relman.audit.LogAction(
+                audit_pb2.LogActionRequest(action="client.balanced", resource_id=str(n))
+            )
+            assert logged.action == "client.balanced"
+        outcomes = []
+        for _ in range(20):
+            try:
+                await relman.deploy.UpdatePipelineStage(
+                    deploy_pb2.UpdatePipelineStageRequest(stage_id=str(uuid.uuid4()))
+                )
+                outcomes.append("OK")
+            except Unavailable:
+                outcomes.append("UNAVAILABLE")
+    assert len(healthy.attempts["LogAction"]) == 20  # each call once on the live replica
+    assert dying.attempts["LogAction"] >= 1  # round robin sent some there first
+    assert dying.attempts["UpdatePipelineStage"] == outcomes.count("UNAVAILABLE") >= 1
+    assert len(healthy.attempts["UpdatePipelineStage"]) == outcomes.count("OK") >= 1
+
+
+class Watched(audit_pb2_grpc.AuditServiceServicer, deploy_pb2_grpc.DeployServiceServicer):
+    """A watch whose first call is cut after one snapshot (as `ending` says); the next
+    call starts again with the same snapshot, then the deployment's end."""
+
+    def __init__(self, ending) -> None:
+        self.ending = ending
+        self.calls = 0
+
+    async def WatchDeployment(self, request, context):
+        self.calls += 1
+        pending = common_pb2.Deployment(
+            id=request.deployment_id, status=S.DEPLOYMENT_STATUS_PENDING
+        )
+        yield pending
+        if self.calls == 1:
+            await self.ending(context)
+        yield common_pb2.Deployment(id=request.deployment_id, status=S.DEPLOYMENT_STATUS_SUCCEEDED)
+
+
+async def _watch(servicer, **options) -> list[int]:
+    async with (
+        serving(servicer) as address,
+        RelmanClient(deploy=address, audit=address, token="rm_secret") as relman,
+    ):
+        return [d.status async for d in relman.watch_deployment("d-1", **options)]
+
+
+async def test_a_watch_cut_in_transit_is_reopened_and_misses_nothing():
+    for cut in (
+        lambda context: context.abort(grpc.StatusCode.UNAVAILABLE, "replica gone"),
+        # What a proxy's RST_STREAM becomes: INTERNAL without relman's ErrorInfo.
+        lambda context: context.abort(grpc.StatusCode.INTERNAL, "stream reset"),
+    ):
+        servicer = Watched(cut)
+        statuses = await _watch(servicer)
+        assert statuses == [S.DEPLOYMENT_STATUS_PENDING, S.DEPLOYMENT_STATUS_SUCCEEDED]
+        assert servicer.calls == 2  # re-opened once; the repeated snapshot given once
+
+
+async def test_a_watch_refused_by_relman_is_not_reopened():
+    async def bug(context):
+        await context.abort_with_status(server_errors.DomainError("internal error").to_status())
+
+    servicer = Watched(bug)
+    with pytest.raises(RelmanError) as refused:
+        await _watch(servicer)
+    assert refused.value.code() == grpc.StatusCode.INTERNAL and refused.value.reason == "INTERNAL"
+    assert servicer.calls == 1
+
+
+async def test_a_list_of_replicas_over_tls_is_checked_against_the_authority_given(tmp_path):
+    """gRPC would check the certificate against the list itself: `authority` names the
+    host the certificate is for."""
+    ca_key, ca = _issue("relman test CA", None, None, ca=True)
+    key, cert = _issue(
+        "relman", ca_key, ca.subject, ca=False, usage=ExtendedKeyUsageOID.SERVER_AUTH
+    )
+    key_path, cert_path = _write(tmp_path, "server", key, cert)
+    pair = [(key_path.read_bytes(), cert_path.read_bytes())]
+    credentials = grpc.ssl_channel_credentials(ca.public_bytes(serialization.Encoding.PEM))
+    servers, addresses = [], []
+    for _ in range(2):
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        audit_pb2_grpc.add_AuditServiceServicer_to_server(Flaky(failures=0), server)
+        port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(pair))
+        await server.start()
+        servers.append(server)
+        addresses.append(f"127.0.0.1:{port}")
+    request = audit_pb2.LogActionRequest(action="client.tls")
+
+    def client(authority: str) -> RelmanClient:
+        return RelmanClient(
+            deploy=addresses,
+            audit=addresses,
+            token="t",
+            credentials=credentials,
+            authority=authority,
+        )
+
+    try:
+        async with client("localhost") as relman:
+            assert (await relman.audit.LogAction(request)).action == "client.tls"
+        async with client("elsewhere.example") as relman:
+            with pytest.raises((Unavailable, DeadlineExceeded)):
+                await relman.audit.LogAction(request, timeout=1)
+    finally:
+        for server in servers:
+            await server.stop(None)

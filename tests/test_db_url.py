@@ -6,7 +6,14 @@ import pytest
 from sqlalchemy import text
 
 from shared.framework.config import ConfigError, Settings
-from shared.persistence.db import Database, DatabaseUrlError, database_url, describe, normalize_url
+from shared.persistence.db import (
+    Database,
+    DatabaseUrlError,
+    connect_arguments,
+    database_url,
+    describe,
+    normalize_url,
+)
 
 
 @pytest.mark.parametrize(
@@ -34,6 +41,17 @@ def test_postgresql_urls_become_asyncpg_urls(raw):
 def test_other_urls_are_refused_with_a_reason(raw, complaint):
     with pytest.raises(DatabaseUrlError, match=complaint):
         normalize_url(raw)
+
+
+def test_ssl_in_the_url_is_a_connection_argument_not_a_startup_parameter():
+    """`?ssl=require` (SQLAlchemy's asyncpg spelling) must not reach the server, which
+    would refuse the unknown startup parameter; libpq's sslmode stays in the DSN."""
+    url = normalize_url("postgresql+asyncpg://app@db.internal/relman?ssl=require")
+    for statement_cache in (True, False):
+        arguments = connect_arguments(url, statement_cache=statement_cache)
+        assert arguments["ssl"] == "require"
+        assert "ssl=" not in arguments["dsn"]
+    assert "ssl" not in connect_arguments(normalize_url("postgresql://app@db/relman"))
 
 
 def test_description_names_database_and_place_but_no_password():

@@ -119,3 +119,14 @@ def test_nothing_cites_a_file_outside_the_repository():
         and "DESIGN.md" in (PROJECT_ROOT / name).read_text(errors="replace")
     ]
     assert citing == []
+
+
+@pytest.mark.parametrize("config", ["docker/pgbouncer.ini", "docker/nginx.conf"])
+def test_the_readme_shows_the_proxy_configurations_the_tests_run(config):
+    """README's Operating relman shows each configuration verbatim: the file the tests
+    start PgBouncer and nginx with, so what an operator copies is what was tested."""
+    text = (PROJECT_ROOT / config).read_text()
+    assert (
+        f"```{'ini' if config.endswith('.ini') else 'nginx'}\n{text}```"
+        in (PROJECT_ROOT / "README.md").read_text()
+    )

@@ -3,12 +3,17 @@
 A release goes from development to production with every step sent to one replica
 or the other, watched on the other; a stage that times out is failed once although
 both replicas' sweepers look for it; audit rows written through either replica are
-read through the other.
+read through the other. The second replica of each service runs behind a real
+PgBouncer in transaction mode (tests.pgbouncer), as the README says to run it; where
+PgBouncer is not installed it connects to PostgreSQL itself with the same settings,
+and a warning says so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+import warnings
 
 import asyncpg
 import grpc
@@ -21,37 +26,48 @@ from shared.persistence.roles import RUNTIME_ROLE
 from tests.deploying import DEV, PROD, STAGING, Client, S
 from tests.faults.invariants import check_invariants
 from tests.harness import bearer, client_address, runtime_url, start_service
+from tests.pgbouncer import PgBouncerMissing, running_pgbouncer
 
 
 @pytest.fixture(scope="module")
 async def replicas(db_url):
     """Two deploy_svc and two audit_svc processes, each with its channel."""
-    # The second of each runs as it would behind PgBouncer in transaction mode: no
-    # named prepared statements, LISTEN on a URL of its own.
-    pgbouncer_mode = {
-        "DB_STATEMENT_CACHE": "0",
-        "DATABASE_LISTEN_URL": libpq_dsn(runtime_url(db_url)),
-    }
-    processes = [
-        await start_service(db_url, module, **settings)
-        for module, settings in (
-            ("deploy_svc", {}),
-            ("deploy_svc", pgbouncer_mode),
-            ("audit_svc", {}),
-            ("audit_svc", pgbouncer_mode),
-        )
-    ]
-    channels = [
-        grpc.aio.insecure_channel(client_address(next(iter(p.addresses.values()))))
-        for p in processes
-    ]
-    try:
-        yield processes, channels
-    finally:
-        for channel in channels:
-            await channel.close()
-        for process in processes:
-            assert await process.stop() == 0, process.output
+    async with contextlib.AsyncExitStack() as held:
+        try:
+            bouncer = await held.enter_async_context(running_pgbouncer(db_url))
+            behind = bouncer.url_through(db_url)
+        except PgBouncerMissing as missing:
+            warnings.warn(
+                f"{missing}; the PgBouncer-mode replicas connect to PostgreSQL itself",
+                stacklevel=1,
+            )
+            behind = db_url
+        # The second of each runs behind PgBouncer in transaction mode: no statement
+        # cache, LISTEN on PostgreSQL itself.
+        pgbouncer_mode = {
+            "DB_STATEMENT_CACHE": "0",
+            "DATABASE_LISTEN_URL": libpq_dsn(runtime_url(db_url)),
+        }
+        processes = [
+            await start_service(url, module, **settings)
+            for module, url, settings in (
+                ("deploy_svc", db_url, {}),
+                ("deploy_svc", behind, pgbouncer_mode),
+                ("audit_svc", db_url, {}),
+                ("audit_svc", behind, pgbouncer_mode),
+            )
+        ]
+        channels = [
+            grpc.aio.insecure_channel(client_address(next(iter(p.addresses.values()))))
+            for p in processes
+        ]
+        try:
+            yield processes, channels
+        finally:
+            for channel in channels:
+                await channel.close()
+            for process in processes:
+                assert await process.stop() == 0, process.output
 
 
 async def _watch_to_the_end(client: Client, deployment_id: str):

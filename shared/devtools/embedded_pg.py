@@ -14,7 +14,8 @@ when the last one exits (the package counts the processes in the data dir).
 Its superuser stays `postgres`, trusted over the socket (a local development
 database). relman itself never runs as it: `start` also makes the owner role
 (migrations, the seed) and the services' runtime role of shared.persistence.roles, with
-the `relman` database owned by the former.
+the `relman` database owned by the former, and gives the runtime role the bounds of its
+sessions as defaults (roles.SESSION_BOUNDS), as an operator would for PgBouncer.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import warnings
 from pathlib import Path
 
 from shared import PROJECT_ROOT
-from shared.persistence.roles import OWNER_ROLE, RUNTIME_ROLE
+from shared.persistence.roles import OWNER_ROLE, RUNTIME_ROLE, SESSION_BOUNDS
 
 DEFAULT_DATA_DIR = PROJECT_ROOT / ".data"
 DATABASE = "relman"
@@ -42,14 +43,23 @@ def start(data_dir: Path = DEFAULT_DATA_DIR) -> str:
     return server.get_uri(DATABASE)
 
 
-# Idempotent (\gexec runs a CREATE only when its object is missing). A cluster made
-# before the two roles existed has the superuser's tables: they pass to the owner.
+# The runtime role's session bounds, as (name, value) rows for _SET_UP.
+_BOUNDS = ", ".join(f"('{name}', '{value}')" for name, value in SESSION_BOUNDS.items())
+
+# Idempotent (\gexec runs a CREATE or ALTER only when its object or setting is missing,
+# so that processes starting at once do not alter the same role). A cluster made before
+# the two roles existed has the superuser's tables: they pass to the owner.
 _SET_UP = f"""
 \\set ON_ERROR_STOP on
 SELECT 'CREATE ROLE {OWNER_ROLE} LOGIN'
   WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{OWNER_ROLE}') \\gexec
 SELECT 'CREATE ROLE {RUNTIME_ROLE} LOGIN'
   WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{RUNTIME_ROLE}') \\gexec
+SELECT format('ALTER ROLE {RUNTIME_ROLE} SET %s = %L', name, value)
+  FROM (VALUES {_BOUNDS}) AS bound(name, value)
+  WHERE NOT EXISTS (SELECT FROM pg_db_role_setting s
+    WHERE s.setrole = '{RUNTIME_ROLE}'::regrole AND s.setdatabase = 0
+      AND name || '=' || value = ANY (s.setconfig)) \\gexec
 SELECT 'CREATE DATABASE {DATABASE} OWNER {OWNER_ROLE}'
   WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '{DATABASE}') \\gexec
 ALTER DATABASE {DATABASE} OWNER TO {OWNER_ROLE};

@@ -7,11 +7,14 @@ naming the variable (exit code 2), never later in the middle of a call.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class ConfigError(ValueError):
@@ -53,6 +56,9 @@ class Settings:
     login_failures_per_peer: int = 30
     login_throttle_window_s: int = 900
     login_queue_max: int = 32
+    # The proxies (nginx, a load balancer) whose `x-forwarded-for` names the caller;
+    # empty: nobody's, every caller is the connection's address (shared.identity.actor).
+    trusted_proxies: tuple[Network, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -69,7 +75,7 @@ class Settings:
             ),
             tls=reader.tls(),
             log_level=reader.log_level("LOG_LEVEL", "INFO"),
-            db_statement_cache=reader.flag("DB_STATEMENT_CACHE", True),
+            db_statement_cache=db_statement_cache(env),
             deploy_metrics_port=reader.port("DEPLOY_METRICS_PORT"),
             audit_metrics_port=reader.port("AUDIT_METRICS_PORT"),
             require_protected_trail=reader.flag("REQUIRE_PROTECTED_TRAIL", False),
@@ -92,12 +98,19 @@ class Settings:
                 "LOGIN_THROTTLE_WINDOW_S", 900, minimum=1, maximum=86_400
             ),
             login_queue_max=reader.integer("LOGIN_QUEUE_MAX", 32, minimum=1, maximum=10_000),
+            trusted_proxies=reader.networks("TRUSTED_PROXIES"),
         )
 
 
 def env_flag(name: str, default: bool, env: Mapping[str, str] | None = None) -> bool:
     """An on/off setting read outside Settings (SEED, which only `make run` reads)."""
     return _Reader(os.environ if env is None else env).flag(name, default)
+
+
+def db_statement_cache(env: Mapping[str, str] | None = None) -> bool:
+    """DB_STATEMENT_CACHE: 0 behind PgBouncer in transaction mode. Also read by the command
+    lines, which connect as the services do but need none of their other settings."""
+    return _Reader(os.environ if env is None else env).flag("DB_STATEMENT_CACHE", True)
 
 
 class _Reader:
@@ -159,6 +172,42 @@ class _Reader:
         if not sep or not host or not port.isdigit() or int(port) > 65535:
             raise ConfigError(f"{name}={value!r} is not host:port (e.g. [::]:50051)")
         return value
+
+    def networks(self, name: str) -> tuple[Network, ...]:
+        """Comma-separated IP addresses or CIDR networks (an address is its /32 or /128).
+
+        Refused, naming the setting: anything that is not an address or network, a network
+        with host bits set (`10.0.0.1/8`: a typo for `10.0.0.0/8` or for one address?), an
+        IPv6 zone, and a /0, which would let every caller name its own address. An
+        IPv4-mapped IPv6 network is kept as the IPv4 network it maps, since callers'
+        addresses are compared in that canonical form (shared.framework.validation)."""
+        raw = self.raw(name)
+        if raw is None:
+            return ()
+        found: list[Network] = []
+        for item in (part.strip() for part in raw.split(",")):
+            if not item:
+                continue  # a trailing comma
+            if "%" in item:
+                raise ConfigError(f"{name}: {item!r} has an IPv6 zone; give the address alone")
+            try:
+                network = ipaddress.ip_network(item, strict=True)
+            except ValueError as error:
+                raise ConfigError(
+                    f"{name}: {item!r} is not an IP address or network ({error})"
+                ) from None
+            if (
+                isinstance(network, ipaddress.IPv6Network)
+                and network.prefixlen >= 96
+                and (mapped := network.network_address.ipv4_mapped) is not None
+            ):
+                network = ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+            if network.prefixlen == 0:
+                raise ConfigError(
+                    f"{name}: {item!r} trusts every address: any caller could name its own"
+                )
+            found.append(network)
+        return tuple(found)
 
     def tls(self) -> TlsFiles | None:
         cert, key, ca = (self.raw(n) for n in ("TLS_CERT", "TLS_KEY", "TLS_CLIENT_CA"))

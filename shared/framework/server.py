@@ -39,6 +39,7 @@ from grpc_reflection.v1alpha import reflection
 from shared.framework.config import ConfigError, Settings
 from shared.framework.interceptors import AuthInterceptor, CallLifecycleInterceptor, Drain
 from shared.framework.observability import configure_logging, gauge, serve_metrics, watch_pool
+from shared.identity.actor import TrustedProxies
 from shared.identity.auth import Authenticator
 from shared.persistence import roles
 from shared.persistence.db import (
@@ -170,10 +171,12 @@ async def _check_trail(spec: ServiceSpec, settings: Settings, database: Database
     """Says at start-up whether this process's own database roles (the pool's, and the
     LISTEN connection's when it has a URL of its own) could alter the audit trail: one
     WARNING line naming what they can do and the gauge at 0, or, with
-    REQUIRE_PROTECTED_TRAIL, a refusal to start."""
+    REQUIRE_PROTECTED_TRAIL, a refusal to start. On the same pooled connection, whether
+    its session is bounded (see _check_session_bounds)."""
     problems = []
     async with database.autocommit_connection(deadline_s=STARTUP_DB_WAIT_S) as connection:
         problems.append(await _exposure(connection, "DATABASE_URL"))
+        await _check_session_bounds(spec, connection)
     if database.listen_url != database.url:
         try:
             connection = await asyncpg.connect(libpq_dsn(database.listen_url), timeout=5)
@@ -195,6 +198,23 @@ async def _check_trail(spec: ServiceSpec, settings: Settings, database: Database
     if settings.require_protected_trail:
         raise StartupError(f"{problem} (REQUIRE_PROTECTED_TRAIL=1)")
     log.warning("%s: %s", spec.name, problem)
+
+
+async def _check_session_bounds(spec: ServiceSpec, connection: asyncpg.Connection) -> None:
+    """One WARNING line when the pool's sessions run without the bounds of
+    roles.SESSION_BOUNDS: behind PgBouncer (DB_STATEMENT_CACHE=0) only the role's
+    defaults set them, and without them a statement no deadline bounds may run for ever."""
+    missing = await roles.unbounded_settings(connection)
+    if missing:
+        role = await connection.fetchval("SELECT current_user")
+        log.warning(
+            "%s: the sessions of database role %s run without %s: as a superuser, run %s"
+            " (README: Operating relman)",
+            spec.name,
+            role,
+            ", ".join(missing),
+            "; ".join(roles.session_bound_statements(role, missing)),
+        )
 
 
 async def _exposure(connection: asyncpg.Connection, setting: str) -> str:
@@ -256,7 +276,7 @@ class _Process:
 
 def _build(spec: ServiceSpec, settings: Settings, database: Database) -> _Process:
     """The server with its interceptors and the spec's servicers."""
-    authenticator = Authenticator(database)
+    authenticator = Authenticator(database, TrustedProxies(settings.trusted_proxies))
     drain = Drain(spec.open_ended)
     server = grpc.aio.server(
         # The first is outermost: refusals raised while admitting are mapped too.

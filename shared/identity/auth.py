@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from sqlalchemy import or_, select, text, update
 
 from shared.framework.errors import PermissionDenied, Unauthenticated
-from shared.identity.actor import Actor, peer_address, user_agent
+from shared.identity.actor import Actor, TrustedProxies, peer_address, user_agent
 from shared.persistence import audit_log
 from shared.persistence.db import Database
 from shared.persistence.models import ApiToken, Role, User
@@ -271,12 +271,16 @@ class DenialLimiter:
 
 
 class Authenticator:
-    """Decides whether a call may run, and who is making it."""
+    """Decides whether a call may run, and who is making it: the caller's address is the
+    connection's, or what a proxy of `trusted_proxies` forwarded (TRUSTED_PROXIES), so
+    that the audit trail, `auth.denied` rows and the login throttle see the real client
+    behind a balancer."""
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, trusted_proxies: TrustedProxies | None = None) -> None:
         self.database = database
         self.verifier = TokenVerifier(database)
         self.denials = DenialLimiter()
+        self.trusted_proxies = TrustedProxies() if trusted_proxies is None else trusted_proxies
 
     @staticmethod
     def is_open(method_path: str) -> bool:
@@ -286,14 +290,14 @@ class Authenticator:
         """The caller of `method_path` (/pkg.Service/Method), from its bearer token, once its
         role holds the RPC's permission; else a refusal (which is audited)."""
         method = method_path.lstrip("/")
-        actor = Actor.anonymous(
-            peer_address(context.peer()), user_agent(context.invocation_metadata())
-        )
+        metadata = context.invocation_metadata()
+        peer = self.trusted_proxies.caller(peer_address(context.peer()), metadata)
+        actor = Actor.anonymous(peer, user_agent(metadata))
         permission = RPC_PERMISSIONS.get(method)
         if permission == PUBLIC:
             return actor
         try:
-            verified = await self.verifier.verify(bearer_token(context.invocation_metadata()))
+            verified = await self.verifier.verify(bearer_token(metadata))
             actor = actor.signed_in(
                 verified.user_id, verified.username, verified.role, verified.token_id
             )

@@ -33,6 +33,7 @@ import bcrypt
 from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from shared.framework.config import db_statement_cache
 from shared.framework.errors import AlreadyExists, DomainError, FailedPrecondition, InvalidArgument
 from shared.framework.validation import text
 from shared.identity.actor import Actor
@@ -174,8 +175,9 @@ async def create_admin(database: Database, username: str, email: str, password: 
 
 @asynccontextmanager
 async def cli_database() -> AsyncIterator[Database]:
-    """The services' database with one connection, for a command line; disposed after."""
-    database = Database(database_url(), pool_size=1)
+    """The services' database with one connection, made as the services make theirs
+    (through PgBouncer too), for a command line; disposed after."""
+    database = Database(database_url(), pool_size=1, statement_cache=db_statement_cache())
     try:
         yield database
     finally:

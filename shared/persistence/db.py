@@ -23,7 +23,6 @@ import functools
 import os
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -39,7 +38,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from shared.framework.errors import DeadlineExceeded, InvalidArgument, NotFound
-from shared.persistence.roles import OWNER_ROLE, RUNTIME_ROLE
+from shared.persistence.roles import OWNER_ROLE, RUNTIME_ROLE, SESSION_BOUNDS
 
 ASYNC_DRIVER = "postgresql+asyncpg"
 T = TypeVar("T")
@@ -117,11 +116,6 @@ def libpq_dsn(url: URL) -> str:
 
 
 CONNECT_TIMEOUT_S = 5.0
-STATEMENT_TIMEOUT_S = 60  # the backstop for work no deadline bounds
-# The backstop for a transaction a client holds open between messages (a LogActions
-# stream ends itself after AUDIT_STREAM_IDLE_S, at most 90 s): the server ends the
-# session, so a stuck caller cannot pin a pooled connection and its locks for ever.
-IDLE_IN_TRANSACTION_S = 120
 
 # The time.monotonic() deadline of the RPC being served (shared.framework.interceptors sets
 # it), so that every unit of work of a call is bounded by the caller's deadline without
@@ -145,13 +139,43 @@ def time_left(bound_s: float | None = None) -> float | None:
     return left
 
 
-# Behind PgBouncer in transaction mode (SQLAlchemy's asyncpg notes): no statement cache
-# in asyncpg, and the statements SQLAlchemy still prepares get names no other client
-# session can hold.
-_WITHOUT_STATEMENT_CACHE = {
-    "statement_cache_size": 0,
-    "prepared_statement_name_func": lambda: f"__relman_{uuid.uuid4().hex}__",
-}
+def connect_arguments(
+    url: URL, *, statement_cache: bool = True, application_name: str = "relman"
+) -> dict:
+    """The keyword arguments of asyncpg.connect for every connection a Database makes, its
+    pool's and its readiness probe's alike: a probe connected differently from the pool
+    could answer while every call fails (it did: PgBouncer refused the pool's startup
+    parameters and accepted the probe's).
+
+    Connected to PostgreSQL itself (`statement_cache`), each session gets its bounds
+    (roles.SESSION_BOUNDS) as startup parameters, and asyncpg caches prepared
+    statements. Behind PgBouncer in transaction mode (DB_STATEMENT_CACHE=0), which
+    refuses any startup parameter but a few (application_name among them), the bounds
+    come from the runtime role's defaults (`ALTER ROLE ... SET`, README), which
+    PostgreSQL applies to every server session at no cost per transaction; `SET LOCAL`
+    in each transaction would cost a statement each time, and reads have no
+    transaction. A starting service warns when its sessions lack them
+    (roles.unbounded_settings). And no statement cache: see create_engine.
+    """
+    settings = {"application_name": application_name}  # who is who in pg_stat_activity
+    if statement_cache:
+        settings = {**SESSION_BOUNDS, **settings}
+    arguments = {
+        "timeout": CONNECT_TIMEOUT_S,
+        "statement_cache_size": 100 if statement_cache else 0,
+        "server_settings": settings,
+    }
+    # `?ssl=require`, as SQLAlchemy's asyncpg URLs spell it, is asyncpg's `ssl` argument;
+    # left in the DSN it would reach the server as a startup parameter and be refused.
+    if "ssl" in url.query:
+        arguments["ssl"] = url.query["ssl"]
+        url = url.difference_update_query(["ssl"])
+    return {"dsn": libpq_dsn(url), **arguments}
+
+
+def _unnamed() -> str:
+    """The name of every statement SQLAlchemy prepares behind PgBouncer: none."""
+    return ""
 
 
 def create_engine(
@@ -162,29 +186,39 @@ def create_engine(
     No ping before each checkout (a round trip on every call): a connection the
     server dropped fails its first statement, which makes SQLAlchemy throw away
     every pooled connection opened before then, and the readiness probe's ping
-    every 2 s usually meets it first. Statements run at most STATEMENT_TIMEOUT_S
-    unless a unit of work sets its own bound.
+    every 2 s usually meets it first. Statements run at most 60 s (statement_timeout,
+    roles.SESSION_BOUNDS) unless a unit of work sets its own bound. Connections are made by
+    `connect_arguments`, the same as the readiness probe's.
+
+    Behind PgBouncer in transaction mode (no `statement_cache`) every statement is
+    unnamed: asyncpg parses it again in the same message as its Bind and Execute, so
+    it never depends on which server connection PgBouncer hands the next message to,
+    and nothing is left prepared on a server connection another client gets next.
+    Named statements (SQLAlchemy's uuid names, before) failed there: asyncpg closes the
+    last statement, with a Sync, between preparing the next and executing it, and
+    PgBouncer hands the execution to another server connection ("prepared statement ...
+    does not exist": 2 in 3 autocommit reads at 32 in flight through PgBouncer 1.18,
+    the load tests/test_pgbouncer.py runs); and each transaction left one statement
+    prepared on its server connection for good. So reads keep their autocommit (no
+    BEGIN/COMMIT) there too.
     """
-    if not statement_cache:  # PgBouncer in transaction mode: no named prepared statements
-        url = url.update_query_dict({"prepared_statement_cache_size": "0"})
-    return create_async_engine(
-        url,
-        pool_size=pool_size,
-        max_overflow=0,
-        connect_args={
-            "timeout": CONNECT_TIMEOUT_S,
-            **({} if statement_cache else _WITHOUT_STATEMENT_CACHE),
-            "server_settings": {
-                "statement_timeout": str(STATEMENT_TIMEOUT_S * 1000),
-                # A statement whose call gave up stops even when asyncpg's cancel request
-                # loses the race with closing the connection: the server notices the
-                # closed socket within this interval, waiting on a lock included.
-                "client_connection_check_interval": "250ms",
-                "idle_in_transaction_session_timeout": str(IDLE_IN_TRANSACTION_S * 1000),
-                "application_name": application_name,  # who is who in pg_stat_activity
-            },
-        },
+    arguments = connect_arguments(
+        url, statement_cache=statement_cache, application_name=application_name
     )
+    # SQLAlchemy's own cache of prepared statements, on top of asyncpg's.
+    adapter = (
+        {"prepared_statement_cache_size": 100}
+        if statement_cache
+        else {"prepared_statement_cache_size": 0, "prepared_statement_name_func": _unnamed}
+    )
+
+    def connect():  # called by the pool, inside SQLAlchemy's greenlet
+        return engine.sync_engine.dialect.loaded_dbapi.connect(
+            async_creator_fn=functools.partial(asyncpg.connect, **arguments), **adapter
+        )
+
+    engine = create_async_engine(url, pool_size=pool_size, max_overflow=0, creator=connect)
+    return engine
 
 
 class Database:
@@ -211,6 +245,9 @@ class Database:
             statement_cache=statement_cache,
         )
         self._probe: asyncpg.Connection | None = None
+        self.probe_arguments = connect_arguments(
+            url, statement_cache=statement_cache, application_name=f"{application_name} probe"
+        )
         # Loaded objects stay usable after commit: no lazy reload outside the transaction.
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self.read_sessions = async_sessionmaker(
@@ -265,16 +302,15 @@ class Database:
         On a connection of its own, outside the pool: a pool busy with slow calls
         says nothing about whether the database is reachable, and readiness must not
         turn NOT_SERVING (and drain traffic from every replica at once) under load.
+        But made exactly as the pool's are (connect_arguments; only its
+        application_name says `probe`), so that it fails when theirs would. One simple
+        query: one round trip, which any pooler passes on as it is.
         """
         async with asyncio.timeout(timeout_s):
             try:
                 if self._probe is None or self._probe.is_closed():
-                    self._probe = await asyncpg.connect(
-                        libpq_dsn(self.url),
-                        server_settings={"application_name": f"{self.application_name} probe"},
-                        statement_cache_size=100 if self.statement_cache else 0,
-                    )
-                await self._probe.fetchval("SELECT 1")
+                    self._probe = await asyncpg.connect(**self.probe_arguments)
+                await self._probe.execute("SELECT 1")
             except BaseException:
                 if self._probe is not None:
                     self._probe.terminate()

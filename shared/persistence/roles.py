@@ -16,9 +16,20 @@ writes with: append rows that claim to be relman's own, now.
 `trail_exposure` tells a starting service what its own role could do to the trail
 (superuser, owner, UPDATE...), so that a deployment with one all-powerful URL is
 visible: a WARNING line and `relman_audit_trail_protected 0`.
+
+The runtime role also carries the bounds of its sessions as role defaults
+(`SESSION_BOUNDS`, `ALTER ROLE ... SET`), set where the role is made (the embedded
+database, docker/postgres-init.sh, the tests) and by operators (README). Connected to
+PostgreSQL itself, the services send the same values as startup parameters; behind
+PgBouncer, which refuses those parameters, the role's defaults are what bounds a
+session, at no cost per transaction. `unbounded_settings` tells a starting service
+which of them its sessions lack.
 """
 
 from __future__ import annotations
+
+import re
+from collections.abc import Iterable
 
 import asyncpg
 
@@ -27,6 +38,20 @@ from shared.persistence.models import AuditLog
 # The embedded database's and docker-compose's role names (any names work elsewhere).
 OWNER_ROLE = "relman_owner"
 RUNTIME_ROLE = "relman_app"
+
+
+# What bounds every session of the runtime role: a statement no deadline bounds (60 s);
+# a transaction a client holds open between messages (120 s: a LogActions stream ends
+# itself after AUDIT_STREAM_IDLE_S, at most 90 s; past this the server ends the session,
+# so a stuck caller cannot pin a pooled connection and its locks for ever); and how
+# often the server looks whether the client of a running statement is still there
+# (250 ms: a statement whose call gave up stops even when asyncpg's cancel request loses
+# the race with closing the connection, waiting on a lock included).
+SESSION_BOUNDS = {
+    "statement_timeout": "60s",
+    "idle_in_transaction_session_timeout": "120s",
+    "client_connection_check_interval": "250ms",
+}
 
 
 def quote(identifier: str) -> str:
@@ -110,3 +135,33 @@ async def trail_exposure(connection: asyncpg.Connection) -> list[str]:
     """What the connected role could do to the audit trail; empty when it is protected."""
     row = await connection.fetchrow(_EXPOSURE)
     return [words for key, words in _EXPOSURE_WORDS.items() if row[key]]
+
+
+def session_bound_statements(role: str, names: Iterable[str] = SESSION_BOUNDS) -> list[str]:
+    """`ALTER ROLE ... SET` for each of SESSION_BOUNDS in `names` (as a superuser, or a
+    role with CREATEROLE): what README tells operators to run for the runtime role."""
+    name = role if re.fullmatch(r"[a-z_][a-z0-9_]*", role) else quote(role)
+    return [f"ALTER ROLE {name} SET {bound} = '{SESSION_BOUNDS[bound]}'" for bound in names]
+
+
+async def set_session_bounds(connection: asyncpg.Connection, role: str) -> None:
+    """Gives `role` the defaults of SESSION_BOUNDS it lacks. Only the missing ones: two
+    processes altering the same role at once may fail ("tuple concurrently updated")."""
+    current = await connection.fetchval(
+        "SELECT setconfig FROM pg_db_role_setting"
+        " WHERE setrole = (SELECT oid FROM pg_roles WHERE rolname = $1) AND setdatabase = 0",
+        role,
+    )
+    present = set(current or ())
+    missing = [name for name, value in SESSION_BOUNDS.items() if f"{name}={value}" not in present]
+    for statement in session_bound_statements(role, missing):
+        await connection.execute(statement)
+
+
+async def unbounded_settings(connection: asyncpg.Connection) -> list[str]:
+    """Which of SESSION_BOUNDS the connection's session runs without (0: disabled)."""
+    rows = await connection.fetch(
+        "SELECT name FROM pg_settings WHERE name = ANY($1::text[]) AND setting = '0' ORDER BY name",
+        list(SESSION_BOUNDS),
+    )
+    return [row["name"] for row in rows]
