@@ -416,3 +416,13 @@ def free_port(ipv6: bool) -> int:
             with socket.socket(socket.AF_INET6) as v6, contextlib.suppress(OSError):
                 v6.bind(("::1", port))
                 return port
+
+
+def ipv6_loopback() -> bool:
+    """Whether ::1 exists here (containers may run without IPv6)."""
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True

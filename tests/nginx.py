@@ -19,7 +19,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import tempfile
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -32,7 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import URL
 
 from shared import PROJECT_ROOT
-from tests.harness import RelmanProcess, client_address, env_for, free_port
+from tests.harness import RelmanProcess, client_address, env_for, free_port, ipv6_loopback
 
 NGINX_CONF = PROJECT_ROOT / "docker" / "nginx.conf"
 # The address nginx connects to the replicas from (`grpc_bind` in docker/nginx.conf):
@@ -59,16 +58,6 @@ def require_nginx() -> str:
             " relman behind a balancer did not run; `.ci/run` installs it as root"
         )
     return binary
-
-
-def ipv6_loopback() -> bool:
-    """Whether ::1 exists here (containers may run without IPv6)."""
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 def render(ports: dict[str, int], *, ipv6: bool = True) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -44,6 +43,7 @@ from tests.harness import (
     env_for,
     error_details,
     fails,
+    ipv6_loopback,
     scratch_database,
     start_service,
 )
@@ -501,20 +501,11 @@ async def test_a_throttled_login_with_a_100_character_username_is_recorded(auth_
     assert await sql.fetchval("SELECT throttled FROM login_throttle WHERE key = $1", key) == 2
 
 
-def has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
 async def test_an_ipv6_caller_is_throttled_and_audited_by_its_own_address(login_db, auth_stub, sql):
     """grpc names an IPv6 peer `ipv6:%5B::1%5D:port`: read undecoded, every IPv6 caller had
     no address, shared one throttle key and left ip_address empty. A failed login from ::1
     records "::1" and counts against keys of its own, apart from 127.0.0.1's."""
-    if not has_ipv6_loopback():
+    if not ipv6_loopback():
         pytest.skip("this machine has no IPv6 loopback")
     process = await RelmanProcess.start(
         ["-m", "deploy_svc"], env_for(login_db, DEPLOY_SVC_ADDR="[::1]:0")
@@ -545,7 +536,7 @@ async def on_both_loopbacks(login_db: URL, **settings: str) -> AsyncIterator[tup
     """A deploy_svc on `localhost:0` (127.0.0.1 and ::1, one port) and an AuthService stub
     through each: two callers with two addresses (a channel to 127.0.0.2 still comes from
     127.0.0.1, so IPv6 is the second address)."""
-    if not has_ipv6_loopback():
+    if not ipv6_loopback():
         pytest.skip("this machine has no IPv6 loopback")
     process = await RelmanProcess.start(
         ["-m", "deploy_svc"], env_for(login_db, DEPLOY_SVC_ADDR="localhost:0", **settings)
