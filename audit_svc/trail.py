@@ -281,13 +281,21 @@ async def write_rows(connection: asyncpg.Connection, rows: Sequence[dict]) -> li
     return outcomes
 
 
+# What makes a LogAction a retry of the stored row with its id.
+_SAME_REQUEST = ("action", "resource_type", "user_id", "origin", "recorded_by")
+
+
 def _retry_or_refusal(row: dict, record) -> Any:
-    """The outcome of a row the INSERT left out: its id was taken, or its user is unknown."""
+    """The outcome of a row the INSERT left out: its id was taken, or its user is unknown.
+
+    A taken id is a retry only if the same caller sent the same request: another
+    caller's id (or relman's own row's, whose ids can be guessed) is REQUEST_ID_REUSED,
+    never that row handed back with its user, address and details."""
     if record is None:
         return InvalidArgument.field("user_id", f"no user {row['user_id']}")
     earlier = Stored(**{k: record[k] for k in Stored._fields})  # the jsonb codec decodes details
     try:
-        check_same_request(earlier, {k: row[k] for k in ("action", "resource_type")})
+        check_same_request(earlier, {k: row[k] for k in _SAME_REQUEST})
     except InvalidArgument as error:
         return error
     return earlier, record["username"], record["recorded_by_username"]

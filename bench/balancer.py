@@ -10,6 +10,7 @@ so that a drift over time (the trail growing) falls on every side.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -24,20 +25,6 @@ from tests.nginx import PROXY_ADDRESS, nginx_binary, running_nginx, running_repl
 
 IN_FLIGHT = 64
 ROUNDS = 2
-
-
-def _on(stack: Stack, channel: grpc.aio.Channel) -> Stack:
-    """The stack with its audit channel swapped (what _log_action_call calls through)."""
-    return Stack(
-        stack.url,
-        stack.database,
-        stack.deploy,
-        stack.audit,
-        stack.deploy_channel,
-        channel,
-        stack.service_token,
-        stack.admin_token,
-    )
 
 
 async def log_action_through_nginx(stack: Stack, size: Size) -> list[Result]:
@@ -57,8 +44,8 @@ async def log_action_through_nginx(stack: Stack, size: Size) -> list[Result]:
     ):
         calls = {
             "direct": _log_action_call(stack),
-            "nginx": _log_action_call(_on(stack, through_nginx)),
-            "round_robin": _log_action_call(_on(stack, round_robin)),
+            "nginx": _log_action_call(dataclasses.replace(stack, audit_channel=through_nginx)),
+            "round_robin": _log_action_call(dataclasses.replace(stack, audit_channel=round_robin)),
         }
         for _ in range(ROUNDS):
             for route, call in calls.items():

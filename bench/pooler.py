@@ -14,7 +14,7 @@ import sys
 
 import grpc
 
-from bench.load import Load, closed_loop, percentile
+from bench.load import Load, closed_loop
 from bench.report import Result, at_least, info
 from bench.scenarios import Size, _log_action_call
 from bench.stack import Stack
@@ -63,7 +63,7 @@ async def log_action_through_pgbouncer(stack: Stack, size: Size) -> list[Result]
         ),
         info(
             f"{name}: p99 ms (baseline: to PostgreSQL itself)",
-            percentile(through_load.latencies_s, 0.99) * 1000,
-            percentile(direct_load.latencies_s, 0.99) * 1000,
+            through_load.percentile_ms(0.99),
+            direct_load.percentile_ms(0.99),
         ),
     ]

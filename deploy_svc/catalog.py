@@ -266,7 +266,7 @@ async def create_runbook(
         actor,
         Runbook,
         request_id,
-        {"title": title},
+        {"title": title, "created_by": actor.user_id},
         lambda row_id: Runbook(
             id=row_id,
             title=title,
@@ -280,6 +280,7 @@ async def create_runbook(
             "service_id": (Service, service_id),
             "environment_id": (Environment, environment_id),
         },
+        details={"title": title},
     )
 
 

@@ -270,7 +270,11 @@ _SUCCEEDED_BEFORE = (
 async def _deploy(database: Database, actor: Actor, request: DeployRequest) -> Deployment:
     stage_names = _stage_names(request.stage_names)
     async with database.transaction() as session:
-        same = {"release_id": request.release_id, "environment_id": request.environment_id}
+        same = {
+            "release_id": request.release_id,
+            "environment_id": request.environment_id,
+            "deployed_by": actor.user_id,  # another caller's id is not a retry (no rights check)
+        }
         if earlier := await replay(session, Deployment, request.request_id, same):
             return await _with_stages(session, earlier.id)
         release, environment = await _release_and_environment(session, request)

@@ -20,6 +20,7 @@ cannot hold the whole process's password-check queue.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -53,7 +54,14 @@ class LoginLimits:
 
 
 def _peer(actor: Actor) -> str:
-    return actor.peer or LOCAL_PEER
+    """Whom an attempt counts against: the caller's address, or for a global IPv6 address
+    its /64, which one client holds whole and could walk through address by address."""
+    if actor.peer is None:
+        return LOCAL_PEER
+    address = ipaddress.ip_address(actor.peer)
+    if address.version == 6 and address.is_global:
+        return str(ipaddress.ip_network((address, 64), strict=False))
+    return actor.peer
 
 
 def _keys(username: str, actor: Actor, limits: LoginLimits) -> dict[str, int]:

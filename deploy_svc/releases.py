@@ -94,7 +94,7 @@ async def _create(
     commit: str | None,
     request_id: uuid.UUID | None,
 ) -> Release:
-    same = {"service_id": service_id, "version": version}
+    same = {"service_id": service_id, "version": version, "created_by": actor.user_id}
     if earlier := await replay(session, Release, request_id, same):
         return earlier
     service = await load(session, Service, service_id)

@@ -48,7 +48,7 @@ async def rollback_deployment(
     the rollback it made)."""
     reason = text("reason", reason, 10_000)
     async with database.transaction() as session:
-        same = {"deployment_id": deployment_id}
+        same = {"deployment_id": deployment_id, "initiated_by": actor.user_id}
         if earlier := await replay(session, Rollback, request_id, same):
             return earlier
         deployment, environment = await lock_deployment_for_change(session, actor, deployment_id)

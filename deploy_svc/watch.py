@@ -24,7 +24,7 @@ import asyncpg
 
 from deploy_svc.deployments import FullDeployment, load_full_deployment
 from shared.framework.errors import Unavailable
-from shared.persistence.db import Database, libpq_dsn
+from shared.persistence.db import Database
 
 log = logging.getLogger("relman.watch")
 
@@ -123,13 +123,7 @@ class DeploymentWatcher:
         while True:
             lost = asyncio.Event()
             try:
-                connection = await asyncpg.connect(
-                    libpq_dsn(self.database.listen_url),
-                    timeout=5,
-                    server_settings={
-                        "application_name": f"{self.database.application_name} listen"
-                    },
-                )
+                connection = await self.database.connect_listener()
             except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
                 delay = RECONNECT_DELAY_S[min(attempt, len(RECONNECT_DELAY_S) - 1)]
                 attempt += 1

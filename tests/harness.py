@@ -236,7 +236,11 @@ async def start_service(url: URL, module: str, **settings: str) -> RelmanProcess
     """`python -m module` (deploy_svc or audit_svc) on a free port, once it listens."""
     env = env_for(url, DEPLOY_SVC_ADDR="127.0.0.1:0", AUDIT_SVC_ADDR="127.0.0.1:0", **settings)
     process = await RelmanProcess.start(["-m", module], env)
-    await process.wait_listening(module)
+    try:
+        await process.wait_listening(module)
+    except BaseException:  # never leave a half-started service behind
+        await process.stop()
+        raise
     return process
 
 

@@ -186,6 +186,27 @@ async def test_a_retried_log_action_is_stored_once(stub, as_role, database, mark
     assert len(await rows_of(database, marker)) == 1
 
 
+async def test_another_callers_request_id_does_not_return_their_row(
+    stub, as_role, database, marker
+):
+    """A request_id is a retry only for the caller who sent it: anyone else, even with the
+    same action, is refused and sees nothing of the stored row."""
+    request = audit_pb2.LogActionRequest(
+        action="create",
+        resource_type=marker,
+        details=details(secret="s3"),
+        request_id=str(uuid.uuid4()),
+    )
+    await stub.LogAction(request, metadata=as_role[Role.DEVELOPER])
+    error = await fails(
+        stub.LogAction(request, metadata=as_role[Role.LEAD]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "REQUEST_ID_REUSED",
+    )
+    assert "s3" not in error.details()
+    assert len(await rows_of(database, marker)) == 1
+
+
 async def test_concurrent_log_actions_each_get_their_own_outcome(stub, as_role, database, marker):
     """Calls arriving together are written together (group commit), yet each caller gets
     its own row or its own error, and an answer means the row is stored."""

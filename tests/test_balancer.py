@@ -34,6 +34,7 @@ from tests.harness import (
     mint_tokens,
     scrape_metrics,
     scratch_database,
+    start_service,
     until_streams_hold,
 )
 from tests.nginx import (
@@ -277,6 +278,12 @@ async def test_a_bad_trusted_proxies_value_stops_the_service_at_start(db_url):
     )
     assert await process.wait(60) == 2
     assert "TRUSTED_PROXIES" in process.output and "10.0.0.1/8" in process.output
+
+
+async def test_a_trusted_network_wider_than_a_proxy_is_warned_of(db_url):
+    audit = await start_service(db_url, "audit_svc", TRUSTED_PROXIES="127.0.0.2, 10.0.0.0/8")
+    assert await audit.stop() == 0
+    assert "TRUSTED_PROXIES 10.0.0.0/8 may hold more than proxies" in audit.output
 
 
 # -- a replica SIGKILLed under load ----------------------------------------------------------

@@ -455,6 +455,21 @@ async def test_retries_with_a_request_id_create_nothing_new(clients, service_id,
         grpc.StatusCode.INVALID_ARGUMENT,
         "REQUEST_ID_REUSED",
     )
+    # Another caller's request_id is not a retry: no one gets back what someone else made.
+    await fails(
+        clients["lead"].PromoteRelease(
+            release_id=first.id, target_environment_id=DEV, request_id=promote_id
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "REQUEST_ID_REUSED",
+    )
+    await fails(
+        clients["lead"].CreateRelease(
+            service_id=service_id, version="1.0.0", request_id=request_id
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "REQUEST_ID_REUSED",
+    )
     await developer.CancelDeployment(deployment_id=deployment.id)
     create_id = str(uuid.uuid4())
     created = await developer.CreateDeployment(

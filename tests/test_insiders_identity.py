@@ -32,6 +32,7 @@ from sqlalchemy import URL, func, select
 from deploy_svc import login_throttle
 from relman.v1 import auth_pb2, auth_pb2_grpc, common_pb2
 from shared.devtools.seed import seed
+from shared.identity.actor import Actor
 from shared.identity.auth import token_hash
 from shared.persistence.db import libpq_dsn
 from shared.persistence.models import ApiToken, AuditLog, Role, User
@@ -649,3 +650,17 @@ async def test_the_throttle_lifts_when_its_window_ends(login_db, sql):
                 await asyncio.sleep(0.1)
     finally:
         await process.stop()
+
+
+def test_an_ipv6_client_cannot_escape_the_throttle_by_changing_its_address():
+    """A client holds a whole /64: each of its addresses counts against the same keys,
+    while another /64, and IPv4 and loopback addresses, keep their own."""
+    limits = login_throttle.LoginLimits(per_user=5, per_peer=30, window_s=900, queue_max=64)
+
+    def keys(peer: str) -> dict[str, int]:
+        return login_throttle._keys("lena", Actor.anonymous(peer, None), limits)
+
+    assert keys("2a00:1450:4001:81c::1") == keys("2a00:1450:4001:81c:dead:beef:0:7")
+    assert keys("2a00:1450:4001:81c::1") != keys("2a00:1450:4001:81d::1")
+    assert "peer:2a00:1450:4001:81c::/64" in keys("2a00:1450:4001:81c::1")
+    assert "peer:::1" in keys("::1") and "peer:198.51.100.4" in keys("198.51.100.4")

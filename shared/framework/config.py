@@ -110,7 +110,7 @@ def env_flag(name: str, default: bool, env: Mapping[str, str] | None = None) -> 
 def db_statement_cache(env: Mapping[str, str] | None = None) -> bool:
     """DB_STATEMENT_CACHE: 0 behind PgBouncer in transaction mode. Also read by the command
     lines, which connect as the services do but need none of their other settings."""
-    return _Reader(os.environ if env is None else env).flag("DB_STATEMENT_CACHE", True)
+    return env_flag("DB_STATEMENT_CACHE", True, env)
 
 
 class _Reader:

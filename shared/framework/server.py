@@ -47,7 +47,6 @@ from shared.persistence.db import (
     DatabaseUrlError,
     database_url,
     describe,
-    libpq_dsn,
     listen_url,
 )
 
@@ -179,7 +178,7 @@ async def _check_trail(spec: ServiceSpec, settings: Settings, database: Database
         await _check_session_bounds(spec, connection)
     if database.listen_url != database.url:
         try:
-            connection = await asyncpg.connect(libpq_dsn(database.listen_url), timeout=5)
+            connection = await database.connect_listener()
         except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
             raise StartupError(f"cannot connect to DATABASE_LISTEN_URL: {exc}") from None
         try:
@@ -274,8 +273,30 @@ class _Process:
     services: list[str]  # the full names of its relman services (readiness)
 
 
+# Past these, a TRUSTED_PROXIES network holds more than proxies: any machine in it could
+# connect straight to a replica and name its own address in x-forwarded-for.
+_PROXY_PREFIX_MIN = {4: 24, 6: 64}
+
+
+def _warn_of_wide_trust(spec: ServiceSpec, settings: Settings) -> None:
+    wide = [
+        str(network)
+        for network in settings.trusted_proxies
+        if network.prefixlen < _PROXY_PREFIX_MIN[network.version]
+    ]
+    if wide:
+        log.warning(
+            "%s: TRUSTED_PROXIES %s may hold more than proxies; anyone in them can name any "
+            "address in x-forwarded-for (the audit trail, the login throttle): list the "
+            "proxies themselves",
+            spec.name,
+            ", ".join(wide),
+        )
+
+
 def _build(spec: ServiceSpec, settings: Settings, database: Database) -> _Process:
     """The server with its interceptors and the spec's servicers."""
+    _warn_of_wide_trust(spec, settings)
     authenticator = Authenticator(database, TrustedProxies(settings.trusted_proxies))
     drain = Drain(spec.open_ended)
     server = grpc.aio.server(

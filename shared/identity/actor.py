@@ -51,14 +51,9 @@ def peer_address(peer: str | None) -> str | None:
     if not peer:
         return None
     kind, _, rest = unquote(peer).partition(":")
-    if kind == "ipv4":
-        host = rest.rpartition(":")[0]
-    elif kind == "ipv6":
-        host = rest.rpartition(":")[0].strip("[]")
-        host = host.split("%", 1)[0]  # drop a zone index (fe80::1%eth0)
-    else:
+    if kind not in ("ipv4", "ipv6"):
         return None
-    return canonical_ip(host)
+    return forwarded_address(rest)  # the same forms: a port, brackets, a zone
 
 
 FORWARDED_FOR = "x-forwarded-for"
@@ -93,9 +88,6 @@ class TrustedProxies:
         self, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network] = ()
     ) -> None:
         self.networks = tuple(networks)
-
-    def __bool__(self) -> bool:
-        return bool(self.networks)
 
     def trusts(self, address: str) -> bool:
         """Whether `address` (canonical, shared.framework.validation) is a trusted proxy."""

@@ -276,11 +276,11 @@ class Authenticator:
     that the audit trail, `auth.denied` rows and the login throttle see the real client
     behind a balancer."""
 
-    def __init__(self, database: Database, trusted_proxies: TrustedProxies | None = None) -> None:
+    def __init__(self, database: Database, trusted_proxies: TrustedProxies) -> None:
         self.database = database
         self.verifier = TokenVerifier(database)
         self.denials = DenialLimiter()
-        self.trusted_proxies = TrustedProxies() if trusted_proxies is None else trusted_proxies
+        self.trusted_proxies = trusted_proxies
 
     @staticmethod
     def is_open(method_path: str) -> bool:

@@ -254,6 +254,19 @@ class Database:
             self.engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False
         )
 
+    async def connect_listener(self) -> asyncpg.Connection:
+        """A connection of its own to DATABASE_LISTEN_URL (LISTEN holds its session, so it
+        is never pooled), made by connect_arguments like every other; with no URL of its
+        own it is made as the pool's are (through PgBouncer too)."""
+        direct = self.listen_url is not self.url or self.statement_cache
+        return await asyncpg.connect(
+            **connect_arguments(
+                self.listen_url,
+                statement_cache=direct,
+                application_name=f"{self.application_name} listen",
+            )
+        )
+
     @asynccontextmanager
     async def transaction(self, deadline_s: float | None = None) -> AsyncIterator[AsyncSession]:
         """One unit of work: commit on success, roll back on any exception.
@@ -353,8 +366,9 @@ async def load(session: AsyncSession, model: type[T], row_id, *, for_update: boo
 async def replay(session: AsyncSession, model: type[T], request_id, same: dict) -> T | None:
     """The row a retried create made before (AIP-155), or None for a first attempt.
 
-    `same` holds the fields that identify the request: reusing its request_id for a
-    different request is INVALID_ARGUMENT.
+    `same` holds the fields that identify the request, the caller among them where the
+    row records one: reusing a request_id for a different request, or another caller's,
+    is INVALID_ARGUMENT (a replay returns before the use case's own rights checks).
     """
     if request_id is None:
         return None
