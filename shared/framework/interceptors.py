@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 
 import grpc
+from grpc._cython.cygrpc import ExecuteBatchError  # what a write to an ended call raises
 
 from shared.framework.errors import InvalidArgument, Unavailable, from_exception
 from shared.framework.observability import (
@@ -284,7 +285,11 @@ class _Call:
             raise exc
         if isinstance(exc, asyncio.CancelledError):
             if self.key is None or not self.method.drain.ended_by_stop(self.key):
-                self.code = grpc.StatusCode.CANCELLED
+                remaining = self.context.time_remaining()
+                expired = remaining is not None and remaining <= 0
+                self.code = (
+                    grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+                )
                 raise exc
             exc = STOPPED
         error = from_exception(exc)
@@ -315,7 +320,14 @@ class _CountedWrites:
         self._record = record
 
     async def write(self, message) -> None:
-        await self._context.write(message)
+        """A write that fails because the call already ended (the caller cancelled, or its
+        deadline passed while the server waited to send) is the caller's going, not an
+        error of ours: it ends the handler as a cancellation, as grpc's own server treats
+        a failed batch on a closed call (no INTERNAL, no traceback)."""
+        try:
+            await self._context.write(message)
+        except ExecuteBatchError as exc:
+            raise asyncio.CancelledError("the caller's call ended before this message") from exc
         message_sent(self._record)
 
     def __getattr__(self, name: str):

