@@ -7,6 +7,8 @@ database (what a view needs is loaded by its use case).
 from __future__ import annotations
 
 from deploy_svc.deployments import FullDeployment, LiveDeployment, StageRecord
+from deploy_svc.gates import Gate
+from deploy_svc.policies import Policy
 from relman.v1 import auth_pb2, common_pb2, deploy_pb2
 from shared.framework.protos import enum_to_proto, id_text, timestamp
 from shared.persistence import models
@@ -195,4 +197,49 @@ def live_deployment(item: LiveDeployment) -> deploy_pb2.LiveDeployment:
         live_release=release(item.live_release) if item.live_release else None,
         live_deployment=deployment(item.live_deployment) if item.live_deployment else None,
         active_deployment=deployment(item.active_deployment) if item.active_deployment else None,
+    )
+
+
+def policy(item: Policy) -> common_pb2.EnvironmentPolicy:
+    """A policy in force, with the policy it will become when a change is pending."""
+    rules = item.rules
+    message = common_pb2.EnvironmentPolicy(
+        environment_id=str(item.environment_id),
+        required_approvals=rules.required_approvals,
+        approver_roles=[enum_to_proto(common_pb2.Role, r) for r in rules.approver_roles],
+        deployer_roles=[enum_to_proto(common_pb2.Role, r) for r in rules.deployer_roles],
+        required_stages=rules.required_stages,
+        bake_minutes=rules.bake_minutes,
+        etag=item.etag,
+        update_time=timestamp(item.update_time),
+    )
+    if (pending := item.pending_policy) is not None:
+        message.pending_change.CopyFrom(policy(pending))
+        message.pending_effective_at.CopyFrom(timestamp(item.pending_effective_at))
+    return message
+
+
+def freeze_window(row: models.FreezeWindow) -> common_pb2.FreezeWindow:
+    return common_pb2.FreezeWindow(
+        id=str(row.id),
+        environment_id=id_text(row.environment_id),
+        service_id=id_text(row.service_id),
+        reason=row.reason,
+        start_time=timestamp(row.start_time),
+        end_time=timestamp(row.end_time),
+        cron=row.cron or "",
+        time_zone=row.time_zone or "",
+        duration_minutes=row.duration_minutes or 0,
+        created_by=str(row.created_by),
+        created_at=timestamp(row.created_at),
+    )
+
+
+def promotion_check(gates: list[Gate]) -> common_pb2.PromotionCheck:
+    return common_pb2.PromotionCheck(
+        allowed=all(gate.passed for gate in gates),
+        gates=[
+            common_pb2.PolicyGate(name=gate.name, passed=gate.passed, detail=gate.detail)
+            for gate in gates
+        ],
     )

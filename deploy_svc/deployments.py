@@ -3,16 +3,17 @@ metrics, reads and stage timeouts.
 
 Each use case the servicer calls takes the `Database` and opens its own unit of work;
 the functions that take a session are its steps. The rules, each also held by the
-database where it can be (migration 003):
-- promotion order development -> staging -> production;
-- outside development the five standard stages come first, and production takes only a
-  release whose five standard stages all succeeded in staging (skipped is not passed);
-- one active deployment per service and environment: a transaction-scoped
-  advisory lock serializes concurrent attempts, and a partial unique index
-  backs it;
-- production deployments wait for PROD_REQUIRED_APPROVALS votes of leads or
-  admins other than the deployer, counted only while each approver is still an active
-  lead or admin; one rejection ends them; votes are final;
+database where it can be (migrations 003 and 007):
+- a new deployment passes every promotion gate (deploy_svc.gates: order, required
+  stages, bake time, freeze windows, deployer role, one active deployment per service and
+  environment) and carries its environment's required stages first; a transaction-scoped
+  advisory lock serializes concurrent attempts, and a partial unique index backs it;
+- only the roles the environment's policy names as deployers change its deployments;
+- where the policy requires approvals, a deployment waits for that many votes of users
+  whose role the policy names as approvers, other than the deployer, counted only while
+  each is still active in such a role; one rejection ends it; votes are final;
+- a deployment whose first stage has not started cannot start it inside a freeze
+  window, unless an admin passed the freeze or it is a rollback's redeployment;
 - stages run in order, timestamps are the server's, a failed stage fails the
   deployment and skips the rest, and the deployment follows its stages;
 - the release's status is derived again after every change, and every change
@@ -28,11 +29,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Row, and_, bindparam, func, select, text, true, tuple_, update
+from sqlalchemy import Row, bindparam, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
+from deploy_svc import freezes, gates
+from deploy_svc.policies import Policy, in_force
 from deploy_svc.releases import refresh_status
 from shared.framework.errors import (
     AlreadyExists,
@@ -42,22 +45,19 @@ from shared.framework.errors import (
 )
 from shared.framework.validation import text as text_field
 from shared.identity.actor import Actor
-from shared.identity.auth import require
 from shared.persistence import audit_log
 from shared.persistence.db import Database, load, replay
 from shared.persistence.models import (
     ACTIVE_DEPLOYMENT_STATUSES,
-    STANDARD_STAGES,
     Approval,
     ApprovalStatus,
     Deployment,
     DeploymentMetric,
     DeploymentStatus,
     Environment,
-    EnvironmentType,
+    EnvironmentPolicy,
     PipelineStage,
     Release,
-    Role,
     Rollback,
     RollbackStatus,
     StageStatus,
@@ -65,8 +65,6 @@ from shared.persistence.models import (
 )
 from shared.persistence.pagination import Page, list_page
 
-PROMOTION_ORDER = list(EnvironmentType)
-APPROVER_ROLES = (Role.LEAD, Role.ADMIN)
 STAGE_OUTPUT_MAX = 64 * 1024
 METRIC_NAME = re.compile(r"[a-z][a-z0-9_.]*")
 MAX_STAGES = 20
@@ -92,6 +90,7 @@ class DeployRequest:
     reviewer_ids: Sequence[uuid.UUID]
     request_id: uuid.UUID | None
     action: str  # "deploy" (CreateDeployment) or "promote" (PromoteRelease)
+    freeze_override_reason: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +126,8 @@ class FullDeployment:
     completed_at: datetime | None
     created_at: datetime
     updated_at: datetime
+    freeze_override_reason: str | None
+    is_rollback: bool
     stages: Sequence[Row]
     approvals: Sequence[Row]
     metrics: Sequence[Row]
@@ -136,32 +137,44 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _is_production(environment: Environment) -> bool:
-    return environment.environment_type == EnvironmentType.PRODUCTION
+def check_deployer(actor: Actor, environment: Environment, policy: Policy) -> None:
+    """Changing what runs in an environment needs a role its policy names as deployer."""
+    if (refusal := gates.deployer_refusal(actor, environment, policy)) is not None:
+        raise refusal
 
 
-def _check_production_rights(actor: Actor, environment: Environment) -> None:
-    """Changing what runs in production needs deployments.write.production (leads, admins)."""
-    if _is_production(environment):
-        require(actor, "deployments.write.production")
+_LOCK_DEPLOYMENT = (
+    select(Deployment, Environment, EnvironmentPolicy)
+    .join(Environment, Environment.id == Deployment.environment_id)
+    .join(EnvironmentPolicy, EnvironmentPolicy.environment_id == Deployment.environment_id)
+    .where(Deployment.id == bindparam("deployment_id"))
+    .with_for_update(of=Deployment)
+    .execution_options(populate_existing=True)
+)
 
 
 async def _lock_deployment(
     session: AsyncSession, deployment_id: uuid.UUID
-) -> tuple[Deployment, Environment]:
-    """The deployment, locked FOR UPDATE until the unit of work ends, and its environment."""
-    deployment = await load(session, Deployment, deployment_id, for_update=True)
-    return deployment, await session.get(Environment, deployment.environment_id)
+) -> tuple[Deployment, Environment, Policy]:
+    """The deployment, locked FOR UPDATE until the unit of work ends, its environment and
+    the environment's policy in force, in one round trip."""
+    found = (
+        await session.execute(_LOCK_DEPLOYMENT, {"deployment_id": deployment_id})
+    ).one_or_none()
+    if found is None:
+        await load(session, Deployment, deployment_id)  # NOT_FOUND, naming the deployment
+    deployment, environment, policy_row = found
+    return deployment, environment, in_force(policy_row, _now())
 
 
 async def lock_deployment_for_change(
     session: AsyncSession, actor: Actor, deployment_id: uuid.UUID
-) -> tuple[Deployment, Environment]:
-    """The opening of a change to a deployment: it locked, its environment, and in
-    production the caller's right to change it."""
-    deployment, environment = await _lock_deployment(session, deployment_id)
-    _check_production_rights(actor, environment)
-    return deployment, environment
+) -> tuple[Deployment, Environment, Policy]:
+    """The opening of a change to a deployment: it locked, its environment and policy, and
+    the caller's right to change deployments there."""
+    deployment, environment, policy = await _lock_deployment(session, deployment_id)
+    check_deployer(actor, environment, policy)
+    return deployment, environment, policy
 
 
 async def _with_stages(session: AsyncSession, deployment_id: uuid.UUID) -> Deployment:
@@ -184,14 +197,23 @@ async def create_deployment(
     environment_id: uuid.UUID,
     stage_names: Sequence[str],
     request_id: uuid.UUID | None,
+    freeze_override_reason: str = "",
 ) -> Deployment:
-    """Deploys a release to an environment, with the standard stages or `stage_names`
-    (outside development, starting with the standard ones); the deployment returned has
-    its stages loaded."""
+    """Deploys a release to an environment, with `stage_names` (starting with the
+    environment's required stages) or its default stages; the deployment returned has its
+    stages loaded."""
     return await _deploy(
         database,
         actor,
-        DeployRequest(release_id, environment_id, stage_names, (), request_id, "deploy"),
+        DeployRequest(
+            release_id,
+            environment_id,
+            stage_names,
+            (),
+            request_id,
+            "deploy",
+            _override_reason(freeze_override_reason),
+        ),
     )
 
 
@@ -202,18 +224,29 @@ async def promote_release(
     target_env_id: uuid.UUID,
     reviewer_ids: Sequence[uuid.UUID],
     request_id: uuid.UUID | None,
+    freeze_override_reason: str = "",
 ) -> Deployment:
-    """Promotes a release to the next environment with the five standard stages."""
+    """Promotes a release to the next environment with that environment's default stages."""
     return await _deploy(
         database,
         actor,
-        DeployRequest(release_id, target_env_id, (), reviewer_ids, request_id, "promote"),
+        DeployRequest(
+            release_id,
+            target_env_id,
+            (),
+            reviewer_ids,
+            request_id,
+            "promote",
+            _override_reason(freeze_override_reason),
+        ),
     )
 
 
+def _override_reason(reason: str) -> str | None:
+    return text_field("freeze_override_reason", reason, freezes.REASON_MAX, required=False)
+
+
 def _stage_names(names: Sequence[str]) -> list[str]:
-    if not names:
-        return list(STANDARD_STAGES)
     if len(names) > MAX_STAGES:
         raise InvalidArgument.field("stage_names", f"at most {MAX_STAGES} stages")
     checked = [text_field(f"stage_names[{i}]", name, 100) for i, name in enumerate(names)]
@@ -222,53 +255,21 @@ def _stage_names(names: Sequence[str]) -> list[str]:
     return checked
 
 
-def _check_standard_stages(stage_names: list[str], environment: Environment) -> None:
-    """Outside development the five standard stages come first, in order: custom stages
-    may only add to them, so that test and security_scan always run before production."""
-    if environment.environment_type == EnvironmentType.DEVELOPMENT:
-        return
-    if stage_names[: len(STANDARD_STAGES)] != list(STANDARD_STAGES):
+def _stages_for(stage_names: list[str], environment: Environment, policy: Policy) -> list[str]:
+    """The stages of a new deployment: the environment's required ones come first, in
+    order (custom stages may only add to them); none named: its default stages."""
+    if not stage_names:
+        return policy.rules.default_stages()
+    required = list(policy.rules.required_stages)
+    if stage_names[: len(required)] != required:
         raise InvalidArgument.field(
-            "stage_names",
-            f"in {environment.environment_type} must start with {', '.join(STANDARD_STAGES)}",
+            "stage_names", f"in {environment.name} must start with {', '.join(required)}"
         )
-
-
-# Built once; both rows in one round trip.
-# One row of each, read together: an explicit join on true says the product is meant.
-_RELEASE_AND_ENVIRONMENT = (
-    select(Release, Environment)
-    .join(Environment, true())
-    .where(Release.id == bindparam("release_id"), Environment.id == bindparam("environment_id"))
-)
-_ACTIVE_IN_SLOT = select(Deployment.id).where(
-    Deployment.service_id == bindparam("service_id"),
-    Deployment.environment_id == bindparam("environment_id"),
-    Deployment.status.in_(ACTIVE_DEPLOYMENT_STATUSES),
-)
-# The succeeded deployments of a release in one environment type, newest first, each with
-# the names of its standard stages that succeeded in their place: the promotion order and
-# the production gate in one query.
-_PASSED_STANDARD_STAGE = and_(
-    PipelineStage.status == StageStatus.SUCCEEDED,
-    tuple_(PipelineStage.order, PipelineStage.name).in_(list(enumerate(STANDARD_STAGES))),
-)
-_SUCCEEDED_BEFORE = (
-    select(Deployment.id, func.array_agg(PipelineStage.name).filter(_PASSED_STANDARD_STAGE))
-    .join(Environment, Environment.id == Deployment.environment_id)
-    .outerjoin(PipelineStage, PipelineStage.deployment_id == Deployment.id)
-    .where(
-        Deployment.release_id == bindparam("release_id"),
-        Deployment.status == DeploymentStatus.SUCCEEDED,
-        Environment.environment_type == bindparam("environment_type"),
-    )
-    .group_by(Deployment.id)
-    .order_by(Deployment.completed_at.desc(), Deployment.id.desc())
-)
+    return stage_names
 
 
 async def _deploy(database: Database, actor: Actor, request: DeployRequest) -> Deployment:
-    stage_names = _stage_names(request.stage_names)
+    named_stages = _stage_names(request.stage_names)
     async with database.transaction() as session:
         same = {
             "release_id": request.release_id,
@@ -277,13 +278,16 @@ async def _deploy(database: Database, actor: Actor, request: DeployRequest) -> D
         }
         if earlier := await replay(session, Deployment, request.request_id, same):
             return await _with_stages(session, earlier.id)
-        release, environment = await _release_and_environment(session, request)
-        _check_target(actor, environment, stage_names, request.reviewer_ids)
-        await _check_promotion_order(session, release, environment)
-
-        await lock_slot(session, release.service_id, environment)
-        reviewers = await _reviewers(session, actor, request.reviewer_ids)
-        production = _is_production(environment)
+        now = _now()
+        target = await gates.read_target(session, request.release_id, request.environment_id, now)
+        release, environment, policy = target.release, target.environment, target.policy
+        stage_names = _stages_for(named_stages, environment, policy)
+        await lock_slot(session, release.service_id, environment.id)
+        verdicts = await gates.evaluate(session, actor, target, now, request.freeze_override_reason)
+        if (refusal := gates.first_refusal(verdicts)) is not None:
+            raise refusal
+        reviewers = await _reviewers(session, actor, request.reviewer_ids, policy)
+        passed_freeze = next(g for g in verdicts if g.name == "freeze").freeze_window_id
         deployment = await new_deployment(
             session,
             actor,
@@ -291,7 +295,12 @@ async def _deploy(database: Database, actor: Actor, request: DeployRequest) -> D
             environment,
             stage_names,
             request.request_id,
-            status=(DeploymentStatus.AWAITING_APPROVAL if production else DeploymentStatus.PENDING),
+            status=(
+                DeploymentStatus.AWAITING_APPROVAL
+                if policy.rules.required_approvals
+                else DeploymentStatus.PENDING
+            ),
+            freeze_override_reason=request.freeze_override_reason if passed_freeze else None,
         )
         session.add_all(
             Approval(
@@ -317,65 +326,30 @@ async def _deploy(database: Database, actor: Actor, request: DeployRequest) -> D
                 "reviewer_ids": [str(r.id) for r in reviewers],
             },
         )
+        if passed_freeze:
+            await audit_log.append(
+                session,
+                actor,
+                "freeze.override",
+                "deployment",
+                deployment.id,
+                {
+                    "reason": request.freeze_override_reason,
+                    "freeze_window_id": passed_freeze,
+                    "environment": environment.name,
+                    "release_id": str(release.id),
+                },
+            )
         return deployment
 
 
-async def _release_and_environment(
-    session: AsyncSession, request: DeployRequest
-) -> tuple[Release, Environment]:
-    found = (
-        await session.execute(
-            _RELEASE_AND_ENVIRONMENT,
-            {"release_id": request.release_id, "environment_id": request.environment_id},
-        )
-    ).one_or_none()
-    if found is None:  # NOT_FOUND naming whichever is missing
-        await load(session, Release, request.release_id)
-        await load(session, Environment, request.environment_id)
-    release, environment = found
-    return release, environment
-
-
-def _check_target(
-    actor: Actor,
-    environment: Environment,
-    stage_names: list[str],
-    reviewer_ids: Sequence[uuid.UUID],
-) -> None:
-    """The environment takes this deployment: it is active, production needs the caller's
-    right, outside development the standard stages come first, and only production has
-    reviewers."""
-    if not environment.is_active:
-        raise FailedPrecondition(
-            f"environment {environment.name} is deactivated",
-            reason="ENVIRONMENT_INACTIVE",
-            metadata={"environment_id": str(environment.id)},
-        )
-    _check_production_rights(actor, environment)
-    _check_standard_stages(stage_names, environment)
-    if reviewer_ids and not _is_production(environment):
-        raise InvalidArgument.field("reviewer_ids", "only production deployments have reviewers")
-
-
-async def lock_slot(session: AsyncSession, service_id: uuid.UUID, environment: Environment):
+async def lock_slot(session: AsyncSession, service_id: uuid.UUID, environment_id: uuid.UUID):
     """Serializes every change of what runs for a service in an environment (transaction
-    scoped), then refuses if a deployment there is still active."""
+    scoped): the active_deployment gate and a rollback's checks are read under it."""
     await session.execute(
         text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
-        {"key": f"deploy:{service_id}:{environment.id}"},
+        {"key": f"deploy:{service_id}:{environment_id}"},
     )
-    blocking = await session.scalar(
-        _ACTIVE_IN_SLOT, {"service_id": service_id, "environment_id": environment.id}
-    )
-    if blocking is not None:
-        raise FailedPrecondition(
-            f"deployment {blocking} is still active in {environment.name}",
-            reason="ACTIVE_DEPLOYMENT_EXISTS",
-            metadata={
-                "blocking_deployment_id": str(blocking),
-                "environment_id": str(environment.id),
-            },
-        )
 
 
 async def new_deployment(
@@ -387,6 +361,8 @@ async def new_deployment(
     deployment_id: uuid.UUID | None,
     *,
     status: DeploymentStatus,
+    freeze_override_reason: str | None = None,
+    is_rollback: bool = False,
 ) -> Deployment:
     """Inserts a deployment with its pipeline stages (the caller holds the slot's lock)."""
     deployment = Deployment(
@@ -396,6 +372,8 @@ async def new_deployment(
         environment_id=environment.id,
         status=status.value,
         deployed_by=actor.user_id,
+        freeze_override_reason=freeze_override_reason,
+        is_rollback=is_rollback,
         stages=[
             PipelineStage(name=name, order=order, status=StageStatus.PENDING.value)
             for order, name in enumerate(stage_names)
@@ -406,47 +384,15 @@ async def new_deployment(
     return deployment
 
 
-async def _check_promotion_order(
-    session: AsyncSession, release: Release, environment: Environment
-) -> None:
-    """The release succeeded in the previous environment; for production, in a staging
-    deployment whose five standard stages all succeeded: a skipped test or security scan,
-    or a staging run without them, is no evidence that the release passed them."""
-    position = PROMOTION_ORDER.index(EnvironmentType(environment.environment_type))
-    if position == 0:
-        return
-    previous = PROMOTION_ORDER[position - 1]
-    succeeded = (
-        await session.execute(
-            _SUCCEEDED_BEFORE, {"release_id": release.id, "environment_type": previous}
-        )
-    ).all()
-    if not succeeded:
-        raise FailedPrecondition(
-            f"release {release.version} has not succeeded in {previous} yet",
-            reason="PROMOTION_ORDER",
-            metadata={"missing_environment_type": previous.value, "release_id": str(release.id)},
-        )
-    if not _is_production(environment):
-        return
-    if any(set(passed or ()) == set(STANDARD_STAGES) for _, passed in succeeded):
-        return
-    newest, passed = succeeded[0]
-    missing = [name for name in STANDARD_STAGES if name not in (passed or ())]
-    raise FailedPrecondition(
-        f"release {release.version} has not passed {', '.join(missing)} in staging",
-        reason="REQUIRED_STAGES_NOT_PASSED",
-        metadata={
-            "release_id": str(release.id),
-            "staging_deployment_id": str(newest),
-            "stages_not_passed": ",".join(missing),
-        },
-    )
-
-
 async def _reviewers(
-    session: AsyncSession, actor: Actor, reviewer_ids: Sequence[uuid.UUID]
+    session: AsyncSession, actor: Actor, reviewer_ids: Sequence[uuid.UUID], policy: Policy
 ) -> list[User]:
+    """The users asked to vote: only where the policy requires votes, each one who may."""
+    if reviewer_ids and not policy.rules.required_approvals:
+        raise InvalidArgument.field(
+            "reviewer_ids",
+            "only deployments into an environment that requires approvals have reviewers",
+        )
     if len(set(reviewer_ids)) != len(reviewer_ids):
         raise InvalidArgument.field("reviewer_ids", "must not repeat a reviewer")
     reviewers = []
@@ -455,8 +401,11 @@ async def _reviewers(
         user = await session.get(User, reviewer_id)
         if user is None or not user.is_active:
             raise InvalidArgument.field(field, "is not an active user")
-        if user.role not in APPROVER_ROLES:
-            raise InvalidArgument.field(field, "must be a lead or an admin")
+        if user.role not in policy.rules.approver_roles:
+            raise InvalidArgument.field(
+                field,
+                f"must have a role the policy lets vote ({', '.join(policy.rules.approver_roles)})",
+            )
         if user.id == actor.user_id:
             raise InvalidArgument.field(field, "the deployer cannot review their own deployment")
         reviewers.append(user)
@@ -465,8 +414,9 @@ async def _reviewers(
 
 # -- approvals ---------------------------------------------------------------------------------
 
-# A vote counts only while its approver is an active lead or admin: deactivating or demoting
-# an approver withdraws the vote's effect on a deployment still waiting (the row stays,
+# A vote counts only while its approver is active in a role the policy lets vote:
+# deactivating or demoting an approver withdraws the vote's effect on a deployment still
+# waiting (the row stays,
 # as the record of the vote). The approvers' rows are locked FOR SHARE: a demotion or
 # deactivation in flight (UpdateUser holds the row FOR UPDATE) commits first and is seen
 # here, or starts after this vote has committed; it never lands between count and commit.
@@ -477,22 +427,24 @@ _COUNTED_APPROVERS = (
         Approval.deployment_id == bindparam("deployment_id"),
         Approval.status == ApprovalStatus.APPROVED,
         User.is_active,
-        User.role.in_(APPROVER_ROLES),
+        User.role.in_(bindparam("approver_roles", expanding=True)),
     )
     .with_for_update(read=True, of=User)
 )
 
 
-async def _eligible_voter(session: AsyncSession, actor: Actor, deployment_id: uuid.UUID) -> None:
-    """The voter's own row, locked FOR SHARE, must be an active lead or admin now: the
-    token's role may be up to 5 s old on another replica, and a rejection ends the
-    deployment at once."""
+async def _eligible_voter(
+    session: AsyncSession, actor: Actor, deployment_id: uuid.UUID, policy: Policy
+) -> None:
+    """The voter's own row, locked FOR SHARE, must be active in a role the policy lets
+    vote, now: the token's role may be up to 5 s old on another replica, and a rejection
+    ends the deployment at once."""
     voter = await session.get(
         User, actor.user_id, with_for_update={"read": True}, populate_existing=True
     )
-    if voter is None or not voter.is_active or voter.role not in APPROVER_ROLES:
+    if voter is None or not voter.is_active or voter.role not in policy.rules.approver_roles:
         raise PermissionDenied(
-            "only an active lead or admin may vote",
+            f"only an active {' or '.join(policy.rules.approver_roles)} may vote here",
             reason="APPROVER_NOT_ELIGIBLE",
             metadata={
                 "deployment_id": str(deployment_id),
@@ -509,20 +461,25 @@ async def vote(
     deployment_id: uuid.UUID,
     approve: bool,
     notes: str,
-    required_approvals: int,
 ) -> Approval:
-    """A lead's or admin's final vote on a production deployment awaiting approval."""
+    """An approver's final vote on a deployment awaiting approval."""
     notes = text_field("notes", notes, 10_000, required=False)
     async with database.transaction() as session:
-        deployment, environment = await _lock_deployment(session, deployment_id)
-        await _eligible_voter(session, actor, deployment_id)
-        _check_votable(actor, deployment, environment)
+        deployment, _, policy = await _lock_deployment(session, deployment_id)
+        await _eligible_voter(session, actor, deployment_id, policy)
+        _check_votable(actor, deployment)
         approval = await _cast(session, actor, deployment_id, approve, notes)
         if not approve:
-            await _end_deployment(session, deployment, DeploymentStatus.REJECTED)
+            await end_deployment(session, deployment, DeploymentStatus.REJECTED)
         else:
-            approvers = await session.scalars(_COUNTED_APPROVERS, {"deployment_id": deployment_id})
-            if len(approvers.all()) >= required_approvals:
+            approvers = await session.scalars(
+                _COUNTED_APPROVERS,
+                {
+                    "deployment_id": deployment_id,
+                    "approver_roles": [str(r) for r in policy.rules.approver_roles],
+                },
+            )
+            if len(approvers.all()) >= policy.rules.required_approvals:
                 deployment.status = DeploymentStatus.PENDING.value
         await session.flush()
         await refresh_status(session, deployment.release_id)
@@ -538,13 +495,7 @@ async def vote(
         return approval
 
 
-def _check_votable(actor: Actor, deployment: Deployment, environment: Environment) -> None:
-    if not _is_production(environment):
-        raise FailedPrecondition(
-            "only production deployments are voted on",
-            reason="NOT_PRODUCTION",
-            metadata={"deployment_id": str(deployment.id)},
-        )
+def _check_votable(actor: Actor, deployment: Deployment) -> None:
     if deployment.status != DeploymentStatus.AWAITING_APPROVAL:
         raise FailedPrecondition(
             f"deployment is {deployment.status}, not awaiting approval",
@@ -603,7 +554,7 @@ async def _settle_rollback(session: AsyncSession, deployment: Deployment) -> Non
     )
 
 
-async def _end_deployment(
+async def end_deployment(
     session: AsyncSession, deployment: Deployment, status: DeploymentStatus
 ) -> None:
     """Ends a deployment: its stages that did not run are skipped."""
@@ -625,8 +576,9 @@ async def _end_deployment(
 # Built once (UpdatePipelineStage is the most frequent write): the stage's deployment,
 # locked, with its environment, in one round trip; then the deployment's stages.
 _LOCK_STAGE_DEPLOYMENT = (
-    select(Deployment, Environment)
+    select(Deployment, Environment, EnvironmentPolicy)
     .join(Environment, Environment.id == Deployment.environment_id)
+    .join(EnvironmentPolicy, EnvironmentPolicy.environment_id == Deployment.environment_id)
     .join(PipelineStage, PipelineStage.deployment_id == Deployment.id)
     .where(PipelineStage.id == bindparam("stage_id"))
     .with_for_update(of=Deployment)
@@ -663,12 +615,15 @@ async def update_pipeline_stage(
     """Moves a stage on, and its deployment with it; returns the stage as stored."""
     output = _stage_output(output)
     async with database.transaction() as session:
-        deployment, environment, stages = await _lock_stage_deployment(session, stage_id)
-        stage = next(s for s in stages if s.id == stage_id)
-        _check_production_rights(actor, environment)
-        _check_stage_move(deployment, stages, stage, status)
-
         now = _now()
+        deployment, environment, policy, stages = await _lock_stage_deployment(
+            session, stage_id, now
+        )
+        stage = next(s for s in stages if s.id == stage_id)
+        check_deployer(actor, environment, policy)
+        _check_stage_move(deployment, stages, stage, status)
+        await _check_not_frozen(session, deployment, status, now)
+
         status_before = deployment.status
         if status == StageStatus.FAILED:
             moved = await _fail_stage(session, deployment, stage, output, now)
@@ -703,18 +658,46 @@ def _stage_output(output: str) -> str | None:
 
 
 async def _lock_stage_deployment(
-    session: AsyncSession, stage_id: uuid.UUID
-) -> tuple[Deployment, Environment, list[Row]]:
-    """The stage's deployment, locked, its environment, and its stages in order, read under
-    that lock (no other change of them can be under way) as plain rows: a stage's move is
-    written by _UPDATE_STAGE, not by the ORM."""
+    session: AsyncSession, stage_id: uuid.UUID, now: datetime
+) -> tuple[Deployment, Environment, Policy, list[Row]]:
+    """The stage's deployment, locked, its environment and policy, and its stages in
+    order, read under that lock (no other change of them can be under way) as plain rows:
+    a stage's move is written by _UPDATE_STAGE, not by the ORM."""
     found = (await session.execute(_LOCK_STAGE_DEPLOYMENT, {"stage_id": stage_id})).one_or_none()
     if found is None:
         await load(session, PipelineStage, stage_id)  # NOT_FOUND, naming the stage
-    deployment, environment = found
+    deployment, environment, policy_row = found
     connection = await session.connection()
     stages = (await connection.execute(_STAGES_OF, {"deployment_id": deployment.id})).all()
-    return deployment, environment, stages
+    return deployment, environment, in_force(policy_row, now), stages
+
+
+async def _check_not_frozen(
+    session: AsyncSession, deployment: Deployment, status: StageStatus, now: datetime
+) -> None:
+    """A deployment that has not started (pending) starts its first stage only outside
+    freeze windows, unless an admin passed the freeze or it restores service (a rollback)."""
+    if (
+        status != StageStatus.RUNNING
+        or deployment.status != DeploymentStatus.PENDING
+        or deployment.is_rollback
+        or deployment.freeze_override_reason is not None
+    ):
+        return
+    frozen = await freezes.in_force(session, deployment.environment_id, deployment.service_id, now)
+    if frozen:
+        window, ends_at = frozen[0].window, frozen[0].ends_at
+        until = gates.timestamp_text(ends_at)
+        raise FailedPrecondition(
+            f"deployments are frozen until {until}: {window.reason}; this one has not "
+            "started and may start once the window ends",
+            reason="DEPLOYMENT_FROZEN",
+            metadata={
+                "freeze_window_id": str(window.id),
+                "ends_at": until,
+                "deployment_id": str(deployment.id),
+            },
+        )
 
 
 def _check_stage_move(
@@ -778,7 +761,7 @@ async def _fail_stage(
 ) -> StageRecord:
     """A failed stage fails its deployment, whose stages that did not run are skipped."""
     failed = await _write_stage(session, stage, StageStatus.FAILED, output, now)
-    await _end_deployment(session, deployment, DeploymentStatus.FAILED)
+    await end_deployment(session, deployment, DeploymentStatus.FAILED)
     return failed
 
 
@@ -807,14 +790,14 @@ async def cancel_deployment(
     """Ends an active deployment as cancelled; returns it with its stages."""
     reason = text_field("reason", reason, 10_000, required=False)
     async with database.transaction() as session:
-        deployment, _ = await lock_deployment_for_change(session, actor, deployment_id)
+        deployment, _, _ = await lock_deployment_for_change(session, actor, deployment_id)
         if deployment.status not in ACTIVE_DEPLOYMENT_STATUSES:
             raise FailedPrecondition(
                 f"only an active deployment can be cancelled, this one is {deployment.status}",
                 reason="DEPLOYMENT_NOT_ACTIVE",
                 metadata={"deployment_id": str(deployment_id), "status": deployment.status},
             )
-        await _end_deployment(session, deployment, DeploymentStatus.CANCELLED)
+        await end_deployment(session, deployment, DeploymentStatus.CANCELLED)
         await session.flush()
         await refresh_status(session, deployment.release_id)
         await audit_log.append(

@@ -6,17 +6,31 @@ deployment of that service there whose release was not itself rolled back. In
 one transaction the deployment becomes rolled_back and a Rollback (in progress)
 and a redeployment of the target with the five standard stages are created;
 the rollback completes or fails with that redeployment (deploy_svc.deployments).
-A production rollback needs the lead role but no new approval.
+
+Restoring service always passes: a rollback needs a role the environment's policy names
+as deployer, but no new approval, no bake time, and no freeze override (its
+redeployment's stages run inside a window; its audit row names the window it passed). A
+deployment of the service there that has not started its first stage, held by a freeze
+or waiting for votes, is cancelled first (audited), so it never blocks restoring service.
 """
 
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from deploy_svc.deployments import lock_deployment_for_change, lock_slot, new_deployment
+from deploy_svc import freezes
+from deploy_svc.deployments import (
+    end_deployment,
+    lock_deployment_for_change,
+    lock_slot,
+    new_deployment,
+)
+from deploy_svc.gates import timestamp_text
+from deploy_svc.policies import Policy
 from deploy_svc.releases import refresh_status
 from shared.framework.errors import FailedPrecondition
 from shared.framework.validation import text
@@ -24,7 +38,7 @@ from shared.identity.actor import Actor
 from shared.persistence import audit_log
 from shared.persistence.db import Database, replay
 from shared.persistence.models import (
-    STANDARD_STAGES,
+    ACTIVE_DEPLOYMENT_STATUSES,
     Deployment,
     DeploymentStatus,
     Environment,
@@ -35,6 +49,10 @@ from shared.persistence.models import (
 )
 
 ROLLBACK_FROM = (DeploymentStatus.SUCCEEDED, DeploymentStatus.FAILED)
+NOT_STARTED = (DeploymentStatus.PENDING, DeploymentStatus.AWAITING_APPROVAL)
+# Ended without running a stage: never changed what runs, so never "newer" than the
+# deployment being rolled back.
+NEVER_RAN = (DeploymentStatus.CANCELLED, DeploymentStatus.REJECTED)
 
 
 async def rollback_deployment(
@@ -51,13 +69,64 @@ async def rollback_deployment(
         same = {"deployment_id": deployment_id, "initiated_by": actor.user_id}
         if earlier := await replay(session, Rollback, request_id, same):
             return earlier
-        deployment, environment = await lock_deployment_for_change(session, actor, deployment_id)
+        deployment, environment, policy = await lock_deployment_for_change(
+            session, actor, deployment_id
+        )
+        _check_environment_active(environment)
         _check_rollbackable(deployment)
-        # Nothing else may start here meanwhile (and nothing is active: this is the newest).
-        await lock_slot(session, deployment.service_id, environment)
+        # Nothing else may start here meanwhile.
+        await lock_slot(session, deployment.service_id, environment.id)
+        await _cancel_not_started(session, actor, deployment)
         await _check_newest(session, deployment)
         target = await _target(session, deployment)
-        return await _redeploy(session, actor, deployment, environment, target, reason, request_id)
+        return await _redeploy(
+            session, actor, deployment, environment, policy, target, reason, request_id
+        )
+
+
+def _check_environment_active(environment: Environment) -> None:
+    if not environment.is_active:
+        raise FailedPrecondition(
+            f"environment {environment.name} is deactivated",
+            reason="ENVIRONMENT_INACTIVE",
+            metadata={"environment_id": str(environment.id)},
+        )
+
+
+async def _cancel_not_started(session: AsyncSession, actor: Actor, deployment: Deployment) -> None:
+    """Cancels (audited) the deployment of the service there that has not started its
+    first stage; one that has started blocks the rollback (ACTIVE_DEPLOYMENT_EXISTS)."""
+    active = await session.scalar(
+        select(Deployment)
+        .where(
+            Deployment.service_id == deployment.service_id,
+            Deployment.environment_id == deployment.environment_id,
+            Deployment.status.in_(ACTIVE_DEPLOYMENT_STATUSES),
+        )
+        .with_for_update()
+    )
+    if active is None:
+        return
+    if active.status not in NOT_STARTED:
+        raise FailedPrecondition(
+            f"deployment {active.id} is running here; cancel it or let it end first",
+            reason="ACTIVE_DEPLOYMENT_EXISTS",
+            metadata={
+                "blocking_deployment_id": str(active.id),
+                "environment_id": str(deployment.environment_id),
+            },
+        )
+    await end_deployment(session, active, DeploymentStatus.CANCELLED)
+    await session.flush()
+    await refresh_status(session, active.release_id)
+    await audit_log.append(
+        session,
+        actor,
+        "cancel",
+        "deployment",
+        active.id,
+        {"reason": f"cancelled to roll back deployment {deployment.id}"},
+    )
 
 
 def _check_rollbackable(deployment: Deployment) -> None:
@@ -77,6 +146,7 @@ async def _check_newest(session: AsyncSession, deployment: Deployment) -> None:
             Deployment.service_id == deployment.service_id,
             Deployment.environment_id == deployment.environment_id,
             Deployment.created_at > deployment.created_at,
+            ~(Deployment.status.in_(NEVER_RAN) & Deployment.deployed_at.is_(None)),
         )
         .limit(1)
     )
@@ -118,6 +188,7 @@ async def _redeploy(
     actor: Actor,
     deployment: Deployment,
     environment: Environment,
+    policy: Policy,
     target: Release,
     reason: str,
     request_id: uuid.UUID | None,
@@ -129,9 +200,10 @@ async def _redeploy(
         actor,
         target,
         environment,
-        STANDARD_STAGES,
+        policy.rules.default_stages(),
         None,
-        status=DeploymentStatus.PENDING,  # no new approval: the rollback needed the lead role
+        status=DeploymentStatus.PENDING,  # no new approval: restoring service always passes
+        is_rollback=True,
     )
     rollback = Rollback(
         id=request_id or uuid.uuid4(),
@@ -146,19 +218,18 @@ async def _redeploy(
     await session.flush()
     await refresh_status(session, deployment.release_id)
     await refresh_status(session, target.id)
-    await audit_log.append(
-        session,
-        actor,
-        "rollback",
-        "deployment",
-        deployment.id,
-        {
-            "rollback_id": str(rollback.id),
-            "target_release_id": str(target.id),
-            "target_version": target.version,
-            "redeployment_id": str(redeployment.id),
-            "reason": reason,
-        },
-    )
+    details = {
+        "rollback_id": str(rollback.id),
+        "target_release_id": str(target.id),
+        "target_version": target.version,
+        "redeployment_id": str(redeployment.id),
+        "reason": reason,
+    }
+    now = datetime.now(UTC)
+    frozen = await freezes.in_force(session, environment.id, deployment.service_id, now)
+    if frozen:  # restoring service passed a freeze: the trail says which
+        details["passed_freeze_window_id"] = str(frozen[0].window.id)
+        details["freeze_ends_at"] = timestamp_text(frozen[0].ends_at)
+    await audit_log.append(session, actor, "rollback", "deployment", deployment.id, details)
     await session.refresh(rollback)
     return rollback

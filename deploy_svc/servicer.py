@@ -10,14 +10,31 @@ from a request field.
 from __future__ import annotations
 
 import grpc
+from google.protobuf import empty_pb2
 
-from deploy_svc import catalog, convert, deployments, releases, rollbacks, sweeper
+from deploy_svc import (
+    catalog,
+    convert,
+    deployments,
+    freezes,
+    gates,
+    policies,
+    releases,
+    rollbacks,
+    sweeper,
+)
 from deploy_svc.auth_servicer import AUTH_SERVICE, AuthServicer
 from deploy_svc.watch import DeploymentWatcher
 from relman.v1 import auth_pb2_grpc, common_pb2, deploy_pb2, deploy_pb2_grpc
 from shared.framework.errors import InvalidArgument
 from shared.framework.server import Resources
-from shared.framework.validation import enum_word, masked_changes, optional_uuid, parse_uuid
+from shared.framework.validation import (
+    enum_word,
+    masked_changes,
+    optional_uuid,
+    parse_timestamp,
+    parse_uuid,
+)
 from shared.identity.actor import current_actor
 from shared.persistence.models import StageStatus
 
@@ -43,7 +60,7 @@ def _page(response_type, field: str, page, convert_item):
 class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
     def __init__(self, resources: Resources) -> None:
         self.database = resources.database
-        self.required_approvals = resources.settings.prod_required_approvals
+        self.weaken_delay_s = resources.settings.policy_weaken_delay_s
         self.watcher = DeploymentWatcher(resources.database)
         resources.on_stop.append(self.watcher.close)
 
@@ -92,6 +109,7 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
             environment_id,
             list(request.stage_names),
             request_id,
+            request.freeze_override_reason,
         )
         return convert.deployment(deployment, common_pb2.DEPLOYMENT_VIEW_WITH_STAGES)
 
@@ -109,6 +127,7 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
             environment_id,
             reviewer_ids,
             request_id,
+            request.freeze_override_reason,
         )
         return convert.deployment(deployment, common_pb2.DEPLOYMENT_VIEW_WITH_STAGES)
 
@@ -166,7 +185,6 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
             deployment_id,
             approve,
             request.notes,
-            self.required_approvals,
         )
         return convert.approval(approval)
 
@@ -357,6 +375,102 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
         )
         row = await catalog.update_runbook(self.database, current_actor.get(), runbook_id, changes)
         return convert.runbook(row)
+
+    # environment policies and freeze windows
+
+    async def GetEnvironmentPolicy(self, request, context):
+        environment_id = parse_uuid("environment_id", request.environment_id)
+        return convert.policy(await policies.get_policy(self.database, environment_id))
+
+    async def UpdateEnvironmentPolicy(self, request, context):
+        policy = request.policy
+        environment_id = parse_uuid("policy.environment_id", policy.environment_id)
+
+        def roles(field: str, choices):
+            words = [
+                enum_word(f"policy.{field}[{i}]", common_pb2.Role, number, required=True)
+                for i, number in enumerate(getattr(policy, field))
+            ]
+            return policies.check_roles(field, words, choices)
+
+        changes = masked_changes(
+            request.update_mask,
+            {
+                "required_approvals": lambda: policies.check_required_approvals(
+                    policy.required_approvals
+                ),
+                "approver_roles": lambda: roles("approver_roles", policies.APPROVER_CHOICES),
+                "deployer_roles": lambda: roles("deployer_roles", policies.DEPLOYER_CHOICES),
+                "required_stages": lambda: policies.check_required_stages(policy.required_stages),
+                "bake_minutes": lambda: policies.check_bake_minutes(policy.bake_minutes),
+            },
+        )
+        updated = await policies.update_policy(
+            self.database,
+            current_actor.get(),
+            environment_id,
+            changes,
+            policy.etag,
+            self.weaken_delay_s,
+        )
+        return convert.policy(updated)
+
+    async def CreateFreezeWindow(self, request, context):
+        window = request.freeze_window
+
+        def moment(field: str):
+            if not window.HasField(field):
+                return None
+            return parse_timestamp(f"freeze_window.{field}", getattr(window, field))
+
+        created = await freezes.create_window(
+            self.database,
+            current_actor.get(),
+            freezes.WindowRequest(
+                environment_id=optional_uuid("freeze_window.environment_id", window.environment_id),
+                service_id=optional_uuid("freeze_window.service_id", window.service_id),
+                reason=window.reason,
+                start_time=moment("start_time"),
+                end_time=moment("end_time"),
+                cron=window.cron,
+                time_zone=window.time_zone,
+                duration_minutes=window.duration_minutes,
+                request_id=optional_uuid("request_id", request.request_id),
+            ),
+        )
+        return convert.freeze_window(created)
+
+    async def ListFreezeWindows(self, request, context):
+        active_at = (
+            parse_timestamp("active_at", request.active_at)
+            if request.HasField("active_at")
+            else None
+        )
+        page = await freezes.list_windows(
+            self.database,
+            environment_id=optional_uuid("environment_id", request.environment_id),
+            service_id=optional_uuid("service_id", request.service_id),
+            active_at=active_at,
+            requested_page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return deploy_pb2.ListFreezeWindowsResponse(
+            freeze_windows=[convert.freeze_window(row) for row in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    async def DeleteFreezeWindow(self, request, context):
+        window_id = parse_uuid("freeze_window_id", request.freeze_window_id)
+        await freezes.delete_window(self.database, current_actor.get(), window_id)
+        return empty_pb2.Empty()
+
+    async def CheckPromotion(self, request, context):
+        release_id = parse_uuid("release_id", request.release_id)
+        environment_id = parse_uuid("target_environment_id", request.target_environment_id)
+        verdicts = await gates.check_promotion(
+            self.database, current_actor.get(), release_id, environment_id
+        )
+        return convert.promotion_check(verdicts)
 
 
 def register(server: grpc.aio.Server, resources: Resources) -> list[str]:

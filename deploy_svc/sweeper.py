@@ -1,10 +1,12 @@
-"""The stage-timeout sweeper (domain layer): a background task of every deploy_svc
-process, a use case of its own that opens its own units of work.
+"""The sweeper (domain layer): a background task of every deploy_svc process, a use
+case of its own that opens its own units of work.
 
 Every SWEEP_INTERVAL_S it fails running stages past their timeout_seconds
-(deploy_svc.deployments.fail_timed_out_stages), which is safe with several
-replicas sweeping at once, and, when the process serves metrics, refreshes the
-`relman_deployments` gauge (how many deployments the database holds in each status).
+(deploy_svc.deployments.fail_timed_out_stages) and writes down the weakening policy
+changes whose time has come (deploy_svc.policies.apply_due_changes; the rules already
+read them as in force), both safe with several replicas sweeping at once, and, when
+the process serves metrics, refreshes the `relman_deployments` gauge (how many
+deployments the database holds in each status).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 from sqlalchemy import func, select
 
 from deploy_svc.deployments import fail_timed_out_stages
+from deploy_svc.policies import apply_due_changes
 from shared.framework.observability import gauge, serving_metrics
 from shared.persistence.db import Database
 from shared.persistence.models import Deployment, DeploymentStatus
@@ -34,6 +37,10 @@ async def sweep_forever(database: Database) -> None:
                 failed = await fail_timed_out_stages(session)
             if failed:
                 log.info("failed %d timed-out stage(s)", failed)
+            async with database.transaction(deadline_s=30) as session:
+                applied = await apply_due_changes(session)
+            if applied:
+                log.info("%d environment policy change(s) took effect", applied)
             if serving_metrics():
                 await count_deployments(database)
         except Exception:  # the database may be away; the next sweep tries again

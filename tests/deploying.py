@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import uuid
+
 import grpc
+from google.protobuf import field_mask_pb2
 
 from relman.v1 import common_pb2, deploy_pb2, deploy_pb2_grpc
 from shared.devtools.seed import seed_id
@@ -54,3 +57,18 @@ async def deployed(client: Client, service_id: str, version: str, *environments:
         )
         await run_all_stages(client, deployment)
     return release
+
+
+async def production_requiring(admin: Client, approvals: int) -> str:
+    """A production environment of its own whose policy requires `approvals` votes (the
+    seeded one is shared by every test); returns its id."""
+    environment = await admin.CreateEnvironment(
+        name=f"prod-{uuid.uuid4().hex[:10]}", environment_type=S.ENVIRONMENT_TYPE_PRODUCTION
+    )
+    await admin.UpdateEnvironmentPolicy(
+        policy=common_pb2.EnvironmentPolicy(
+            environment_id=environment.id, required_approvals=approvals
+        ),
+        update_mask=field_mask_pb2.FieldMask(paths=["required_approvals"]),
+    )
+    return environment.id

@@ -12,13 +12,19 @@ from sqlalchemy import func, select
 
 from shared.devtools.seed import seed_id
 from shared.persistence.db import libpq_dsn
-from shared.persistence.models import AuditLog, Deployment, Release, Role
-from tests.deploying import DEV, PROD, STAGING, Client, S, deployed, release_status, run_all_stages
+from shared.persistence.models import AuditLog, Deployment, Release
+from tests.deploying import (
+    DEV,
+    PROD,
+    STAGING,
+    S,
+    deployed,
+    production_requiring,
+    release_status,
+    run_all_stages,
+)
 from tests.harness import (
     RELEASE_STATUS_MISMATCHES,
-    RelmanProcess,
-    client_address,
-    env_for,
     error_details,
     fails,
 )
@@ -131,9 +137,9 @@ async def test_developers_do_not_deploy_to_production(clients, service_id):
     error = await fails(
         developer.PromoteRelease(release_id=release.id, target_environment_id=PROD),
         grpc.StatusCode.PERMISSION_DENIED,
-        "MISSING_PERMISSION",
+        "DEPLOYER_ROLE_NOT_ALLOWED",
     )
-    assert error_details(error)[0].metadata["permission"] == "deployments.write.production"
+    assert error_details(error)[0].metadata["role"] == "developer"
     await fails(
         clients["viewer"].CreateRelease(service_id=service_id, version="9.0.0"),
         grpc.StatusCode.PERMISSION_DENIED,
@@ -227,11 +233,11 @@ async def test_the_database_refuses_a_second_active_deployment(db_url, clients, 
 # -- approvals -----------------------------------------------------------------------------------
 
 
-async def waiting_production(clients, service_id, version="1.0.0", reviewers=()):
+async def waiting_production(clients, service_id, version="1.0.0", reviewers=(), target=PROD):
     lead = clients["lead"]
     release = await deployed(lead, service_id, version, DEV, STAGING)
     return await lead.PromoteRelease(
-        release_id=release.id, target_environment_id=PROD, reviewer_ids=list(reviewers)
+        release_id=release.id, target_environment_id=target, reviewer_ids=list(reviewers)
     )
 
 
@@ -280,7 +286,7 @@ async def test_one_rejection_ends_the_deployment(clients, service_id):
     )
 
 
-async def test_votes_only_on_production(clients, service_id):
+async def test_votes_only_on_deployments_awaiting_approval(clients, service_id):
     release = await clients["developer"].CreateRelease(service_id=service_id, version="1.0.0")
     deployment = await clients["developer"].PromoteRelease(
         release_id=release.id, target_environment_id=DEV
@@ -288,45 +294,32 @@ async def test_votes_only_on_production(clients, service_id):
     await fails(
         clients["reviewer"].ApproveDeployment(deployment_id=deployment.id),
         grpc.StatusCode.FAILED_PRECONDITION,
-        "NOT_PRODUCTION",
+        "NOT_AWAITING_APPROVAL",
     )
 
 
-async def test_required_approvals_and_concurrent_votes(
-    db_url, relman, tokens, marco_token, service_id, database
-):
-    """With PROD_REQUIRED_APPROVALS=2: one vote is not enough, and votes cast at once count
+async def test_required_approvals_and_concurrent_votes(clients, service_id):
+    """With a policy of two approvals: one vote is not enough, and votes cast at once count
     once each; the same approver voting twice at once is refused once."""
-    process = await RelmanProcess.start(
-        ["-m", "deploy_svc"],
-        env_for(db_url, DEPLOY_SVC_ADDR="127.0.0.1:0", PROD_REQUIRED_APPROVALS="2"),
+    lead, marco, admin = clients["lead"], clients["reviewer"], clients["admin"]
+    production = await production_requiring(admin, 2)
+    first = await waiting_production(clients, service_id, "1.0.0", target=production)
+    results = await asyncio.gather(
+        marco.ApproveDeployment(deployment_id=first.id),
+        marco.ApproveDeployment(deployment_id=first.id),
+        return_exceptions=True,
     )
-    try:
-        address = client_address((await process.wait_listening("deploy_svc"))["deploy_svc"])
-        async with grpc.aio.insecure_channel(address) as channel:
-            lead = Client(channel, tokens[Role.LEAD])
-            marco = Client(channel, marco_token)
-            admin = Client(channel, tokens[Role.ADMIN])
-            two = {"lead": lead, "reviewer": marco, "admin": admin}
-            first = await waiting_production(two, service_id, "1.0.0")
-            results = await asyncio.gather(
-                marco.ApproveDeployment(deployment_id=first.id),
-                marco.ApproveDeployment(deployment_id=first.id),
-                return_exceptions=True,
-            )
-            assert sorted(type(r).__name__ for r in results) == ["AioRpcError", "Approval"]
-            refused = next(r for r in results if isinstance(r, Exception))
-            assert refused.code() == grpc.StatusCode.ALREADY_EXISTS
-            state = await lead.GetDeployment(deployment_id=first.id, view=S.DEPLOYMENT_VIEW_FULL)
-            assert state.status == S.DEPLOYMENT_STATUS_AWAITING_APPROVAL
-            assert len(state.approvals) == 1
+    assert sorted(type(r).__name__ for r in results) == ["AioRpcError", "Approval"]
+    refused = next(r for r in results if isinstance(r, Exception))
+    assert refused.code() == grpc.StatusCode.ALREADY_EXISTS
+    state = await lead.GetDeployment(deployment_id=first.id, view=S.DEPLOYMENT_VIEW_FULL)
+    assert state.status == S.DEPLOYMENT_STATUS_AWAITING_APPROVAL
+    assert len(state.approvals) == 1
 
-            await admin.ApproveDeployment(deployment_id=first.id)
-            state = await lead.GetDeployment(deployment_id=first.id, view=S.DEPLOYMENT_VIEW_FULL)
-            assert state.status == S.DEPLOYMENT_STATUS_PENDING
-            assert [a.status for a in state.approvals] == [S.APPROVAL_STATUS_APPROVED] * 2
-    finally:
-        await process.stop()
+    await admin.ApproveDeployment(deployment_id=first.id)
+    state = await lead.GetDeployment(deployment_id=first.id, view=S.DEPLOYMENT_VIEW_FULL)
+    assert state.status == S.DEPLOYMENT_STATUS_PENDING
+    assert [a.status for a in state.approvals] == [S.APPROVAL_STATUS_APPROVED] * 2
 
 
 # -- stages and cancel -------------------------------------------------------------------------

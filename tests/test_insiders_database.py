@@ -28,6 +28,7 @@ from relman.v1 import auth_pb2, auth_pb2_grpc, common_pb2
 from shared import PROJECT_ROOT
 from shared.persistence.db import libpq_dsn
 from shared.persistence.roles import OWNER_ROLE, RUNTIME_ROLE, trail_exposure
+from tests.deploying import DEV, PROD, STAGING, deployed
 from tests.harness import (
     RelmanProcess,
     client_address,
@@ -277,3 +278,45 @@ def test_create_admin_takes_no_password_argument():
         check=True,
     )
     assert "--password" not in shown.stdout and "--username" in shown.stdout
+
+
+async def test_the_services_role_cannot_run_a_deployment_without_its_votes(
+    relman, db_url, clients, service_id
+):
+    """With the services' own credentials, SQL that lets a production deployment run
+    without the approvals its policy requires (moving it out of awaiting_approval, or
+    inserting one as pending) is refused at commit by the database (23514); a vote that
+    counts opens it."""
+    lead, reviewer = clients["lead"], clients["reviewer"]
+    release = await deployed(lead, service_id, "1.0.0", DEV, STAGING)
+    waiting = await lead.PromoteRelease(release_id=release.id, target_environment_id=PROD)
+    connection = await asyncpg.connect(libpq_dsn(runtime_url(db_url)))
+    try:
+        deployment_id = uuid.UUID(waiting.id)
+        attacks = [
+            ("UPDATE deployments SET status = 'pending' WHERE id = $1", (deployment_id,)),
+            (
+                "INSERT INTO deployments (release_id, service_id, environment_id, status,"
+                " deployed_by) SELECT release_id, service_id, environment_id, 'succeeded',"
+                " deployed_by FROM deployments WHERE id = $1",
+                (deployment_id,),
+            ),
+        ]
+        for statement, arguments in attacks:
+            with pytest.raises(asyncpg.CheckViolationError):
+                async with connection.transaction():
+                    if statement.startswith("INSERT"):  # the slot is taken: free it first
+                        await connection.execute(
+                            "UPDATE deployments SET status = 'cancelled' WHERE id = $1",
+                            deployment_id,
+                        )
+                    await connection.execute(statement, *arguments)
+        status = await connection.fetchval(
+            "SELECT status FROM deployments WHERE id = $1", deployment_id
+        )
+        assert status == "awaiting_approval"
+    finally:
+        await connection.close()
+    await reviewer.ApproveDeployment(deployment_id=waiting.id)
+    opened = await lead.GetDeployment(deployment_id=waiting.id)
+    assert opened.status == common_pb2.DEPLOYMENT_STATUS_PENDING

@@ -20,7 +20,17 @@ from sqlalchemy import func, select
 from relman.v1 import auth_pb2, auth_pb2_grpc, common_pb2
 from shared.persistence.db import libpq_dsn
 from shared.persistence.models import STANDARD_STAGES, AuditLog, Deployment, Environment, Role
-from tests.deploying import DEV, PROD, STAGING, Client, S, deployed, release_status, run_all_stages
+from tests.deploying import (
+    DEV,
+    PROD,
+    STAGING,
+    Client,
+    S,
+    deployed,
+    production_requiring,
+    release_status,
+    run_all_stages,
+)
 from tests.harness import (
     RelmanProcess,
     bearer,
@@ -162,12 +172,11 @@ async def test_only_admins_create_environments(clients, service_id, database):
 
 
 async def test_votes_of_deactivated_or_demoted_approvers_do_not_count(db_url, tokens, service_id):
-    """With PROD_REQUIRED_APPROVALS=2: a lead votes and is demoted, another votes and is
+    """With a policy of two approvals: a lead votes and is demoted, another votes and is
     deactivated; the admin's vote then makes one counted approval, not three, and the
     deployment keeps waiting until a second active lead approves."""
     process = await RelmanProcess.start(
-        ["-m", "deploy_svc"],
-        env_for(db_url, DEPLOY_SVC_ADDR="127.0.0.1:0", PROD_REQUIRED_APPROVALS="2"),
+        ["-m", "deploy_svc"], env_for(db_url, DEPLOY_SVC_ADDR="127.0.0.1:0")
     )
     try:
         address = client_address((await process.wait_listening("deploy_svc"))["deploy_svc"])
@@ -193,8 +202,11 @@ async def test_votes_of_deactivated_or_demoted_approvers_do_not_count(db_url, to
             (demoted_id, demoted), (leaving_id, leaving), (_, third) = [
                 await lead_of_its_own() for _ in range(3)
             ]
+            production = await production_requiring(admin, 2)
             release = await deployed(lead, service_id, "1.0.0", DEV, STAGING)
-            waiting = await lead.PromoteRelease(release_id=release.id, target_environment_id=PROD)
+            waiting = await lead.PromoteRelease(
+                release_id=release.id, target_environment_id=production
+            )
 
             await demoted.ApproveDeployment(deployment_id=waiting.id)
             await change(demoted_id, "role", role=common_pb2.ROLE_DEVELOPER)
@@ -223,12 +235,9 @@ async def test_votes_of_deactivated_or_demoted_approvers_do_not_count(db_url, to
 
 @pytest.fixture(scope="module")
 async def two_replicas(db_url) -> AsyncIterator[list[grpc.aio.Channel]]:
-    """Two deploy_svc processes on the test database (two approvals needed in production),
-    a channel to each: a token verified by one stays cached there for up to 5 s, whatever
-    the other changes."""
-    processes = [
-        await start_service(db_url, "deploy_svc", PROD_REQUIRED_APPROVALS="2") for _ in range(2)
-    ]
+    """Two deploy_svc processes on the test database, a channel to each: a token verified
+    by one stays cached there for up to 5 s, whatever the other changes."""
+    processes = [await start_service(db_url, "deploy_svc") for _ in range(2)]
     channels = [
         grpc.aio.insecure_channel(client_address(process.addresses["deploy_svc"]))
         for process in processes
@@ -289,8 +298,9 @@ async def test_a_demotion_committing_during_a_vote_is_counted(
     waiting; an eligible second approval then opens it."""
     a, _ = two_replicas
     lead = Client(a, tokens[Role.LEAD])
+    production = await production_requiring(Client(a, tokens[Role.ADMIN]), 2)
     release = await deployed(lead, service_id, "1.0.0", DEV, STAGING)
-    waiting = await lead.PromoteRelease(release_id=release.id, target_environment_id=PROD)
+    waiting = await lead.PromoteRelease(release_id=release.id, target_environment_id=production)
     (first_id, first), (_, second) = [await new_lead(a, tokens[Role.ADMIN]) for _ in "12"]
     await Client(a, first).ApproveDeployment(deployment_id=waiting.id)
 

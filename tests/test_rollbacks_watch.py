@@ -156,9 +156,9 @@ async def test_rollback_rules(clients, service_id):
     error = await fails(
         developer.RollbackDeployment(deployment_id=newest.id, reason="x"),
         grpc.StatusCode.PERMISSION_DENIED,
-        "MISSING_PERMISSION",
+        "DEPLOYER_ROLE_NOT_ALLOWED",
     )
-    assert error_details(error)[0].metadata["permission"] == "deployments.write.production"
+    assert error_details(error)[0].metadata["role"] == "developer"
     await fails(
         lead.RollbackDeployment(deployment_id=newest.id, reason=""),
         grpc.StatusCode.INVALID_ARGUMENT,

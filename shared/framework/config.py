@@ -35,7 +35,6 @@ class Settings:
     shutdown_grace_s: float
     db_pool_size: int
     token_ttl_s: int
-    prod_required_approvals: int
     tls: TlsFiles | None
     log_level: str
     # Off behind PgBouncer in transaction mode: asyncpg prepares unnamed statements.
@@ -59,6 +58,9 @@ class Settings:
     # The proxies (nginx, a load balancer) whose `x-forwarded-for` names the caller;
     # empty: nobody's, every caller is the connection's address (shared.identity.actor).
     trusted_proxies: tuple[Network, ...] = ()
+    # A change that weakens an environment policy takes effect this long after it was
+    # asked for (one admin cannot switch production's protection off, deploy, and back).
+    policy_weaken_delay_s: int = 86_400
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -70,9 +72,6 @@ class Settings:
             shutdown_grace_s=reader.number("SHUTDOWN_GRACE_S", 10.0, minimum=0.0),
             db_pool_size=reader.integer("DB_POOL_SIZE", 10, minimum=1, maximum=100),
             token_ttl_s=reader.integer("TOKEN_TTL_S", 43200, minimum=60, maximum=31_536_000),
-            prod_required_approvals=reader.integer(
-                "PROD_REQUIRED_APPROVALS", 1, minimum=1, maximum=10
-            ),
             tls=reader.tls(),
             log_level=reader.log_level("LOG_LEVEL", "INFO"),
             db_statement_cache=db_statement_cache(env),
@@ -99,6 +98,9 @@ class Settings:
             ),
             login_queue_max=reader.integer("LOGIN_QUEUE_MAX", 32, minimum=1, maximum=10_000),
             trusted_proxies=reader.networks("TRUSTED_PROXIES"),
+            policy_weaken_delay_s=reader.integer(
+                "POLICY_WEAKEN_DELAY_S", 86_400, minimum=0, maximum=31_536_000
+            ),
         )
 
 

@@ -5,8 +5,9 @@ holds. The authentication interceptor (shared.framework) asks
 `Authenticator.authenticate_and_authorize` before each call: health and reflection
 stay open, Login needs no token, everything else needs a valid `authorization: Bearer
 <token>` whose user's role holds the RPC's permission. The parts that depend on the
-target (a production deployment needs `deployments.write.production`) are decided in
-the domain with `require`. Making, listing and revoking tokens is shared.identity.tokens'.
+target (the roles an environment's policy lets deploy or vote there) are decided in
+the domain (deploy_svc.gates, deploy_svc.deployments). Making, listing and revoking
+tokens is shared.identity.tokens'.
 
 Tokens are random strings; only their SHA-256 is stored. A verified token is
 cached in-process for at most CACHE_TTL_S, so a revoked or expired token, or one
@@ -51,7 +52,7 @@ RPC_PERMISSIONS: dict[str, str] = {
     "relman.v1.DeployService/CreateRelease": "releases.write",
     "relman.v1.DeployService/GetRelease": "releases.read",
     "relman.v1.DeployService/ListReleases": "releases.read",
-    # DeployService: deployments (production targets also need deployments.write.production)
+    # DeployService: deployments (the environment's policy also names its deployer roles)
     "relman.v1.DeployService/CreateDeployment": "deployments.write",
     "relman.v1.DeployService/PromoteRelease": "deployments.write",
     "relman.v1.DeployService/UpdatePipelineStage": "deployments.write",
@@ -76,6 +77,13 @@ RPC_PERMISSIONS: dict[str, str] = {
     "relman.v1.DeployService/CreateTeam": "catalog.write",
     "relman.v1.DeployService/CreateRunbook": "catalog.write",
     "relman.v1.DeployService/UpdateRunbook": "catalog.write",
+    # DeployService: environment policies and freeze windows
+    "relman.v1.DeployService/GetEnvironmentPolicy": "catalog.read",
+    "relman.v1.DeployService/UpdateEnvironmentPolicy": "environments.write",
+    "relman.v1.DeployService/CreateFreezeWindow": "freezes.write",
+    "relman.v1.DeployService/ListFreezeWindows": "deployments.read",
+    "relman.v1.DeployService/DeleteFreezeWindow": "freezes.delete",
+    "relman.v1.DeployService/CheckPromotion": "deployments.read",
     # AuthService
     "relman.v1.AuthService/Login": PUBLIC,
     "relman.v1.AuthService/Logout": SELF,
@@ -95,8 +103,8 @@ RPC_PERMISSIONS: dict[str, str] = {
 _VIEWER = frozenset({SELF, "catalog.read", "releases.read", "deployments.read"})
 _DEVELOPER = _VIEWER | {"releases.write", "deployments.write", "audit.write"}
 _LEAD = _DEVELOPER | {
-    "deployments.write.production",
     "deployments.approve",
+    "freezes.write",
     "catalog.write",
     "audit.read",
 }
@@ -104,7 +112,8 @@ ROLE_PERMISSIONS: dict[Role, frozenset[str]] = {
     Role.VIEWER: _VIEWER,
     Role.DEVELOPER: _DEVELOPER,
     Role.LEAD: _LEAD,
-    Role.ADMIN: _LEAD | {"users.admin", "audit.write.on_behalf", "environments.write"},
+    Role.ADMIN: _LEAD
+    | {"users.admin", "audit.write.on_behalf", "environments.write", "freezes.delete"},
     Role.SERVICE: frozenset({SELF, "catalog.read", "audit.write", "audit.write.on_behalf"}),
 }
 

@@ -34,7 +34,7 @@ from sqlalchemy import (
     text,
     true,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 NAMING_CONVENTION = {
@@ -323,6 +323,10 @@ class Deployment(Base):
     completed_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _updated_at()
+    # An admin's reason for creating it inside a freeze window (audited freeze.override).
+    freeze_override_reason: Mapped[str | None] = mapped_column(Text)
+    # A rollback's redeployment: restoring service passes freezes and approvals.
+    is_rollback: Mapped[bool] = mapped_column(server_default=false())
 
     stages: Mapped[list[PipelineStage]] = relationship(
         order_by="PipelineStage.order", lazy="raise", passive_deletes=True
@@ -483,5 +487,68 @@ class PipelineStage(Base):
     started_at: Mapped[datetime | None]
     completed_at: Mapped[datetime | None]
     output: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _updated_at()
+
+
+class EnvironmentPolicy(Base):
+    """The rules of one environment (one row each, made by the database when the
+    environment is inserted, migration 007). `pending` is the whole policy as it will be
+    once a weakening change takes effect at `pending_effective_at`; `version` makes the etag."""
+
+    __tablename__ = "environment_policies"
+    __table_args__ = (
+        UniqueConstraint("environment_id"),
+        CheckConstraint("required_approvals BETWEEN 0 AND 10", name="approvals"),
+        CheckConstraint("bake_minutes BETWEEN 0 AND 43200", name="bake"),
+        CheckConstraint("(pending IS NULL) = (pending_effective_at IS NULL)", name="pending"),
+    )
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    environment_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("environments.id", ondelete="RESTRICT")
+    )
+    required_approvals: Mapped[int] = mapped_column(Integer)
+    approver_roles: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    deployer_roles: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    required_stages: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    bake_minutes: Mapped[int] = mapped_column(Integer)
+    version: Mapped[int] = mapped_column(Integer, server_default=text("1"))
+    pending: Mapped[dict[str, Any] | None] = mapped_column(JSONB(none_as_null=True))
+    pending_effective_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _updated_at()
+
+
+class FreezeWindow(Base):
+    """A time in which deployments into its scope (an environment or all, a service or
+    all) are refused: one-off (start_time, end_time) or recurring (cron in time_zone, each
+    occurrence lasting duration_minutes), never both."""
+
+    __tablename__ = "freeze_windows"
+    __table_args__ = (
+        CheckConstraint(
+            "(start_time IS NOT NULL AND end_time > start_time AND cron IS NULL"
+            " AND time_zone IS NULL AND duration_minutes IS NULL)"
+            " OR (start_time IS NULL AND end_time IS NULL AND cron IS NOT NULL"
+            " AND time_zone IS NOT NULL AND duration_minutes BETWEEN 1 AND 44640)",
+            name="one_form",
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    environment_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("environments.id", ondelete="RESTRICT"), index=True
+    )
+    service_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("services.id", ondelete="RESTRICT"), index=True
+    )
+    reason: Mapped[str] = mapped_column(Text)
+    start_time: Mapped[datetime | None]
+    end_time: Mapped[datetime | None]
+    cron: Mapped[str | None] = mapped_column(String(200))
+    time_zone: Mapped[str | None] = mapped_column(String(64))
+    duration_minutes: Mapped[int | None] = mapped_column(Integer)
+    created_by: Mapped[uuid.UUID] = _user_fk()
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _updated_at()

@@ -1,0 +1,387 @@
+"""The promotion gates (domain layer): every rule a new deployment passes, named.
+
+PromoteRelease and CreateDeployment refuse with the first gate that fails, CheckPromotion
+lists them all: both read them from `evaluate`, so they cannot disagree. In order:
+- promotion_order: the environment and the service are active, and the release
+  succeeded in an environment of the previous type (development -> staging -> production);
+- required_stages: in such a deployment every stage that environment's policy requires
+  SUCCEEDED (skipped is no evidence that a test or scan passed);
+- bake_time: that deployment completed at least the earlier environment's bake_minutes ago;
+- freeze: no freeze window covers the target and the service now, or an admin passes
+  it with a reason (audited freeze.override by the deploy path);
+- deployer_role: the caller's role is one the target's policy lets deploy;
+- active_deployment: nothing else is active for the service there (the deploy path
+  evaluates this one under the slot's lock);
+- approvals: informational, how many votes the deployment will wait for.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import bindparam, func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from deploy_svc import freezes
+from deploy_svc.policies import Policy, in_force, policy_of
+from shared.framework.errors import DomainError, FailedPrecondition, PermissionDenied
+from shared.identity.actor import Actor
+from shared.persistence.db import Database, load
+from shared.persistence.models import (
+    ACTIVE_DEPLOYMENT_STATUSES,
+    Deployment,
+    DeploymentStatus,
+    Environment,
+    EnvironmentPolicy,
+    EnvironmentType,
+    PipelineStage,
+    Release,
+    Role,
+    Service,
+    StageStatus,
+)
+
+PROMOTION_ORDER = list(EnvironmentType)
+GATE_NAMES = (
+    "promotion_order",
+    "required_stages",
+    "bake_time",
+    "freeze",
+    "deployer_role",
+    "active_deployment",
+    "approvals",
+)
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One gate's verdict: `refusal` is what the deploy path raises when it failed."""
+
+    name: str
+    passed: bool
+    detail: str
+    refusal: DomainError | None = None
+    freeze_window_id: str | None = None  # the freeze gate passed by an admin's override
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a new deployment is checked against, read once."""
+
+    release: Release
+    service: Service
+    environment: Environment
+    policy: Policy
+
+
+def _words(roles) -> str:
+    return ", ".join(str(role) for role in roles)
+
+
+def timestamp_text(moment: datetime) -> str:
+    """RFC 3339 in UTC, as error metadata and gate details show times."""
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+# The succeeded deployments of a release in one environment type, newest first, each with
+# its environment's policy and the names of its stages that succeeded.
+_SUCCEEDED_BEFORE = (
+    select(
+        Deployment.id,
+        Deployment.completed_at,
+        EnvironmentPolicy,
+        func.array_agg(PipelineStage.name).filter(PipelineStage.status == StageStatus.SUCCEEDED),
+    )
+    .join(Environment, Environment.id == Deployment.environment_id)
+    .join(EnvironmentPolicy, EnvironmentPolicy.environment_id == Deployment.environment_id)
+    .outerjoin(PipelineStage, PipelineStage.deployment_id == Deployment.id)
+    .where(
+        Deployment.release_id == bindparam("release_id"),
+        Deployment.status == DeploymentStatus.SUCCEEDED,
+        Environment.environment_type == bindparam("environment_type"),
+    )
+    .group_by(Deployment.id, EnvironmentPolicy.id)
+    .order_by(Deployment.completed_at.desc(), Deployment.id.desc())
+)
+_ACTIVE_IN_SLOT = select(Deployment.id).where(
+    Deployment.service_id == bindparam("service_id"),
+    Deployment.environment_id == bindparam("environment_id"),
+    Deployment.status.in_(ACTIVE_DEPLOYMENT_STATUSES),
+)
+
+
+async def evaluate(
+    session: AsyncSession,
+    actor: Actor,
+    target: Target,
+    now: datetime,
+    freeze_override_reason: str | None,
+) -> list[Gate]:
+    """Every gate, in GATE_NAMES order, for `actor` deploying `target` at `now`."""
+    gates = await _earlier_environment_gates(session, target, now)
+    gates.append(await _freeze_gate(session, actor, target, now, freeze_override_reason))
+    gates.append(_deployer_gate(actor, target))
+    gates.append(await _active_gate(session, target))
+    gates.append(_approvals_gate(target))
+    return gates
+
+
+def first_refusal(gates: list[Gate]) -> DomainError | None:
+    return next((gate.refusal for gate in gates if not gate.passed), None)
+
+
+async def _earlier_environment_gates(
+    session: AsyncSession, target: Target, now: datetime
+) -> list[Gate]:
+    """promotion_order, required_stages and bake_time, from the release's deployments in
+    the previous environment type."""
+    release, environment = target.release, target.environment
+    inactive = _inactive(target)
+    if inactive is not None:
+        return [
+            inactive,
+            Gate("required_stages", False, "not checked: the promotion order gate failed"),
+            Gate("bake_time", False, "not checked: the promotion order gate failed"),
+        ]
+    position = PROMOTION_ORDER.index(EnvironmentType(environment.environment_type))
+    if position == 0:
+        first = f"{environment.environment_type} comes first: nothing is required before it"
+        return [
+            Gate("promotion_order", True, first),
+            Gate("required_stages", True, first),
+            Gate("bake_time", True, first),
+        ]
+    previous = PROMOTION_ORDER[position - 1]
+    succeeded = (
+        await session.execute(
+            _SUCCEEDED_BEFORE, {"release_id": release.id, "environment_type": previous}
+        )
+    ).all()
+    if not succeeded:
+        return [
+            Gate(
+                "promotion_order",
+                False,
+                f"release {release.version} has not succeeded in {previous} yet",
+                FailedPrecondition(
+                    f"release {release.version} has not succeeded in {previous} yet",
+                    reason="PROMOTION_ORDER",
+                    metadata={
+                        "missing_environment_type": previous.value,
+                        "release_id": str(release.id),
+                    },
+                ),
+            ),
+            Gate("required_stages", False, f"not checked: nothing succeeded in {previous}"),
+            Gate("bake_time", False, f"not checked: nothing succeeded in {previous}"),
+        ]
+    order = Gate("promotion_order", True, f"release {release.version} succeeded in {previous}")
+    qualifying = []  # (deployment id, completed_at, that environment's policy)
+    for deployment_id, completed_at, policy_row, passed in succeeded:
+        policy = in_force(policy_row, now)
+        if set(policy.rules.required_stages) <= set(passed or ()):
+            qualifying.append((deployment_id, completed_at, policy))
+    if not qualifying:
+        newest_id, _, newest_policy_row, passed = succeeded[0]
+        required = in_force(newest_policy_row, now).rules.required_stages
+        missing = [name for name in required if name not in (passed or ())]
+        message = f"release {release.version} has not passed {', '.join(missing)} in {previous}"
+        return [
+            order,
+            Gate(
+                "required_stages",
+                False,
+                f"{message} (deployment {newest_id}; skipped stages do not count)",
+                FailedPrecondition(
+                    message,
+                    reason="REQUIRED_STAGES_NOT_PASSED",
+                    metadata={
+                        "release_id": str(release.id),
+                        f"{previous}_deployment_id": str(newest_id),
+                        "stages_not_passed": ",".join(missing),
+                    },
+                ),
+            ),
+            Gate("bake_time", False, "not checked: the required stages gate failed"),
+        ]
+    stages = Gate(
+        "required_stages",
+        True,
+        f"deployment {qualifying[0][0]} in {previous} passed every stage its policy requires",
+    )
+    ready_at = min(done + timedelta(minutes=p.rules.bake_minutes) for _, done, p in qualifying)
+    if ready_at <= now:
+        bake = Gate("bake_time", True, f"baked in {previous} since {timestamp_text(ready_at)}")
+    else:
+        message = (
+            f"release {release.version} is baking in {previous} until {timestamp_text(ready_at)}"
+        )
+        bake = Gate(
+            "bake_time",
+            False,
+            message,
+            FailedPrecondition(
+                message,
+                reason="BAKE_TIME_NOT_ELAPSED",
+                metadata={"release_id": str(release.id), "ready_at": timestamp_text(ready_at)},
+            ),
+        )
+    return [order, stages, bake]
+
+
+def _inactive(target: Target) -> Gate | None:
+    """The promotion_order gate, failed, when the environment or the service is deactivated."""
+    if not target.environment.is_active:
+        message = f"environment {target.environment.name} is deactivated"
+        return Gate(
+            "promotion_order",
+            False,
+            message,
+            FailedPrecondition(
+                message,
+                reason="ENVIRONMENT_INACTIVE",
+                metadata={"environment_id": str(target.environment.id)},
+            ),
+        )
+    if not target.service.is_active:
+        message = f"service {target.service.name} is deactivated"
+        return Gate(
+            "promotion_order",
+            False,
+            message,
+            FailedPrecondition(
+                message,
+                reason="SERVICE_INACTIVE",
+                metadata={"service_id": str(target.service.id)},
+            ),
+        )
+    return None
+
+
+async def _freeze_gate(
+    session: AsyncSession,
+    actor: Actor,
+    target: Target,
+    now: datetime,
+    override_reason: str | None,
+) -> Gate:
+    frozen = await freezes.in_force(session, target.environment.id, target.service.id, now)
+    if not frozen:
+        return Gate("freeze", True, "no freeze window is in force")
+    window, ends_at = frozen[0].window, frozen[0].ends_at
+    metadata = {"freeze_window_id": str(window.id), "ends_at": timestamp_text(ends_at)}
+    if override_reason and actor.role == Role.ADMIN:
+        return Gate(
+            "freeze",
+            True,
+            f"freeze window {window.id} ({window.reason}) passed by an admin: {override_reason}",
+            freeze_window_id=str(window.id),
+        )
+    if override_reason:
+        message = "only an admin may pass a freeze window"
+        return Gate(
+            "freeze",
+            False,
+            f"{message}; frozen until {timestamp_text(ends_at)}: {window.reason}",
+            PermissionDenied(message, reason="FREEZE_OVERRIDE_NOT_ALLOWED", metadata=metadata),
+        )
+    message = f"deployments are frozen until {timestamp_text(ends_at)}: {window.reason}"
+    return Gate(
+        "freeze",
+        False,
+        f"{message} (window {window.id}; an admin may pass it with freeze_override_reason)",
+        FailedPrecondition(message, reason="DEPLOYMENT_FROZEN", metadata=metadata),
+    )
+
+
+def deployer_refusal(actor: Actor, environment: Environment, policy: Policy) -> DomainError | None:
+    """PERMISSION_DENIED unless the caller's role may deploy to, and change deployments
+    in, the environment."""
+    if actor.role in policy.rules.deployer_roles:
+        return None
+    return PermissionDenied(
+        f"role {actor.role or 'none'} may not deploy to {environment.name} "
+        f"(its policy allows {_words(policy.rules.deployer_roles)})",
+        reason="DEPLOYER_ROLE_NOT_ALLOWED",
+        metadata={"environment_id": str(environment.id), "role": str(actor.role or "")},
+    )
+
+
+def _deployer_gate(actor: Actor, target: Target) -> Gate:
+    refusal = deployer_refusal(actor, target.environment, target.policy)
+    if refusal is None:
+        return Gate("deployer_role", True, f"role {actor.role} may deploy here")
+    return Gate("deployer_role", False, refusal.message, refusal)
+
+
+async def _active_gate(session: AsyncSession, target: Target) -> Gate:
+    blocking = await session.scalar(
+        _ACTIVE_IN_SLOT,
+        {"service_id": target.service.id, "environment_id": target.environment.id},
+    )
+    if blocking is None:
+        return Gate("active_deployment", True, "no other deployment is active here")
+    message = f"deployment {blocking} is still active in {target.environment.name}"
+    return Gate(
+        "active_deployment",
+        False,
+        message,
+        FailedPrecondition(
+            message,
+            reason="ACTIVE_DEPLOYMENT_EXISTS",
+            metadata={
+                "blocking_deployment_id": str(blocking),
+                "environment_id": str(target.environment.id),
+            },
+        ),
+    )
+
+
+def _approvals_gate(target: Target) -> Gate:
+    rules = target.policy.rules
+    if rules.required_approvals == 0:
+        return Gate("approvals", True, "the deployment will start without waiting for votes")
+    return Gate(
+        "approvals",
+        True,
+        f"the deployment will wait for {rules.required_approvals} approval(s) from "
+        f"{_words(rules.approver_roles)} other than the deployer",
+    )
+
+
+# -- reading the target ----------------------------------------------------------------------
+
+_TARGET = (
+    select(Release, Service, Environment, EnvironmentPolicy)
+    .join(Service, Service.id == Release.service_id)
+    .join(Environment, Environment.id == bindparam("environment_id"))
+    .join(EnvironmentPolicy, EnvironmentPolicy.environment_id == Environment.id)
+    .where(Release.id == bindparam("release_id"))
+)
+
+
+async def read_target(
+    session: AsyncSession, release_id: uuid.UUID, environment_id: uuid.UUID, now: datetime
+) -> Target:
+    """The release, its service, the environment and its policy in force, in one round trip."""
+    found = (
+        await session.execute(_TARGET, {"release_id": release_id, "environment_id": environment_id})
+    ).one_or_none()
+    if found is None:  # NOT_FOUND naming whichever is missing
+        await load(session, Release, release_id)
+        await load(session, Environment, environment_id)
+        await policy_of(session, environment_id, now)
+    release, service, environment, policy_row = found
+    return Target(release, service, environment, in_force(policy_row, now))
+
+
+async def check_promotion(
+    database: Database, actor: Actor, release_id: uuid.UUID, environment_id: uuid.UUID
+) -> list[Gate]:
+    """Every gate as PromoteRelease would find it for `actor` now; writes nothing."""
+    async with database.read() as session:
+        now = datetime.now(UTC)
+        target = await read_target(session, release_id, environment_id, now)
+        return await evaluate(session, actor, target, now, None)
