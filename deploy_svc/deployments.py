@@ -35,7 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
 from deploy_svc import freezes, gates
-from deploy_svc.policies import Policy, in_force
+from deploy_svc.policies import Policy, check_stage_list, in_force
 from deploy_svc.releases import refresh_status
 from shared.framework.errors import (
     AlreadyExists,
@@ -67,7 +67,6 @@ from shared.persistence.pagination import Page, list_page
 
 STAGE_OUTPUT_MAX = 64 * 1024
 METRIC_NAME = re.compile(r"[a-z][a-z0-9_.]*")
-MAX_STAGES = 20
 DONE_STAGES = (StageStatus.SUCCEEDED, StageStatus.SKIPPED)
 TERMINAL = {
     DeploymentStatus.SUCCEEDED,
@@ -246,15 +245,6 @@ def _override_reason(reason: str) -> str | None:
     return text_field("freeze_override_reason", reason, freezes.REASON_MAX, required=False)
 
 
-def _stage_names(names: Sequence[str]) -> list[str]:
-    if len(names) > MAX_STAGES:
-        raise InvalidArgument.field("stage_names", f"at most {MAX_STAGES} stages")
-    checked = [text_field(f"stage_names[{i}]", name, 100) for i, name in enumerate(names)]
-    if len(set(checked)) != len(checked):
-        raise InvalidArgument.field("stage_names", "must not repeat a name")
-    return checked
-
-
 def _stages_for(stage_names: list[str], environment: Environment, policy: Policy) -> list[str]:
     """The stages of a new deployment: the environment's required ones come first, in
     order (custom stages may only add to them); none named: its default stages."""
@@ -269,7 +259,7 @@ def _stages_for(stage_names: list[str], environment: Environment, policy: Policy
 
 
 async def _deploy(database: Database, actor: Actor, request: DeployRequest) -> Deployment:
-    named_stages = _stage_names(request.stage_names)
+    named_stages = check_stage_list("stage_names", request.stage_names)
     async with database.transaction() as session:
         same = {
             "release_id": request.release_id,
@@ -675,29 +665,18 @@ async def _lock_stage_deployment(
 async def _check_not_frozen(
     session: AsyncSession, deployment: Deployment, status: StageStatus, now: datetime
 ) -> None:
-    """A deployment that has not started (pending) starts its first stage only outside
-    freeze windows, unless an admin passed the freeze or it restores service (a rollback)."""
+    """A deployment that has not started (pending) moves its first stage (running, or
+    skipped: skipping every stage would succeed it) only outside freeze windows, unless an
+    admin passed the freeze or it restores service (a rollback)."""
     if (
-        status != StageStatus.RUNNING
-        or deployment.status != DeploymentStatus.PENDING
+        deployment.status != DeploymentStatus.PENDING
         or deployment.is_rollback
         or deployment.freeze_override_reason is not None
     ):
         return
     frozen = await freezes.in_force(session, deployment.environment_id, deployment.service_id, now)
     if frozen:
-        window, ends_at = frozen[0].window, frozen[0].ends_at
-        until = gates.timestamp_text(ends_at)
-        raise FailedPrecondition(
-            f"deployments are frozen until {until}: {window.reason}; this one has not "
-            "started and may start once the window ends",
-            reason="DEPLOYMENT_FROZEN",
-            metadata={
-                "freeze_window_id": str(window.id),
-                "ends_at": until,
-                "deployment_id": str(deployment.id),
-            },
-        )
+        raise frozen[0].refusal(deployment_id=str(deployment.id))
 
 
 def _check_stage_move(

@@ -16,13 +16,14 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from functools import cache
+from zoneinfo import ZoneInfo, available_timezones
 
 from cronsim import CronSim, CronSimError
 from sqlalchemy import and_, or_, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.framework.errors import InvalidArgument
+from shared.framework.errors import FailedPrecondition, InvalidArgument
 from shared.framework.validation import text as text_field
 from shared.identity.actor import Actor
 from shared.persistence import audit_log
@@ -32,6 +33,13 @@ from shared.persistence.pagination import decode_token, encode_token, page_size
 
 MAX_DURATION_MINUTES = 44_640  # 31 days
 REASON_MAX = 1000
+CRON_MAX = 200
+# Times a window (and active_at) may name: far enough for any plan, and clear of the
+# ends of the calendar, where the database's timestamps become +-infinity.
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+LATEST = datetime(2100, 1, 1, tzinfo=UTC)
+# Names zoneinfo accepts that are no place: the server host's zone, and tz's internals.
+_NOT_ZONES = {"localtime", "posixrules", "Factory"}
 
 
 def _now() -> datetime:
@@ -64,6 +72,26 @@ class Frozen:
 
     window: FreezeWindow
     ends_at: datetime
+
+    def refusal(self, **metadata: str) -> FailedPrecondition:
+        """DEPLOYMENT_FROZEN, naming the window, when it ends, and its reason."""
+        until = timestamp_text(self.ends_at)
+        return FailedPrecondition(
+            f"deployments are frozen until {until}: {self.window.reason}",
+            reason="DEPLOYMENT_FROZEN",
+            metadata={"freeze_window_id": str(self.window.id), "ends_at": until, **metadata},
+        )
+
+
+def timestamp_text(moment: datetime) -> str:
+    """RFC 3339 in UTC, as error metadata and gate details show times."""
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def check_instant(field: str, moment: datetime) -> datetime:
+    if not EARLIEST <= moment < LATEST:
+        raise InvalidArgument.field(field, "must be from 2000-01-01 to 2099-12-31 UTC")
+    return moment
 
 
 def _scope(environment_id: uuid.UUID | None, service_id: uuid.UUID | None) -> list:
@@ -123,7 +151,7 @@ class WindowRequest:
     request_id: uuid.UUID | None
 
 
-def _check_form(request: WindowRequest, now: datetime) -> dict:
+def _check_form(request: WindowRequest) -> dict:
     """The window's columns, after checking it is one form or the other, and whole."""
     one_off = request.start_time is not None or request.end_time is not None
     recurring = bool(request.cron or request.time_zone or request.duration_minutes)
@@ -138,10 +166,10 @@ def _check_form(request: WindowRequest, now: datetime) -> dict:
         if request.start_time is None or request.end_time is None:
             missing = "start_time" if request.start_time is None else "end_time"
             raise InvalidArgument.field(f"freeze_window.{missing}", "is required with the other")
+        check_instant("freeze_window.start_time", request.start_time)
+        check_instant("freeze_window.end_time", request.end_time)
         if request.end_time <= request.start_time:
             raise InvalidArgument.field("freeze_window.end_time", "must be after start_time")
-        if request.end_time <= now:
-            raise InvalidArgument.field("freeze_window.end_time", "is in the past")
         return {"start_time": request.start_time, "end_time": request.end_time}
     if not recurring:
         raise InvalidArgument.field(
@@ -157,6 +185,8 @@ def _check_form(request: WindowRequest, now: datetime) -> dict:
 
 def _check_cron(expression: str) -> str:
     expression = " ".join(expression.split())
+    if len(expression) > CRON_MAX:
+        raise InvalidArgument.field("freeze_window.cron", f"at most {CRON_MAX} characters")
     if len(expression.split()) != 5:
         raise InvalidArgument.field(
             "freeze_window.cron",
@@ -171,15 +201,19 @@ def _check_cron(expression: str) -> str:
     return expression
 
 
+@cache
+def _zones() -> frozenset[str]:
+    return frozenset(available_timezones() - _NOT_ZONES)
+
+
 def _check_time_zone(name: str) -> str:
+    """An IANA zone by name (not a directory of zones, not the server host's own)."""
     if not name:
         raise InvalidArgument.field("freeze_window.time_zone", "is required with cron")
-    try:
-        ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    if name not in _zones():
         raise InvalidArgument.field(
             "freeze_window.time_zone", "is not an IANA time zone (e.g. Europe/Berlin)"
-        ) from None
+        )
     return name
 
 
@@ -192,17 +226,27 @@ def _check_duration(minutes: int) -> int:
 
 
 async def create_window(database: Database, actor: Actor, request: WindowRequest) -> FreezeWindow:
-    """Creates a window (a retried request_id returns the window it made)."""
+    """Creates a window (a retried request_id returns the window it made, even once that
+    window has ended)."""
     reason = text_field("freeze_window.reason", request.reason, REASON_MAX)
-    columns = _check_form(request, _now())
+    columns = _check_form(request)
     async with database.transaction() as session:
         same = {
             "environment_id": request.environment_id,
             "service_id": request.service_id,
+            "reason": reason,
             "created_by": actor.user_id,
+            "start_time": None,
+            "end_time": None,
+            "cron": None,
+            "time_zone": None,
+            "duration_minutes": None,
+            **columns,
         }
         if earlier := await replay(session, FreezeWindow, request.request_id, same):
             return earlier
+        if columns.get("end_time") is not None and columns["end_time"] <= _now():
+            raise InvalidArgument.field("freeze_window.end_time", "is in the past")
         if request.environment_id is not None:
             await load(session, Environment, request.environment_id)
         if request.service_id is not None:

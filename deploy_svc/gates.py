@@ -25,6 +25,7 @@ from sqlalchemy import bindparam, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from deploy_svc import freezes
+from deploy_svc.freezes import timestamp_text
 from deploy_svc.policies import Policy, in_force, policy_of
 from shared.framework.errors import DomainError, FailedPrecondition, PermissionDenied
 from shared.identity.actor import Actor
@@ -44,15 +45,6 @@ from shared.persistence.models import (
 )
 
 PROMOTION_ORDER = list(EnvironmentType)
-GATE_NAMES = (
-    "promotion_order",
-    "required_stages",
-    "bake_time",
-    "freeze",
-    "deployer_role",
-    "active_deployment",
-    "approvals",
-)
 
 
 @dataclass(frozen=True)
@@ -80,11 +72,6 @@ def _words(roles) -> str:
     return ", ".join(str(role) for role in roles)
 
 
-def timestamp_text(moment: datetime) -> str:
-    """RFC 3339 in UTC, as error metadata and gate details show times."""
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
 # The succeeded deployments of a release in one environment type, newest first, each with
 # its environment's policy and the names of its stages that succeeded.
 _SUCCEEDED_BEFORE = (
@@ -101,6 +88,7 @@ _SUCCEEDED_BEFORE = (
         Deployment.release_id == bindparam("release_id"),
         Deployment.status == DeploymentStatus.SUCCEEDED,
         Environment.environment_type == bindparam("environment_type"),
+        Environment.is_active,  # a deactivated environment is no evidence
     )
     .group_by(Deployment.id, EnvironmentPolicy.id)
     .order_by(Deployment.completed_at.desc(), Deployment.id.desc())
@@ -119,7 +107,7 @@ async def evaluate(
     now: datetime,
     freeze_override_reason: str | None,
 ) -> list[Gate]:
-    """Every gate, in GATE_NAMES order, for `actor` deploying `target` at `now`."""
+    """Every gate, in the module docstring's order, for `actor` deploying `target` at `now`."""
     gates = await _earlier_environment_gates(session, target, now)
     gates.append(await _freeze_gate(session, actor, target, now, freeze_override_reason))
     gates.append(_deployer_gate(actor, target))
@@ -270,8 +258,8 @@ async def _freeze_gate(
     frozen = await freezes.in_force(session, target.environment.id, target.service.id, now)
     if not frozen:
         return Gate("freeze", True, "no freeze window is in force")
-    window, ends_at = frozen[0].window, frozen[0].ends_at
-    metadata = {"freeze_window_id": str(window.id), "ends_at": timestamp_text(ends_at)}
+    window = frozen[0].window
+    refusal = frozen[0].refusal()
     if override_reason and actor.role == Role.ADMIN:
         return Gate(
             "freeze",
@@ -284,15 +272,16 @@ async def _freeze_gate(
         return Gate(
             "freeze",
             False,
-            f"{message}; frozen until {timestamp_text(ends_at)}: {window.reason}",
-            PermissionDenied(message, reason="FREEZE_OVERRIDE_NOT_ALLOWED", metadata=metadata),
+            f"{message}; {refusal.message}",
+            PermissionDenied(
+                message, reason="FREEZE_OVERRIDE_NOT_ALLOWED", metadata=refusal.metadata
+            ),
         )
-    message = f"deployments are frozen until {timestamp_text(ends_at)}: {window.reason}"
     return Gate(
         "freeze",
         False,
-        f"{message} (window {window.id}; an admin may pass it with freeze_override_reason)",
-        FailedPrecondition(message, reason="DEPLOYMENT_FROZEN", metadata=metadata),
+        f"{refusal.message} (window {window.id}; an admin may pass it with freeze_override_reason)",
+        refusal,
     )
 
 
@@ -372,7 +361,8 @@ async def read_target(
     if found is None:  # NOT_FOUND naming whichever is missing
         await load(session, Release, release_id)
         await load(session, Environment, environment_id)
-        await policy_of(session, environment_id, now)
+        await policy_of(session, environment_id, now)  # every environment has one (007)
+        raise LookupError(f"release {release_id} has no service")  # a foreign key holds it
     release, service, environment, policy_row = found
     return Target(release, service, environment, in_force(policy_row, now))
 

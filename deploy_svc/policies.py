@@ -21,9 +21,11 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Text, bindparam, select, text
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from deploy_svc.releases import refresh_status
 from shared.framework.errors import Aborted, InvalidArgument
 from shared.framework.validation import text as text_field
 from shared.identity.actor import Actor
@@ -205,15 +207,19 @@ def check_roles(field: str, values: Sequence[int | str], choices: tuple[Role, ..
     return sorted_roles(roles)
 
 
-def check_required_stages(values: Sequence[str]) -> tuple[str, ...]:
+def check_stage_list(field: str, values: Sequence[str]) -> list[str]:
+    """Stage names, as a deployment's stages or a policy's required ones: at most
+    MAX_STAGES, each 1 to 100 characters, none twice."""
     if len(values) > MAX_STAGES:
-        raise InvalidArgument.field("policy.required_stages", f"at most {MAX_STAGES} stages")
-    names = tuple(
-        text_field(f"policy.required_stages[{i}]", name, 100) for i, name in enumerate(values)
-    )
+        raise InvalidArgument.field(field, f"at most {MAX_STAGES} stages")
+    names = [text_field(f"{field}[{i}]", name, 100) for i, name in enumerate(values)]
     if len(set(names)) != len(names):
-        raise InvalidArgument.field("policy.required_stages", "must not repeat a name")
+        raise InvalidArgument.field(field, "must not repeat a name")
     return names
+
+
+def check_required_stages(values: Sequence[str]) -> tuple[str, ...]:
+    return tuple(check_stage_list("policy.required_stages", values))
 
 
 def check_bake_minutes(value: int) -> int:
@@ -308,6 +314,10 @@ async def update_policy(
             row.pending_effective_at = None
         row.version += 1
         await session.flush()
+        if after.required_approvals > before.required_approvals or set(after.approver_roles) < set(
+            before.approver_roles
+        ):
+            await _await_votes_again(session, actor, environment_id, after)
         await audit_log.append(
             session,
             actor,
@@ -325,6 +335,47 @@ async def update_policy(
         )
         await session.refresh(row)
         return in_force(row, now)
+
+
+# Deployments there that have not started and lack the votes the policy now asks for.
+_AWAIT_VOTES_AGAIN = text(
+    """
+    UPDATE deployments d SET status = 'awaiting_approval', updated_at = now()
+    WHERE d.environment_id = :environment_id AND d.status = 'pending' AND NOT d.is_rollback
+      AND (SELECT count(*) FROM approvals a JOIN users u ON u.id = a.approver_id
+           WHERE a.deployment_id = d.id AND a.status = 'approved' AND u.is_active
+             AND u.role = ANY (:approver_roles) AND u.id <> d.deployed_by) < :required
+    RETURNING d.id, d.release_id
+    """
+).bindparams(bindparam("approver_roles", type_=ARRAY(Text)))
+
+
+async def _await_votes_again(
+    session: AsyncSession, actor: Actor, environment_id: uuid.UUID, rules: Rules
+) -> None:
+    """A stronger approval rule applies at once, also to deployments that have not started
+    yet: each that lacks the votes now asked for waits for them again (audited), so a
+    deployment made while the rule was weaker cannot run without them later."""
+    moved = (
+        await session.execute(
+            _AWAIT_VOTES_AGAIN,
+            {
+                "environment_id": environment_id,
+                "approver_roles": [str(r) for r in rules.approver_roles],
+                "required": rules.required_approvals,
+            },
+        )
+    ).all()
+    for deployment_id, release_id in moved:
+        await refresh_status(session, release_id)
+        await audit_log.append(
+            session,
+            actor,
+            "await_approval",
+            "deployment",
+            deployment_id,
+            {"reason": f"the policy now requires {rules.required_approvals} approval(s)"},
+        )
 
 
 async def apply_due_changes(session: AsyncSession, limit: int = 100) -> int:

@@ -29,7 +29,7 @@ from deploy_svc.deployments import (
     lock_slot,
     new_deployment,
 )
-from deploy_svc.gates import timestamp_text
+from deploy_svc.freezes import timestamp_text
 from deploy_svc.policies import Policy
 from deploy_svc.releases import refresh_status
 from shared.framework.errors import FailedPrecondition

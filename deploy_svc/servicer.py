@@ -442,7 +442,7 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
 
     async def ListFreezeWindows(self, request, context):
         active_at = (
-            parse_timestamp("active_at", request.active_at)
+            freezes.check_instant("active_at", parse_timestamp("active_at", request.active_at))
             if request.HasField("active_at")
             else None
         )

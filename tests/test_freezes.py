@@ -699,3 +699,99 @@ async def test_a_pending_deployment_waits_and_a_running_one_finishes(clients, se
         await run_all_stages(developer, waiting)
         done = await developer.GetDeployment(deployment_id=waiting.id)
         assert done.status == S.DEPLOYMENT_STATUS_SUCCEEDED
+
+
+async def test_windows_keep_to_the_calendar_and_real_zones(clients, service_id):
+    """Review findings, each once an INTERNAL or a retried UNAVAILABLE: a window at the ends
+    of the calendar (stored as +-infinity, it broke every deploy and rollback in its
+    scope), a directory of zones or the host's own zone, a cron longer than its column,
+    and active_at at the ends of the calendar are each INVALID_ARGUMENT naming the field."""
+    lead = clients["lead"]
+    earliest = Timestamp(seconds=-62_135_596_800)
+    latest = Timestamp(seconds=253_402_300_799, nanos=999_999_000)
+    cases = [
+        ({"start_time": earliest, "end_time": stamp(now() + timedelta(hours=1))}, "start_time"),
+        ({"start_time": stamp(now()), "end_time": latest}, "end_time"),
+        ({"cron": "0 22 * * *", "time_zone": "Europe", "duration_minutes": 5}, "time_zone"),
+        ({"cron": "0 22 * * *", "time_zone": "localtime", "duration_minutes": 5}, "time_zone"),
+        (
+            {
+                "cron": ",".join(map(str, range(60)))
+                + " "
+                + ",".join(map(str, range(24)))
+                + " * * *",
+                "time_zone": "UTC",
+                "duration_minutes": 5,
+            },
+            "cron",
+        ),
+    ]
+    for fields, field in cases:
+        error = await fails(
+            lead.CreateFreezeWindow(
+                freeze_window=common_pb2.FreezeWindow(reason="x", service_id=service_id, **fields)
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+        assert [v.field for v in error_details(error)[1]] == [f"freeze_window.{field}"], fields
+    async with freeze(
+        clients,
+        "nightly",
+        service_id=service_id,
+        cron="0 22 * * *",
+        time_zone="Europe/Berlin",
+        duration_minutes=60,
+    ):
+        for instant in (earliest, latest):
+            error = await fails(
+                lead.ListFreezeWindows(service_id=service_id, active_at=instant),
+                grpc.StatusCode.INVALID_ARGUMENT,
+            )
+            assert [v.field for v in error_details(error)[1]] == ["active_at"]
+
+
+async def test_a_request_id_names_one_window(clients, service_id):
+    """A request_id retried with another reason or other times is REQUEST_ID_REUSED, not
+    the first window passed off as the second."""
+    lead, request_id = clients["lead"], str(uuid.uuid4())
+    fields = one_off(1, service_id=service_id)
+    first = await lead.CreateFreezeWindow(
+        freeze_window=common_pb2.FreezeWindow(reason="first", **fields), request_id=request_id
+    )
+    try:
+        for changed in ({"reason": "second", **fields}, {"reason": "first", **one_off(5)}):
+            changed.setdefault("service_id", service_id)
+            await fails(
+                lead.CreateFreezeWindow(
+                    freeze_window=common_pb2.FreezeWindow(**changed), request_id=request_id
+                ),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "REQUEST_ID_REUSED",
+            )
+        again = await lead.CreateFreezeWindow(
+            freeze_window=common_pb2.FreezeWindow(reason="first", **fields), request_id=request_id
+        )
+        assert again.id == first.id
+    finally:
+        await clients["admin"].DeleteFreezeWindow(freeze_window_id=first.id)
+
+
+async def test_skipping_every_stage_does_not_run_a_deployment_through_a_freeze(clients, service_id):
+    """A deployment that has not started cannot succeed inside a window by skipping its
+    stages: skipping the first is DEPLOYMENT_FROZEN, and nothing changed."""
+    developer = clients["developer"]
+    release = await developer.CreateRelease(service_id=service_id, version="1.0.0")
+    held = await developer.PromoteRelease(release_id=release.id, target_environment_id=DEV)
+    async with freeze(clients, "audit week", **one_off(1, service_id=service_id)):
+        await fails(  # the later stages wait for the first (PREVIOUS_STAGE_NOT_DONE)
+            developer.UpdatePipelineStage(
+                stage_id=held.stages[0].id, status=S.STAGE_STATUS_SKIPPED
+            ),
+            FROZEN,
+            "DEPLOYMENT_FROZEN",
+        )
+        state = await developer.GetDeployment(
+            deployment_id=held.id, view=S.DEPLOYMENT_VIEW_WITH_STAGES
+        )
+        assert state.status == S.DEPLOYMENT_STATUS_PENDING
+        assert {stage.status for stage in state.stages} == {S.STAGE_STATUS_PENDING}

@@ -758,3 +758,38 @@ async def test_check_promotion_checks_its_input(clients, service_id):
         await fails(viewer.CheckPromotion(**fields), getattr(grpc.StatusCode, code))
     # It wrote nothing: the release is still a draft nowhere deployed.
     assert (await viewer.ListDeployments(release_id=release.id)).total_size == 0
+
+
+async def test_a_stronger_approval_rule_catches_deployments_not_yet_started(
+    clients, service_id, tokens, audit_channel
+):
+    """A deployment made while its environment needed no votes has not started when an
+    admin raises the approvals to 1: it waits for a vote again (audited await_approval),
+    cannot start a stage until it has one, and runs after it. Without this, an admin could
+    lower the rule (after the delay), have a deployment made, and restore the rule."""
+    lead, reviewer, admin = clients["lead"], clients["reviewer"], clients["admin"]
+    staging = await new_environment(admin, "staging")
+    release = await lead.CreateRelease(service_id=service_id, version="1.0.0")
+    await succeeded_in(lead, release.id, DEV)
+    made = await lead.PromoteRelease(release_id=release.id, target_environment_id=staging.id)
+    assert made.status == S.DEPLOYMENT_STATUS_PENDING
+    await update(admin, staging.id, required_approvals=1)
+    state = await lead.GetDeployment(deployment_id=made.id)
+    assert state.status == S.DEPLOYMENT_STATUS_AWAITING_APPROVAL
+    await fails(
+        lead.UpdatePipelineStage(stage_id=made.stages[0].id, status=S.STAGE_STATUS_RUNNING),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "AWAITING_APPROVAL",
+    )
+    audit = audit_pb2_grpc.AuditServiceStub(audit_channel)
+    rows = await audit.ListAuditLogs(
+        audit_pb2.ListAuditLogsRequest(
+            filter=audit_pb2.AuditLogFilter(resource_id=made.id, action="await_approval")
+        ),
+        metadata=bearer(tokens[Role.ADMIN]),
+    )
+    assert [row.username for row in rows.audit_logs] == ["admin"]
+    await reviewer.ApproveDeployment(deployment_id=made.id)
+    await run_all_stages(lead, made)
+    done = await lead.GetDeployment(deployment_id=made.id)
+    assert done.status == S.DEPLOYMENT_STATUS_SUCCEEDED

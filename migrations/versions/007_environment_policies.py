@@ -17,8 +17,9 @@ Create Date: 2026-11-30
   deployments.is_rollback (a rollback's redeployment: exempt from freezes and approvals).
 - A constraint trigger, checked at commit, refuses a deployment that would run without
   the approvals its environment's policy requires: inserted as pending, in progress or
-  succeeded (a rollback's redeployment aside), or moved there out of awaiting_approval,
-  with too few counted votes. The domain checks first; this holds whatever the code does.
+  succeeded (a rollback's redeployment aside), or moved there out of awaiting_approval
+  or pending, with too few counted votes. The domain checks first; this holds whatever
+  the code does.
 """
 
 import os
@@ -34,21 +35,28 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 STANDARD = "ARRAY['build', 'test', 'security_scan', 'deploy', 'smoke_test']::text[]"
-# The policy a new environment gets, by its type (also made for every existing one below).
+# The policy an environment gets, by its type: made by the trigger for each new
+# environment, and below for every existing one.
 DEFAULT_POLICY = f"""
-CREATE FUNCTION relman_default_policy() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
+CREATE FUNCTION relman_make_default_policy(environment uuid, kind text) RETURNS void
+LANGUAGE sql AS $$
     INSERT INTO environment_policies (environment_id, required_approvals, approver_roles,
                                       deployer_roles, required_stages, bake_minutes)
     VALUES (
-        NEW.id,
-        CASE WHEN NEW.environment_type = 'production' THEN 1 ELSE 0 END,
+        environment,
+        CASE WHEN kind = 'production' THEN 1 ELSE 0 END,
         ARRAY['admin', 'lead']::text[],
-        CASE WHEN NEW.environment_type = 'production' THEN ARRAY['admin', 'lead']::text[]
+        CASE WHEN kind = 'production' THEN ARRAY['admin', 'lead']::text[]
              ELSE ARRAY['admin', 'lead', 'developer']::text[] END,
-        CASE WHEN NEW.environment_type = 'development' THEN ARRAY[]::text[] ELSE {STANDARD} END,
+        CASE WHEN kind = 'development' THEN ARRAY[]::text[] ELSE {STANDARD} END,
         0
-    );
+    )
+$$
+"""
+DEFAULT_POLICY_TRIGGER = """
+CREATE FUNCTION relman_default_policy() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM relman_make_default_policy(NEW.id, NEW.environment_type);
     RETURN NEW;
 END $$
 """
@@ -67,10 +75,10 @@ BEGIN
     IF NOT FOUND OR now_row.status NOT IN ('pending', 'in_progress', 'succeeded') THEN
         RETURN NULL;
     END IF;
-    IF TG_OP = 'UPDATE' AND OLD.status <> 'awaiting_approval' THEN
+    IF TG_OP = 'UPDATE' AND OLD.status NOT IN ('awaiting_approval', 'pending') THEN
         RETURN NULL;
     END IF;
-    IF TG_OP = 'INSERT' AND now_row.is_rollback THEN
+    IF now_row.is_rollback THEN
         RETURN NULL;
     END IF;
     SELECT CASE WHEN p.pending_effective_at <= now()
@@ -90,11 +98,25 @@ BEGIN
        AND u.role = ANY (approvers) AND u.id <> now_row.deployed_by;
     IF counted < needed THEN
         RAISE EXCEPTION 'deployment % has % of the % approvals its environment requires',
-            now_row.id, counted, needed USING ERRCODE = 'check_violation';
+            now_row.id, counted, needed
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'check_approvals';
     END IF;
     RETURN NULL;
 END $$
 """
+
+
+def _production_approvals() -> int | None:
+    """PROD_REQUIRED_APPROVALS where the migration runs (the setting it replaces), within
+    the bounds the setting had (1 to 10); None when unset."""
+    value = os.environ.get("PROD_REQUIRED_APPROVALS", "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or not 1 <= int(value) <= 10:
+        raise SystemExit(
+            f"PROD_REQUIRED_APPROVALS must be a whole number from 1 to 10, not {value!r}"
+        )
+    return int(value)
 
 
 def upgrade() -> None:
@@ -134,33 +156,20 @@ def upgrade() -> None:
     op.alter_column("environment_policies", "created_at", nullable=False)
     op.alter_column("environment_policies", "updated_at", nullable=False)
     op.execute(DEFAULT_POLICY)
+    op.execute(DEFAULT_POLICY_TRIGGER)
     op.execute(
         "CREATE TRIGGER default_policy AFTER INSERT ON environments"
         " FOR EACH ROW EXECUTE FUNCTION relman_default_policy()"
     )
     # Existing environments, as if each had just been inserted.
-    op.execute(
-        """
-        INSERT INTO environment_policies (environment_id, required_approvals, approver_roles,
-                                          deployer_roles, required_stages, bake_minutes)
-        SELECT e.id,
-               CASE WHEN e.environment_type = 'production' THEN 1 ELSE 0 END,
-               ARRAY['admin', 'lead']::text[],
-               CASE WHEN e.environment_type = 'production' THEN ARRAY['admin', 'lead']::text[]
-                    ELSE ARRAY['admin', 'lead', 'developer']::text[] END,
-               CASE WHEN e.environment_type = 'development' THEN ARRAY[]::text[]
-                    ELSE ARRAY['build', 'test', 'security_scan', 'deploy', 'smoke_test'] END,
-               0
-        FROM environments e
-        """
-    )
-    approvals = os.environ.get("PROD_REQUIRED_APPROVALS", "").strip()
-    if approvals:
+    op.execute("SELECT relman_make_default_policy(id, environment_type) FROM environments")
+    approvals = _production_approvals()
+    if approvals is not None:
         op.execute(
             sa.text(
                 "UPDATE environment_policies p SET required_approvals = :n FROM environments e"
                 " WHERE e.id = p.environment_id AND e.environment_type = 'production'"
-            ).bindparams(n=max(0, min(10, int(approvals))))
+            ).bindparams(n=approvals)
         )
 
     op.create_table(
@@ -234,4 +243,5 @@ def downgrade() -> None:
     op.drop_table("freeze_windows")
     op.execute("DROP TRIGGER default_policy ON environments")
     op.execute("DROP FUNCTION relman_default_policy()")
+    op.execute("DROP FUNCTION relman_make_default_policy(uuid, text)")
     op.drop_table("environment_policies")

@@ -165,6 +165,12 @@ def from_exception(exc: BaseException) -> DomainError:
             reason="CONFLICT",
             metadata={"constraint": constraint},
         )
+    if getattr(driver_error, "constraint_name", None) == "check_approvals":  # migration 007
+        return FailedPrecondition(
+            "the deployment does not have the approvals its environment's policy requires "
+            "(the policy changed meanwhile); ask for votes, then retry",
+            reason="APPROVALS_REQUIRED",
+        )
     if getattr(driver_error, "sqlstate", None) in _RETRYABLE_SQLSTATES:
         return Aborted("the transaction lost a race with another; retry", reason="CONFLICT")
     if (
