@@ -72,3 +72,14 @@ async def production_requiring(admin: Client, approvals: int) -> str:
         update_mask=field_mask_pb2.FieldMask(paths=["required_approvals"]),
     )
     return environment.id
+
+
+def policy_rules(policy) -> dict:
+    """What an EnvironmentPolicy message decides, without its etag and times."""
+    return {
+        "required_approvals": policy.required_approvals,
+        "approver_roles": list(policy.approver_roles),
+        "deployer_roles": list(policy.deployer_roles),
+        "required_stages": list(policy.required_stages),
+        "bake_minutes": policy.bake_minutes,
+    }

@@ -24,6 +24,7 @@ from relman.v1 import audit_pb2, audit_pb2_grpc, common_pb2
 from shared.devtools.seed import seed_id
 from shared.persistence.models import STANDARD_STAGES, Role
 from tests.deploying import DEV, Client, S, run_all_stages
+from tests.deploying import policy_rules as rules
 from tests.harness import bearer, error_details, fails
 
 STANDARD = list(STANDARD_STAGES)
@@ -74,17 +75,6 @@ async def update(admin: Client, environment_id: str, etag: str = "", **fields):
         policy=common_pb2.EnvironmentPolicy(environment_id=environment_id, etag=etag, **fields),
         update_mask=field_mask_pb2.FieldMask(paths=list(fields)),
     )
-
-
-def rules(policy) -> dict:
-    """What a policy decides, without its etag and times."""
-    return {
-        "required_approvals": policy.required_approvals,
-        "approver_roles": list(policy.approver_roles),
-        "deployer_roles": list(policy.deployer_roles),
-        "required_stages": list(policy.required_stages),
-        "bake_minutes": policy.bake_minutes,
-    }
 
 
 def audited_rules(values: dict) -> dict:

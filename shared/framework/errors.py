@@ -167,8 +167,8 @@ def from_exception(exc: BaseException) -> DomainError:
         )
     if getattr(driver_error, "constraint_name", None) == "check_approvals":  # migration 007
         return FailedPrecondition(
-            "the deployment does not have the approvals its environment's policy requires "
-            "(the policy changed meanwhile); ask for votes, then retry",
+            "the environment's policy came to require approvals while this call ran: "
+            "a new deployment will wait for them, an existing one needs them before it runs",
             reason="APPROVALS_REQUIRED",
         )
     if getattr(driver_error, "sqlstate", None) in _RETRYABLE_SQLSTATES:

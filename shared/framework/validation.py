@@ -112,7 +112,8 @@ def masked_changes(mask, readers: dict) -> dict:
         raise InvalidArgument.field("update_mask", "must name the fields to change")
     unknown = [path for path in mask.paths if path not in readers]
     if unknown:
+        named = unknown[0] if len(unknown[0]) <= 100 else f"{unknown[0][:100]}..."
         raise InvalidArgument.field(
-            "update_mask", f"{unknown[0]!r} cannot be changed ({', '.join(readers)} can)"
+            "update_mask", f"{named!r} cannot be changed ({', '.join(readers)} can)"
         )
     return {path: readers[path]() for path in mask.paths}

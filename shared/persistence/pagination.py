@@ -20,7 +20,7 @@ import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import ClauseElement, Executable, Select, func, select, tuple_
@@ -68,10 +68,11 @@ def decode_token(token: str, filters: Mapping[str, Any]) -> tuple[datetime, uuid
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         payload = json.loads(raw)
-        created_at = datetime.fromisoformat(payload["k"][0])
+        # In UTC, as encoded: a forged offset cannot carry it off the calendar.
+        created_at = datetime.fromisoformat(payload["k"][0]).astimezone(UTC)
         row_id = uuid.UUID(payload["k"][1])
         fingerprint = payload["f"]
-    except (ValueError, KeyError, IndexError, TypeError, binascii.Error):
+    except (ValueError, KeyError, IndexError, TypeError, OverflowError, binascii.Error):
         raise InvalidArgument.field(
             "page_token", "is not a token this API returned", reason="INVALID_PAGE_TOKEN"
         ) from None

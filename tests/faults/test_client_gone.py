@@ -132,9 +132,7 @@ async def until_no_busy_backend(db: asyncpg.Connection, application: str) -> Non
             await asyncio.sleep(0.02)
 
 
-async def test_a_very_slow_export_reader_holds_memory_flat(
-    fault_db, fault_tokens, fault_report
-):
+async def test_a_very_slow_export_reader_holds_memory_flat(fault_db, fault_tokens, fault_report):
     db = await asyncpg.connect(libpq_dsn(fault_db))
     tag = await _audit_rows(db, EXPORT_ROWS)
     await db.close()
