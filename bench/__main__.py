@@ -1,4 +1,5 @@
-"""`python -m bench [--quick] [--output FILE]`: run every scenario, print the table, write JSON."""
+"""`python -m bench [--quick] [--only NAME ...] [--output FILE]`: run every scenario (or the
+ones named), print the table, write JSON."""
 
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ DEFAULT_OUTPUT = Path(__file__).parent / "results.json"
 SCENARIOS = (*scenarios.SCENARIOS, log_action_through_pgbouncer, log_action_through_nginx)
 
 
-async def run(quick: bool, output: Path) -> int:
+async def run(quick: bool, output: Path, only: list[str] | None = None) -> int:
     size = scenarios.QUICK if quick else scenarios.FULL
+    chosen = [s for s in SCENARIOS if not only or s.__name__ in only]
     server = server_url()
     print(
         f"bench: {'quick' if quick else 'full'} run on {os.cpu_count()} cores, {describe(server)}",
@@ -33,7 +35,7 @@ async def run(quick: bool, output: Path) -> int:
     )
     results = []
     async with running(server) as stack:
-        for scenario in SCENARIOS:
+        for scenario in chosen:
             # What the load generator holds so far stays out of its collector's way, so
             # that its own pauses do not show up as the services' latency.
             gc.collect()
@@ -55,9 +57,17 @@ async def run(quick: bool, output: Path) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="every scenario at a small size")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=[scenario.__name__ for scenario in SCENARIOS],
+        metavar="NAME",
+        help="run this scenario only (repeatable): "
+        + ", ".join(scenario.__name__ for scenario in SCENARIOS),
+    )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args()
-    return asyncio.run(run(args.quick, args.output))
+    return asyncio.run(run(args.quick, args.output, args.only))
 
 
 if __name__ == "__main__":

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import shutil
 import subprocess
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 from google.protobuf import struct_pb2
@@ -43,6 +44,8 @@ from shared.persistence.models import User
 from tests.harness import bearer
 
 DEV = str(seed_id("environment", "development"))
+STAGING = str(seed_id("environment", "staging"))
+PRODUCTION = str(seed_id("environment", "production"))
 ACTIONS = tuple(
     f"bench.{verb}"
     for verb in ("create", "update", "delete", "read", "approve", "promote", "rollback", "login")
@@ -62,10 +65,11 @@ class Size:
     list_calls: int  # per ListAuditLogs case
     lifecycles_per_caller: int
     watchers: int
+    promotable_releases: int  # succeeded in development and staging, then checked
 
 
-FULL = Size(20, 3, 1_000_000, 200, 15, 200)
-QUICK = Size(1.5, 0.3, 20_000, 10, 1, 20)
+FULL = Size(20, 3, 1_000_000, 200, 15, 200, 8)
+QUICK = Size(1.5, 0.3, 20_000, 10, 1, 20, 2)
 
 
 def _ms(seconds: float) -> float:
@@ -89,9 +93,12 @@ def _log_action_call(stack: Stack):
     return lambda: call(request, metadata=auth, timeout=30)
 
 
-def _health_call(stack: Stack):
-    request = health_pb2.HealthCheckRequest(service="relman.v1.AuditService").SerializeToString()
-    call, auth = _raw_unary(stack, "/grpc.health.v1.Health/Check"), bearer(stack.service_token)
+def _health_call(stack: Stack, channel=None, service: str = "relman.v1.AuditService"):
+    """A health Check (audit_svc's unless another channel and service are given)."""
+    request = health_pb2.HealthCheckRequest(service=service).SerializeToString()
+    channel = channel or stack.audit_channel
+    call = channel.unary_unary("/grpc.health.v1.Health/Check", request_serializer=None)
+    auth = bearer(stack.service_token)
     return lambda: call(request, metadata=auth, timeout=30)
 
 
@@ -435,12 +442,65 @@ class _Deploy:
 
 
 WARM_UP_LIFECYCLES = 2  # per caller, not timed: the callers start together, then drift apart
+# Freeze windows in place but not in force: a one-off a month ahead, and a recurring one,
+# which deploy_svc decides in Python (cronsim, zoneinfo) on every new deployment and every
+# first stage's start, the costlier kind. It starts at 03:00 Berlin time on the 1st of next
+# month, for a minute, so that it is never in force while the bench runs.
+FREEZE_AHEAD = timedelta(days=30)
+FREEZE_ZONE = "Europe/Berlin"
+FREEZE_MINUTES = 1
+
+
+async def _freeze_windows_not_in_force(deploy: _Deploy, services: list[str]) -> list[str]:
+    """For each service, a one-off window ahead (its development environment) and a
+    recurring one (every environment); their ids."""
+    start = datetime.now(UTC) + FREEZE_AHEAD
+    next_month = datetime.now(UTC).month % 12 + 1
+    windows = []
+    for service in services:
+        one_off = common_pb2.FreezeWindow(
+            service_id=service, environment_id=DEV, reason="bench: a freeze ahead"
+        )
+        one_off.start_time.FromDatetime(start)
+        one_off.end_time.FromDatetime(start + timedelta(days=1))
+        recurring = common_pb2.FreezeWindow(
+            service_id=service,
+            reason="bench: a recurring freeze",
+            cron=f"0 3 1 {next_month} *",
+            time_zone=FREEZE_ZONE,
+            duration_minutes=FREEZE_MINUTES,
+        )
+        for window in (one_off, recurring):
+            windows.append((await deploy("CreateFreezeWindow", freeze_window=window)).id)
+    return windows
+
+
+async def _delete_freeze_windows(deploy: _Deploy, windows: list[str]) -> None:
+    for window in windows:
+        await deploy("DeleteFreezeWindow", freeze_window_id=window)
+
+
+async def _lifecycle(deploy: _Deploy, release_id: str, environment_id: str) -> None:
+    """Promotes a release and runs its deployment's stages to success, then reads it."""
+    deployment = await deploy(
+        "PromoteRelease", release_id=release_id, target_environment_id=environment_id
+    )
+    for stage in deployment.stages:
+        for status in (common_pb2.STAGE_STATUS_RUNNING, common_pb2.STAGE_STATUS_SUCCEEDED):
+            await deploy("UpdatePipelineStage", stage_id=stage.id, status=status)
+    done = await deploy(
+        "GetDeployment", deployment_id=deployment.id, view=common_pb2.DEPLOYMENT_VIEW_FULL
+    )
+    assert done.status == common_pb2.DEPLOYMENT_STATUS_SUCCEEDED, done
 
 
 async def lifecycles(stack: Stack, size: Size) -> list[Result]:
+    """Under the environments' policies (the defaults), with two freeze windows per
+    service in place that are not in force (_freeze_windows_not_in_force)."""
     callers = 16
     setup = _Deploy(stack)
     services = [await setup.new_service() for _ in range(callers)]
+    windows = await _freeze_windows_not_in_force(setup, services)
     releases = {
         service: [
             (await setup("CreateRelease", service_id=service, version=f"1.0.{n}")).id
@@ -457,23 +517,65 @@ async def lifecycles(stack: Stack, size: Size) -> list[Result]:
             if n == WARM_UP_LIFECYCLES:
                 deploy = timed
                 timed_from.append(time.perf_counter())
-            deployment = await deploy(
-                "PromoteRelease", release_id=release_id, target_environment_id=DEV
-            )
-            for stage in deployment.stages:
-                for status in (common_pb2.STAGE_STATUS_RUNNING, common_pb2.STAGE_STATUS_SUCCEEDED):
-                    await deploy("UpdatePipelineStage", stage_id=stage.id, status=status)
-            done = await deploy(
-                "GetDeployment", deployment_id=deployment.id, view=common_pb2.DEPLOYMENT_VIEW_FULL
-            )
-            assert done.status == common_pb2.DEPLOYMENT_STATUS_SUCCEEDED, done
+            await _lifecycle(deploy, release_id, DEV)
 
     await asyncio.gather(*(lifecycle(service) for service in services))
     elapsed = time.perf_counter() - min(timed_from)
+    # They are scoped to these services alone, but no later scenario should meet them.
+    await _delete_freeze_windows(setup, windows)
     name = "Promote + 5 x 2 UpdatePipelineStage + GetDeployment(FULL), 16 in flight"
     return [
         info(f"{name}: lifecycles/s", callers * size.lifecycles_per_caller / elapsed),
         at_most(f"{name}: p99 ms per call", _ms(percentile(timed.latencies, 0.99)), 50, "ms"),
+    ]
+
+
+PROMOTION_CHECKERS = 16
+PROMOTION_CHECK_TARGET_MS = 15
+
+
+async def check_promotion(stack: Stack, size: Size) -> list[Result]:
+    """CheckPromotion into production of releases that succeeded in development and
+    staging (every gate passes: the admin may deploy there, nothing is active there), with
+    the service's freeze windows in place but not in force, as in lifecycles."""
+    setup = _Deploy(stack)
+    service = await setup.new_service()
+    windows = await _freeze_windows_not_in_force(setup, [service])
+    releases = []
+    for n in range(size.promotable_releases):
+        release = await setup("CreateRelease", service_id=service, version=f"2.0.{n}")
+        await _lifecycle(setup, release.id, DEV)
+        await _lifecycle(setup, release.id, STAGING)
+        releases.append(release.id)
+    requests = [
+        deploy_pb2.CheckPromotionRequest(release_id=release, target_environment_id=PRODUCTION)
+        for release in releases
+    ]
+    for request in requests:
+        verdict = await setup.stub.CheckPromotion(request, metadata=setup.auth, timeout=30)
+        assert verdict.allowed, verdict
+    encoded = itertools.cycle([request.SerializeToString() for request in requests])
+    rpc = stack.deploy_channel.unary_unary(
+        "/relman.v1.DeployService/CheckPromotion", request_serializer=None
+    )
+
+    def call():
+        return rpc(next(encoded), metadata=setup.auth, timeout=30)
+
+    health = _health_call(stack, stack.deploy_channel, "relman.v1.DeployService")
+    baseline = await closed_loop(health, PROMOTION_CHECKERS, size.duration_s, size.warmup_s)
+    checked = await closed_loop(call, PROMOTION_CHECKERS, size.duration_s, size.warmup_s)
+    await _delete_freeze_windows(setup, windows)
+    name = f"CheckPromotion to production, {PROMOTION_CHECKERS} in flight"
+    return [
+        info(f"{name}: calls/s (baseline: deploy_svc health Check)", checked.rate, baseline.rate),
+        at_most(
+            f"{name}: p99 ms",
+            checked.percentile_ms(0.99),
+            PROMOTION_CHECK_TARGET_MS,
+            "ms",
+            baseline.percentile_ms(0.99),
+        ),
     ]
 
 
@@ -675,6 +777,7 @@ async def log_action_beside_slow_export(stack: Stack, size: Size) -> list[Result
     ]
 
 
-SCENARIOS = (log_action, log_actions, export, list_audit_logs, lifecycles, watch)
+SCENARIOS = (log_action, log_actions, export, list_audit_logs, lifecycles, check_promotion)
+SCENARIOS += (watch,)
 SCENARIOS += (log_action_beside_logins,)
 SCENARIOS += (log_action_beside_slow_export,)

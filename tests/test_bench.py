@@ -29,6 +29,7 @@ SCENARIOS = (
     "ExportAuditLogs, ",
     "ListAuditLogs, page of 50, ",
     "Promote + 5 x 2 UpdatePipelineStage + GetDeployment(FULL), 16 in flight: p99",
+    "CheckPromotion to production, 16 in flight: p99",
     "WatchDeployment, ",
     "LogAction, 16 in flight, while 8 Logins run",
     "LogAction, 1 in flight, beside an export read at one message per 50 ms: p99",
