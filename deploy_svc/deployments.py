@@ -35,7 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
 from deploy_svc import freezes, gates
-from deploy_svc.policies import Policy, check_stage_list, in_force
+from deploy_svc.policies import Policy, check_stage_list
 from deploy_svc.releases import refresh_status
 from shared.framework.errors import (
     AlreadyExists,
@@ -142,8 +142,9 @@ def check_deployer(actor: Actor, environment: Environment, policy: Policy) -> No
         raise refusal
 
 
+# The policy as plain columns (gates.policy_in_row): an ORM entity per call cost more.
 _LOCK_DEPLOYMENT = (
-    select(Deployment, Environment, EnvironmentPolicy)
+    select(Deployment, Environment, *gates.POLICY_COLUMNS)
     .join(Environment, Environment.id == Deployment.environment_id)
     .join(EnvironmentPolicy, EnvironmentPolicy.environment_id == Deployment.environment_id)
     .where(Deployment.id == bindparam("deployment_id"))
@@ -162,8 +163,7 @@ async def _lock_deployment(
     ).one_or_none()
     if found is None:
         await load(session, Deployment, deployment_id)  # NOT_FOUND, naming the deployment
-    deployment, environment, policy_row = found
-    return deployment, environment, in_force(policy_row, _now())
+    return found[0], found[1], gates.policy_in_row(found, 2, _now())
 
 
 async def lock_deployment_for_change(
@@ -566,7 +566,7 @@ async def end_deployment(
 # Built once (UpdatePipelineStage is the most frequent write): the stage's deployment,
 # locked, with its environment, in one round trip; then the deployment's stages.
 _LOCK_STAGE_DEPLOYMENT = (
-    select(Deployment, Environment, EnvironmentPolicy)
+    select(Deployment, Environment, *gates.POLICY_COLUMNS)
     .join(Environment, Environment.id == Deployment.environment_id)
     .join(EnvironmentPolicy, EnvironmentPolicy.environment_id == Deployment.environment_id)
     .join(PipelineStage, PipelineStage.deployment_id == Deployment.id)
@@ -656,10 +656,10 @@ async def _lock_stage_deployment(
     found = (await session.execute(_LOCK_STAGE_DEPLOYMENT, {"stage_id": stage_id})).one_or_none()
     if found is None:
         await load(session, PipelineStage, stage_id)  # NOT_FOUND, naming the stage
-    deployment, environment, policy_row = found
+    deployment, environment = found[0], found[1]
     connection = await session.connection()
     stages = (await connection.execute(_STAGES_OF, {"deployment_id": deployment.id})).all()
-    return deployment, environment, in_force(policy_row, now), stages
+    return deployment, environment, gates.policy_in_row(found, 2, now), stages
 
 
 async def _check_not_frozen(

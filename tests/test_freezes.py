@@ -319,9 +319,10 @@ async def test_lists_filter_by_scope_and_instant(clients, service_id):
         day_after = later + timedelta(hours=12)
         at_two = day_after.replace(hour=2, minute=30, second=0, microsecond=0)
         at_four = at_two.replace(hour=4)
-        assert await listed(viewer, mine, service_id=service_id, active_at=stamp(at_two)) == [
-            nightly.id
-        ] + ([service_wide.id] if later <= at_two else [])
+        # Oldest first: service_wide was made before nightly.
+        assert await listed(viewer, mine, service_id=service_id, active_at=stamp(at_two)) == (
+            [service_wide.id] if later <= at_two else []
+        ) + [nightly.id]
         assert await listed(viewer, mine, service_id=service_id, active_at=stamp(day_after)) == [
             service_wide.id
         ] + ([nightly.id] if day_after.hour == 2 else [])
