@@ -313,9 +313,10 @@ async def test_lists_filter_by_scope_and_instant(clients, service_id):
         ]
         assert await listed(viewer, mine, environment_id=DEV, service_id=other_service) == []
 
-        assert await listed(viewer, mine, environment_id=environment, active_at=stamp(now())) == [
+        instant = now()  # one instant for the call and the expectation
+        assert await listed(viewer, mine, environment_id=environment, active_at=stamp(instant)) == [
             env_wide.id
-        ] + ([nightly.id] if now().hour == 2 else [])
+        ] + ([nightly.id] if instant.hour == 2 else [])
         day_after = later + timedelta(hours=12)
         at_two = day_after.replace(hour=2, minute=30, second=0, microsecond=0)
         at_four = at_two.replace(hour=4)
