@@ -1,9 +1,10 @@
-"""The CSV export of the audit trail (domain layer): one `COPY (query) TO STDOUT`, streamed.
+"""The export of the audit trail (domain layer): one `COPY (query) TO STDOUT`, streamed.
 
 PostgreSQL builds the whole CSV (RFC 4180, header, ISO 8601 UTC times, details
-as JSON text) in one consistent snapshot, oldest first. The query orders by the
-table's columns `audit_logs.created_at, audit_logs.id`, never by the formatted
-column of the same name, so rows flow from the (created_at, id) index at once
+as JSON text) in one consistent snapshot, oldest first; JSON Lines are the same
+records, one `json_build_object` of the same cells per line (details as an object).
+The query orders by the table's columns `audit_logs.created_at, audit_logs.id`, never
+by the formatted column of the same name, so rows flow from the (created_at, id) index at once
 instead of after a sort of everything. Chunks are passed on as they come, gathered to
 about 64 KiB at row boundaries; the COPY waits while the client reads, so memory
 stays flat for any row count. A cancelled call ends the query at once (its
@@ -33,51 +34,68 @@ NEUTRALIZED = ("username", "action", "resource_type", "resource_id", "user_agent
 FORMULA_START = r"^[=+\-@\t\r]"
 # The dialect of the engine (asyncpg): $n parameters, as the COPY takes them.
 _DIALECT = postgresql_asyncpg.dialect()
-# (raw, the filters set) -> the COPY's SELECT and the filters whose values fill its $n, in
-# order: built once for each of the 256 shapes a request can take, not per export.
-_QUERIES: dict[tuple[bool, tuple[str, ...]], tuple[str, tuple[str, ...]]] = {}
+CSV = "csv"
+JSONL = "jsonl"
+# How COPY writes each format. JSON Lines go in CSV mode with a quote (\x01) and a
+# delimiter (\x02) that JSON text always escapes: no line is ever quoted, each is the
+# object itself (COPY's text mode would double every backslash).
+_COPY_OPTIONS = {
+    CSV: {"format": "csv", "header": True},
+    JSONL: {"format": "csv", "header": False, "quote": "\x01", "delimiter": "\x02"},
+}
+# (format, raw, the filters set) -> the COPY's SELECT and the filters whose values fill
+# its $n, in order: built once for each of the 512 shapes a request can take, not per
+# export.
+_QUERIES: dict[tuple[str, bool, tuple[str, ...]], tuple[str, tuple[str, ...]]] = {}
 
 
-def export_query(f: Filter, raw: bool) -> tuple[str, list]:
+def export_query(f: Filter, raw: bool, form: str = CSV) -> tuple[str, list]:
     """The COPY's SELECT with $n parameters for the filters, and their values."""
-    shape = (raw, tuple(name for name, value in vars(f).items() if value is not None))
+    shape = (form, raw, tuple(name for name, value in vars(f).items() if value is not None))
     built = _QUERIES.get(shape)
     if built is None:
-        built = _QUERIES[shape] = _build_query(f, raw)
+        built = _QUERIES[shape] = _build_query(f, raw, form)
     query, names = built
     return query, [getattr(f, name) for name in names]
 
 
-def _build_query(f: Filter, raw: bool) -> tuple[str, tuple[str, ...]]:
-    def cell(column: str, expression: str) -> str:
-        if raw or column not in NEUTRALIZED:
-            return f"{expression} AS {column}"
-        return (
-            f"CASE WHEN {expression} ~ '{FORMULA_START}' THEN '''' || {expression}"
-            f" ELSE {expression} END AS {column}"
-        )
-
-    # audit_logs is not aliased: the compiled conditions name the table.
-    columns = [
-        "audit_logs.id",
-        """to_char(audit_logs.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""
-        " AS created_at",
-        "audit_logs.user_id",
-        cell("username", "u.username"),
-        cell("action", "audit_logs.action"),
-        cell("resource_type", "audit_logs.resource_type"),
-        cell("resource_id", "audit_logs.resource_id"),
-        "audit_logs.details::text AS details",
-        "audit_logs.ip_address",
-        cell("user_agent", "audit_logs.user_agent"),
-        # Set by relman only (`relman` or `client`, and the caller's id): never a formula.
-        "audit_logs.origin",
-        "audit_logs.recorded_by",
-    ]
-    query = (
-        f"SELECT {', '.join(columns)}"
-        " FROM audit_logs LEFT JOIN users u ON u.id = audit_logs.user_id"
+def _cell(column: str, expression: str, raw: bool) -> str:
+    """A text cell, with a leading ' where a spreadsheet would run it as a formula."""
+    if raw or column not in NEUTRALIZED:
+        return expression
+    return (
+        f"CASE WHEN {expression} ~ '{FORMULA_START}' THEN '''' || {expression}"
+        f" ELSE {expression} END"
     )
+
+
+_UTC_TIME = """to_char(audit_logs.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""
+
+
+def _build_query(f: Filter, raw: bool, form: str) -> tuple[str, tuple[str, ...]]:
+    # (name, SQL) in the CSV header's order; audit_logs is not aliased: the compiled
+    # conditions name the table. details is JSON text in CSV, an object in JSON Lines.
+    columns = [
+        ("id", "audit_logs.id"),
+        ("created_at", _UTC_TIME),
+        ("user_id", "audit_logs.user_id"),
+        ("username", _cell("username", "u.username", raw)),
+        ("action", _cell("action", "audit_logs.action", raw)),
+        ("resource_type", _cell("resource_type", "audit_logs.resource_type", raw)),
+        ("resource_id", _cell("resource_id", "audit_logs.resource_id", raw)),
+        ("details", "audit_logs.details::text" if form == CSV else "audit_logs.details"),
+        ("ip_address", "audit_logs.ip_address"),
+        ("user_agent", _cell("user_agent", "audit_logs.user_agent", raw)),
+        # Set by relman only (`relman` or `client`, and the caller's id): never a formula.
+        ("origin", "audit_logs.origin"),
+        ("recorded_by", "audit_logs.recorded_by"),
+    ]
+    if form == CSV:
+        selected = ", ".join(f"{sql} AS {name}" for name, sql in columns)
+    else:
+        pairs = ", ".join(f"'{name}', {sql}" for name, sql in columns)
+        selected = f"json_build_object({pairs})::text"
+    query = f"SELECT {selected} FROM audit_logs LEFT JOIN users u ON u.id = audit_logs.user_id"
     names: tuple[str, ...] = ()
     tests = list(conditions(f).values())
     if tests:
@@ -88,10 +106,12 @@ def _build_query(f: Filter, raw: bool) -> tuple[str, tuple[str, ...]]:
     return query + " ORDER BY audit_logs.created_at, audit_logs.id", names
 
 
-async def export_audit_logs_csv(database: Database, f: Filter, raw: bool) -> AsyncIterator[str]:
-    """The filtered trail as CSV text chunks cut at row boundaries; opens its own
-    connection and transaction (one snapshot), held for the stream's life."""
-    query, args = export_query(f, raw)
+async def export_audit_logs(
+    database: Database, f: Filter, raw: bool, form: str = CSV
+) -> AsyncIterator[str]:
+    """The filtered trail as CSV or JSON Lines text chunks cut at record boundaries; opens
+    its own connection and transaction (one snapshot), held for the stream's life."""
+    query, args = export_query(f, raw, form)
     pieces: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=4)  # backpressure on the COPY
 
     async def sink(data: bytes) -> None:
@@ -112,9 +132,7 @@ async def export_audit_logs_csv(database: Database, f: Filter, raw: bool) -> Asy
         await connection.exec_driver_sql("SET LOCAL enable_sort = off")
 
         async def copy() -> None:
-            await raw_connection.copy_from_query(
-                query, *args, output=sink, format="csv", header=True
-            )
+            await raw_connection.copy_from_query(query, *args, output=sink, **_COPY_OPTIONS[form])
             await pieces.put(None)
 
         producer = asyncio.create_task(copy())

@@ -216,11 +216,15 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         and give its connection back to the pool."""
         actor = current_actor.get()
         audit_filter = _filter(request.filter)
-        extra = {"raw": request.raw, "export_id": str(uuid.uuid4())}
+        form = (
+            enum_word("format", audit_pb2.ExportFormat, request.format, required=False)
+            or export.CSV
+        )
+        extra = {"raw": request.raw, "format": form, "export_id": str(uuid.uuid4())}
         # Stored before the first byte goes out, so even a cancelled export is recorded.
         await self.appender.append(trail.read_row(actor, "audit.export", audit_filter, extra))
         idle_s = self.settings.export_reader_idle_s
-        chunks = export.export_audit_logs_csv(self.database, audit_filter, request.raw)
+        chunks = export.export_audit_logs(self.database, audit_filter, request.raw, form)
         async with contextlib.aclosing(chunks):
             async for chunk in chunks:
                 EXPORTED.inc(chunk.count("\n"))

@@ -582,8 +582,10 @@ async def test_the_export_walks_the_index_of_its_filter(database, filters, index
 # -- ExportAuditLogs -----------------------------------------------------------------------------
 
 
-async def export(stub, metadata, raw=False, **filters) -> str:
-    request = audit_pb2.ExportAuditLogsRequest(filter=audit_pb2.AuditLogFilter(**filters), raw=raw)
+async def export(stub, metadata, raw=False, form=audit_pb2.EXPORT_FORMAT_CSV, **filters) -> str:
+    request = audit_pb2.ExportAuditLogsRequest(
+        filter=audit_pb2.AuditLogFilter(**filters), raw=raw, format=form
+    )
     return "".join([chunk.data async for chunk in stub.ExportAuditLogs(request, metadata=metadata)])
 
 
@@ -653,6 +655,46 @@ async def test_export_keeps_awkward_text_and_defuses_formulas(stub, as_role, mar
     assert json.loads(safe[0]["details"]) == {"note": awkward}
     empty = await export(stub, lead, resource_type=f"{marker}-none")
     assert empty == ",".join(HEADER) + "\n"
+
+
+async def test_json_lines_hold_the_csv_field_by_field(stub, as_role, marker):
+    """EXPORT_FORMAT_JSONL: one object per line with the CSV's fields as keys, the same
+    values (null where the CSV cell is empty, details as an object), in the same order,
+    raw or with formulas defused; text that JSON must escape (quotes, backslashes, a
+    newline, a tab, a control character) arrives intact."""
+    awkward = 'a, "quoted" \\ back\\slash\nsecond line\t\x01 ünïcødé ✓'
+    for resource_id in (awkward, "=1+2", "plain"):
+        await stub.LogAction(
+            audit_pb2.LogActionRequest(
+                action="edit",
+                resource_type=marker,
+                resource_id=resource_id,
+                details=details(note=resource_id, n=3),
+            ),
+            metadata=as_role[Role.SERVICE],
+        )
+    lead = as_role[Role.LEAD]
+    for raw in (False, True):
+        table = list(
+            csv.DictReader(
+                io.StringIO(await export(stub, lead, raw, resource_type=marker), newline="")
+            )
+        )
+        text = await export(stub, lead, raw, audit_pb2.EXPORT_FORMAT_JSONL, resource_type=marker)
+        assert text.endswith("\n") and "\n\n" not in text
+        objects = [json.loads(line) for line in text.splitlines()]
+        assert len(objects) == len(table) == 3
+        for cells, record in zip(table, objects, strict=True):
+            assert list(record) == HEADER
+            assert record["details"] == json.loads(cells["details"])
+            for name in HEADER:
+                if name != "details":
+                    assert (record[name] or "") == cells[name], name
+        assert objects[0]["resource_id"] == awkward
+        assert objects[1]["resource_id"] == ("=1+2" if raw else "'=1+2")
+    assert (
+        await export(stub, lead, False, audit_pb2.EXPORT_FORMAT_JSONL, resource_type="none") == ""
+    )
 
 
 async def test_grpcurl_and_jq_give_the_same_bytes(
