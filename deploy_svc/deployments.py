@@ -38,6 +38,7 @@ from deploy_svc import freezes, gates
 from deploy_svc.policies import Policy, check_stage_list
 from deploy_svc.releases import refresh_status
 from shared.framework.errors import (
+    CONSTRAINT_ERRORS,
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -134,6 +135,14 @@ class FullDeployment:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+# The votes trigger of migration 007 refuses at commit what a policy changed meanwhile.
+CONSTRAINT_ERRORS["check_approvals"] = lambda: FailedPrecondition(
+    "the environment's policy came to require approvals while this call ran: "
+    "a new deployment will wait for them, an existing one needs them before it runs",
+    reason="APPROVALS_REQUIRED",
+)
 
 
 def check_deployer(actor: Actor, environment: Environment, policy: Policy) -> None:

@@ -146,7 +146,7 @@ async def _earlier_environment_gates(
     previous = PROMOTION_ORDER[position - 1]
     connection = await session.connection()  # plain rows, as on every deploy
     succeeded = [
-        (row[0], row[1], in_force(_Columns(row, 3), now), row[2])
+        (row[0], row[1], policy_in_row(row, 3, now), row[2])
         for row in await connection.execute(
             _SUCCEEDED_BEFORE, {"release_id": release.id, "environment_type": previous}
         )
@@ -222,32 +222,23 @@ async def _earlier_environment_gates(
     return [order, stages, bake]
 
 
+def inactive_refusal(kind: str, row) -> FailedPrecondition | None:
+    """FAILED_PRECONDITION `<KIND>_INACTIVE` when the environment or service `row` is
+    deactivated (deploys and rollbacks alike)."""
+    if row.is_active:
+        return None
+    return FailedPrecondition(
+        f"{kind} {row.name} is deactivated",
+        reason=f"{kind.upper()}_INACTIVE",
+        metadata={f"{kind}_id": str(row.id)},
+    )
+
+
 def _inactive(target: Target) -> Gate | None:
     """The promotion_order gate, failed, when the environment or the service is deactivated."""
-    if not target.environment.is_active:
-        message = f"environment {target.environment.name} is deactivated"
-        return Gate(
-            "promotion_order",
-            False,
-            message,
-            FailedPrecondition(
-                message,
-                reason="ENVIRONMENT_INACTIVE",
-                metadata={"environment_id": str(target.environment.id)},
-            ),
-        )
-    if not target.service.is_active:
-        message = f"service {target.service.name} is deactivated"
-        return Gate(
-            "promotion_order",
-            False,
-            message,
-            FailedPrecondition(
-                message,
-                reason="SERVICE_INACTIVE",
-                metadata={"service_id": str(target.service.id)},
-            ),
-        )
+    for kind, row in (("environment", target.environment), ("service", target.service)):
+        if (refusal := inactive_refusal(kind, row)) is not None:
+            return Gate("promotion_order", False, refusal.message, refusal)
     return None
 
 
@@ -382,7 +373,7 @@ _TARGET = (
     .where(Release.__table__.c.id == bindparam("release_id"))
 )
 _OFFSETS = [sum(len(table.c) for table in _PARTS[:i]) for i in range(len(_PARTS))]
-_NAMES = [_positions(table) for table in _PARTS]
+_NAMES = [_positions(table) for table in _PARTS[:3]]  # the policy: policy_in_row
 
 
 async def read_target(
@@ -400,10 +391,10 @@ async def read_target(
         await load(session, Environment, environment_id)
         await policy_of(session, environment_id, now)  # every environment has one (007)
         raise LookupError(f"release {release_id} has no service")  # a foreign key holds it
-    release, service, environment, policy = (
-        _Columns(found, start, names) for start, names in zip(_OFFSETS, _NAMES, strict=True)
+    release, service, environment = (
+        _Columns(found, start, names) for start, names in zip(_OFFSETS[:3], _NAMES, strict=True)
     )
-    return Target(release, service, environment, in_force(policy, now))
+    return Target(release, service, environment, policy_in_row(found, _OFFSETS[3], now))
 
 
 async def check_promotion(

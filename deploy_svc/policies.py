@@ -252,6 +252,8 @@ async def _apply_if_due(session: AsyncSession, row: EnvironmentPolicy, now: date
     row.version += 1
     row.updated_at = effective_at
     await session.flush()
+    # A delayed change may still ask for other voters (a role swapped for another).
+    await _await_votes_again(session, SCHEDULER, row.environment_id, before, after)
     await audit_log.append(
         session,
         SCHEDULER,
@@ -314,10 +316,7 @@ async def update_policy(
             row.pending_effective_at = None
         row.version += 1
         await session.flush()
-        if after.required_approvals > before.required_approvals or set(after.approver_roles) < set(
-            before.approver_roles
-        ):
-            await _await_votes_again(session, actor, environment_id, after)
+        await _await_votes_again(session, actor, environment_id, before, after)
         await audit_log.append(
             session,
             actor,
@@ -351,11 +350,15 @@ _AWAIT_VOTES_AGAIN = text(
 
 
 async def _await_votes_again(
-    session: AsyncSession, actor: Actor, environment_id: uuid.UUID, rules: Rules
+    session: AsyncSession, actor: Actor, environment_id: uuid.UUID, before: Rules, rules: Rules
 ) -> None:
     """A stronger approval rule applies at once, also to deployments that have not started
     yet: each that lacks the votes now asked for waits for them again (audited), so a
     deployment made while the rule was weaker cannot run without them later."""
+    if rules.required_approvals <= before.required_approvals and set(rules.approver_roles) >= set(
+        before.approver_roles
+    ):
+        return  # every vote that counted still counts, and no more are asked for
     moved = (
         await session.execute(
             _AWAIT_VOTES_AGAIN,

@@ -30,6 +30,7 @@ from deploy_svc.deployments import (
     new_deployment,
 )
 from deploy_svc.freezes import timestamp_text
+from deploy_svc.gates import inactive_refusal
 from deploy_svc.policies import Policy
 from deploy_svc.releases import refresh_status
 from shared.framework.errors import FailedPrecondition
@@ -72,7 +73,8 @@ async def rollback_deployment(
         deployment, environment, policy = await lock_deployment_for_change(
             session, actor, deployment_id
         )
-        _check_environment_active(environment)
+        if (refusal := inactive_refusal("environment", environment)) is not None:
+            raise refusal
         _check_rollbackable(deployment)
         # Nothing else may start here meanwhile.
         await lock_slot(session, deployment.service_id, environment.id)
@@ -81,15 +83,6 @@ async def rollback_deployment(
         target = await _target(session, deployment)
         return await _redeploy(
             session, actor, deployment, environment, policy, target, reason, request_id
-        )
-
-
-def _check_environment_active(environment: Environment) -> None:
-    if not environment.is_active:
-        raise FailedPrecondition(
-            f"environment {environment.name} is deactivated",
-            reason="ENVIRONMENT_INACTIVE",
-            metadata={"environment_id": str(environment.id)},
         )
 
 

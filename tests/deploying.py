@@ -15,6 +15,16 @@ DEV = str(seed_id("environment", "development"))
 STAGING = str(seed_id("environment", "staging"))
 PROD = str(seed_id("environment", "production"))
 S = common_pb2  # enum values
+# CheckPromotion's gates, in the order it lists them.
+GATES = [
+    "promotion_order",
+    "required_stages",
+    "bake_time",
+    "freeze",
+    "deployer_role",
+    "active_deployment",
+    "approvals",
+]
 
 
 class Client:

@@ -21,18 +21,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from relman.v1 import audit_pb2, audit_pb2_grpc, common_pb2
 from shared.devtools.seed import seed_id
 from shared.persistence.models import Role
-from tests.deploying import DEV, PROD, STAGING, Client, S, deployed, run_all_stages
+from tests.deploying import DEV, GATES, PROD, STAGING, Client, S, deployed, run_all_stages
 from tests.harness import bearer, error_details, fails
 
-GATES = [
-    "promotion_order",
-    "required_stages",
-    "bake_time",
-    "freeze",
-    "deployer_role",
-    "active_deployment",
-    "approvals",
-]
 FROZEN = grpc.StatusCode.FAILED_PRECONDITION
 
 

@@ -281,11 +281,11 @@ def test_create_admin_takes_no_password_argument():
 
 
 async def test_the_services_role_cannot_run_a_deployment_without_its_votes(
-    relman, db_url, clients, service_id
+    db_url, clients, service_id
 ):
     """With the services' own credentials, SQL that lets a production deployment run
     without the approvals its policy requires (moving it out of awaiting_approval, or
-    inserting one as pending) is refused at commit by the database (23514); a vote that
+    inserting one as succeeded) is refused at commit by the database (23514); a vote that
     counts opens it."""
     lead, reviewer = clients["lead"], clients["reviewer"]
     release = await deployed(lead, service_id, "1.0.0", DEV, STAGING)
@@ -303,7 +303,7 @@ async def test_the_services_role_cannot_run_a_deployment_without_its_votes(
             ),
         ]
         for statement, arguments in attacks:
-            with pytest.raises(asyncpg.CheckViolationError):
+            with pytest.raises(asyncpg.CheckViolationError) as refused:
                 async with connection.transaction():
                     if statement.startswith("INSERT"):  # the slot is taken: free it first
                         await connection.execute(
@@ -311,6 +311,7 @@ async def test_the_services_role_cannot_run_a_deployment_without_its_votes(
                             deployment_id,
                         )
                     await connection.execute(statement, *arguments)
+            assert refused.value.constraint_name == "check_approvals", statement
         status = await connection.fetchval(
             "SELECT status FROM deployments WHERE id = $1", deployment_id
         )

@@ -32,10 +32,8 @@ from tests.deploying import (
     run_all_stages,
 )
 from tests.harness import (
-    RelmanProcess,
     bearer,
     client_address,
-    env_for,
     error_details,
     fails,
     new_lead,
@@ -171,66 +169,57 @@ async def test_only_admins_create_environments(clients, service_id, database):
 # -- attack 7: votes -----------------------------------------------------------------------------
 
 
-async def test_votes_of_deactivated_or_demoted_approvers_do_not_count(db_url, tokens, service_id):
+async def test_votes_of_deactivated_or_demoted_approvers_do_not_count(
+    deploy_channel, tokens, service_id
+):
     """With a policy of two approvals: a lead votes and is demoted, another votes and is
     deactivated; the admin's vote then makes one counted approval, not three, and the
     deployment keeps waiting until a second active lead approves."""
-    process = await RelmanProcess.start(
-        ["-m", "deploy_svc"], env_for(db_url, DEPLOY_SVC_ADDR="127.0.0.1:0")
+    channel = deploy_channel
+    auth = auth_pb2_grpc.AuthServiceStub(channel)
+    as_admin = bearer(tokens[Role.ADMIN])
+
+    async def lead_of_its_own() -> tuple[str, Client]:
+        user_id, token = await new_lead(channel, tokens[Role.ADMIN])
+        return user_id, Client(channel, token)
+
+    async def change(user_id: str, field: str, **values) -> None:
+        await auth.UpdateUser(
+            auth_pb2.UpdateUserRequest(
+                user=common_pb2.User(id=user_id, **values),
+                update_mask=field_mask_pb2.FieldMask(paths=[field]),
+            ),
+            metadata=as_admin,
+        )
+
+    lead = Client(channel, tokens[Role.LEAD])
+    admin = Client(channel, tokens[Role.ADMIN])
+    (demoted_id, demoted), (leaving_id, leaving), (_, third) = [
+        await lead_of_its_own() for _ in range(3)
+    ]
+    production = await production_requiring(admin, 2)
+    release = await deployed(lead, service_id, "1.0.0", DEV, STAGING)
+    waiting = await lead.PromoteRelease(release_id=release.id, target_environment_id=production)
+
+    await demoted.ApproveDeployment(deployment_id=waiting.id)
+    await change(demoted_id, "role", role=common_pb2.ROLE_DEVELOPER)
+    await leaving.ApproveDeployment(deployment_id=waiting.id)
+    state = await lead.GetDeployment(deployment_id=waiting.id)
+    assert state.status == S.DEPLOYMENT_STATUS_AWAITING_APPROVAL  # one vote counts
+    await change(leaving_id, "is_active", is_active=False)
+    await admin.ApproveDeployment(deployment_id=waiting.id)
+    state = await lead.GetDeployment(deployment_id=waiting.id, view=S.DEPLOYMENT_VIEW_FULL)
+    assert state.status == S.DEPLOYMENT_STATUS_AWAITING_APPROVAL
+    assert [a.status for a in state.approvals] == [S.APPROVAL_STATUS_APPROVED] * 3
+    await fails(
+        lead.UpdatePipelineStage(stage_id=waiting.stages[0].id, status=S.STAGE_STATUS_RUNNING),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "AWAITING_APPROVAL",
     )
-    try:
-        address = client_address((await process.wait_listening("deploy_svc"))["deploy_svc"])
-        async with grpc.aio.insecure_channel(address) as channel:
-            auth = auth_pb2_grpc.AuthServiceStub(channel)
-            as_admin = bearer(tokens[Role.ADMIN])
 
-            async def lead_of_its_own() -> tuple[str, Client]:
-                user_id, token = await new_lead(channel, tokens[Role.ADMIN])
-                return user_id, Client(channel, token)
-
-            async def change(user_id: str, field: str, **values) -> None:
-                await auth.UpdateUser(
-                    auth_pb2.UpdateUserRequest(
-                        user=common_pb2.User(id=user_id, **values),
-                        update_mask=field_mask_pb2.FieldMask(paths=[field]),
-                    ),
-                    metadata=as_admin,
-                )
-
-            lead = Client(channel, tokens[Role.LEAD])
-            admin = Client(channel, tokens[Role.ADMIN])
-            (demoted_id, demoted), (leaving_id, leaving), (_, third) = [
-                await lead_of_its_own() for _ in range(3)
-            ]
-            production = await production_requiring(admin, 2)
-            release = await deployed(lead, service_id, "1.0.0", DEV, STAGING)
-            waiting = await lead.PromoteRelease(
-                release_id=release.id, target_environment_id=production
-            )
-
-            await demoted.ApproveDeployment(deployment_id=waiting.id)
-            await change(demoted_id, "role", role=common_pb2.ROLE_DEVELOPER)
-            await leaving.ApproveDeployment(deployment_id=waiting.id)
-            state = await lead.GetDeployment(deployment_id=waiting.id)
-            assert state.status == S.DEPLOYMENT_STATUS_AWAITING_APPROVAL  # one vote counts
-            await change(leaving_id, "is_active", is_active=False)
-            await admin.ApproveDeployment(deployment_id=waiting.id)
-            state = await lead.GetDeployment(deployment_id=waiting.id, view=S.DEPLOYMENT_VIEW_FULL)
-            assert state.status == S.DEPLOYMENT_STATUS_AWAITING_APPROVAL
-            assert [a.status for a in state.approvals] == [S.APPROVAL_STATUS_APPROVED] * 3
-            await fails(
-                lead.UpdatePipelineStage(
-                    stage_id=waiting.stages[0].id, status=S.STAGE_STATUS_RUNNING
-                ),
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "AWAITING_APPROVAL",
-            )
-
-            await third.ApproveDeployment(deployment_id=waiting.id)  # two that count
-            approved = await lead.GetDeployment(deployment_id=waiting.id)
-            assert approved.status == S.DEPLOYMENT_STATUS_PENDING
-    finally:
-        await process.stop()
+    await third.ApproveDeployment(deployment_id=waiting.id)  # two that count
+    approved = await lead.GetDeployment(deployment_id=waiting.id)
+    assert approved.status == S.DEPLOYMENT_STATUS_PENDING
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from sqlalchemy import text
 from relman.v1 import audit_pb2, audit_pb2_grpc, common_pb2
 from shared.devtools.seed import seed_id
 from shared.persistence.models import STANDARD_STAGES, Role
-from tests.deploying import DEV, Client, S, run_all_stages
+from tests.deploying import DEV, GATES, Client, S, run_all_stages
 from tests.deploying import policy_rules as rules
 from tests.harness import bearer, error_details, fails
 
@@ -35,15 +35,6 @@ WEAKEN_DELAY_S = 86400  # POLICY_WEAKEN_DELAY_S's default: the test server leave
 ADMIN_ID = str(seed_id("user", "admin"))
 MARCO_ID = str(seed_id("user", "marco"))
 
-GATES = [
-    "promotion_order",
-    "required_stages",
-    "bake_time",
-    "freeze",
-    "deployer_role",
-    "active_deployment",
-    "approvals",
-]
 # The gate of CheckPromotion that reports each refusal of PromoteRelease.
 GATE_OF = {
     "PROMOTION_ORDER": "promotion_order",
@@ -540,7 +531,7 @@ async def test_only_the_approver_roles_vote(clients, service_id):
     assert status_of(waiting) == "AWAITING_APPROVAL"
 
     for vote in (reviewer.ApproveDeployment, reviewer.RejectDeployment):
-        error = await fails(
+        await fails(
             vote(deployment_id=waiting.id),
             grpc.StatusCode.PERMISSION_DENIED,
             "APPROVER_NOT_ELIGIBLE",

@@ -78,7 +78,9 @@ BEGIN
     IF TG_OP = 'UPDATE' AND OLD.status NOT IN ('awaiting_approval', 'pending') THEN
         RETURN NULL;
     END IF;
-    IF now_row.is_rollback THEN
+    -- A rollback's redeployment, known by its rollback row (written in the same
+    -- transaction), not by a flag the services' own role could set.
+    IF EXISTS (SELECT 1 FROM rollbacks r WHERE r.redeployment_id = now_row.id) THEN
         RETURN NULL;
     END IF;
     SELECT CASE WHEN p.pending_effective_at <= now()

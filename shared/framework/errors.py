@@ -12,6 +12,7 @@ anything else is a bug: INTERNAL, logged with its traceback, answered without it
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import asyncpg
 import grpc
@@ -149,6 +150,11 @@ _CONNECTION_ERRORS = (
 )
 
 
+# A rule the database holds by a named constraint or trigger, as the status its refusal
+# gives the caller: registered by the domain that owns the rule.
+CONSTRAINT_ERRORS: dict[str, Callable[[], DomainError]] = {}
+
+
 def from_exception(exc: BaseException) -> DomainError:
     """The status a failure maps to: domain errors as they are, database trouble by kind."""
     if isinstance(exc, DomainError):
@@ -165,12 +171,8 @@ def from_exception(exc: BaseException) -> DomainError:
             reason="CONFLICT",
             metadata={"constraint": constraint},
         )
-    if getattr(driver_error, "constraint_name", None) == "check_approvals":  # migration 007
-        return FailedPrecondition(
-            "the environment's policy came to require approvals while this call ran: "
-            "a new deployment will wait for them, an existing one needs them before it runs",
-            reason="APPROVALS_REQUIRED",
-        )
+    if (named := CONSTRAINT_ERRORS.get(getattr(driver_error, "constraint_name", None))) is not None:
+        return named()
     if getattr(driver_error, "sqlstate", None) in _RETRYABLE_SQLSTATES:
         return Aborted("the transaction lost a race with another; retry", reason="CONFLICT")
     if (

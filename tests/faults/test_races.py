@@ -29,6 +29,7 @@ from google.protobuf import field_mask_pb2, timestamp_pb2
 
 from relman.v1 import common_pb2
 from shared.persistence.db import libpq_dsn
+from shared.persistence.models import STANDARD_STAGES
 from tests.deploying import (
     DEV,
     PROD,
@@ -47,7 +48,7 @@ from tests.harness import error_details
 
 LOST_RACE = {"FAILED_PRECONDITION", "ALREADY_EXISTS", "ABORTED"}
 ROUNDS = 4
-STANDARD = ["build", "test", "security_scan", "deploy", "smoke_test"]
+STANDARD = list(STANDARD_STAGES)
 
 
 def _as(running, tokens: dict[str, str], *usernames: str) -> list[Client]:
