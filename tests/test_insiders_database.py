@@ -295,6 +295,10 @@ async def test_the_services_role_cannot_run_a_deployment_without_its_votes(
         deployment_id = uuid.UUID(waiting.id)
         attacks = [
             ("UPDATE deployments SET status = 'pending' WHERE id = $1", (deployment_id,)),
+            (  # posing as a rollback's redeployment: known by its rollback row, not a flag
+                "UPDATE deployments SET status = 'pending', is_rollback = true WHERE id = $1",
+                (deployment_id,),
+            ),
             (
                 "INSERT INTO deployments (release_id, service_id, environment_id, status,"
                 " deployed_by) SELECT release_id, service_id, environment_id, 'succeeded',"
