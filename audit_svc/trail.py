@@ -25,7 +25,7 @@ import asyncpg
 from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.framework.errors import InvalidArgument, PermissionDenied
+from shared.framework.errors import InvalidArgument, PermissionDenied, missing_partition
 from shared.framework.validation import canonical_ip, text
 from shared.identity.actor import USER_AGENT_MAX, Actor
 from shared.identity.auth import may
@@ -144,15 +144,15 @@ def checked_row(actor: Actor, entry: Entry, field: str = "") -> dict[str, Any]:
         raise InvalidArgument.field(f"{field}details", f"is larger than {DETAILS_MAX_BYTES} bytes")
     if "\\u0000" in serialized or "\x00" in serialized:
         raise InvalidArgument.field(f"{field}details", "must not contain NUL characters")
-    row_id = None  # a new row's id is made where it is written, many at a time
+    request_id = None
     if entry.request_id:
         try:
-            row_id = uuid.UUID(entry.request_id)
+            request_id = uuid.UUID(entry.request_id)
         except ValueError:
             raise InvalidArgument.field(f"{field}request_id", "is not a UUID") from None
     return audit_log.client_row(
         actor,
-        row_id,
+        request_id,
         user_id,
         entry.action,
         text(f"{field}resource_type", entry.resource_type, 50),
@@ -190,31 +190,46 @@ _SENT_AS = {
     "user_agent": "text",
     "origin": "text",
     "recorded_by": "uuid",
+    "request_id": "uuid",
 }
+_SENT = (*audit_log.COLUMNS, "request_id")
 _COLUMN_LIST = ", ".join(audit_log.COLUMNS)
-_ARRAYS = ", ".join(f"${n}::{_SENT_AS[c]}[]" for n, c in enumerate(audit_log.COLUMNS, 1))
-# One statement, so one round trip and its own transaction: rows naming a user that
-# does not exist and rows whose id is taken are left out, and each row comes back
+_ARRAYS = ", ".join(f"${n}::{_SENT_AS[c]}[]" for n, c in enumerate(_SENT, 1))
+# One statement, so one round trip and its own transaction. Rows naming a user that does
+# not exist are left out; so are rows whose request id is claimed already (audit_requests'
+# key: by an earlier call, or by an earlier row of this batch). Each stored row comes back
 # with its creation time and the usernames of its user and of its recorder.
 INSERT_NEW_ROWS = f"""
-    INSERT INTO audit_logs ({_COLUMN_LIST})
-    SELECT r.* FROM unnest({_ARRAYS}) AS r({_COLUMN_LIST})
-    WHERE r.user_id IS NULL OR EXISTS (SELECT FROM users u WHERE u.id = r.user_id)
-    ON CONFLICT (id) DO NOTHING
-    RETURNING id, created_at, (SELECT username FROM users u WHERE u.id = audit_logs.user_id),
-              (SELECT username FROM users u WHERE u.id = audit_logs.recorded_by)
+    WITH r AS (
+        SELECT * FROM unnest({_ARRAYS}) AS r({_COLUMN_LIST}, request_id)
+        WHERE r.user_id IS NULL OR EXISTS (SELECT FROM users u WHERE u.id = r.user_id)
+    ), claimed AS (
+        INSERT INTO audit_requests (request_id, audit_id)
+        SELECT r.request_id, r.id FROM r WHERE r.request_id IS NOT NULL
+        ON CONFLICT (request_id) DO NOTHING
+        RETURNING request_id
+    ), stored AS (
+        INSERT INTO audit_logs ({_COLUMN_LIST})
+        SELECT {_COLUMN_LIST} FROM r
+        WHERE r.request_id IS NULL OR r.request_id IN (SELECT request_id FROM claimed)
+        RETURNING id, created_at, user_id, recorded_by
+    )
+    SELECT s.id, s.created_at, u.username, rb.username FROM stored s
+    LEFT JOIN users u ON u.id = s.user_id
+    LEFT JOIN users rb ON rb.id = s.recorded_by
 """
+# The rows stored for request ids (a retry's): audit_requests names each row's month, so
+# only that partition is read.
 STORED_ROWS = """
-    SELECT a.id, a.created_at, a.user_id, a.action, a.resource_type, a.resource_id, a.details,
-           a.ip_address, a.user_agent, a.origin, a.recorded_by, u.username,
-           r.username AS recorded_by_username
-    FROM audit_logs a
+    SELECT q.request_id, a.id, a.created_at, a.user_id, a.action, a.resource_type,
+           a.resource_id, a.details, a.ip_address, a.user_agent, a.origin, a.recorded_by,
+           u.username, r.username AS recorded_by_username
+    FROM audit_requests q
+    JOIN audit_logs a ON a.created_at = q.audit_created_at AND a.id = q.audit_id
     LEFT JOIN users u ON u.id = a.user_id
     LEFT JOIN users r ON r.id = a.recorded_by
-    WHERE a.id = ANY($1)
+    WHERE q.request_id = ANY($1)
 """
-
-
 class Stored(NamedTuple):
     """An audit row as stored (the fields the API returns)."""
 
@@ -241,43 +256,49 @@ async def write_rows(connection: asyncpg.Connection, rows: Sequence[dict]) -> li
 
     Returns, for each row, `(Stored, username, recorded_by_username)` or the error its
     caller gets: a user that does not exist, or a request_id reused for another request.
-    A row whose id (request_id) is already stored is a retry: it gets the stored row.
+    A row whose request_id is already claimed is a retry: it gets the stored row.
     """
     for row in rows:
         if row["id"] is None:
             row["id"] = uuid.uuid4()
-    first_of_id: dict[uuid.UUID, int] = {}
+    first_of_request: dict[Any, int] = {}
     for index, row in enumerate(rows):
-        first_of_id.setdefault(row["id"], index)
-    new = [rows[index] for index in first_of_id.values()]
-    created = {
-        record[0]: record
-        for record in await connection.fetch(
-            INSERT_NEW_ROWS, *([row[c] for row in new] for c in audit_log.COLUMNS)
-        )
-    }
+        first_of_request.setdefault(row.get("request_id") or row["id"], index)
+    new = [rows[index] for index in first_of_request.values()]
+    arrays = [[row.get(c) for row in new] for c in _SENT]
+    try:
+        records = await connection.fetch(INSERT_NEW_ROWS, *arrays)
+    except asyncpg.CheckViolationError as error:
+        if not missing_partition(error):
+            raise
+        # A month without its partition (the hourly maker is late): make it, then again.
+        await audit_log.make_partitions(connection)
+        records = await connection.fetch(INSERT_NEW_ROWS, *arrays)
+    created = {record[0]: record for record in records}
     outcomes: list[Any] = [None] * len(rows)
     left_out = {}
     for index, row in enumerate(rows):
-        if first_of_id[row["id"]] == index and row["id"] in created:
+        key = row.get("request_id") or row["id"]
+        if first_of_request[key] == index and row["id"] in created:
             _, created_at, username, recorded_by_username = created[row["id"]]
             details = json.loads(row["details"])
+            columns = {c: row[c] for c in audit_log.COLUMNS}
             outcomes[index] = (
-                Stored(**{**row, "details": details}, created_at=created_at),
+                Stored(**{**columns, "details": details}, created_at=created_at),
                 username,
                 recorded_by_username,
             )
         else:
             left_out[index] = row
     if left_out:
-        stored = {
-            record["id"]: record
-            for record in await connection.fetch(
-                STORED_ROWS, list({row["id"] for row in left_out.values()})
-            )
-        }
+        asked = list({row["request_id"] for row in left_out.values() if row.get("request_id")})
+        stored = (
+            {record["request_id"]: record for record in await connection.fetch(STORED_ROWS, asked)}
+            if asked
+            else {}
+        )
         for index, row in left_out.items():
-            outcomes[index] = _retry_or_refusal(row, stored.get(row["id"]))
+            outcomes[index] = _retry_or_refusal(row, stored.get(row.get("request_id")))
     return outcomes
 
 
@@ -286,11 +307,12 @@ _SAME_REQUEST = ("action", "resource_type", "user_id", "origin", "recorded_by")
 
 
 def _retry_or_refusal(row: dict, record) -> Any:
-    """The outcome of a row the INSERT left out: its id was taken, or its user is unknown.
+    """The outcome of a row the INSERT left out: its request id was claimed, or its user
+    is unknown.
 
-    A taken id is a retry only if the same caller sent the same request: another
-    caller's id (or relman's own row's, whose ids can be guessed) is REQUEST_ID_REUSED,
-    never that row handed back with its user, address and details."""
+    A claimed request id is a retry only if the same caller sent the same request:
+    another caller's id is REQUEST_ID_REUSED, never that row handed back with its user,
+    address and details."""
     if record is None:
         return InvalidArgument.field("user_id", f"no user {row['user_id']}")
     earlier = Stored(**{k: record[k] for k in Stored._fields})  # the jsonb codec decodes details
@@ -309,15 +331,23 @@ async def append_batch(session: AsyncSession, rows: list[dict]) -> None:
     batch of thousands of rows in one message (make bench: LogActions at about 0.7x
     of a bare COPY of the same rows)."""
     driver = await driver_connection(session)
-    given = [row for row in rows if row["id"] is not None]  # rows sent with a request_id
-    new = [row for row in rows if row["id"] is None] if given else rows
+    asked = [row for row in rows if row["request_id"] is not None]
+    for row in asked:  # their ids go into audit_requests too
+        row["id"] = uuid.uuid4()
+    new = [row for row in rows if row["request_id"] is None] if asked else rows
     # Without an id column PostgreSQL makes the ids (gen_random_uuid()): no uuid4() per row here.
-    for batch, columns in ((given, audit_log.COLUMNS), (new, audit_log.COLUMNS[1:])):
+    for batch, columns in ((asked, audit_log.COLUMNS), (new, audit_log.COLUMNS[1:])):
         if batch:
             values = operator.itemgetter(*columns)
             await driver.copy_records_to_table(
                 "audit_logs", columns=columns, records=[values(row) for row in batch]
             )
+    if asked:  # a claimed one fails the stream: 23505 on pk_audit_requests (ALREADY_EXISTS)
+        await driver.copy_records_to_table(
+            "audit_requests",
+            columns=("request_id", "audit_id"),
+            records=[(row["request_id"], row["id"]) for row in asked],
+        )
 
 
 async def log_actions(

@@ -14,7 +14,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from shared.persistence.db import migration_database_url, normalize_url
-from shared.persistence.models import Base
+from shared.persistence.models import Base, described_here
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logging", True):
@@ -33,6 +33,7 @@ def _configure(**kwargs) -> None:
         target_metadata=target_metadata,
         compare_type=True,
         compare_server_default=True,
+        include_name=described_here,
         transaction_per_migration=True,
         **kwargs,
     )

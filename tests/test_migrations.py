@@ -13,7 +13,7 @@ from sqlalchemy import URL
 
 from shared.persistence import schema
 from shared.persistence.db import create_engine, libpq_dsn
-from shared.persistence.models import Base
+from shared.persistence.models import Base, described_here
 from tests.harness import scratch_database
 
 REVISION_ID = re.compile(r"^(\d{3})_[a-z0-9_]+$")
@@ -94,7 +94,12 @@ async def test_models_match_the_migrated_schema(db_url: URL):
             diff = await connection.run_sync(
                 lambda sync: compare_metadata(
                     MigrationContext.configure(
-                        sync, opts={"compare_type": True, "compare_server_default": True}
+                        sync,
+                        opts={
+                            "compare_type": True,
+                            "compare_server_default": True,
+                            "include_name": described_here,
+                        },
                     ),
                     Base.metadata,
                 )

@@ -155,6 +155,16 @@ _CONNECTION_ERRORS = (
 CONSTRAINT_ERRORS: dict[str, Callable[[], DomainError]] = {}
 
 
+def missing_partition(driver_error: BaseException) -> bool:
+    """Whether the database refused a row for want of a partition to hold it (a check
+    violation naming no constraint): audit_logs' month not made yet. Retrying helps once
+    it is, which is what UNAVAILABLE tells a caller; INTERNAL would say "do not retry"."""
+    return (
+        getattr(driver_error, "sqlstate", None) == "23514"
+        and getattr(driver_error, "constraint_name", None) is None
+    )
+
+
 def from_exception(exc: BaseException) -> DomainError:
     """The status a failure maps to: domain errors as they are, database trouble by kind."""
     if isinstance(exc, DomainError):
@@ -173,6 +183,11 @@ def from_exception(exc: BaseException) -> DomainError:
         )
     if (named := CONSTRAINT_ERRORS.get(getattr(driver_error, "constraint_name", None))) is not None:
         return named()
+    if missing_partition(driver_error):
+        return Unavailable(
+            "no partition of the audit trail holds this month yet; retry shortly",
+            reason="AUDIT_PARTITION_MISSING",
+        )
     if getattr(driver_error, "sqlstate", None) in _RETRYABLE_SQLSTATES:
         return Aborted("the transaction lost a race with another; retry", reason="CONFLICT")
     if (

@@ -19,6 +19,8 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import asyncpg
+
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -71,7 +73,7 @@ def relman_row(
 
 def client_row(
     actor: Actor,
-    row_id: uuid.UUID | None,
+    request_id: uuid.UUID | None,
     user_id: uuid.UUID | None,
     action: str,
     resource_type: str,
@@ -82,9 +84,11 @@ def client_row(
 ) -> dict[str, Any]:
     """A row a client sent (LogAction, LogActions), its values already checked: whoever
     it names as the user, it is recorded by the caller with origin `client`, so it never
-    passes for relman's own record. Without `row_id` the id is made where it is written."""
+    passes for relman's own record. Its id is made where it is written; `request_id`
+    (not a column: audit_requests holds it) makes a retry find the row it stored."""
     return {
-        "id": row_id,
+        "id": None,
+        "request_id": request_id,
         "user_id": user_id,
         "action": action,
         "resource_type": resource_type,
@@ -95,6 +99,33 @@ def client_row(
         "origin": AuditOrigin.CLIENT.value,
         "recorded_by": actor.user_id,
     }
+
+
+# How many months past the current one keep a partition ready (services at start-up and
+# hourly; a write refused for want of one makes them at once).
+PARTITIONS_AHEAD = 2
+
+
+async def make_partitions(connection: asyncpg.Connection) -> int:
+    """Makes the partitions of audit_logs missing from this month to PARTITIONS_AHEAD
+    months on (migration 008's SECURITY DEFINER function: the services' role may create
+    no table itself); returns how many it made."""
+    return await connection.fetchval(
+        "SELECT relman_audit_partitions_ahead($1)", PARTITIONS_AHEAD
+    )
+
+
+# Months after the current one whose partition is attached (the gauge: a WARNING below 1).
+_MONTHS_AHEAD = """
+    SELECT count(*) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+    WHERE i.inhparent = 'audit_logs'::regclass AND NOT i.inhdetachpending
+      AND c.relname > 'audit_logs_' || to_char(now() AT TIME ZONE 'UTC', '"y"YYYY"m"MM')
+"""
+
+
+async def months_ahead(connection: asyncpg.Connection) -> int:
+    """How many months after this one have their partition of audit_logs ready."""
+    return await connection.fetchval(_MONTHS_AHEAD)
 
 
 async def append(

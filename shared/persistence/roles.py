@@ -33,7 +33,7 @@ from collections.abc import Iterable
 
 import asyncpg
 
-from shared.persistence.models import AuditLog
+from shared.persistence.models import AUDIT_PARTITION, AuditLog
 
 # The embedded database's and docker-compose's role names (any names work elsewhere).
 OWNER_ROLE = "relman_owner"
@@ -65,6 +65,14 @@ _AUDIT_INSERT_COLUMNS = ", ".join(
 )
 
 
+_PARTITION_PATTERN = "^" + AUDIT_PARTITION.pattern + "$"
+
+
+def _literal(value: str) -> str:
+    """`value` as an SQL string literal."""
+    return "'" + value.replace("'", "''") + "'"
+
+
 def grant_statements(runtime_role: str, database: str) -> list[str]:
     """What the owner grants the runtime role, in the database and schema it owns."""
     role = quote(runtime_role)
@@ -80,6 +88,23 @@ def grant_statements(runtime_role: str, database: str) -> list[str]:
         # REFERENCES were never granted.
         f"REVOKE INSERT, UPDATE, DELETE ON audit_logs FROM {role}",
         f"GRANT INSERT ({_AUDIT_INSERT_COLUMNS}) ON audit_logs TO {role}",
+        # Rows reach a month's partition through audit_logs, whose grants are the only
+        # ones checked then: the partitions themselves it may not touch (the grant on
+        # ALL TABLES above reached them too, as it reaches a partition retention has
+        # detached and not yet dropped: hence by name, not through pg_inherits).
+        f"""DO $$ DECLARE part regclass; BEGIN
+            FOR part IN SELECT c.oid::regclass FROM pg_class c
+                        JOIN pg_namespace n ON n.oid = c.relnamespace
+                        WHERE n.nspname = 'public' AND c.relkind = 'r'
+                          AND c.relname ~ '{_PARTITION_PATTERN}'
+            LOOP
+                EXECUTE format('REVOKE ALL ON %s FROM %I', part, {_literal(runtime_role)});
+            END LOOP;
+        END $$""",
+        # It keeps partitions ahead of time through the one function that can make them.
+        f"GRANT EXECUTE ON FUNCTION relman_audit_partitions_ahead(integer) TO {role}",
+        # A request id, once claimed, stays claimed (retention removes it with its row).
+        f"REVOKE UPDATE, DELETE ON audit_requests FROM {role}",
         f"REVOKE INSERT, UPDATE, DELETE ON alembic_version FROM {role}",
     ]
 
@@ -110,7 +135,12 @@ SELECT r.rolsuper AS superuser,
        has_table_privilege(c.oid, 'DELETE') AS delete,
        has_table_privilege(c.oid, 'TRUNCATE') AS truncate,
        has_table_privilege(c.oid, 'TRIGGER') AS trigger,
-       has_column_privilege(c.oid, 'created_at', 'INSERT') AS backdate
+       has_column_privilege(c.oid, 'created_at', 'INSERT') AS backdate,
+       EXISTS (SELECT FROM pg_class p
+               WHERE p.relnamespace = n.oid AND p.relkind = 'r' AND p.relname ~ $1
+                 AND (has_any_column_privilege(p.oid, 'INSERT')
+                      OR has_any_column_privilege(p.oid, 'UPDATE')
+                      OR has_table_privilege(p.oid, 'DELETE, TRUNCATE, TRIGGER'))) AS partitions
 FROM pg_roles r, pg_database d, pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE r.rolname = current_user AND d.datname = current_database()
   AND c.oid = 'audit_logs'::regclass
@@ -128,12 +158,13 @@ _EXPOSURE_WORDS = {
     "truncate": "may TRUNCATE",
     "trigger": "may create triggers on it",
     "backdate": "may set created_at (backdate rows)",
+    "partitions": "may write to, delete from or truncate its monthly partitions directly",
 }
 
 
 async def trail_exposure(connection: asyncpg.Connection) -> list[str]:
     """What the connected role could do to the audit trail; empty when it is protected."""
-    row = await connection.fetchrow(_EXPOSURE)
+    row = await connection.fetchrow(_EXPOSURE, _PARTITION_PATTERN)
     return [words for key, words in _EXPOSURE_WORDS.items() if row[key]]
 
 

@@ -110,10 +110,19 @@ def _committed_at(tracked: bool) -> Committed:
     return lambda row: f"{row}.created_at"
 
 
+# PostgreSQL stamps a transaction's commit time before it flushes the commit to the WAL and
+# only then makes it visible, so a transaction that began a little after a policy change's
+# commit timestamp may still have read the policy before it: under a loaded machine that
+# gap is the time of an fsync. A change committed up to this long after a moment counts as
+# one the moment may not have seen yet.
+_VISIBILITY_MARGIN = "interval '1 second'"
+
+
 def _held_since(committed: Committed, moment: str) -> str:
     """A LATERAL subquery of the policy values (jsonb, as audit rows hold them) the
     deployment `d`'s environment held from `moment` on: the policy now (its pending change
-    once due) and the before and after of every change relman recorded since."""
+    once due) and the before and after of every change relman recorded since (or that
+    became visible since: `_VISIBILITY_MARGIN`)."""
     return f"""LATERAL (
         SELECT CASE WHEN p.pending_effective_at <= now() THEN p.pending
                ELSE jsonb_build_object('required_approvals', p.required_approvals,
@@ -124,7 +133,7 @@ def _held_since(committed: Committed, moment: str) -> str:
         WHERE a.origin = 'relman' AND a.resource_type = 'environment_policy'
           AND a.resource_id = d.environment_id::text
           AND a.action IN ('policy.update', 'policy.update_effective')
-          AND {committed("a")} >= {moment}
+          AND {committed("a")} >= {moment} - {_VISIBILITY_MARGIN}
     ) held(rules)"""
 
 
@@ -213,7 +222,8 @@ def policy_invariants(committed: Committed) -> dict[str, str]:
 
 
 # The moments a freeze window in force forbids, of the deployments in its scope after it
-# committed ($1 environment, $2 service: NULL for all; $3 when it committed; $4, $5 a
+# committed and became visible ($1 environment, $2 service: NULL for all; $3 its commit
+# timestamp, to which `_VISIBILITY_MARGIN` is added; $4, $5 a
 # one-off window's start and end, NULL for a recurring one):
 # - "created": a deployment created without an admin's override (its reason and relman's
 #   freeze.override row), a rollback's redeployment aside;
@@ -234,7 +244,7 @@ _FORBIDDEN_MOMENTS = f"""
           AND ($1::uuid IS NULL OR d.environment_id = $1)
           AND ($2::uuid IS NULL OR d.service_id = $2)
     ) moments
-    WHERE moment > $3
+    WHERE moment > $3::timestamptz + {_VISIBILITY_MARGIN}
       AND ($4::timestamptz IS NULL OR (moment >= $4 AND moment < $5))"""
 
 

@@ -91,7 +91,7 @@ async def log_action_caller(
         request_id = str(uuid.uuid4())
         started = time.monotonic()
         try:
-            await stub.LogAction(
+            logged = await stub.LogAction(
                 audit_pb2.LogActionRequest(
                     action="fault.load",
                     resource_type="fault",
@@ -105,7 +105,7 @@ async def log_action_caller(
             outcomes.record_failure(error, started)
             await asyncio.sleep(RETRY_BACKOFF_S)
             continue
-        acked.audit_ids.add(request_id)
+        acked.audit_ids.add(logged.id)  # the stored row's id (its request id is apart)
         outcomes.record_ok()
 
 

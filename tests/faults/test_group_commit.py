@@ -64,7 +64,12 @@ async def test_a_batch_refused_as_a_whole_fails_only_the_row_at_fault(
         await db.execute("DROP TRIGGER fault_poison ON audit_logs; DROP FUNCTION fault_poison()")
     ok = [request_id for request_id, code in results if code == "OK"]
     refused = [code for _, code in results if code != "OK"]
-    stored = await db.fetchval("SELECT count(*) FROM audit_logs WHERE id = ANY($1::uuid[])", ok)
+    stored = await db.fetchval(
+        """SELECT count(*) FROM audit_requests q
+           JOIN audit_logs a ON a.created_at = q.audit_created_at AND a.id = q.audit_id
+           WHERE q.request_id = ANY($1::uuid[])""",
+        ok,
+    )
     await db.close()
     assert refused == ["ABORTED"] * 3
     assert len(ok) == 3 * (CALLS - 1) and stored == len(ok)
