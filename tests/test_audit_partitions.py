@@ -26,7 +26,7 @@ from sqlalchemy import URL
 from audit_svc import export, trail
 from shared.framework.errors import Unavailable, from_exception, missing_partition
 from shared.identity.actor import Actor
-from shared.persistence import audit_log, schema
+from shared.persistence import audit_log, roles, schema
 from shared.persistence.db import Database, libpq_dsn
 from shared.persistence.roles import OWNER_ROLE, RUNTIME_ROLE
 from tests.harness import owner_url, runtime_url, scratch_database
@@ -302,3 +302,24 @@ async def test_pages_and_exports_across_months_see_each_row_once_in_order(scratc
     finally:
         await database.dispose()
         await owner.close()
+
+
+async def test_a_grant_on_a_partition_shows_as_exposure_at_start_up(scratch):
+    """A partition reached by a stray grant (an operator's GRANT ... ON ALL TABLES) is a
+    way around audit_logs' own grants: the services' start-up check names it, and the
+    next migration's grants take it back."""
+    this_month = partition(datetime.now(UTC))
+    owner = await connect(owner_url(scratch))
+    runtime = await connect(runtime_url(scratch))
+    try:
+        assert await roles.trail_exposure(runtime) == []
+        await owner.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {RUNTIME_ROLE}")
+        exposure = await roles.trail_exposure(runtime)
+        assert any("partitions" in words for words in exposure), exposure
+        await roles.grant_runtime(owner, RUNTIME_ROLE)
+        assert await roles.trail_exposure(runtime) == []
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await runtime.execute(f"DELETE FROM {this_month}")
+    finally:
+        await owner.close()
+        await runtime.close()

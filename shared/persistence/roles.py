@@ -9,6 +9,10 @@ write (it records deployments, approvals and users). The owner role owns the
 schema; migrations and the seed run as it. `grant_runtime` runs after every
 migration, so tables added later are covered too.
 
+On audit_logs' monthly partitions it holds nothing (rows reach them through
+audit_logs, whose grants are the ones checked), and it makes none itself: it may only
+call `relman_audit_partitions_ahead`, which makes the next months' as the owner.
+
 It may not choose a row's `created_at` either (its INSERT grant leaves that column
 out), so it cannot backdate a row. What it can still do, since it is what relman
 writes with: append rows that claim to be relman's own, now.
@@ -84,10 +88,10 @@ def grant_statements(runtime_role: str, database: str) -> list[str]:
         f"GRANT USAGE ON SCHEMA public TO {role}",
         f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}",
         f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role}",
-        # The trail only grows, stamped with the database's time; TRUNCATE, TRIGGER and
-        # REFERENCES were never granted.
-        f"REVOKE INSERT, UPDATE, DELETE ON audit_logs FROM {role}",
-        f"GRANT INSERT ({_AUDIT_INSERT_COLUMNS}) ON audit_logs TO {role}",
+        # The trail only grows, stamped with the database's time. ALL first: a stray
+        # grant (TRUNCATE, TRIGGER, an operator's GRANT ALL) goes with the next migration.
+        f"REVOKE ALL ON audit_logs FROM {role}",
+        f"GRANT SELECT, INSERT ({_AUDIT_INSERT_COLUMNS}) ON audit_logs TO {role}",
         # Rows reach a month's partition through audit_logs, whose grants are the only
         # ones checked then: the partitions themselves it may not touch (the grant on
         # ALL TABLES above reached them too, as it reaches a partition retention has
@@ -104,8 +108,10 @@ def grant_statements(runtime_role: str, database: str) -> list[str]:
         # It keeps partitions ahead of time through the one function that can make them.
         f"GRANT EXECUTE ON FUNCTION relman_audit_partitions_ahead(integer) TO {role}",
         # A request id, once claimed, stays claimed (retention removes it with its row).
-        f"REVOKE UPDATE, DELETE ON audit_requests FROM {role}",
-        f"REVOKE INSERT, UPDATE, DELETE ON alembic_version FROM {role}",
+        f"REVOKE ALL ON audit_requests FROM {role}",
+        f"GRANT SELECT, INSERT ON audit_requests TO {role}",
+        f"REVOKE ALL ON alembic_version FROM {role}",
+        f"GRANT SELECT ON alembic_version TO {role}",
     ]
 
 
