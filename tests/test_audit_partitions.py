@@ -24,6 +24,7 @@ import pytest
 from sqlalchemy import URL
 
 from audit_svc import export, trail
+from shared.devtools import seed
 from shared.framework.errors import Unavailable, from_exception, missing_partition
 from shared.identity.actor import Actor
 from shared.persistence import audit_log, roles, schema
@@ -323,3 +324,19 @@ async def test_a_grant_on_a_partition_shows_as_exposure_at_start_up(scratch):
     finally:
         await owner.close()
         await runtime.close()
+
+
+async def test_the_seed_makes_the_past_months_its_trail_needs(scratch):
+    """The sample trail reaches a month back: seeded early in a month, on a database
+    migrated that month (which has no partition before it), its rows land all the same."""
+    early = month_start(datetime.now(UTC)) + timedelta(days=3)
+    assert await seed.seed(owner_url(scratch), now=early)
+    owner = await connect(owner_url(scratch))
+    try:
+        months = {
+            row[0]
+            for row in await owner.fetch("SELECT DISTINCT tableoid::regclass::text FROM audit_logs")
+        }
+    finally:
+        await owner.close()
+    assert partition(month_start(early, -1)) in months

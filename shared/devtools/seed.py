@@ -39,7 +39,7 @@ from sqlalchemy import URL, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.identity.users import BCRYPT_COST
-from shared.persistence import schema
+from shared.persistence import audit_log, schema
 from shared.persistence.db import Database, database_url, describe, migration_database_url
 from shared.persistence.models import (
     STANDARD_STAGES,
@@ -663,8 +663,9 @@ async def _migrated_to_head(session: AsyncSession) -> str | None:
     return await session.scalar(text("SELECT version_num FROM alembic_version"))
 
 
-async def seed(url: URL) -> bool:
-    """Insert the sample data set unless it is there. Returns True when rows were added."""
+async def seed(url: URL, now: datetime | None = None) -> bool:
+    """Insert the sample data set unless it is there, its days counted back from `now`
+    (default: the clock). Returns True when rows were added."""
     head = schema.head_revision()
     database = Database(url, pool_size=1)
     try:
@@ -682,7 +683,12 @@ async def seed(url: URL) -> bool:
             hashes = await asyncio.gather(
                 *(asyncio.to_thread(_hash_password, SEED_PASSWORD) for _ in USERS)
             )
-            rows = build(datetime.now(UTC), list(hashes))
+            rows = build(now or datetime.now(UTC), list(hashes))
+            # Its audit rows are dated up to a month back, before a new database's first
+            # partition (migration 008 makes them from the month it runs in).
+            await audit_log.make_months(
+                session, [row.created_at for row in rows if isinstance(row, AuditLog)]
+            )
             # The models declare no relationship between most tables, so the unit of work
             # cannot order their INSERTs: flush one table at a time, in dependency order.
             for _, table_rows in itertools.groupby(rows, key=type):

@@ -17,11 +17,11 @@ The last two are apart from `append` for speed (their docstrings say how much).
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-
-from sqlalchemy import insert
+from sqlalchemy import insert, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.identity.actor import Actor
@@ -110,9 +110,15 @@ async def make_partitions(connection: asyncpg.Connection) -> int:
     """Makes the partitions of audit_logs missing from this month to PARTITIONS_AHEAD
     months on (migration 008's SECURITY DEFINER function: the services' role may create
     no table itself); returns how many it made."""
-    return await connection.fetchval(
-        "SELECT relman_audit_partitions_ahead($1)", PARTITIONS_AHEAD
-    )
+    return await connection.fetchval("SELECT relman_audit_partitions_ahead($1)", PARTITIONS_AHEAD)
+
+
+async def make_months(session: AsyncSession, moments: list[datetime]) -> None:
+    """Makes the partitions of the months of `moments` that are missing, as the owner
+    (the seed, tests loading a past trail): the services' role may not."""
+    months = sorted({moment.astimezone(UTC).date().replace(day=1) for moment in moments})
+    for month in months:
+        await session.execute(text("SELECT relman_audit_make_partition(:month)"), {"month": month})
 
 
 # Months after the current one whose partition is attached (the gauge: a WARNING below 1).
