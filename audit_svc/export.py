@@ -117,7 +117,7 @@ async def export_audit_logs(
     async def sink(data: bytes) -> None:
         await pieces.put(data)
 
-    connection = await database.engine.connect()
+    connection = await database.replica_connection()
     try:
         raw_connection = (await connection.get_raw_connection()).driver_connection
         await connection.begin()

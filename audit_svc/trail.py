@@ -383,7 +383,7 @@ async def get_audit_logs(
     """A page of the trail, newest first, with the usernames of its rows' users and
     recorders."""
     described = f.describe()
-    async with database.read() as session:
+    async with database.replica_read() as session:
         page = await list_page(
             session,
             AuditLog,

@@ -29,7 +29,7 @@ Row = TypeVar("Row", bound=Base)
 
 
 async def get_runbook(database: Database, runbook_id: uuid.UUID) -> Runbook:
-    async with database.read() as session:
+    async with database.replica_read() as session:
         return await load(session, Runbook, runbook_id)
 
 
@@ -43,7 +43,7 @@ async def list_runbooks(
     page_token: str,
 ) -> Page:
     tag = text("tag", tag, 100, required=False)
-    async with database.read() as session:
+    async with database.replica_read() as session:
         return await list_page(
             session,
             Runbook,
@@ -57,19 +57,19 @@ async def list_runbooks(
 async def list_services(
     database: Database, *, team_id: uuid.UUID | None, page_size: int, page_token: str
 ) -> Page:
-    async with database.read() as session:
+    async with database.replica_read() as session:
         return await list_page(
             session, Service, page_size=page_size, page_token=page_token, equal={"team_id": team_id}
         )
 
 
 async def list_environments(database: Database, *, page_size: int, page_token: str) -> Page:
-    async with database.read() as session:
+    async with database.replica_read() as session:
         return await list_page(session, Environment, page_size=page_size, page_token=page_token)
 
 
 async def list_teams(database: Database, *, page_size: int, page_token: str) -> Page:
-    async with database.read() as session:
+    async with database.replica_read() as session:
         return await list_page(session, Team, page_size=page_size, page_token=page_token)
 
 

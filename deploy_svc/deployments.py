@@ -798,17 +798,17 @@ async def cancel_deployment(
 
 
 async def get_deployment(database: Database, deployment_id: uuid.UUID) -> Deployment:
-    async with database.read() as session:
+    async with database.replica_read() as session:
         return await load(session, Deployment, deployment_id)
 
 
 async def get_deployment_with_stages(database: Database, deployment_id: uuid.UUID) -> Deployment:
-    async with database.read() as session:
+    async with database.replica_read() as session:
         return await _with_stages(session, deployment_id)
 
 
 async def get_full_deployment(database: Database, deployment_id: uuid.UUID) -> FullDeployment:
-    async with database.read() as session:
+    async with database.replica_read() as session:
         return await load_full_deployment(session, deployment_id)
 
 
@@ -857,7 +857,7 @@ async def list_deployments(
         "environment_id": environment_id,
         "status": status,
     }
-    async with database.read() as session:
+    async with database.replica_read() as session:
         return await list_page(
             session, Deployment, page_size=page_size, page_token=page_token, equal=equal
         )
@@ -891,7 +891,7 @@ async def list_live_deployments(
     if service_id is not None:
         newest_succeeded = newest_succeeded.where(Deployment.service_id == service_id)
         active = active.where(Deployment.service_id == service_id)
-    async with database.read() as session:
+    async with database.replica_read() as session:
         live = {
             (d.service_id, d.environment_id): d for d in await session.scalars(newest_succeeded)
         }

@@ -347,7 +347,7 @@ async def list_windows(
         conditions.append(_maybe_in_force(active_at))
     items: list[FreezeWindow] = []
     more = False
-    async with database.read() as session:
+    async with database.replica_read() as session:
         while True:
             query = select(FreezeWindow).where(*conditions)
             if after is not None:

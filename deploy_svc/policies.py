@@ -177,6 +177,8 @@ async def policy_of(session: AsyncSession, environment_id: uuid.UUID, now: datet
 
 
 async def get_policy(database: Database, environment_id: uuid.UUID) -> Policy:
+    """On the primary, not a read replica: its etag is what an update must name, and one
+    read from a lagging replica would only fail the update that follows."""
     async with database.read() as session:
         return await policy_of(session, environment_id, _now())
 

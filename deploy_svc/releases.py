@@ -137,7 +137,7 @@ async def _create(
 
 
 async def get_release(database: Database, release_id: uuid.UUID) -> Release:
-    async with database.read() as session:
+    async with database.replica_read() as session:
         return await load(session, Release, release_id)
 
 
@@ -150,7 +150,7 @@ async def list_releases(
     page_token: str,
 ) -> Page:
     equal = {"service_id": service_id, "status": status}
-    async with database.read() as session:
+    async with database.replica_read() as session:
         return await list_page(
             session, Release, page_size=page_size, page_token=page_token, equal=equal
         )

@@ -30,7 +30,7 @@ from shared.identity.actor import Actor
 from shared.persistence import audit_log, roles, schema
 from shared.persistence.db import Database, libpq_dsn
 from shared.persistence.roles import OWNER_ROLE, RUNTIME_ROLE
-from tests.harness import owner_url, runtime_url, scratch_database
+from tests.harness import owner_url, runtime_url, scrape_metrics, scratch_database, start_service
 
 
 def month_start(moment: datetime, months_on: int = 0) -> datetime:
@@ -340,3 +340,26 @@ async def test_the_seed_makes_the_past_months_its_trail_needs(scratch):
     finally:
         await owner.close()
     assert partition(month_start(early, -1)) in months
+
+
+async def test_a_service_makes_the_months_ahead_as_it_starts_and_reports_them(scratch):
+    """Only this month's partition left: a starting service, as the runtime role, makes
+    the next two and says so, in its log and on relman_audit_partitions_ahead."""
+    now = datetime.now(UTC)
+    owner = await connect(owner_url(scratch))
+    try:
+        for n in (1, 2):
+            ahead = partition(month_start(now, n))
+            await owner.execute(f"ALTER TABLE audit_logs DETACH PARTITION {ahead}")
+            await owner.execute(f"DROP TABLE {ahead}")
+        assert await audit_log.months_ahead(owner) == 0
+        audit = await start_service(scratch, "audit_svc", AUDIT_METRICS_PORT="0")
+        try:
+            assert "made 2 monthly partitions of audit_logs" in audit.output
+            gauge = ("relman_audit_partitions_ahead", frozenset())
+            assert (await scrape_metrics(audit))[gauge] == audit_log.PARTITIONS_AHEAD
+        finally:
+            assert await audit.stop() == 0, audit.output
+        assert await audit_log.months_ahead(owner) == audit_log.PARTITIONS_AHEAD
+    finally:
+        await owner.close()

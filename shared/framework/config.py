@@ -1,8 +1,9 @@
 """Settings from the environment, validated once at start-up.
 
 Server framework: the services' settings, each with its default and range (the database
-URLs are read by shared.persistence.db). A bad value stops the process with one line
-naming the variable (exit code 2), never later in the middle of a call.
+URLs, DATABASE_READ_URL's among them, are read and checked by shared.persistence.db). A bad
+value stops the process with one line naming the variable (exit code 2), never later in the
+middle of a call.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ class Settings:
     log_level: str
     # Off behind PgBouncer in transaction mode: asyncpg prepares unnamed statements.
     db_statement_cache: bool = True
+    # With DATABASE_READ_URL: reads that opt in leave the replica while it lags more than
+    # this behind the primary (None: however far; DATABASE_READ_MAX_LAG_S=0).
+    db_read_max_lag_s: float | None = 30.0
     # Prometheus endpoint of each process; None: off, 0: any free port (logged).
     deploy_metrics_port: int | None = None
     audit_metrics_port: int | None = None
@@ -75,6 +79,10 @@ class Settings:
             tls=reader.tls(),
             log_level=reader.log_level("LOG_LEVEL", "INFO"),
             db_statement_cache=db_statement_cache(env),
+            db_read_max_lag_s=reader.number(
+                "DATABASE_READ_MAX_LAG_S", 30.0, minimum=0.0, maximum=86_400.0
+            )
+            or None,
             deploy_metrics_port=reader.port("DEPLOY_METRICS_PORT"),
             audit_metrics_port=reader.port("AUDIT_METRICS_PORT"),
             require_protected_trail=reader.flag("REQUIRE_PROTECTED_TRAIL", False),

@@ -14,8 +14,8 @@ request id: no token or password reaches a log line.
 Metrics (when DEPLOY_METRICS_PORT / AUDIT_METRICS_PORT is set): the names of Go's
 grpc-prometheus (grpc_server_started_total, grpc_server_handled_total,
 grpc_server_handling_seconds, grpc_server_msg_received_total /
-grpc_server_msg_sent_total), the pool's connections, and what a service counts
-(`counter()` / `gauge()` below, used by the domain).
+grpc_server_msg_sent_total), the pool's connections, the read replica's lag, and what a
+service counts (`counter()` / `gauge()` below, used by the domain).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import re
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
@@ -88,6 +89,25 @@ def watch_pool(pool) -> None:
     connections.labels("in_use").set_function(pool.checkedout)
     connections.labels("idle").set_function(pool.checkedin)
     connections.labels("size").set_function(pool.size)
+
+
+def watch_replica(lag_s: Callable[[], float | None], serving: Callable[[], bool]) -> None:
+    """Gauges of the read replica (DATABASE_READ_URL), read at each scrape from its last
+    check (every 2 s): its lag, and whether reads that opt in go to it now.
+
+    An unknown lag (the replica unreachable, or not checked yet) is -1, not NaN: an alert
+    on `lag > N` stays quiet either way, but -1 keeps graphs and max() usable; that the
+    replica is out of use is `relman_replica_serving_reads` 0, the one to alert on."""
+    gauge(
+        "relman_replica_lag_seconds",
+        "How far the read replica's replay is behind: 0 when it has replayed all it received,"
+        " else the age of its last replayed commit; -1 when unknown (unreachable).",
+    ).set_function(lambda: -1.0 if (lag := lag_s()) is None else lag)
+    gauge(
+        "relman_replica_serving_reads",
+        "1 when reads that may use the read replica go to it, 0 when they go to the primary"
+        " (the replica unreachable, or lagging more than DATABASE_READ_MAX_LAG_S).",
+    ).set_function(lambda: 1.0 if serving() else 0.0)
 
 
 _serving = False

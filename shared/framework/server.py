@@ -38,16 +38,23 @@ from grpc_reflection.v1alpha import reflection
 
 from shared.framework.config import ConfigError, Settings
 from shared.framework.interceptors import AuthInterceptor, CallLifecycleInterceptor, Drain
-from shared.framework.observability import configure_logging, gauge, serve_metrics, watch_pool
+from shared.framework.observability import (
+    configure_logging,
+    gauge,
+    serve_metrics,
+    watch_pool,
+    watch_replica,
+)
 from shared.identity.actor import TrustedProxies
 from shared.identity.auth import Authenticator
-from shared.persistence import roles
+from shared.persistence import audit_log, roles
 from shared.persistence.db import (
     Database,
     DatabaseUrlError,
     database_url,
     describe,
     listen_url,
+    read_url,
 )
 
 log = logging.getLogger("relman.server")
@@ -63,6 +70,13 @@ TRAIL_PROTECTED = gauge(
     "relman_audit_trail_protected",
     "1 when this process's database role can only INSERT and SELECT audit rows, else 0.",
 )
+
+PARTITIONS_AHEAD = gauge(
+    "relman_audit_partitions_ahead",
+    "Months after the current one whose audit_logs partition is ready (a WARNING below 1).",
+)
+PARTITION_INTERVAL_S = 3600.0
+PARTITION_CALL_S = 10.0
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -232,6 +246,36 @@ async def _exposure(connection: asyncpg.Connection, setting: str) -> str:
     )
 
 
+async def _make_audit_partitions(spec: ServiceSpec, database: Database) -> None:
+    """Makes audit_logs' partitions up to audit_log.PARTITIONS_AHEAD months on, and sets
+    the gauge of how many months ahead are ready. A failure is a WARNING, not a stop:
+    rows go on landing while the current month's partition exists."""
+    try:
+        async with database.autocommit_connection(PARTITION_CALL_S) as connection:
+            made = await audit_log.make_partitions(connection)
+            ahead = await audit_log.months_ahead(connection)
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        log.warning("%s: could not make the audit trail's partitions ahead: %s", spec.name, exc)
+        return
+    PARTITIONS_AHEAD.set(ahead)
+    if made:
+        log.info("%s made %d monthly partitions of audit_logs", spec.name, made)
+    if ahead < 1:
+        log.warning(
+            "%s: audit_logs has no partition for next month: its rows will be refused"
+            " (UNAVAILABLE) from the first of the month",
+            spec.name,
+        )
+
+
+async def _keep_audit_partitions(spec: ServiceSpec, database: Database) -> None:
+    """Every hour, as long as the process serves: a month's partition is made weeks
+    before its first row, even by a process that runs for months."""
+    while True:
+        await asyncio.sleep(PARTITION_INTERVAL_S)
+        await _make_audit_partitions(spec, database)
+
+
 # -- the server's life: build, listen, run until a signal, drain and stop ------------------
 
 
@@ -246,6 +290,8 @@ async def _serve(spec: ServiceSpec, settings: Settings, database: Database) -> i
     """The start-up checks, then each step of the server's life; 0 after a stop by signal."""
     await _wait_for_database(database)
     await _check_trail(spec, settings, database)
+    await _make_audit_partitions(spec, database)
+    keeper = asyncio.create_task(_keep_audit_partitions(spec, database))
     process = _build(spec, settings, database)
     readiness = await _add_health(process)
     listening = _listen(process)
@@ -256,6 +302,7 @@ async def _serve(spec: ServiceSpec, settings: Settings, database: Database) -> i
     try:
         await stop.wait()
     finally:
+        keeper.cancel()
         await _drain_and_stop(process, readiness, watcher)
     return 0
 
@@ -389,6 +436,8 @@ def _start_metrics(process: _Process, listening: str) -> None:
     except OSError as exc:
         raise StartupError(f"cannot serve metrics on port {metrics_port}: {exc}") from None
     watch_pool(process.database.engine.pool)
+    if (replica := process.database.replica) is not None:
+        watch_replica(lambda: replica.lag_s, replica.serving)
     log.info("%s metrics on http://%s:%d/metrics", spec.name, host, bound)
 
 
@@ -412,9 +461,11 @@ def _stop_on_signals(process: _Process) -> asyncio.Event:
 
 
 async def _start(process: _Process, listening: str) -> None:
-    """Starts serving and says where, how and on which database."""
+    """Starts serving and says where, how and on which database (and read replica, whose
+    checks start here: they hold reads on the primary while it is out of reach)."""
     spec, settings = process.spec, process.settings
     await process.server.start()
+    process.database.start_replica_checks()
     # Everything made so far (modules, descriptors, the engine) lives as long as the
     # process: out of the collector's sight, a full collection no longer walks it
     # (measured: 22 ms pauses in the middle of calls before, make bench ListAuditLogs).
@@ -422,12 +473,14 @@ async def _start(process: _Process, listening: str) -> None:
     mode = (
         "plaintext" if settings.tls is None else ("mutual TLS" if settings.tls.client_ca else "TLS")
     )
+    replica = process.database.replica
     log.info(
-        "%s listening on %s (%s), using the %s",
+        "%s listening on %s (%s), using the %s%s",
         spec.name,
         listening,
         mode,
         describe(process.database.url),
+        "" if replica is None else f", and for lists and gets the replica {describe(replica.url)}",
     )
 
 
@@ -467,6 +520,8 @@ def main(spec: ServiceSpec) -> int:
             application_name=spec.name,
             statement_cache=settings.db_statement_cache,
             listen_url=listen_url(),
+            read_url=read_url(),
+            read_max_lag_s=settings.db_read_max_lag_s,
         )
         # uvloop: about 11% more calls/s than asyncio's own loop under the same load.
         return uvloop.run(serve(spec, settings, database))

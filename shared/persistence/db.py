@@ -14,12 +14,17 @@ export stream own their connections the same way). Why the use case: only it kno
 what must commit together, what must commit even when the call fails (a failed
 login's count), and what must not hold locks across slow work (bcrypt). A use
 case that opens more than one unit of work says why in its docstring.
+
+`replica_read()` is `read()` on the streaming replica of DATABASE_READ_URL, for the reads
+that opt in because they can bear its lag (ReadReplica); everything else stays on the
+primary without having to think about it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import re
 import time
@@ -29,8 +34,10 @@ from contextvars import ContextVar
 from typing import TypeVar
 
 import asyncpg
-from sqlalchemy import URL, make_url, text
+from sqlalchemy import URL, event, make_url, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -42,32 +49,40 @@ from shared.persistence.roles import OWNER_ROLE, RUNTIME_ROLE, SESSION_BOUNDS
 
 ASYNC_DRIVER = "postgresql+asyncpg"
 T = TypeVar("T")
+log = logging.getLogger("relman.db")
 
 
 class DatabaseUrlError(ValueError):
     """DATABASE_URL is not a PostgreSQL URL relman can use."""
 
 
-def normalize_url(raw: str) -> URL:
-    """Parse a `postgresql://` or `postgresql+asyncpg://` URL into an asyncpg URL."""
+def normalize_url(raw: str, setting: str = "DATABASE_URL") -> URL:
+    """Parse a `postgresql://` or `postgresql+asyncpg://` URL into an asyncpg URL; a
+    refusal names `setting`, the variable it came from."""
     try:
         url = make_url(raw)
     except Exception as exc:  # SQLAlchemy raises ArgumentError with the raw text
-        raise DatabaseUrlError(f"DATABASE_URL is not a valid URL: {exc}") from None
+        raise DatabaseUrlError(f"{setting} is not a valid URL: {exc}") from None
     if url.drivername not in ("postgresql", "postgres", ASYNC_DRIVER):
         raise DatabaseUrlError(
-            f"DATABASE_URL must start with postgresql:// or {ASYNC_DRIVER}://, "
-            f"not {url.drivername}://"
+            f"{setting} must start with postgresql:// or {ASYNC_DRIVER}://, not {url.drivername}://"
         )
     if not url.database:
-        raise DatabaseUrlError("DATABASE_URL names no database")
+        raise DatabaseUrlError(f"{setting} names no database")
     return url.set(drivername=ASYNC_DRIVER)
 
 
 def listen_url() -> URL | None:
     """DATABASE_LISTEN_URL: where LISTEN connects when DATABASE_URL goes through PgBouncer."""
     raw = os.environ.get("DATABASE_LISTEN_URL", "").strip()
-    return normalize_url(raw) if raw else None
+    return normalize_url(raw, "DATABASE_LISTEN_URL") if raw else None
+
+
+def read_url() -> URL | None:
+    """DATABASE_READ_URL: a streaming replica of DATABASE_URL's database, for the reads that
+    opt in (Database.replica_read); None: every read goes to the primary."""
+    raw = os.environ.get("DATABASE_READ_URL", "").strip()
+    return normalize_url(raw, "DATABASE_READ_URL") if raw else None
 
 
 def database_url() -> URL:
@@ -88,7 +103,9 @@ def migration_database_url() -> URL:
         raise DatabaseUrlError("MIGRATION_DATABASE_URL is set but DATABASE_URL is not")
     if not (migration or runtime):
         return _embedded_url(OWNER_ROLE)
-    return normalize_url(migration or runtime)
+    if migration:
+        return normalize_url(migration, "MIGRATION_DATABASE_URL")
+    return normalize_url(runtime)
 
 
 def _embedded_url(role: str) -> URL:
@@ -140,7 +157,12 @@ def time_left(bound_s: float | None = None) -> float | None:
 
 
 def connect_arguments(
-    url: URL, *, statement_cache: bool = True, application_name: str = "relman"
+    url: URL,
+    *,
+    statement_cache: bool = True,
+    application_name: str = "relman",
+    timeout_s: float = CONNECT_TIMEOUT_S,
+    read_only: bool = False,
 ) -> dict:
     """The keyword arguments of asyncpg.connect for every connection a Database makes, its
     pool's and its readiness probe's alike: a probe connected differently from the pool
@@ -156,12 +178,18 @@ def connect_arguments(
     in each transaction would cost a statement each time, and reads have no
     transaction. A starting service warns when its sessions lack them
     (roles.unbounded_settings). And no statement cache: see create_engine.
+
+    `read_only` (the read replica's connections) makes every transaction of the session
+    read-only: a hot standby refuses writes anyway, but a DATABASE_READ_URL that names a
+    writable server by mistake must not take a write either.
     """
     settings = {"application_name": application_name}  # who is who in pg_stat_activity
     if statement_cache:
         settings = {**SESSION_BOUNDS, **settings}
+        if read_only:
+            settings["default_transaction_read_only"] = "on"
     arguments = {
-        "timeout": CONNECT_TIMEOUT_S,
+        "timeout": timeout_s,
         "statement_cache_size": 100 if statement_cache else 0,
         "server_settings": settings,
     }
@@ -179,7 +207,13 @@ def _unnamed() -> str:
 
 
 def create_engine(
-    url: URL, *, pool_size: int = 10, application_name: str = "relman", statement_cache: bool = True
+    url: URL,
+    *,
+    pool_size: int = 10,
+    application_name: str = "relman",
+    statement_cache: bool = True,
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    read_only: bool = False,
 ) -> AsyncEngine:
     """An engine with a fixed-size pool (no overflow), so pool x processes stays predictable.
 
@@ -203,7 +237,11 @@ def create_engine(
     BEGIN/COMMIT) there too.
     """
     arguments = connect_arguments(
-        url, statement_cache=statement_cache, application_name=application_name
+        url,
+        statement_cache=statement_cache,
+        application_name=application_name,
+        timeout_s=connect_timeout_s,
+        read_only=read_only,
     )
     # SQLAlchemy's own cache of prepared statements, on top of asyncpg's.
     adapter = (
@@ -221,8 +259,224 @@ def create_engine(
     return engine
 
 
+# -- the read replica (DATABASE_READ_URL) ---------------------------------------------------
+
+# Short, unlike the primary's: while a connection to a dead replica is being tried, the read
+# waits, and the primary could have answered it.
+REPLICA_CONNECT_TIMEOUT_S = 2.0
+# How long reads stay on the primary after the replica could not be reached. Every failed
+# check extends it, so a replica that comes back is used again only once it has answered for
+# this long: reads do not flap between the two on a replica that answers one check in two.
+REPLICA_HOLD_S = 10.0
+REPLICA_CHECK_INTERVAL_S = 2.0
+# The replica's lag in seconds, measured on the replica alone (no privilege, no connection to
+# the primary): 0 while it has replayed all it received, else how old its last replayed
+# commit is, since nothing newer has been applied. Never below 0 (clocks apart). Also whether
+# it is a standby at all.
+_LAG_QUERY = """
+SELECT CASE
+        WHEN NOT pg_is_in_recovery() THEN 0
+        WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0
+        ELSE greatest(
+            coalesce(extract(epoch FROM now() - pg_last_xact_replay_timestamp()), 0), 0)
+    END::float8 AS lag_s,
+    pg_is_in_recovery() AS standby
+"""
+
+
+class ReadReplica:
+    """The streaming replica of DATABASE_READ_URL, its pool, and whether reads go to it now.
+
+    Reads go to the primary instead while the replica is held down, for REPLICA_HOLD_S after
+    it could not be reached (a connection refused, not made within
+    REPLICA_CONNECT_TIMEOUT_S, or lost), and while it lags more than `max_lag_s` behind the
+    primary (None: no bound) at two checks in a row: one check can land between the
+    receipt of an idle primary's first commit in a while and its replay (microseconds),
+    and then reads the age of the commit before it. The checks (`watch`, every
+    REPLICA_CHECK_INTERVAL_S) measure the lag and find a dead replica even when no read
+    tried it, so reads leave it within a connect timeout and a check interval. One log
+    line per change of state, never one per call: a WARNING when reads leave the
+    replica, INFO when they return.
+    """
+
+    def __init__(
+        self,
+        url: URL,
+        *,
+        pool_size: int,
+        application_name: str,
+        statement_cache: bool,
+        max_lag_s: float | None,
+    ) -> None:
+        self.url = url
+        self.max_lag_s = max_lag_s
+        # The same application_name as the primary's pool: pg_stat_activity on the replica
+        # says which service reads there.
+        self.engine = create_engine(
+            url,
+            pool_size=pool_size,
+            application_name=application_name,
+            statement_cache=statement_cache,
+            connect_timeout_s=REPLICA_CONNECT_TIMEOUT_S,
+            read_only=True,
+        )
+        event.listen(self.engine.sync_engine, "checkout", _refuse_closed)
+        self.sessions = async_sessionmaker(
+            self.engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False
+        )
+        self._check_arguments = connect_arguments(
+            url,
+            statement_cache=statement_cache,
+            application_name=f"{application_name} replica check",
+            timeout_s=REPLICA_CONNECT_TIMEOUT_S,
+            read_only=True,
+        )
+        self._check: asyncpg.Connection | None = None
+        self._checks: asyncio.Task | None = None
+        # The lag last measured; None while unknown (never measured yet, or unreachable).
+        self.lag_s: float | None = None
+        self._held_until = 0.0  # time.monotonic()
+        # The states last logged.
+        self._reachable = True
+        self._lagging = False
+        self._over_bound = 0  # checks in a row that measured more than max_lag_s
+        self._standby = True
+
+    def serving(self) -> bool:
+        """Whether reads that opt in go to the replica now."""
+        return not self._lagging and time.monotonic() >= self._held_until
+
+    async def unreachable(self, exc: BaseException) -> None:
+        """Holds reads on the primary for REPLICA_HOLD_S (from now: each failure extends it).
+        Going down, the pool's connections are dropped: they are dead, and a replica that
+        returns should meet new ones rather than fail a read with each of them."""
+        self._held_until = time.monotonic() + REPLICA_HOLD_S
+        self.lag_s = None
+        if not self._reachable:
+            return
+        self._reachable = False
+        log.warning(
+            "read replica (%s) unreachable: %s; reads go to the primary, the replica is"
+            " tried again %.0f s after it last failed",
+            describe(self.url),
+            _reason(exc),
+            REPLICA_HOLD_S,
+        )
+        await self.engine.dispose()
+
+    def answered(self) -> None:
+        """The replica answered (a read connected, or a check passed) after its hold."""
+        if not self._reachable:
+            self._reachable = True
+            log.info("read replica (%s) reachable again: reads go to it", describe(self.url))
+
+    def measured(self, lag_s: float, standby: bool) -> None:
+        """Records a check's lag; reads leave the replica past `max_lag_s` and return once
+        it has caught up."""
+        self.lag_s = lag_s
+        over = self.max_lag_s is not None and lag_s > self.max_lag_s
+        self._over_bound = self._over_bound + 1 if over else 0
+        lagging = self._over_bound >= 2 or (self._lagging and over)
+        if lagging != self._lagging:
+            self._lagging = lagging
+            if lagging:
+                log.warning(
+                    "read replica (%s) lags %.1f s behind the primary, more than"
+                    " DATABASE_READ_MAX_LAG_S=%g: reads go to the primary until it catches up",
+                    describe(self.url),
+                    lag_s,
+                    self.max_lag_s,
+                )
+            else:
+                log.info(
+                    "read replica (%s) caught up (lag %.1f s): reads go to it again",
+                    describe(self.url),
+                    lag_s,
+                )
+        if standby != self._standby:
+            self._standby = standby
+            if not standby:  # promoted, or the primary named twice: reads go on, but say so
+                log.warning(
+                    "DATABASE_READ_URL (%s) is not a standby (not in recovery): if it is not"
+                    " the primary itself, reads may see data the primary does not have",
+                    describe(self.url),
+                )
+
+    async def check(self) -> tuple[float, bool]:
+        """The replica's lag and whether it is a standby, on a connection of its own (as
+        Database.ping: a busy pool says nothing about whether the replica answers)."""
+        async with asyncio.timeout(2 * REPLICA_CONNECT_TIMEOUT_S):
+            try:
+                if self._check is None or self._check.is_closed():
+                    self._check = await asyncpg.connect(**self._check_arguments)
+                row = await self._check.fetchrow(_LAG_QUERY)
+            except BaseException:
+                if self._check is not None:
+                    self._check.terminate()
+                    self._check = None
+                raise
+        return row["lag_s"], row["standby"]
+
+    async def watch(self) -> None:
+        """Checks the replica every REPLICA_CHECK_INTERVAL_S until cancelled."""
+        while True:
+            try:
+                lag_s, standby = await self.check()
+            except Exception as exc:
+                await self.unreachable(exc)
+            else:
+                self.measured(lag_s, standby)
+                if time.monotonic() >= self._held_until:
+                    self.answered()
+            await asyncio.sleep(REPLICA_CHECK_INTERVAL_S)
+
+    def start_checks(self) -> None:
+        if self._checks is None:
+            self._checks = asyncio.create_task(self.watch())
+
+    async def close(self) -> None:
+        if self._checks is not None:
+            self._checks.cancel()
+            await asyncio.gather(self._checks, return_exceptions=True)
+            self._checks = None
+        if self._check is not None:
+            self._check.terminate()
+            self._check = None
+        await self.engine.dispose()
+
+
+def _refuse_closed(dbapi_connection, record, proxy) -> None:
+    """A pooled replica connection whose server already closed it (a replica stopped or
+    restarted) is replaced at checkout, not handed to a read that would fail on it. No
+    round trip: asyncpg knows of the closed socket. The replacement's connect then fails or
+    succeeds as any other (a failure sends the read to the primary)."""
+    if dbapi_connection.driver_connection.is_closed():
+        raise sa_exc.DisconnectionError("the read replica closed this connection")
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of an error, for a log line."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def lost_connection(exc: BaseException) -> bool:
+    """Whether `exc` says the server went away (its connection is gone or refused, it is
+    shutting down), as opposed to one statement failing."""
+    if isinstance(exc, sa_exc.DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        exc = getattr(exc.orig, "__cause__", None) or exc.orig
+    if isinstance(
+        exc, (OSError, asyncpg.PostgresConnectionError, asyncpg.ConnectionDoesNotExistError)
+    ):
+        return True
+    return getattr(exc, "sqlstate", None) in {"57P01", "57P02", "57P03"}
+
+
 class Database:
-    """One process's connection pool and its units of work."""
+    """One process's connection pool and its units of work; with DATABASE_READ_URL, a
+    second pool on the read replica for the reads that opt in (`replica_read`)."""
 
     def __init__(
         self,
@@ -232,6 +486,8 @@ class Database:
         application_name: str = "relman",
         statement_cache: bool = True,
         listen_url: URL | None = None,
+        read_url: URL | None = None,
+        read_max_lag_s: float | None = None,
     ) -> None:
         self.url = url
         # LISTEN needs a session of its own on PostgreSQL itself, never through PgBouncer.
@@ -252,6 +508,18 @@ class Database:
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self.read_sessions = async_sessionmaker(
             self.engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False
+        )
+        # Only reads: no transaction() is ever opened on it.
+        self.replica = (
+            None
+            if read_url is None
+            else ReadReplica(
+                read_url,
+                pool_size=pool_size,
+                application_name=application_name,
+                statement_cache=statement_cache,
+                max_lag_s=read_max_lag_s,
+            )
         )
 
     async def connect_listener(self) -> asyncpg.Connection:
@@ -288,6 +556,72 @@ class Database:
         transaction; bounded like `transaction`."""
         async with asyncio.timeout(time_left(deadline_s)), self.read_sessions() as session:
             yield session
+
+    @asynccontextmanager
+    async def replica_read(self, deadline_s: float | None = None) -> AsyncIterator[AsyncSession]:
+        """`read`, served by the read replica (DATABASE_READ_URL) when it serves reads now.
+
+        Opt-in, for the reads that can bear the replica's lag (a Get or List RPC, the
+        trail's list): never a read that decides a write, authenticates a caller (a token
+        revoked on the primary must not pass on a lagging replica) or watches for changes,
+        which all need the primary's latest commit, and which `read` keeps there without
+        their authors having to think of it. The primary serves it when there is no
+        replica, while the replica is held down or lags too far (ReadReplica), and when a
+        connection to it cannot be made now: the connection is taken before the work
+        starts, so that such a read costs at most REPLICA_CONNECT_TIMEOUT_S, not a failure.
+        A connection lost in the middle fails the read (it cannot be run again from here)
+        and holds the replica down. Bounded like `read`.
+        """
+        replica = self.replica
+        if replica is None or not replica.serving():  # `read`, without a second generator
+            async with asyncio.timeout(time_left(deadline_s)), self.read_sessions() as session:
+                yield session
+            return
+        async with asyncio.timeout(time_left(deadline_s)):
+            session = replica.sessions()
+            try:
+                await session.connection()
+            except BaseException as exc:
+                await session.close()
+                # A full pool (SQLAlchemy's pool timeout) is not a replica out of reach, and
+                # a cancelled call (its deadline) is not either: those fail as on the primary.
+                if not isinstance(exc, Exception) or isinstance(exc, sa_exc.TimeoutError):
+                    raise
+                await replica.unreachable(exc)
+                async with self.read_sessions() as session:
+                    yield session
+                return
+            replica.answered()
+            async with session:
+                try:
+                    yield session
+                except Exception as exc:
+                    if lost_connection(exc):
+                        await replica.unreachable(exc)
+                    raise
+
+    async def replica_connection(self) -> AsyncConnection:
+        """A pooled connection for a long read that opts in to the replica as `replica_read`
+        does (ExportAuditLogs' COPY, which holds it for the stream's life): the replica's
+        when it serves reads and answers now, else the primary's. The caller closes it."""
+        replica = self.replica
+        if replica is not None and replica.serving():
+            try:
+                connection = await replica.engine.connect()
+            except sa_exc.TimeoutError:  # a full pool, not a replica out of reach
+                raise
+            except Exception as exc:
+                await replica.unreachable(exc)
+            else:
+                replica.answered()
+                return connection
+        return await self.engine.connect()
+
+    def start_replica_checks(self) -> None:
+        """Starts the read replica's periodic checks (ReadReplica.watch), if there is one;
+        `dispose` ends them. A server's, not a command line's: it needs a running loop."""
+        if self.replica is not None:
+            self.replica.start_checks()
 
     @asynccontextmanager
     async def autocommit_connection(self, deadline_s: float) -> AsyncIterator[asyncpg.Connection]:
@@ -334,6 +668,8 @@ class Database:
         if self._probe is not None:
             self._probe.terminate()
             self._probe = None
+        if self.replica is not None:
+            await self.replica.close()
         await self.engine.dispose()
 
 
