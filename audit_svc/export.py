@@ -69,27 +69,47 @@ def _cell(column: str, expression: str, raw: bool) -> str:
     )
 
 
-_UTC_TIME = """to_char(audit_logs.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""
+# The export's fields: the CSV header, and the keys of each JSON Lines object, in order.
+HEADER = (
+    "id",
+    "created_at",
+    "user_id",
+    "username",
+    "action",
+    "resource_type",
+    "resource_id",
+    "details",
+    "ip_address",
+    "user_agent",
+    "origin",
+    "recorded_by",
+)
+
+
+def utc_text(expression: str) -> str:
+    """A timestamptz as the export writes it: RFC 3339 in UTC, microseconds, `Z`."""
+    return f"""to_char({expression} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""
 
 
 def _build_query(f: Filter, raw: bool, form: str) -> tuple[str, tuple[str, ...]]:
-    # (name, SQL) in the CSV header's order; audit_logs is not aliased: the compiled
-    # conditions name the table. details is JSON text in CSV, an object in JSON Lines.
-    columns = [
-        ("id", "audit_logs.id"),
-        ("created_at", _UTC_TIME),
-        ("user_id", "audit_logs.user_id"),
-        ("username", _cell("username", "u.username", raw)),
-        ("action", _cell("action", "audit_logs.action", raw)),
-        ("resource_type", _cell("resource_type", "audit_logs.resource_type", raw)),
-        ("resource_id", _cell("resource_id", "audit_logs.resource_id", raw)),
-        ("details", "audit_logs.details::text" if form == CSV else "audit_logs.details"),
-        ("ip_address", "audit_logs.ip_address"),
-        ("user_agent", _cell("user_agent", "audit_logs.user_agent", raw)),
+    # Each field's SQL; audit_logs is not aliased: the compiled conditions name the table.
+    # details is JSON text in CSV, an object in JSON Lines.
+    sql_of = {
+        "id": "audit_logs.id",
+        "created_at": utc_text("audit_logs.created_at"),
+        "user_id": "audit_logs.user_id",
+        "username": _cell("username", "u.username", raw),
+        "action": _cell("action", "audit_logs.action", raw),
+        "resource_type": _cell("resource_type", "audit_logs.resource_type", raw),
+        "resource_id": _cell("resource_id", "audit_logs.resource_id", raw),
+        "details": "audit_logs.details::text" if form == CSV else "audit_logs.details",
+        "ip_address": "audit_logs.ip_address",
+        "user_agent": _cell("user_agent", "audit_logs.user_agent", raw),
         # Set by relman only (`relman` or `client`, and the caller's id): never a formula.
-        ("origin", "audit_logs.origin"),
-        ("recorded_by", "audit_logs.recorded_by"),
-    ]
+        "origin": "audit_logs.origin",
+        "recorded_by": "audit_logs.recorded_by",
+    }
+    columns = [(name, sql_of[name]) for name in HEADER]
     if form == CSV:
         selected = ", ".join(f"{sql} AS {name}" for name, sql in columns)
     else:

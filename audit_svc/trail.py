@@ -230,6 +230,8 @@ STORED_ROWS = """
     LEFT JOIN users r ON r.id = a.recorded_by
     WHERE q.request_id = ANY($1)
 """
+
+
 class Stored(NamedTuple):
     """An audit row as stored (the fields the API returns)."""
 
