@@ -15,6 +15,7 @@ import sys
 
 import yaml
 
+from audit_svc.retention import parse_months
 from shared import PROJECT_ROOT
 from shared.framework.config import Settings
 from shared.persistence.db import normalize_url
@@ -127,6 +128,21 @@ def test_each_service_gets_settings_the_code_reads_and_accepts():
         assert probe[-2:] == [f"localhost:{port}", readiness]
         grace = int(service["stop_grace_period"].rstrip("s"))
         assert grace > settings.shutdown_grace_s  # the process exits before it is killed
+
+
+def test_retention_runs_only_when_asked_as_the_owner_with_settings_it_accepts():
+    """`docker compose up` leaves it out (a profile); run, it is the owner, the one role
+    that may drop a month, with a retention the command accepts and a mounted archive."""
+    retention = SERVICES["retention"]
+    assert retention["profiles"] == ["retention"]
+    assert retention["command"] == ["python", "-m", "audit_svc.retention"]
+    env = {key: interpolated(value) for key, value in retention["environment"].items()}
+    assert set(env) == {"MIGRATION_DATABASE_URL", "AUDIT_RETENTION_MONTHS", "AUDIT_ARCHIVE_DIR"}
+    assert _url_of(env, "MIGRATION_DATABASE_URL").username == OWNER_ROLE
+    assert parse_months(env["AUDIT_RETENTION_MONTHS"]) == 12
+    mounts = dict(volume.split(":")[::-1] for volume in retention["volumes"])
+    assert env["AUDIT_ARCHIVE_DIR"] in mounts
+    assert retention["depends_on"] == {"migrate": {"condition": "service_completed_successfully"}}
 
 
 def test_the_image_is_slim_non_root_with_generated_code_and_one_default_command():
