@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PROTOS := $(wildcard protos/relman/v1/*.proto)
 GENERATED := relman/v1/.generated
 
-.PHONY: install migrate seed test soak lint protos run bench clean
+.PHONY: install migrate seed test soak lint protos run bench bench-scale clean
 
 install: $(STAMP)
 
@@ -54,6 +54,11 @@ lint: protos
 # Every scenario against a baseline measured in the same run; QUICK=1: small sizes, under a minute.
 bench: protos
 	$(PY) -m bench $(if $(QUICK),--quick)
+
+# The audit trail at scale: 10,000,000 rows over 12 monthly partitions, loaded as the owner
+# (several minutes); SCALE_ROWS=N: fewer rows; QUICK=1: short loads. Writes bench/results-scale.json.
+bench-scale: protos
+	$(PY) -m bench.scale $(if $(QUICK),--quick) $(if $(SCALE_ROWS),--rows $(SCALE_ROWS))
 
 clean:
 	rm -rf $(VENV) .data .pytest_cache relman

@@ -213,7 +213,13 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     async def ExportAuditLogs(self, request, context):
         """Writes the chunks itself (context.write) rather than yielding them, so that a
         write the reader does not take within EXPORT_READER_IDLE_S can end the export
-        and give its connection back to the pool."""
+        and give its connection back to the pool.
+
+        The messages are gzip-compressed only when the caller asks with the metadata
+        `x-relman-compression: gzip`: the call's framework (shared.framework.interceptors)
+        sets it, since compression must be chosen before the stream's initial metadata,
+        which goes out before this method runs. An export not asked stays uncompressed:
+        gzip costs both ends CPU, and the default path stays as fast as it was."""
         actor = current_actor.get()
         audit_filter = _filter(request.filter)
         form = (

@@ -76,3 +76,41 @@ def test_quick_bench_reports_every_scenario_against_its_baseline(tmp_path):
     # The table printed is the JSON written.
     for row in results:
         assert row["scenario"] in run.stdout
+
+
+# One row at least per measure of `make bench-scale`, found by the start of its name.
+SCALE_MEASURES = (
+    "Load of ",
+    "ListAuditLogs, ",
+    "ExportAuditLogs, one month of ",
+    "LogAction, 64 in flight, ",
+    "Retention of a month of ",
+)
+
+
+def test_quick_scale_bench_reports_every_measure_against_its_baseline(tmp_path):
+    """`make bench-scale` at a small size (--quick: 60,000 rows): it loads 12 partitions,
+    runs every measure and writes bench/results.json's format."""
+    output = tmp_path / "results-scale.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.scale", "--quick", "--output", str(output)],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(output.read_text())
+    assert all(set(row) == KEYS for row in results)
+    for prefix in SCALE_MEASURES:
+        assert any(row["scenario"].startswith(prefix) for row in results), prefix
+    # Every filter, on its first page and deep in the trail.
+    assert sum(row["target"] == "<= 15 ms" for row in results) == 12
+    for row in results:
+        assert math.isfinite(row["figure"]) and row["figure"] >= 0, row
+        if row["target"].startswith(">="):
+            assert row["baseline"] > 0, row
+        if row["baseline"] is not None and row["ratio"] is not None:
+            assert row["ratio"] == row["figure"] / row["baseline"], row
+        assert row["scenario"] in run.stdout

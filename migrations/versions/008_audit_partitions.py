@@ -161,9 +161,7 @@ def upgrade() -> None:
             interval '1 month') AS month
         """
     )
-    op.execute(
-        f"INSERT INTO audit_logs ({COLUMNS}) SELECT {COLUMNS} FROM audit_logs_unpartitioned"
-    )
+    op.execute(f"INSERT INTO audit_logs ({COLUMNS}) SELECT {COLUMNS} FROM audit_logs_unpartitioned")
     for name, columns in INDEXES.items():
         op.execute(f"CREATE INDEX {name} ON audit_logs {columns}")
     for statement in APPEND_ONLY:
@@ -198,9 +196,7 @@ def downgrade() -> None:
     # Its key's index name is schema-wide (other constraints' names are per table).
     op.execute("ALTER INDEX pk_audit_logs RENAME TO pk_audit_logs_partitioned")
     op.execute(TABLE.format(key="pk_audit_logs PRIMARY KEY (id)", partitioned=""))
-    op.execute(
-        f"INSERT INTO audit_logs ({COLUMNS}) SELECT {COLUMNS} FROM audit_logs_partitioned"
-    )
+    op.execute(f"INSERT INTO audit_logs ({COLUMNS}) SELECT {COLUMNS} FROM audit_logs_partitioned")
     op.execute("DROP TABLE audit_logs_partitioned")  # its partitions go with it
     op.execute("DROP FUNCTION relman_audit_partitions_ahead(integer)")
     op.execute("DROP FUNCTION relman_audit_make_partition(date)")

@@ -40,6 +40,9 @@ _REQUEST_STREAMS = ("client_stream", "bidi_stream")
 _RESPONSE_STREAMS = ("server_stream", "bidi_stream")
 # What a call's status is made from; AbortError (an abort already sent) passes through.
 _FAILURES = (Exception, asyncio.CancelledError)
+# The metadata a caller asks for a compressed response stream with, and its words.
+COMPRESSION = "x-relman-compression"
+COMPRESSIONS = {"gzip": grpc.Compression.Gzip, "deflate": grpc.Compression.Deflate}
 
 
 class _WrappingInterceptor(grpc.aio.ServerInterceptor):
@@ -245,6 +248,30 @@ class _MethodCalls:
         return guarded
 
 
+def asked_compression(context: grpc.aio.ServicerContext) -> grpc.Compression | None:
+    """The compression a caller asked for its response stream (COMPRESSION; `identity` or
+    no header: none); INVALID_ARGUMENT for a word gRPC has no algorithm for.
+
+    An explicit ask, since gRPC's own signals cannot be one: every client lists gzip in
+    grpc-accept-encoding (compressing on that would cost every stream CPU on both ends),
+    and a servicer sees neither that header nor the request's grpc-encoding. Asking is
+    also the caller's word that it can read it: gRPC sends what set_compression names
+    even to a client that does not list it."""
+    compression = None
+    for key, value in context.invocation_metadata() or ():
+        if key == COMPRESSION:
+            word = value.strip().lower()
+            if word != "identity" and word not in COMPRESSIONS:
+                raise InvalidArgument(
+                    f"{COMPRESSION}: {value[:40]!r} is none of identity, "
+                    + ", ".join(COMPRESSIONS),
+                    reason="UNSUPPORTED_COMPRESSION",
+                    metadata={"supported": ",".join(("identity", *COMPRESSIONS))},
+                )
+            compression = COMPRESSIONS.get(word)
+    return compression
+
+
 class _Call:
     """One call in flight, in its steps: `start` (constructor), `begin`, then `fail` if the
     handler raised, and `end` whatever happened."""
@@ -263,7 +290,8 @@ class _Call:
         self.record = call_started(method.name, method.kind, context)
 
     async def begin(self) -> None:
-        """Echoes the request id, then enters the drain (which refuses it once stopping).
+        """Echoes the request id (a response stream compressed first if its caller asked:
+        asked_compression), then enters the drain (which refuses it once stopping).
 
         The id goes in the initial metadata of a response stream (there before the first
         message), in the trailing metadata of a single response (sent with the status: a
@@ -271,6 +299,8 @@ class _Call:
         make bench)."""
         echo = ((REQUEST_ID, self.record.request_id),)
         if self.method.streams_responses:
+            if (compression := asked_compression(self.context)) is not None:
+                self.context.set_compression(compression)
             await self.context.send_initial_metadata(echo)
         else:
             self.context.set_trailing_metadata(echo)
