@@ -298,7 +298,10 @@ async def verify_table(connection: asyncpg.Connection, month: Month, manifest: d
 
 async def months_past(connection: asyncpg.Connection, months: int) -> tuple[datetime, list[Month]]:
     """The cut-off (now minus `months`) and the partitions whose range ends before it:
-    a detach left pending first (only one may be pending at a time), then oldest first."""
+    a detach left pending first (only one may be pending at a time), then oldest first.
+    A month whose removal a run began (pending or detached) is finished whatever the
+    cut-off says now: it is out of the trail already, and a pending detach left alone
+    would block every later one."""
     cutoff = await connection.fetchval("SELECT now() - make_interval(months => $1)", months)
     found = []
     for row in await connection.fetch(_PARTITIONS, f"^{AUDIT_PARTITION.pattern}$"):
@@ -306,7 +309,7 @@ async def months_past(connection: asyncpg.Connection, months: int) -> tuple[date
             found.append(Month.named(row["name"], row["state"]))
         except SettingsError:  # audit_logs_y2025m13: no month's, none of retention's
             continue
-    past = [m for m in found if m.high < cutoff]
+    past = [m for m in found if m.high < cutoff or m.state in ("pending", "detached")]
     return cutoff, sorted(past, key=lambda m: (m.state != "pending", m.name))
 
 

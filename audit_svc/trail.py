@@ -235,7 +235,7 @@ STORED_ROWS = """
            a.resource_id, a.details, a.ip_address, a.user_agent, a.origin, a.recorded_by,
            u.username, r.username AS recorded_by_username
     FROM audit_requests q
-    JOIN audit_logs a ON a.created_at = q.audit_created_at AND a.id = q.audit_id
+    LEFT JOIN audit_logs a ON a.created_at = q.audit_created_at AND a.id = q.audit_id
     LEFT JOIN users u ON u.id = a.user_id
     LEFT JOIN users r ON r.id = a.recorded_by
     WHERE q.request_id = ANY($1)
@@ -285,7 +285,12 @@ async def write_rows(connection: asyncpg.Connection, rows: Sequence[dict]) -> li
         if not missing_partition(error):
             raise
         # A month without its partition (the hourly maker is late): make it, then again.
-        await audit_log.make_partitions(connection)
+        # If that fails too (another replica holds the maker's lock past its timeout),
+        # the caller gets the missing partition (UNAVAILABLE, retry), not the maker's error.
+        try:
+            await audit_log.make_partitions(connection)
+        except asyncpg.PostgresError:
+            raise error from None
         records = await connection.fetch(statement, *arrays)
     created = {record[0]: record for record in records}
     outcomes: list[Any] = [None] * len(rows)
@@ -326,8 +331,12 @@ def _retry_or_refusal(row: dict, record) -> Any:
     A claimed request id is a retry only if the same caller sent the same request:
     another caller's id is REQUEST_ID_REUSED, never that row handed back with its user,
     address and details."""
-    if record is None:
+    if record is None:  # not claimed: the INSERT left it out for its user
         return InvalidArgument.field("user_id", f"no user {row['user_id']}")
+    if record["id"] is None:  # claimed, its row gone (retention, its month detached)
+        return InvalidArgument.field(
+            "request_id", "was already used for a different request", reason="REQUEST_ID_REUSED"
+        )
     earlier = Stored(**{k: record[k] for k in Stored._fields})  # the jsonb codec decodes details
     try:
         check_same_request(earlier, {k: row[k] for k in _SAME_REQUEST})

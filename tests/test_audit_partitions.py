@@ -363,3 +363,66 @@ async def test_a_service_makes_the_months_ahead_as_it_starts_and_reports_them(sc
         assert await audit_log.months_ahead(owner) == audit_log.PARTITIONS_AHEAD
     finally:
         await owner.close()
+
+
+async def test_a_maker_that_fails_leaves_callers_a_retry_and_the_gauge_an_alarm(scratch):
+    """The partition maker refused (here: its EXECUTE taken from the services' role): a
+    service still starts, says so and reports -1 months ahead; LogAction's writer, unable
+    to make a missing month, answers the missing partition (UNAVAILABLE), not the maker's
+    refusal (INTERNAL)."""
+    owner = await connect(owner_url(scratch))
+    runtime = await connect(runtime_url(scratch))
+    try:
+        await owner.execute(
+            f"REVOKE EXECUTE ON FUNCTION relman_audit_partitions_ahead(integer) FROM {RUNTIME_ROLE}"
+        )
+        audit = await start_service(scratch, "audit_svc", AUDIT_METRICS_PORT="0")
+        try:
+            assert "could not make the audit trail's partitions ahead" in audit.output
+            gauge = ("relman_audit_partitions_ahead", frozenset())
+            assert (await scrape_metrics(audit))[gauge] == -1
+        finally:
+            assert await audit.stop() == 0, audit.output
+        this_month = partition(datetime.now(UTC))
+        await owner.execute(f"ALTER TABLE audit_logs DETACH PARTITION {this_month}")
+        await owner.execute(f"DROP TABLE {this_month}")
+        row = audit_log.relman_row(Actor.anonymous(None, None), "test.write", "late", None, "{}")
+        with pytest.raises(asyncpg.CheckViolationError) as error:
+            await trail.write_rows(runtime, [row])
+        assert from_exception(error.value).reason == "AUDIT_PARTITION_MISSING"
+    finally:
+        await owner.close()
+        await runtime.close()
+
+
+async def test_a_claimed_request_id_stays_claimed_and_its_claim_cannot_be_dated(scratch):
+    """A request id whose row is gone (its month dropped by retention) is still another
+    request's: REQUEST_ID_REUSED, not a new row. The services' role claims ids only as
+    the writer does: it may not choose the month a claim points to."""
+    owner = await connect(owner_url(scratch))
+    runtime = await connect(runtime_url(scratch))
+    try:
+        claimed = uuid.uuid4()
+        await owner.execute(
+            "INSERT INTO audit_requests (request_id, audit_id, audit_created_at)"
+            " VALUES ($1, $2, '2001-01-01')",
+            claimed,
+            uuid.uuid4(),
+        )
+        row = audit_log.client_row(
+            Actor.anonymous(None, None), claimed, None, "x.y", "reused", None, "{}", None, None
+        )
+        [outcome] = await trail.write_rows(runtime, [row])
+        assert outcome.reason == "REQUEST_ID_REUSED", outcome
+        assert not await owner.fetchval(
+            "SELECT count(*) FROM audit_logs WHERE resource_type = 'reused'"
+        )
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await runtime.execute(
+                "INSERT INTO audit_requests (request_id, audit_id, audit_created_at)"
+                " VALUES ($1, $1, '2001-01-01')",
+                uuid.uuid4(),
+            )
+    finally:
+        await owner.close()
+        await runtime.close()

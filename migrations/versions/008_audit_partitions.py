@@ -17,7 +17,7 @@ Create Date: 2026-11-30
   statement-level TRUNCATE trigger is not (PostgreSQL 15 to 18), so each partition
   gets its own.
 - `relman_audit_make_partition(month)` makes one month's partition (the owner's: the
-  migration, retention's restore); `relman_audit_partitions_ahead(n)` makes the
+  migration, the seed); `relman_audit_partitions_ahead(n)` makes the
   current month's and the next n, SECURITY DEFINER with a fixed search_path, so that
   the services' role, which may create no table, keeps partitions ahead of time. It
   can make nothing else: no caller-given name, bound or SQL.
@@ -78,7 +78,8 @@ APPEND_ONLY = (
 
 MAKE_PARTITION = """
 CREATE FUNCTION relman_audit_make_partition(month date) RETURNS boolean
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET TimeZone = 'UTC'
+SET DateStyle = 'ISO, YMD' AS $$
 -- Makes the partition of the UTC month holding `month`, append-only like its parent;
 -- false when it exists already. LIKE ... INCLUDING CONSTRAINTS then ATTACH, rather than
 -- CREATE TABLE ... PARTITION OF: ATTACH needs no ACCESS EXCLUSIVE lock on audit_logs,

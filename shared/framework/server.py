@@ -73,7 +73,8 @@ TRAIL_PROTECTED = gauge(
 
 PARTITIONS_AHEAD = gauge(
     "relman_audit_partitions_ahead",
-    "Months after the current one whose audit_logs partition is ready (a WARNING below 1).",
+    "Months after the current one whose audit_logs partition is ready (a WARNING below 1;"
+    " -1: the last try to make them failed).",
 )
 PARTITION_INTERVAL_S = 3600.0
 PARTITION_CALL_S = 10.0
@@ -248,13 +249,15 @@ async def _exposure(connection: asyncpg.Connection, setting: str) -> str:
 
 async def _make_audit_partitions(spec: ServiceSpec, database: Database) -> None:
     """Makes audit_logs' partitions up to audit_log.PARTITIONS_AHEAD months on, and sets
-    the gauge of how many months ahead are ready. A failure is a WARNING, not a stop:
-    rows go on landing while the current month's partition exists."""
+    the gauge of how many months ahead are ready (-1: the last try failed, so that an
+    alert on "below 1" fires). A failure of any kind is a WARNING, not a stop: rows go
+    on landing while the current month's partition exists, and the next hour tries again."""
     try:
         async with database.autocommit_connection(PARTITION_CALL_S) as connection:
             made = await audit_log.make_partitions(connection)
             ahead = await audit_log.months_ahead(connection)
-    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+    except Exception as exc:
+        PARTITIONS_AHEAD.set(-1)
         log.warning("%s: could not make the audit trail's partitions ahead: %s", spec.name, exc)
         return
     PARTITIONS_AHEAD.set(ahead)

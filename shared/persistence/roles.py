@@ -108,8 +108,9 @@ def grant_statements(runtime_role: str, database: str) -> list[str]:
         # It keeps partitions ahead of time through the one function that can make them.
         f"GRANT EXECUTE ON FUNCTION relman_audit_partitions_ahead(integer) TO {role}",
         # A request id, once claimed, stays claimed (retention removes it with its row).
+        # Nor may it date a claim (audit_created_at points a retry at its row's month).
         f"REVOKE ALL ON audit_requests FROM {role}",
-        f"GRANT SELECT, INSERT ON audit_requests TO {role}",
+        f"GRANT SELECT, INSERT (request_id, audit_id) ON audit_requests TO {role}",
         f"REVOKE ALL ON alembic_version FROM {role}",
         f"GRANT SELECT ON alembic_version TO {role}",
     ]
