@@ -2,9 +2,10 @@
 
 A cluster of this module's own (tests/faults/cluster.py) and a hot standby of it made
 with pg_basebackup; both services run as processes with DATABASE_READ_URL naming the
-standby. Replay on the standby is paused (pg_wal_replay_pause) to tell the two servers
-apart: what the primary commits then is missing from every read the replica serves, and
-present in every read the primary serves.
+standby. Replay on the standby is paused (pg_wal_replay_pause), or the standby cut off from
+the primary (its primary_conninfo emptied), to tell the two servers apart: what the primary
+commits then is missing from every read the replica serves, and present in every read the
+primary serves.
 """
 
 from __future__ import annotations
@@ -445,7 +446,7 @@ async def test_a_replica_lagging_past_the_bound_leaves_its_reads_to_the_primary(
                 await log_action(stub, tokens["ci-bot"], marker)
                 assert await listed(stub, admin, resource_id=marker) == []  # the replica's
                 rows = await poll(
-                    lambda: _after_write(stub, tokens["ci-bot"], admin, marker),
+                    lambda: listed(stub, admin, resource_id=marker),
                     10,
                     "the primary serving the reads of a replica too far behind",
                 )
@@ -460,18 +461,158 @@ async def test_a_replica_lagging_past_the_bound_leaves_its_reads_to_the_primary(
     print(f"reads left the paused replica {left_s:.1f} s after the pause (bound 1 s)")
 
 
-async def _after_write(stub, writer: str, reader: str, marker: str) -> list:
-    """The marker's rows, after a write that keeps WAL flowing (the lag is measured only
-    while the replica has received more than it replayed)."""
-    await log_action(stub, writer, f"{marker}-more")
-    return await listed(stub, reader, resource_id=marker)
+async def cut_off(replica: URL) -> str:
+    """Ends the standby's walreceiver for good (primary_conninfo emptied and reloaded), as a
+    lost network, a changed password or a dropped slot would; returns the conninfo that
+    `reconnect` restores."""
+    conninfo = (await fetch(replica, "SHOW primary_conninfo"))[0][0]
+    assert conninfo
+    await _set_conninfo(replica, "")
+    await poll(lambda: _not(_receiving(replica)), 10, "the walreceiver ended")
+    return conninfo
+
+
+async def reconnect(replica: URL, conninfo: str) -> None:
+    await _set_conninfo(replica, conninfo)
+    await poll(lambda: _receiving(replica, "streaming"), 10, "the walreceiver streaming again")
+
+
+async def _set_conninfo(replica: URL, conninfo: str) -> None:
+    statement = await fetch(
+        replica, "SELECT format('ALTER SYSTEM SET primary_conninfo = %L', $1::text)", conninfo
+    )
+    await fetch(replica, statement[0][0])
+    await fetch(replica, "SELECT pg_reload_conf()")
+
+
+async def _receiving(replica: URL, status: str | None = None) -> bool:
+    rows = await fetch(
+        replica,
+        "SELECT EXISTS (SELECT FROM pg_stat_wal_receiver WHERE $1::text IS NULL OR status = $1)",
+        status,
+    )
+    return rows[0][0]
+
+
+async def _not(check) -> bool:
+    return not await check
+
+
+async def _looks_current_alone(replica: URL) -> bool:
+    """What the replica alone says: it has replayed all it received."""
+    rows = await fetch(replica, "SELECT pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn()")
+    return rows[0][0]
+
+
+async def test_a_replica_cut_off_from_its_primary_leaves_its_reads_to_the_primary(
+    databases, tokens
+):
+    """Cut off, the replica replays all it received and then looks current to itself while
+    the primary moves on. Measured against the primary, its lag rises past the bound and
+    reads leave it; a process that starts meanwhile reads on the primary from its first
+    read; reconnected, the replica serves reads again."""
+    url, replica = databases
+    audit = await start_service(
+        url,
+        "audit_svc",
+        **read_settings(replica, DATABASE_READ_MAX_LAG_S="1", AUDIT_METRICS_PORT="0"),
+    )
+    try:
+        async with grpc.aio.insecure_channel(client_address(audit.addresses["audit_svc"])) as ch:
+            stub = audit_pb2_grpc.AuditServiceStub(ch)
+            admin, writer = tokens["admin"], tokens["ci-bot"]
+            await poll(
+                lambda: _metric_is(audit, "relman_replica_serving_reads", 1), 10, "reads served"
+            )
+            conninfo = await cut_off(replica)
+            try:
+                marker = f"cut-off-{uuid.uuid4().hex}"
+                cut_at = time.monotonic()
+                await log_action(stub, writer, marker)  # the primary moves on
+                assert await listed(stub, admin, resource_id=marker) == []  # the replica's
+                assert await _looks_current_alone(replica)  # the measure of old: lag 0
+                await poll(
+                    lambda: _metric_above(audit, "relman_replica_lag_seconds", 0),
+                    10,
+                    "a lag above 0",
+                )
+                rows = await poll(
+                    lambda: listed(stub, admin, resource_id=marker),
+                    15,
+                    "the primary serving the reads of a cut-off replica",
+                )
+                left_s = time.monotonic() - cut_at
+                assert [row.resource_id for row in rows] == [marker]
+                await audit.wait_for_line("lags .* behind the primary, more than")
+                assert await metric(audit, "relman_replica_serving_reads") == 0
+                assert await metric(audit, "relman_replica_lag_seconds") > 1
+                assert await _looks_current_alone(replica)
+
+                # A process starting now: its reads go to the primary before any check, and
+                # after the first, which dates the lag back to the replica's last commit.
+                database = Database(
+                    runtime_url(url), pool_size=1, read_url=runtime_url(replica), read_max_lag_s=1
+                )
+                try:
+                    assert not database.replica.serving()
+                    await database.replica.refresh()
+                    assert database.replica.lag_s > 1
+                    assert not database.replica.serving()
+                    async with database.replica_read() as session:
+                        found = await session.scalar(
+                            text("SELECT count(*) FROM audit_logs WHERE resource_id = :marker"),
+                            {"marker": marker},
+                        )
+                    assert found == 1
+                finally:
+                    await database.dispose()
+            finally:
+                await reconnect(replica, conninfo)
+                reconnected_at = time.monotonic()
+            await audit.wait_for_line("caught up .*: reads go to it again")
+            await poll(
+                lambda: _metric_is(audit, "relman_replica_serving_reads", 1), 10, "reads back"
+            )
+            back_s = time.monotonic() - reconnected_at
+            assert await metric(audit, "relman_replica_lag_seconds") < 1
+        assert "WAL position cannot be read" not in audit.output
+    finally:
+        assert await audit.stop() == 0, audit.output
+    await replayed(url, replica)
+    print(
+        f"reads left the cut-off replica {left_s:.1f} s after the cut (bound 1 s),"
+        f" returned {back_s:.1f} s after it reconnected"
+    )
+
+
+async def test_without_the_primarys_position_the_lag_is_the_replicas_own(databases, caplog):
+    """The primary out of reach of the checks (no server at DATABASE_URL): the lag is what
+    the replica alone can tell, with one WARNING however many checks."""
+    url, replica = databases
+    nowhere = runtime_url(url).update_query_dict({"host": "/nonexistent-relman-socket-dir"})
+    database = Database(nowhere, pool_size=1, read_url=runtime_url(replica))
+    try:
+        with caplog.at_level(logging.WARNING, logger="relman.db"):
+            for _ in range(3):
+                await database.replica.refresh()
+        assert database.replica.lag_s is not None
+        assert database.replica.serving()
+        warnings = [r for r in caplog.records if "WAL position cannot be read" in r.getMessage()]
+        assert len(warnings) == 1, warnings
+    finally:
+        await database.dispose()
 
 
 async def test_a_database_read_url_that_names_a_writable_server_takes_no_write(databases):
-    """DATABASE_READ_URL naming the primary by mistake: its sessions are read-only."""
+    """DATABASE_READ_URL naming the primary by mistake: its sessions are read-only. (And no
+    read goes to a replica before a check has passed.)"""
     url, _ = databases
     database = Database(runtime_url(url), pool_size=1, read_url=runtime_url(url))
     try:
+        async with database.replica_read() as session:  # no check yet: the primary pool's
+            assert (await session.scalar(text("SHOW default_transaction_read_only"))) == "off"
+        await database.replica.refresh()
+        assert database.replica.serving()
         async with database.replica_read() as session:
             assert (await session.scalar(text("SHOW default_transaction_read_only"))) == "on"
             with pytest.raises(Exception, match="read-only transaction"):
@@ -486,9 +627,10 @@ async def test_a_database_read_url_that_names_a_writable_server_takes_no_write(d
 async def test_an_unreachable_replica_serves_from_the_primary_with_one_warning(
     databases, caplog, way
 ):
-    """No server running (no checks): the first read that tries a replica out of reach,
-    refused at once or silent past REPLICA_CONNECT_TIMEOUT_S, is served by the primary, and
-    the next ones go there without trying; one WARNING, however many reads."""
+    """No server running (no checks run here, but one passed before): the first read that
+    tries a replica out of reach, refused at once or silent past REPLICA_CONNECT_TIMEOUT_S,
+    is served by the primary, and the next ones go there without trying; one WARNING,
+    however many reads."""
     url, _ = databases
     with socket.socket() as silent:  # accepts connections (the kernel does), never answers
         silent.bind(("127.0.0.1", 0))
@@ -499,6 +641,7 @@ async def test_an_unreachable_replica_serves_from_the_primary_with_one_warning(
         else:
             replica = replica.set(host="127.0.0.1", port=silent.getsockname()[1])
         database = Database(runtime_url(url), pool_size=1, read_url=replica)
+        database.replica.measured(0.0, standby=True)  # a check that passed before it went
         try:
             with caplog.at_level(logging.WARNING, logger="relman.db"):
                 for attempt in range(3):

@@ -100,8 +100,8 @@ def watch_replica(lag_s: Callable[[], float | None], serving: Callable[[], bool]
     replica is out of use is `relman_replica_serving_reads` 0, the one to alert on."""
     gauge(
         "relman_replica_lag_seconds",
-        "How far the read replica's replay is behind: 0 when it has replayed all it received,"
-        " else the age of its last replayed commit; -1 when unknown (unreachable).",
+        "How far the read replica's replay is behind the primary: how long ago the primary"
+        " flushed the oldest WAL the replica has not replayed (0: none); -1 when unknown.",
     ).set_function(lambda: -1.0 if (lag := lag_s()) is None else lag)
     gauge(
         "relman_replica_serving_reads",

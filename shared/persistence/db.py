@@ -23,6 +23,7 @@ primary without having to think about it.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import functools
 import logging
 import os
@@ -31,6 +32,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
+from operator import itemgetter
 from typing import TypeVar
 
 import asyncpg
@@ -269,30 +271,33 @@ REPLICA_CONNECT_TIMEOUT_S = 2.0
 # this long: reads do not flap between the two on a replica that answers one check in two.
 REPLICA_HOLD_S = 10.0
 REPLICA_CHECK_INTERVAL_S = 2.0
-# The replica's lag in seconds, measured on the replica alone (no privilege, no connection to
-# the primary): 0 while it has replayed all it received, else how old its last replayed
-# commit is, since nothing newer has been applied. Never below 0 (clocks apart). Also whether
-# it is a standby at all.
-_LAG_QUERY = """
-SELECT CASE
-        WHEN NOT pg_is_in_recovery() THEN 0
-        WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0
-        ELSE greatest(
-            coalesce(extract(epoch FROM now() - pg_last_xact_replay_timestamp()), 0), 0)
-    END::float8 AS lag_s,
-    pg_is_in_recovery() AS standby
+# The primary's WAL positions a check keeps until the replica has replayed them. When there
+# are more, every other one goes but the oldest: the lag of a replica behind for long is then
+# known to within the gaps left.
+REPLICA_SAMPLES_MAX = 1024
+# On the primary (any role may call it): how far its WAL is flushed, which is as far as a
+# standby can receive, in bytes (pg_lsn as a number).
+_PRIMARY_POSITION_QUERY = "SELECT pg_wal_lsn_diff(pg_current_wal_flush_lsn(), '0/0')::int8"
+# On the replica (any role): whether it is a standby, how far it has replayed, whether it has
+# replayed all it received (NULL: it has received nothing since it started), and how old its
+# last replayed commit is (0: none replayed since it started; never below 0, clocks apart).
+_REPLICA_QUERY = """
+SELECT pg_is_in_recovery() AS standby,
+    pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '0/0')::int8 AS replayed,
+    pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() AS replayed_all_received,
+    greatest(coalesce(extract(epoch FROM now() - pg_last_xact_replay_timestamp()), 0), 0)::float8
+        AS replay_age_s
 """
 
 
 class ReadReplica:
     """The streaming replica of DATABASE_READ_URL, its pool, and whether reads go to it now.
 
-    Reads go to the primary instead while the replica is held down, for REPLICA_HOLD_S after
-    it could not be reached (a connection refused, not made within
-    REPLICA_CONNECT_TIMEOUT_S, or lost), and while it lags more than `max_lag_s` behind the
-    primary (None: no bound) at two checks in a row: one check can land between the
-    receipt of an idle primary's first commit in a while and its replay (microseconds),
-    and then reads the age of the commit before it. The checks (`watch`, every
+    Reads go to the replica only once a check has measured its lag within `max_lag_s`
+    (None: no bound). They go to the primary instead while the replica is held down, for
+    REPLICA_HOLD_S after it could not be reached (a connection refused, not made within
+    REPLICA_CONNECT_TIMEOUT_S, or lost), and while it lags more than `max_lag_s` at two
+    checks in a row (one estimate can overstate: see `check`). The checks (`watch`, every
     REPLICA_CHECK_INTERVAL_S) measure the lag and find a dead replica even when no read
     tried it, so reads leave it within a connect timeout and a check interval. One log
     line per change of state, never one per call: a WARNING when reads leave the
@@ -303,6 +308,7 @@ class ReadReplica:
         self,
         url: URL,
         *,
+        primary: AsyncEngine,
         pool_size: int,
         application_name: str,
         statement_cache: bool,
@@ -333,18 +339,26 @@ class ReadReplica:
         )
         self._check: asyncpg.Connection | None = None
         self._checks: asyncio.Task | None = None
+        # The primary's pool, for its WAL position at each check (no connection of its own).
+        self._primary = primary.execution_options(isolation_level="AUTOCOMMIT")
+        # (time.monotonic(), the primary's flushed WAL position) at checks, the positions
+        # rising, none the replica has replayed yet.
+        self._samples: list[tuple[float, int]] = []
+        self._sampled = False  # whether a check has read the primary's position yet
         # The lag last measured; None while unknown (never measured yet, or unreachable).
         self.lag_s: float | None = None
         self._held_until = 0.0  # time.monotonic()
+        self._passed = False  # whether a check has measured the lag within max_lag_s
         # The states last logged.
         self._reachable = True
+        self._primary_answers = True
         self._lagging = False
         self._over_bound = 0  # checks in a row that measured more than max_lag_s
         self._standby = True
 
     def serving(self) -> bool:
         """Whether reads that opt in go to the replica now."""
-        return not self._lagging and time.monotonic() >= self._held_until
+        return self._passed and not self._lagging and time.monotonic() >= self._held_until
 
     async def unreachable(self, exc: BaseException) -> None:
         """Holds reads on the primary for REPLICA_HOLD_S (from now: each failure extends it).
@@ -371,10 +385,11 @@ class ReadReplica:
             log.info("read replica (%s) reachable again: reads go to it", describe(self.url))
 
     def measured(self, lag_s: float, standby: bool) -> None:
-        """Records a check's lag; reads leave the replica past `max_lag_s` and return once
-        it has caught up."""
+        """Records a check's lag; reads go to the replica once a check has measured it within
+        `max_lag_s`, leave it past that and return once it has caught up."""
         self.lag_s = lag_s
         over = self.max_lag_s is not None and lag_s > self.max_lag_s
+        self._passed = self._passed or not over
         self._over_bound = self._over_bound + 1 if over else 0
         lagging = self._over_bound >= 2 or (self._lagging and over)
         if lagging != self._lagging:
@@ -403,31 +418,94 @@ class ReadReplica:
                 )
 
     async def check(self) -> tuple[float, bool]:
-        """The replica's lag and whether it is a standby, on a connection of its own (as
-        Database.ping: a busy pool says nothing about whether the replica answers)."""
+        """The replica's lag and whether it is a standby; raises when the replica does not
+        answer.
+
+        Each check samples the primary's flushed WAL position, the replica's replay position
+        drops the samples it has reached, and the lag is the age of the oldest left, 0 when
+        none (a caught-up replica of an idle primary is not behind). It rises on a replica
+        that stopped receiving as on one slow to replay, and understates by at most a check
+        interval. Two estimates can overstate: the first sample, dated back to the replica's
+        last replayed commit (nothing older to go by), and, while the primary cannot be
+        asked, the replica's own measure (0 when it has replayed all it received, else the
+        age of its last replayed commit), which cannot see a replica that receives nothing.
+        """
+        position = await self._primary_position()
+        if position is not None and (not self._samples or position > self._samples[-1][1]):
+            if len(self._samples) >= REPLICA_SAMPLES_MAX:
+                del self._samples[1::2]
+            self._samples.append((time.monotonic(), position))
+        # On a connection of its own (as Database.ping: a busy pool says nothing about
+        # whether the replica answers).
         async with asyncio.timeout(2 * REPLICA_CONNECT_TIMEOUT_S):
             try:
                 if self._check is None or self._check.is_closed():
                     self._check = await asyncpg.connect(**self._check_arguments)
-                row = await self._check.fetchrow(_LAG_QUERY)
+                row = await self._check.fetchrow(_REPLICA_QUERY)
             except BaseException:
                 if self._check is not None:
                     self._check.terminate()
                     self._check = None
                 raise
-        return row["lag_s"], row["standby"]
+        if not row["standby"]:
+            self._samples.clear()
+            return 0.0, False
+        replayed = row["replayed"] or 0
+        del self._samples[: bisect.bisect_right(self._samples, replayed, key=itemgetter(1))]
+        now = time.monotonic()
+        if position is not None and not self._sampled:
+            self._sampled = True
+            if self._samples:
+                sampled_at, oldest = self._samples[0]
+                self._samples[0] = (min(sampled_at, now - row["replay_age_s"]), oldest)
+        lag_s = now - self._samples[0][0] if self._samples else 0.0
+        if position is None and not row["replayed_all_received"]:
+            lag_s = max(lag_s, row["replay_age_s"])
+        return lag_s, True
+
+    async def _primary_position(self) -> int | None:
+        """The primary's flushed WAL position, through its pool; None when it cannot be
+        asked (down, or no connection within REPLICA_CONNECT_TIMEOUT_S)."""
+        try:
+            async with (
+                asyncio.timeout(REPLICA_CONNECT_TIMEOUT_S),
+                self._primary.connect() as connection,
+            ):
+                position = await connection.scalar(text(_PRIMARY_POSITION_QUERY))
+        except Exception as exc:
+            if self._primary_answers:
+                self._primary_answers = False
+                log.warning(
+                    "read replica (%s): the primary's WAL position cannot be read (%s); until"
+                    " it can, the lag is measured on the replica alone, which cannot see that"
+                    " it stopped receiving",
+                    describe(self.url),
+                    _reason(exc),
+                )
+            return None
+        if not self._primary_answers:
+            self._primary_answers = True
+            log.info(
+                "read replica (%s): its lag is measured against the primary again",
+                describe(self.url),
+            )
+        return position
+
+    async def refresh(self) -> None:
+        """One check, and where reads go after it."""
+        try:
+            lag_s, standby = await self.check()
+        except Exception as exc:
+            await self.unreachable(exc)
+        else:
+            self.measured(lag_s, standby)
+            if time.monotonic() >= self._held_until:
+                self.answered()
 
     async def watch(self) -> None:
         """Checks the replica every REPLICA_CHECK_INTERVAL_S until cancelled."""
         while True:
-            try:
-                lag_s, standby = await self.check()
-            except Exception as exc:
-                await self.unreachable(exc)
-            else:
-                self.measured(lag_s, standby)
-                if time.monotonic() >= self._held_until:
-                    self.answered()
+            await self.refresh()
             await asyncio.sleep(REPLICA_CHECK_INTERVAL_S)
 
     def start_checks(self) -> None:
@@ -515,6 +593,7 @@ class Database:
             if read_url is None
             else ReadReplica(
                 read_url,
+                primary=self.engine,
                 pool_size=pool_size,
                 application_name=application_name,
                 statement_cache=statement_cache,
