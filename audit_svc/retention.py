@@ -45,10 +45,10 @@ from typing import Any
 
 import asyncpg
 
-from audit_svc import export
+from audit_svc import export, trail
 from audit_svc.trail import Filter
 from shared.identity.actor import Actor
-from shared.persistence.audit_log import COLUMNS, relman_row
+from shared.persistence.audit_log import relman_row
 from shared.persistence.db import (
     DatabaseUrlError,
     connect_arguments,
@@ -86,11 +86,6 @@ LEFT JOIN pg_inherits i ON i.inhrelid = c.oid AND i.inhparent = 'public.audit_lo
 WHERE n.nspname = 'public' AND c.relkind = 'r' AND c.relname ~ $1
 ORDER BY c.relname
 """
-_INSERT_ROW = (
-    f"INSERT INTO audit_logs ({', '.join(COLUMNS)}) VALUES ("
-    + ", ".join(f"${i}::jsonb" if c == "details" else f"${i}" for i, c in enumerate(COLUMNS, 1))
-    + ")"
-)
 
 
 class SettingsError(Exception):
@@ -383,9 +378,17 @@ async def drop(connection: asyncpg.Connection, month: Month, manifest: dict, arc
             month.low,
             month.high,
         )
-        await connection.execute(_INSERT_ROW, *(row[c] for c in COLUMNS))
+        await _record(connection, row)
         await connection.execute(f"DROP TABLE public.{month.table}")
     return int(status.split()[-1])
+
+
+async def _record(connection: asyncpg.Connection, row: dict[str, Any]) -> None:
+    """relman's audit row of a step, in the step's transaction, written as LogAction's
+    writer writes relman's own rows (trail.write_rows)."""
+    [outcome] = await trail.write_rows(connection, [row])
+    if isinstance(outcome, BaseException):
+        raise outcome
 
 
 def _crash_point(step: str, exit_after: str | None) -> None:
@@ -466,6 +469,15 @@ def _earlier(month: Month, folder: Path) -> str:
     return " (archived and verified by an earlier run: kept)"
 
 
+# The sha256 relman recorded when retention dropped a month (its newest drop).
+_RECORDED_SHA256 = """
+SELECT details ->> 'sha256' FROM audit_logs
+WHERE origin = 'relman' AND action = 'audit.retention' AND resource_type = 'audit_log'
+  AND resource_id = $1
+ORDER BY created_at DESC LIMIT 1
+"""
+
+
 async def restore(connection: asyncpg.Connection, archive: Path) -> str:
     """Brings one month back from its archive as an attached partition, in one
     transaction with an `audit.restore` row; refused if the month's table exists.
@@ -477,6 +489,14 @@ async def restore(connection: asyncpg.Connection, archive: Path) -> str:
     month, manifest = _archive_to_restore(archive)
     if await connection.fetchval("SELECT to_regclass($1)", f"public.{month.table}"):
         raise RetentionError(f"{month.name} exists: restore only brings back a dropped month")
+    # The archive must be the one retention recorded when it dropped the month: a file
+    # and manifest written beside it by anyone else are not history.
+    recorded = await connection.fetchval(_RECORDED_SHA256, month.name)
+    if recorded != manifest["sha256"]:
+        raise RetentionError(
+            f"{archive}: its sha256 is not the one the trail's audit.retention row of"
+            f" {month.name} records ({recorded or 'no such row'}): not restored"
+        )
     staging = f'"relman_restore_{month.name}"'
     async with connection.transaction():
         await connection.execute(
@@ -516,7 +536,7 @@ async def restore(connection: asyncpg.Connection, archive: Path) -> str:
             "file": str(archive),
         }
         row = relman_row(ACTOR, "audit.restore", "audit_log", month.name, json.dumps(details))
-        await connection.execute(_INSERT_ROW, *(row[c] for c in COLUMNS))
+        await _record(connection, row)
     return f"{month.name}: restored {manifest['rows']} rows from {archive}"
 
 

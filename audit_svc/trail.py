@@ -195,6 +195,7 @@ _SENT_AS = {
 _SENT = (*audit_log.COLUMNS, "request_id")
 _COLUMN_LIST = ", ".join(audit_log.COLUMNS)
 _ARRAYS = ", ".join(f"${n}::{_SENT_AS[c]}[]" for n, c in enumerate(_SENT, 1))
+_ROW_ARRAYS = _ARRAYS.rsplit(", ", 1)[0]  # the columns alone, without request_id
 # One statement, so one round trip and its own transaction. Rows naming a user that does
 # not exist are left out; so are rows whose request id is claimed already (audit_requests'
 # key: by an earlier call, or by an earlier row of this batch). Each stored row comes back
@@ -223,7 +224,7 @@ INSERT_NEW_ROWS = f"""
 # LogAction calls/s, README "Performance").
 INSERT_ROWS = f"""
     INSERT INTO audit_logs ({_COLUMN_LIST})
-    SELECT {_COLUMN_LIST} FROM unnest({_ARRAYS}) AS r({_COLUMN_LIST}, request_id)
+    SELECT {_COLUMN_LIST} FROM unnest({_ROW_ARRAYS}) AS r({_COLUMN_LIST})
     WHERE r.user_id IS NULL OR EXISTS (SELECT FROM users u WHERE u.id = r.user_id)
     RETURNING id, created_at, (SELECT username FROM users u WHERE u.id = audit_logs.user_id),
               (SELECT username FROM users u WHERE u.id = audit_logs.recorded_by)
@@ -278,7 +279,10 @@ async def write_rows(connection: asyncpg.Connection, rows: Sequence[dict]) -> li
         first_of_request.setdefault(row.get("request_id") or row["id"], index)
     new = [rows[index] for index in first_of_request.values()]
     arrays = [[row.get(c) for row in new] for c in _SENT]
-    statement = INSERT_NEW_ROWS if any(arrays[-1]) else INSERT_ROWS
+    if any(arrays[-1]):
+        statement = INSERT_NEW_ROWS
+    else:
+        statement, arrays = INSERT_ROWS, arrays[:-1]
     try:
         records = await connection.fetch(statement, *arrays)
     except asyncpg.CheckViolationError as error:

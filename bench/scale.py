@@ -32,7 +32,6 @@ import gc
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -309,14 +308,6 @@ def _proto_filter(f: Filter) -> audit_pb2.AuditLogFilter:
     return proto
 
 
-async def _user_ids(stack: Stack) -> list[uuid.UUID]:
-    connection = await asyncpg.connect(libpq_dsn(stack.url))
-    try:
-        return [row["id"] for row in await connection.fetch("SELECT id FROM users ORDER BY id")]
-    finally:
-        await connection.close()
-
-
 def _filters(users: list[uuid.UUID], months: list[Month]) -> dict[str, Filter]:
     middle = months[len(months) // 2].low
     return {
@@ -348,7 +339,7 @@ async def _deep_token(stack: Stack, f: Filter, before: datetime) -> str:
 
 
 async def list_audit_logs(stack: Stack, size: Size, months: list[Month]) -> list[Result]:
-    users = await _user_ids(stack)
+    users = [uuid.UUID(user) for user in await scenarios.user_ids(stack)]
     # Six months deep: for the time range, five days into its second month.
     deep_at = months[len(months) // 2].low + timedelta(days=5)
     stub = audit_pb2_grpc.AuditServiceStub(stack.audit_channel)
@@ -421,21 +412,6 @@ def _literal_query(f: Filter) -> str:
     return query
 
 
-async def _psql_copy(stack: Stack, psql: str, query: str) -> float:
-    """Seconds psql takes to \\copy `query` to /dev/null, with the session setting the
-    export itself runs under (index order, no sort)."""
-    started = time.perf_counter()
-    await asyncio.to_thread(
-        subprocess.run,
-        [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", libpq_dsn(stack.url), "-c",
-         f"\\copy ({query}) to stdout with (format csv, header)"],
-        stdout=subprocess.DEVNULL,
-        check=True,
-        env={**os.environ, "PGOPTIONS": "-c enable_sort=off"},
-    )  # fmt: skip
-    return time.perf_counter() - started
-
-
 async def _export(channel: grpc.aio.Channel, request, metadata) -> float:
     """Seconds one export takes to be read whole (as make bench reads it: nothing done
     with the chunks)."""
@@ -473,7 +449,7 @@ async def export_month(stack: Stack, size: Size, months: list[Month]) -> list[Re
     assert lines == packed_lines == month.rows + 1, (lines, packed_lines, month.rows)  # + header
     for _ in range(size.export_rounds):
         plain.append(await _export(stack.audit_channel, request, auth))
-        copies.append(await _psql_copy(stack, psql, query))
+        copies.append(await scenarios.psql_copy(stack, psql, query, "-c enable_sort=off"))
         packed.append(await _export(stack.audit_channel, request, (*auth, *COMPRESSION)))
     name = f"ExportAuditLogs, one month of {month.rows:,} rows"
     return [

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -118,7 +119,8 @@ async def log_action(stack: Stack, size: Size) -> list[Result]:
 # -- LogActions against asyncpg COPY -------------------------------------------------------
 
 
-async def _user_ids(stack: Stack) -> list[str]:
+async def user_ids(stack: Stack) -> list[str]:
+    """Every user's id, in id order."""
     async with stack.database.transaction() as session:
         return [
             str(user_id) for user_id in await session.scalars(select(User.id).order_by(User.id))
@@ -189,7 +191,7 @@ async def _in_flight(jobs, worker, concurrency: int) -> float:
 
 
 async def log_actions(stack: Stack, size: Size) -> list[Result]:
-    users = await _user_ids(stack)
+    users = await user_ids(stack)
     streams = _streams(size.rows)
 
     dsn = libpq_dsn(stack.url)
@@ -296,10 +298,9 @@ async def _export_once(stack: Stack) -> _Export:
     return _Export(seconds, first_chunk_s or seconds, rss_peak - rss_before)
 
 
-async def _psql_copy_once(stack: Stack, psql: str) -> float:
-    """Seconds psql takes to \\copy the export's own query to stdout (into /dev/null)."""
-    query, args = export_query(Filter(), raw=False)
-    assert not args
+async def psql_copy(stack: Stack, psql: str, query: str, options: str = "") -> float:
+    """Seconds psql takes to \\copy `query` to stdout (into /dev/null); `options` are
+    session settings (PGOPTIONS), e.g. those the export itself runs under."""
     started = time.perf_counter()
     await asyncio.to_thread(
         subprocess.run,
@@ -307,8 +308,16 @@ async def _psql_copy_once(stack: Stack, psql: str) -> float:
          f"\\copy ({query}) to stdout with (format csv, header)"],
         stdout=subprocess.DEVNULL,
         check=True,
+        env={**os.environ, "PGOPTIONS": options} if options else None,
     )  # fmt: skip
     return time.perf_counter() - started
+
+
+async def _psql_copy_once(stack: Stack, psql: str) -> float:
+    """Seconds psql takes to \\copy the export's own query."""
+    query, args = export_query(Filter(), raw=False)
+    assert not args
+    return await psql_copy(stack, psql, query)
 
 
 EXPORT_ROUNDS = 3
@@ -360,7 +369,7 @@ async def _time_window(stack: Stack) -> tuple[datetime, datetime]:
 
 
 async def list_audit_logs(stack: Stack, size: Size) -> list[Result]:
-    users = await _user_ids(stack)
+    users = await user_ids(stack)
     start, end = await _time_window(stack)
     window = audit_pb2.AuditLogFilter()
     window.start_time.FromDatetime(start)
@@ -698,7 +707,7 @@ async def _trail_of_at_least(stack: Stack, rows: int) -> int:
     count = await _settle(stack)
     if count >= rows:
         return count
-    users = await _user_ids(stack)
+    users = await user_ids(stack)
     encoded = [[_batch_bytes(first, n, users) for first, n in s] for s in _streams(rows - count)]
     call = stack.audit_channel.stream_unary(
         "/relman.v1.AuditService/LogActions",

@@ -29,6 +29,7 @@ from deploy_svc.freezes import timestamp_text
 from deploy_svc.policies import Policy, in_force, policy_of
 from shared.framework.errors import DomainError, FailedPrecondition, PermissionDenied
 from shared.identity.actor import Actor
+from shared.identity.auth import may
 from shared.persistence.db import Database, load
 from shared.persistence.models import (
     ACTIVE_DEPLOYMENT_STATUSES,
@@ -39,7 +40,6 @@ from shared.persistence.models import (
     EnvironmentType,
     PipelineStage,
     Release,
-    Role,
     Service,
     StageStatus,
 )
@@ -254,7 +254,7 @@ async def _freeze_gate(
         return Gate("freeze", True, "no freeze window is in force")
     window = frozen[0].window
     refusal = frozen[0].refusal()
-    if override_reason and actor.role == Role.ADMIN:
+    if override_reason and may(actor, "freezes.override"):
         return Gate(
             "freeze",
             True,

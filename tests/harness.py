@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import re
 import signal
@@ -127,17 +128,36 @@ def env_for(url: URL, **settings: str) -> dict[str, str]:
     }
 
 
-def run_cli(url: URL, module: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """Runs `python -m module args` against database `url`."""
+def run_cli(
+    url: URL, module: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Runs `python -m module args` against database `url` (in `env`: default env_for(url))."""
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=PROJECT_ROOT,
-        env=env_for(url),
+        env=env_for(url) if env is None else env,
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
+
+
+async def poll(check, within_s: float, what: str, every_s: float = 0.02):
+    """Calls `check()` (awaited when it returns an awaitable) every `every_s` until it
+    gives something true, and returns that; an AssertionError naming `what` after
+    `within_s`. For state another process or server changes."""
+    try:
+        async with asyncio.timeout(within_s):
+            while True:
+                found = check()
+                if inspect.isawaitable(found):
+                    found = await found
+                if found:
+                    return found
+                await asyncio.sleep(every_s)
+    except TimeoutError:
+        raise AssertionError(f"no {what} within {within_s} s") from None
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:

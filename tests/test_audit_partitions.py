@@ -396,8 +396,9 @@ async def test_a_maker_that_fails_leaves_callers_a_retry_and_the_gauge_an_alarm(
 
 
 async def test_a_claimed_request_id_stays_claimed_and_its_claim_cannot_be_dated(scratch):
-    """A request id whose row is gone (its month dropped by retention) is still another
-    request's: REQUEST_ID_REUSED, not a new row. The services' role claims ids only as
+    """A request id whose row cannot be read (its month detached by a retention run that
+    has not dropped it yet, with the claims) is still another request's: REQUEST_ID_REUSED,
+    not a new row. The services' role claims ids only as
     the writer does: it may not choose the month a claim points to."""
     owner = await connect(owner_url(scratch))
     runtime = await connect(runtime_url(scratch))

@@ -284,8 +284,9 @@ async def test_the_services_role_cannot_run_a_deployment_without_its_votes(
     db_url, clients, service_id
 ):
     """With the services' own credentials, SQL that lets a production deployment run
-    without the approvals its policy requires (moving it out of awaiting_approval, or
-    inserting one as succeeded) is refused at commit by the database (23514); a vote that
+    without the approvals its policy requires (moving it out of awaiting_approval,
+    inserting one as succeeded, moving another environment's into production) is refused
+    at commit by the database (23514), and its policy cannot be deleted; a vote that
     counts opens it."""
     lead, reviewer = clients["lead"], clients["reviewer"]
     release = await deployed(lead, service_id, "1.0.0", DEV, STAGING)
@@ -293,7 +294,16 @@ async def test_the_services_role_cannot_run_a_deployment_without_its_votes(
     connection = await asyncpg.connect(libpq_dsn(runtime_url(db_url)))
     try:
         deployment_id = uuid.UUID(waiting.id)
+        in_staging = await connection.fetchval(
+            "SELECT id FROM deployments WHERE release_id = $1 AND environment_id = $2",
+            uuid.UUID(release.id),
+            uuid.UUID(STAGING),
+        )
         attacks = [
+            (  # staging's succeeded deployment moved into production: counted as one there
+                "UPDATE deployments SET environment_id = $2 WHERE id = $1",
+                (in_staging, uuid.UUID(PROD)),
+            ),
             ("UPDATE deployments SET status = 'pending' WHERE id = $1", (deployment_id,)),
             (  # posing as a rollback's redeployment: known by its rollback row, not a flag
                 "UPDATE deployments SET status = 'pending', is_rollback = true WHERE id = $1",
@@ -320,6 +330,10 @@ async def test_the_services_role_cannot_run_a_deployment_without_its_votes(
             "SELECT status FROM deployments WHERE id = $1", deployment_id
         )
         assert status == "awaiting_approval"
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):  # nor switch the rule off
+            await connection.execute(
+                "DELETE FROM environment_policies WHERE environment_id = $1", uuid.UUID(PROD)
+            )
     finally:
         await connection.close()
     await reviewer.ApproveDeployment(deployment_id=waiting.id)

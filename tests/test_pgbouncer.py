@@ -15,8 +15,6 @@ import asyncio
 import csv
 import io
 import re
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -43,6 +41,7 @@ from tests.harness import (
     env_for,
     mint_tokens,
     owner_url,
+    run_cli,
     runtime_url,
     scratch_database,
     start_service,
@@ -263,14 +262,7 @@ async def test_the_tokens_command_line_works_with_the_services_settings(bounced)
     it must connect as they do, not fail on a startup parameter PgBouncer refuses."""
     env = env_for(bounced.bouncer.url_through(bounced.url), **behind_pgbouncer(bounced.url))
     listing = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "shared.identity.tokens", "list", "--user", "admin"],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+        run_cli, bounced.url, "shared.identity.tokens", "list", "--user", "admin", env=env
     )
     assert listing.returncode == 0, listing.stderr
     assert "pgbouncer" in listing.stdout  # the token the fixture minted for admin

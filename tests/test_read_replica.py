@@ -33,7 +33,7 @@ from relman.v1 import (
     deploy_pb2,
     deploy_pb2_grpc,
 )
-from shared.devtools.seed import seed, seed_id
+from shared.devtools.seed import seed
 from shared.framework.config import ConfigError, Settings
 from shared.persistence.db import (
     REPLICA_CONNECT_TIMEOUT_S,
@@ -41,9 +41,9 @@ from shared.persistence.db import (
     Database,
     libpq_dsn,
 )
-from shared.persistence.models import Service
 from tests.deploying import DEV, Client
 from tests.faults.cluster import StoppableCluster
+from tests.faults.conftest import new_service_id
 from tests.faults.load import Acknowledged, Outcomes, log_action_caller, until
 from tests.harness import (
     RelmanProcess,
@@ -51,6 +51,7 @@ from tests.harness import (
     client_address,
     env_for,
     mint_tokens,
+    poll,
     runtime_url,
     scrape_metrics,
     scratch_database,
@@ -89,17 +90,6 @@ async def fetch(url: URL, query: str, *args):
         return await connection.fetch(query, *args)
     finally:
         await connection.close()
-
-
-async def poll(check, within_s: float, what: str):
-    """Awaits `check()` every 50 ms until it returns something true; returns that."""
-    try:
-        async with asyncio.timeout(within_s):
-            while not (found := await check()):  # noqa: ASYNC110 - polls another server
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"no {what} within {within_s} s") from None
-    return found
 
 
 async def replayed(primary: URL, standby: URL, within_s: float = 30) -> None:
@@ -214,20 +204,6 @@ async def metric(process: RelmanProcess, name: str) -> float:
     return (await scrape_metrics(process))[(name, frozenset())]
 
 
-async def new_service(url: URL) -> str:
-    database = Database(url, pool_size=1)
-    try:
-        async with database.transaction() as session:
-            service = Service(
-                name=f"svc-{uuid.uuid4().hex[:10]}", team_id=seed_id("team", "Platform")
-            )
-            session.add(service)
-            await session.flush()
-            return str(service.id)
-    finally:
-        await database.dispose()
-
-
 # -- the tests ------------------------------------------------------------------------------
 
 
@@ -270,7 +246,7 @@ async def test_reads_come_from_the_replica_while_the_primary_takes_the_writes(
         # deploy_svc: a release made now is on the primary only. The Get/List RPCs read the
         # replica; CheckPromotion, the deploy path, WatchDeployment and the tokens the primary.
         lead = Client(running.deploy_channel, tokens["lena"])
-        service_id = await new_service(url)
+        service_id = await new_service_id(url)
         release = await lead.CreateRelease(service_id=service_id, version="1.0.0")
         with pytest.raises(grpc.aio.AioRpcError) as missing:
             await lead.GetRelease(release_id=release.id)

@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -38,17 +37,18 @@ import grpc
 import pytest
 
 from relman.v1 import audit_pb2, audit_pb2_grpc
-from shared import PROJECT_ROOT
 from shared.framework.protos import timestamp
 from shared.identity.tokens import issue_token
 from shared.persistence.db import Database, libpq_dsn
-from shared.persistence.models import User
+from shared.persistence.models import AuditLog, User
 from tests.harness import (
     RelmanProcess,
     bearer,
     client_address,
     env_for,
     owner_url,
+    poll,
+    run_cli,
     runtime_url,
     scratch_database,
     start_service,
@@ -133,16 +133,7 @@ class Trail:
         """`python -m audit_svc.retention args` as the owner (MIGRATION_DATABASE_URL)."""
         env = {k: v for k, v in env_for(self.url).items() if k not in SETTINGS}
         env.update(settings)
-        return await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-m", "audit_svc.retention", *args],
-            cwd=PROJECT_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        return await asyncio.to_thread(run_cli, self.url, "audit_svc.retention", *args, env=env)
 
     async def state(self) -> tuple:
         """Everything a run could change: the partitions, every row, the request ids, the
@@ -216,22 +207,8 @@ async def _fill(owner: asyncpg.Connection, this_month: datetime, user_id: uuid.U
             if i < 3:
                 requests.append((uuid.uuid4(), row_id, created))
         ids[partition(low)] = month_ids
-    await owner.copy_records_to_table(
-        "audit_logs",
-        records=records,
-        columns=[
-            "id",
-            "user_id",
-            "action",
-            "resource_type",
-            "resource_id",
-            "details",
-            "ip_address",
-            "user_agent",
-            "created_at",
-            "origin",
-            "recorded_by",
-        ],
+    await owner.copy_records_to_table(  # every column, in the table's order
+        "audit_logs", records=records, columns=[c.name for c in AuditLog.__table__.columns]
     )
     await owner.copy_records_to_table(
         "audit_requests", records=requests, columns=["request_id", "audit_id", "audit_created_at"]
@@ -470,12 +447,6 @@ async def test_a_killed_run_is_finished_by_the_next(trail):
     assert again.returncode == 0 and "nothing is past retention" in again.stdout, again.stderr
 
 
-async def _until(condition, within_s: float = 30) -> None:
-    async with asyncio.timeout(within_s):
-        while not await condition():  # noqa: ASYNC110 - polling the database
-            await asyncio.sleep(0.02)
-
-
 async def test_a_bad_archive_stops_the_run_and_a_pending_detach_is_finalized(trail):
     """With 11 months kept, the month 12 back goes. An archive already there that does
     not match its manifest stops the run (exit 1) with the month in place. A detach that
@@ -514,11 +485,13 @@ async def test_a_bad_archive_stops_the_run_and_a_pending_detach_is_finalized(tra
             detach = asyncio.create_task(
                 detacher.execute(f"ALTER TABLE audit_logs DETACH PARTITION {name} CONCURRENTLY")
             )
-            await _until(
+            await poll(
                 lambda: trail.db.fetchval(
                     "SELECT inhdetachpending FROM pg_inherits WHERE inhrelid = to_regclass($1)",
                     name,
-                )
+                ),
+                30,
+                "a detach waiting for the reader",
             )
             await trail.db.fetchval("SELECT pg_cancel_backend($1)", detacher.get_server_pid())
             with pytest.raises(asyncpg.QueryCanceledError):
@@ -538,7 +511,8 @@ async def test_a_bad_archive_stops_the_run_and_a_pending_detach_is_finalized(tra
 
 
 async def test_a_month_comes_back_from_its_archive(trail):
-    """`--restore` refuses an archive that does not match its manifest, brings the month
+    """`--restore` refuses an archive that does not match its manifest, or that is not the
+    one the trail recorded dropping (a forged pair), brings the month
     back attached and append-only, exporting exactly as its archive, with an
     `audit.restore` row; refuses a month that exists; and the next retention run drops
     it again from the same archive."""
@@ -557,6 +531,14 @@ async def test_a_month_comes_back_from_its_archive(trail):
         tampered.write_bytes(gzip.compress(bytes(text)))
         refused = await trail.run("--restore", str(tampered))
         assert refused.returncode == 1 and "sha256" in refused.stderr, refused.stderr
+        assert not await trail.exists(name)
+        # A forger who rewrites the manifest to match: the trail's own audit.retention
+        # row of the month names the archive it dropped, and this is not it.
+        forged = json.loads(manifest.read_text())
+        forged["sha256"] = hashlib.sha256(tampered.read_bytes()).hexdigest()
+        (tampered_dir / manifest.name).write_text(json.dumps(forged))
+        refused = await trail.run("--restore", str(tampered))
+        assert refused.returncode == 1 and "audit.retention" in refused.stderr, refused.stderr
         assert not await trail.exists(name)
     finally:
         shutil.rmtree(tampered_dir)

@@ -75,7 +75,10 @@ BEGIN
     IF NOT FOUND OR now_row.status NOT IN ('pending', 'in_progress', 'succeeded') THEN
         RETURN NULL;
     END IF;
-    IF TG_OP = 'UPDATE' AND OLD.status NOT IN ('awaiting_approval', 'pending') THEN
+    -- A deployment already past its votes is checked again only if it is moved to
+    -- another environment or deployer (no code does either; SQL could).
+    IF TG_OP = 'UPDATE' AND OLD.status NOT IN ('awaiting_approval', 'pending')
+       AND OLD.environment_id = NEW.environment_id AND OLD.deployed_by = NEW.deployed_by THEN
         RETURN NULL;
     END IF;
     -- A rollback's redeployment, known by its rollback row (written in the same
@@ -91,6 +94,11 @@ BEGIN
                 ELSE p.approver_roles END
       INTO needed, approvers
       FROM environment_policies p WHERE p.environment_id = now_row.environment_id;
+    IF NOT FOUND THEN  -- every environment has one (default_policy): never a way around
+        RAISE EXCEPTION 'environment % of deployment % has no policy',
+            now_row.environment_id, now_row.id
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'check_approvals';
+    END IF;
     IF coalesce(needed, 0) = 0 THEN
         RETURN NULL;
     END IF;
@@ -231,7 +239,8 @@ def upgrade() -> None:
     )
     op.execute(CHECK_APPROVALS)
     op.execute(
-        "CREATE CONSTRAINT TRIGGER check_approvals AFTER INSERT OR UPDATE OF status"
+        "CREATE CONSTRAINT TRIGGER check_approvals"
+        " AFTER INSERT OR UPDATE OF status, environment_id, deployed_by"
         " ON deployments DEFERRABLE INITIALLY DEFERRED"
         " FOR EACH ROW EXECUTE FUNCTION relman_check_approvals()"
     )

@@ -8,7 +8,8 @@ are recorded by the caller. The writers:
 
 - `append` (here): one row inside the caller's transaction, so a change and its
   audit record commit or roll back together (both services' use cases);
-- audit_svc.trail.write_rows: the LogAction group commit, one INSERT on asyncpg;
+- audit_svc.trail.write_rows: the LogAction group commit, one INSERT on asyncpg (also
+  the retention command's rows, on its own connection);
 - audit_svc.trail.append_batch: LogActions, COPY on asyncpg.
 
 The last two are apart from `append` for speed (their docstrings say how much).

@@ -111,6 +111,9 @@ def grant_statements(runtime_role: str, database: str) -> list[str]:
         # Nor may it date a claim (audit_created_at points a retry at its row's month).
         f"REVOKE ALL ON audit_requests FROM {role}",
         f"GRANT SELECT, INSERT (request_id, audit_id) ON audit_requests TO {role}",
+        # Every environment keeps its policy (the votes trigger counts on it); a change
+        # to one is an UPDATE the domain audits.
+        f"REVOKE DELETE ON environment_policies FROM {role}",
         f"REVOKE ALL ON alembic_version FROM {role}",
         f"GRANT SELECT ON alembic_version TO {role}",
     ]

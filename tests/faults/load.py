@@ -25,7 +25,7 @@ from sqlalchemy import URL
 from relman.v1 import audit_pb2, audit_pb2_grpc
 from shared.persistence.db import libpq_dsn
 from tests.deploying import DEV, Client, S
-from tests.harness import RELEASE_STATUS_MISMATCHES, RelmanProcess, bearer
+from tests.harness import RELEASE_STATUS_MISMATCHES, RelmanProcess, bearer, poll
 
 CALL_TIMEOUT_S = 2.0
 RETRY_BACKOFF_S = 0.05  # what a client's retry policy would wait before trying again
@@ -110,13 +110,8 @@ async def log_action_caller(
 
 
 async def until(condition, within_s: float, what: str) -> float:
-    """Polls `condition()` every 20 ms; returns the time.monotonic() at which it held."""
-    try:
-        async with asyncio.timeout(within_s):
-            while not condition():  # noqa: ASYNC110 - polls state other tasks change
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"no {what} within {within_s} s") from None
+    """Polls `condition()` (tests.harness.poll); returns the time.monotonic() at which it held."""
+    await poll(condition, within_s, what)
     return time.monotonic()
 
 
