@@ -83,6 +83,7 @@ HEADER = (
     "user_agent",
     "origin",
     "recorded_by",
+    "sequence",
 )
 
 
@@ -108,6 +109,8 @@ def _build_query(f: Filter, raw: bool, form: str) -> tuple[str, tuple[str, ...]]
         # Set by relman only (`relman` or `client`, and the caller's id): never a formula.
         "origin": "audit_logs.origin",
         "recorded_by": "audit_logs.recorded_by",
+        # The row's place in the sealed order (audit_svc.sealing): the offline verifier's key.
+        "sequence": "audit_logs.sequence",
     }
     columns = [(name, sql_of[name]) for name in HEADER]
     if form == CSV:

@@ -507,7 +507,7 @@ async def restore(connection: asyncpg.Connection, archive: Path) -> str:
         await connection.execute(
             f"CREATE TABLE public.{staging} (id uuid, created_at timestamptz, user_id uuid,"
             " username text, action text, resource_type text, resource_id text, details jsonb,"
-            " ip_address text, user_agent text, origin text, recorded_by uuid)"
+            " ip_address text, user_agent text, origin text, recorded_by uuid, sequence bigint)"
         )
         with gzip.open(archive, "rb") as source:
             await connection.copy_to_table(

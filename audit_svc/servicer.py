@@ -11,14 +11,16 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterator
 import grpc
 from google.protobuf import struct_pb2
 
-from audit_svc import export, trail
+from audit_svc import export, sealer, seals, trail
 from audit_svc.group_commit import GroupCommit
+from audit_svc.sealing import Seal
+from audit_svc.signing_keys import ALGORITHM, KeyFile, KeyFileError
 from relman.v1 import audit_pb2, audit_pb2_grpc
 from shared.framework.config import Settings
 from shared.framework.errors import Aborted, InvalidArgument, ResourceExhausted
 from shared.framework.observability import counter
 from shared.framework.protos import enum_to_proto, id_text, struct_to_dict, timestamp
-from shared.framework.server import Resources
+from shared.framework.server import Resources, StartupError
 from shared.framework.validation import enum_word, optional_uuid, parse_timestamp
 from shared.identity.actor import current_actor
 from shared.persistence.db import Database
@@ -65,7 +67,31 @@ def _filter(request_filter: audit_pb2.AuditLogFilter) -> trail.Filter:
             start_time=when("start_time"),
             end_time=when("end_time"),
             origin=None if origin is None else AuditOrigin(origin),
+            start_sequence=_sequence("filter.start_sequence", request_filter.start_sequence),
+            end_sequence=_sequence("filter.end_sequence", request_filter.end_sequence),
         )
+    )
+
+
+def _sequence(field: str, value: int) -> int | None:
+    if value < 0:
+        raise InvalidArgument.field(field, "must not be negative")
+    return value or None
+
+
+def _seal(seal: Seal) -> audit_pb2.AuditSeal:
+    return audit_pb2.AuditSeal(
+        seal_number=seal.seal_number,
+        first_sequence=seal.first_sequence,
+        last_sequence=seal.last_sequence,
+        row_count=seal.row_count,
+        root_hash=seal.root_hash,
+        previous_seal_hash=seal.previous_seal_hash,
+        seal_hash=seal.seal_hash,
+        key_id=seal.key_id,
+        signature=seal.signature,
+        sealed_at=timestamp(seal.sealed_at),
+        row_digests=seal.row_digests,
     )
 
 
@@ -88,6 +114,7 @@ def _audit_log(
         recorded_by=id_text(row.recorded_by),
         recorded_by_username=recorded_by_username or "",
         origin=enum_to_proto(audit_pb2.AuditOrigin, row.origin),
+        sequence=row.sequence,
     )
 
 
@@ -151,6 +178,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         self.settings = settings
         self.appender = GroupCommit(database, trail.write_rows)
         self.streams = StreamSlots(settings.audit_streams_per_caller)
+        self.key_file = KeyFile(settings.audit_signing_key_file)
 
     async def LogAction(self, request, context):
         row = trail.checked_row(current_actor.get(), _entry(request))
@@ -238,8 +266,80 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
                     await context.write(audit_pb2.ExportAuditLogsResponse(data=chunk))
 
 
+    async def GetAuditCheckpoint(self, request, context):
+        return _seal(await seals.checkpoint(self.database))
+
+    async def ListAuditSeals(self, request, context):
+        page, next_page_token = await seals.list_seals(
+            self.database, request.start_seal_number, request.page_size, request.page_token
+        )
+        return audit_pb2.ListAuditSealsResponse(
+            seals=[_seal(seal) for seal in page], next_page_token=next_page_token
+        )
+
+    async def ListAuditSigningKeys(self, request, context):
+        return audit_pb2.ListAuditSigningKeysResponse(
+            keys=[
+                audit_pb2.AuditSigningKey(
+                    key_id=key.key_id,
+                    algorithm=ALGORITHM,
+                    public_key_pem=key.public_key_pem,
+                    created_at=timestamp(key.created_at),
+                    retired_at=timestamp(key.retired_at),
+                )
+                for key in self.key_file.keyring().keys
+            ]
+        )
+
+    async def VerifyAuditLog(self, request, context):
+        """Reads the rows of its window: recorded like a read of the trail (audit.verify),
+        with what it found."""
+        actor = current_actor.get()
+        window_filter = audit_pb2.AuditLogFilter()
+        for name in ("start_time", "end_time"):
+            if request.HasField(name):
+                getattr(window_filter, name).CopyFrom(getattr(request, name))
+        window = _filter(window_filter)
+        outcome = await seals.verify_trail(
+            self.database,
+            self.key_file.keyring().public_keys(),
+            window.start_time,
+            window.end_time,
+            request.trusted_seal_number,
+            request.trusted_seal_hash,
+        )
+        found = {"ok": outcome.ok, "rows_checked": outcome.rows_checked,
+                 "seals_checked": outcome.seals_checked,
+                 "problems": len(outcome.problems)}  # fmt: skip
+        await self.appender.append(trail.read_row(actor, "audit.verify", window, found))
+        return audit_pb2.VerifyAuditLogResponse(
+            ok=outcome.ok,
+            rows_checked=outcome.rows_checked,
+            seals_checked=outcome.seals_checked,
+            problems=[
+                audit_pb2.AuditIntegrityProblem(
+                    kind=audit_pb2.AuditIntegrityProblem.Kind.Value(problem.kind),
+                    sequence=problem.sequence,
+                    seal_number=problem.seal_number,
+                    detail=problem.detail,
+                )
+                for problem in outcome.problems
+            ],
+        )
+
+
 def register(server: grpc.aio.Server, resources: Resources) -> list[str]:
-    audit_pb2_grpc.add_AuditServiceServicer_to_server(
-        AuditServicer(resources.database, resources.settings), server
+    servicer = AuditServicer(resources.database, resources.settings)
+    audit_pb2_grpc.add_AuditServiceServicer_to_server(servicer, server)
+    # The sealer signs with the service's key: made now, at start, if there is none.
+    try:
+        servicer.key_file.ensure("audit_svc")
+    except KeyFileError as error:
+        raise StartupError(str(error)) from None
+    resources.on_stop.append(
+        sealer.start(
+            sealer.Sealer(resources.database, servicer.key_file),
+            resources.settings.audit_seal_interval_s,
+        )
     )
     return [AUDIT_SERVICE.full_name]

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -36,6 +37,8 @@ from shared.persistence.db import libpq_dsn
 from shared.persistence.roles import OWNER_ROLE, RUNTIME_ROLE
 
 VENV_BIN = os.path.dirname(sys.executable)
+# Each test database's audit signing keys, as a deployment keeps its own.
+KEYS_DIR = os.path.join(tempfile.gettempdir(), f"relman-test-keys-{os.getuid()}")
 
 # The derivation of a release's status (README, "Deployment rules"), written independently
 # of the domain's: the releases whose stored status disagrees with it.
@@ -124,8 +127,14 @@ def env_for(url: URL, **settings: str) -> dict[str, str]:
         "DATABASE_URL": libpq_dsn(runtime_url(url)),
         "MIGRATION_DATABASE_URL": libpq_dsn(owner_url(url)),
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "AUDIT_SIGNING_KEY_FILE": signing_key_file(url),
         **settings,
     }
+
+
+def signing_key_file(url: URL) -> str:
+    """Where the audit_svc processes of database `url` keep their signing key."""
+    return os.path.join(KEYS_DIR, f"{url.database}.pem")
 
 
 def run_cli(

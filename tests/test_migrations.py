@@ -106,7 +106,7 @@ async def test_models_match_the_migrated_schema(db_url: URL):
             )
     finally:
         await engine.dispose()
-    assert diff == []
+    assert diff == [], diff
 
 
 async def test_database_is_at_the_single_head(db_url: URL):

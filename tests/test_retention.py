@@ -208,7 +208,9 @@ async def _fill(owner: asyncpg.Connection, this_month: datetime, user_id: uuid.U
                 requests.append((uuid.uuid4(), row_id, created))
         ids[partition(low)] = month_ids
     await owner.copy_records_to_table(  # every column, in the table's order
-        "audit_logs", records=records, columns=[c.name for c in AuditLog.__table__.columns]
+        "audit_logs",
+        records=records,
+        columns=[c.name for c in AuditLog.__table__.columns if c.name != "sequence"],
     )
     await owner.copy_records_to_table(
         "audit_requests", records=requests, columns=["request_id", "audit_id", "audit_created_at"]

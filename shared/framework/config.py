@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Under the project's .data/, as the embedded database is (relative to the working
+# directory: the project root for `make run`, a volume in a container).
+DEFAULT_SIGNING_KEY_FILE = Path(".data/audit-signing-key.pem")
 
 
 class ConfigError(ValueError):
@@ -65,6 +68,10 @@ class Settings:
     # A change that weakens an environment policy takes effect this long after it was
     # asked for (one admin cannot switch production's protection off, deploy, and back).
     policy_weaken_delay_s: int = 86_400
+    # The Ed25519 key that signs audit seals (PEM; made at first start when missing) and
+    # how often the sealer runs (every replica tries; one at a time seals).
+    audit_signing_key_file: Path = DEFAULT_SIGNING_KEY_FILE
+    audit_seal_interval_s: float = 0.5
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -108,6 +115,12 @@ class Settings:
             trusted_proxies=reader.networks("TRUSTED_PROXIES"),
             policy_weaken_delay_s=reader.integer(
                 "POLICY_WEAKEN_DELAY_S", 86_400, minimum=0, maximum=31_536_000
+            ),
+            audit_signing_key_file=Path(
+                reader.raw("AUDIT_SIGNING_KEY_FILE") or DEFAULT_SIGNING_KEY_FILE
+            ),
+            audit_seal_interval_s=reader.number(
+                "AUDIT_SEAL_INTERVAL_S", 0.5, minimum=0.05, maximum=1.0
             ),
         )
 

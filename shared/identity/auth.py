@@ -98,6 +98,11 @@ RPC_PERMISSIONS: dict[str, str] = {
     "relman.v1.AuditService/LogActions": "audit.write",
     "relman.v1.AuditService/ListAuditLogs": "audit.read",
     "relman.v1.AuditService/ExportAuditLogs": "audit.read",
+    # The seals and their keys: lead and admin, as the trail they seal.
+    "relman.v1.AuditService/GetAuditCheckpoint": "audit.read",
+    "relman.v1.AuditService/ListAuditSeals": "audit.read",
+    "relman.v1.AuditService/ListAuditSigningKeys": "audit.read",
+    "relman.v1.AuditService/VerifyAuditLog": "audit.read",
 }
 
 _VIEWER = frozenset({SELF, "catalog.read", "releases.read", "deployments.read"})

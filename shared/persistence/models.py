@@ -18,6 +18,7 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     CheckConstraint,
     DateTime,
     Double,
@@ -395,6 +396,8 @@ class AuditLog(Base):
             "id",
             postgresql_where=text("origin = 'relman'"),
         ),
+        # The sealer's and the verifier's order, and exports of a range of seals.
+        Index("ix_audit_logs_sequence", "sequence"),
         _one_of("origin", AuditOrigin),
         {"postgresql_partition_by": "RANGE (created_at)"},
     )
@@ -407,12 +410,47 @@ class AuditLog(Base):
     details: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
     ip_address: Mapped[str | None] = mapped_column(String(45))
     user_agent: Mapped[str | None] = mapped_column(String(255))
-    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    # The start of the statement that wrote it (migration 009): when it was written, even
+    # in a long transaction.
+    created_at: Mapped[datetime] = mapped_column(server_default=func.statement_timestamp())
     # Set by the server only (NULL on rows older than migration 006): relman or client,
     # and the authenticated principal whose call wrote the row (no foreign key: always
     # the caller's own user, and a per-row key check would slow the bulk path).
     origin: Mapped[str | None] = mapped_column(String(10))
     recorded_by: Mapped[uuid.UUID | None]
+    # The row's place in the sealed order (migration 009): from the database's sequence
+    # only (the services' role may not set it), unique by that generator.
+    sequence: Mapped[int] = mapped_column(
+        BigInteger, server_default=text("nextval('audit_logs_sequence')")
+    )
+
+
+class AuditSeal(Base):
+    """A signed, chained seal over the audit rows first_sequence..last_sequence
+    (audit_svc.sealing). Append-only like the trail (migration 009); the services' role
+    holds INSERT and SELECT only. oldest/newest_created_at are the sealed rows' times,
+    which select the seals of a time window; they are not part of what is signed."""
+
+    __tablename__ = "audit_seals"
+    __table_args__ = (
+        UniqueConstraint("first_sequence"),
+        CheckConstraint("first_sequence <= last_sequence", name="range"),
+        Index("ix_audit_seals_newest_created_at", "newest_created_at"),
+    )
+
+    seal_number: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    first_sequence: Mapped[int] = mapped_column(BigInteger)
+    last_sequence: Mapped[int] = mapped_column(BigInteger)
+    row_count: Mapped[int]
+    root_hash: Mapped[bytes]
+    row_digests: Mapped[bytes]
+    previous_seal_hash: Mapped[bytes]
+    seal_hash: Mapped[bytes]
+    key_id: Mapped[str] = mapped_column(String(64))
+    signature: Mapped[bytes]
+    sealed_at: Mapped[datetime]
+    oldest_created_at: Mapped[datetime | None]
+    newest_created_at: Mapped[datetime | None]
 
 
 # The name of a month's partition of audit_logs: audit_logs_y2026m11.
@@ -435,8 +473,8 @@ class AuditRequest(Base):
 
     request_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
     audit_id: Mapped[uuid.UUID]
-    # The stored row's created_at (both the transaction's now()): the row's partition.
-    audit_created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    # The stored row's created_at (both the statement's start): the row's partition.
+    audit_created_at: Mapped[datetime] = mapped_column(server_default=func.statement_timestamp())
 
 
 class Rollback(Base):

@@ -58,31 +58,59 @@ def _fingerprint(filters: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def encode_token(created_at: datetime, row_id: uuid.UUID, filters: Mapping[str, Any]) -> str:
-    payload = {"k": [created_at.isoformat(), str(row_id)], "f": _fingerprint(filters)}
+def _pack(key: list, filters: Mapping[str, Any]) -> str:
+    payload = {"k": key, "f": _fingerprint(filters)}
     raw = json.dumps(payload, separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_token(token: str, filters: Mapping[str, Any]) -> tuple[datetime, uuid.UUID]:
+def _refused() -> InvalidArgument:
+    return InvalidArgument.field(
+        "page_token", "is not a token this API returned", reason="INVALID_PAGE_TOKEN"
+    )
+
+
+def _unpack(token: str, filters: Mapping[str, Any]) -> list:
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         payload = json.loads(raw)
-        # In UTC, as encoded: a forged offset cannot carry it off the calendar.
-        created_at = datetime.fromisoformat(payload["k"][0]).astimezone(UTC)
-        row_id = uuid.UUID(payload["k"][1])
-        fingerprint = payload["f"]
-    except (ValueError, KeyError, IndexError, TypeError, OverflowError, binascii.Error):
-        raise InvalidArgument.field(
-            "page_token", "is not a token this API returned", reason="INVALID_PAGE_TOKEN"
-        ) from None
+        key, fingerprint = payload["k"], payload["f"]
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        raise _refused() from None
+    if not isinstance(key, list):
+        raise _refused()
     if fingerprint != _fingerprint(filters):
         raise InvalidArgument.field(
             "page_token",
             "was made for other filters: repeat the first request's filters",
             reason="PAGE_TOKEN_FILTER_MISMATCH",
         )
-    return created_at, row_id
+    return key
+
+
+def encode_token(created_at: datetime, row_id: uuid.UUID, filters: Mapping[str, Any]) -> str:
+    return _pack([created_at.isoformat(), str(row_id)], filters)
+
+
+def decode_token(token: str, filters: Mapping[str, Any]) -> tuple[datetime, uuid.UUID]:
+    key = _unpack(token, filters)
+    try:
+        # In UTC, as encoded: a forged offset cannot carry it off the calendar.
+        return datetime.fromisoformat(key[0]).astimezone(UTC), uuid.UUID(key[1])
+    except (ValueError, IndexError, TypeError, OverflowError):
+        raise _refused() from None
+
+
+def encode_number_token(number: int, filters: Mapping[str, Any]) -> str:
+    """A page token for lists in the order of a number (seal_number)."""
+    return _pack([number], filters)
+
+
+def decode_number_token(token: str, filters: Mapping[str, Any]) -> int:
+    key = _unpack(token, filters)
+    if len(key) != 1 or type(key[0]) is not int or not 0 < key[0] < 2**63:
+        raise _refused()
+    return key[0]
 
 
 async def paginate(

@@ -13,8 +13,9 @@ On audit_logs' monthly partitions it holds nothing (rows reach them through
 audit_logs, whose grants are the ones checked), and it makes none itself: it may only
 call `relman_audit_partitions_ahead`, which makes the next months' as the owner.
 
-It may not choose a row's `created_at` either (its INSERT grant leaves that column
-out), so it cannot backdate a row. What it can still do, since it is what relman
+It may not choose a row's `created_at` or `sequence` either (its INSERT grant leaves
+those columns out), so it cannot backdate a row or slip one into a sealed range; on
+audit_seals it holds INSERT and SELECT only. What it can still do, since it is what relman
 writes with: append rows that claim to be relman's own, now.
 
 `trail_exposure` tells a starting service what its own role could do to the trail
@@ -63,9 +64,9 @@ def quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
 
 
-# Every column of an audit row but its time, which the database sets (now()).
+# Every column of an audit row but its time and its sequence, which the database sets.
 _AUDIT_INSERT_COLUMNS = ", ".join(
-    c.name for c in AuditLog.__table__.columns if c.name != "created_at"
+    c.name for c in AuditLog.__table__.columns if c.name not in ("created_at", "sequence")
 )
 
 
@@ -114,6 +115,14 @@ def grant_statements(runtime_role: str, database: str) -> list[str]:
         # Every environment keeps its policy (the votes trigger counts on it); a change
         # to one is an UPDATE the domain audits.
         f"REVOKE DELETE ON environment_policies FROM {role}",
+        # The column's default takes values as the inserting role (USAGE) and the sealer
+        # reads the last one handed out (SELECT); setval (UPDATE) would let it hand out
+        # numbers already sealed.
+        f"REVOKE ALL ON SEQUENCE audit_logs_sequence FROM {role}",
+        f"GRANT USAGE, SELECT ON SEQUENCE audit_logs_sequence TO {role}",
+        # Seals are written once and never changed, like the rows they seal.
+        f"REVOKE ALL ON audit_seals FROM {role}",
+        f"GRANT SELECT, INSERT ON audit_seals TO {role}",
         f"REVOKE ALL ON alembic_version FROM {role}",
         f"GRANT SELECT ON alembic_version TO {role}",
     ]

@@ -1,0 +1,158 @@
+"""The seals' SQL (persistence layer): the sealer's horizon, the rows' leaf hashes as the
+database computes them, and audit_seals' reads and writes, on asyncpg connections.
+
+The leaf hash is computed by PostgreSQL from the same text the export prints for each
+cell (audit_svc.export's utc_text, details::text, a NULL as the empty string), so a leaf
+computed here equals the one audit_svc.sealing computes from a raw CSV export: the
+sealer, VerifyAuditLog and the offline verifier agree by construction (and by test).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import asyncpg
+
+from audit_svc.export import utc_text
+from audit_svc.sealing import ROW_FIELDS, SealableRow, Seal
+
+# Each encoded field's text, as the export's cell.
+_FIELD_TEXT = {
+    "sequence": "sequence::text",
+    "id": "id::text",
+    "created_at": utc_text("created_at"),
+    "user_id": "user_id::text",
+    "action": "action",
+    "resource_type": "resource_type",
+    "resource_id": "resource_id",
+    "details": "details::text",
+    "ip_address": "ip_address",
+    "user_agent": "user_agent",
+    "origin": "origin",
+    "recorded_by": "recorded_by::text",
+}
+
+
+def _field(expression: str) -> str:
+    value = f"convert_to(coalesce({expression}, ''), 'UTF8')"
+    return f"int4send(octet_length({value})) || {value}"
+
+
+# SHA-256(0x00 || the row's canonical encoding): audit_svc.sealing.leaf_hash, in SQL.
+LEAF = "sha256('\\x00'::bytea || " + " || ".join(_field(_FIELD_TEXT[f]) for f in ROW_FIELDS) + ")"
+
+# The last sequence value handed out (0: none yet). Read before the snapshot's xmax: a
+# value handed out by then belongs to a transaction with an id below that xmax (migration
+# 009's assign_xid), which a later snapshot's xmin passes only once it has ended.
+LAST_SEQUENCE = "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM audit_logs_sequence"
+SNAPSHOT_XMAX = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
+SNAPSHOT_XMIN = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+# One sealer at a time across replicas: a transaction-level lock, free at commit.
+TRY_SEALER_LOCK = "SELECT pg_try_advisory_xact_lock(hashtext('relman_audit_sealer'))"
+
+_SEAL_COLUMNS = (
+    "seal_number, first_sequence, last_sequence, row_count, root_hash, row_digests,"
+    " previous_seal_hash, seal_hash, key_id, signature, sealed_at"
+)
+LAST_SEAL = f"""
+    SELECT {_SEAL_COLUMNS}, newest_created_at FROM audit_seals
+    ORDER BY seal_number DESC LIMIT 1
+"""
+SEALABLE_ROWS = f"""
+    SELECT sequence, created_at, {LEAF} FROM audit_logs
+    WHERE sequence > $1 AND sequence <= $2
+    ORDER BY sequence LIMIT $3
+"""
+INSERT_SEAL = f"""
+    INSERT INTO audit_seals ({_SEAL_COLUMNS}, oldest_created_at, newest_created_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+"""
+SEALS_FROM = f"""
+    SELECT {_SEAL_COLUMNS} FROM audit_seals WHERE seal_number >= $1
+    ORDER BY seal_number LIMIT $2
+"""
+SEAL = f"SELECT {_SEAL_COLUMNS} FROM audit_seals WHERE seal_number = $1"
+# The seals holding a row created in [start, end): a seal's rows' times span
+# [oldest_created_at, newest_created_at].
+# [oldest_created_at, newest_created_at]; and every seal between the first and the last of
+# those, so that the chain is checked without a hole.
+SEALS_IN_WINDOW = f"""
+    WITH bounds AS (
+        SELECT min(seal_number) AS first, max(seal_number) AS last FROM audit_seals
+        WHERE ($1::timestamptz IS NULL OR newest_created_at >= $1)
+          AND ($2::timestamptz IS NULL OR oldest_created_at < $2)
+    )
+    SELECT {_SEAL_COLUMNS} FROM audit_seals, bounds
+    WHERE seal_number BETWEEN bounds.first AND bounds.last
+    ORDER BY seal_number
+"""
+LEAVES = f"""
+    SELECT sequence, {LEAF} FROM audit_logs
+    WHERE sequence >= $1 AND sequence <= $2 ORDER BY sequence
+"""
+
+
+def seal_of(record) -> Seal:
+    return Seal(**{name: record[name] for name in Seal.__dataclass_fields__})
+
+
+async def horizon(connection: asyncpg.Connection) -> tuple[int, int]:
+    """(last sequence handed out, the xid every transaction that took one is below)."""
+    last = await connection.fetchval(LAST_SEQUENCE)
+    return last, await connection.fetchval(SNAPSHOT_XMAX)
+
+
+async def snapshot_xmin(connection: asyncpg.Connection) -> int:
+    """The oldest transaction still running (as of a snapshot taken now)."""
+    return await connection.fetchval(SNAPSHOT_XMIN)
+
+
+async def try_sealer_lock(connection: asyncpg.Connection) -> bool:
+    return await connection.fetchval(TRY_SEALER_LOCK)
+
+
+async def last_seal(connection: asyncpg.Connection) -> tuple[Seal | None, datetime | None]:
+    """The newest seal and the newest created_at it sealed (None, None: no seal yet)."""
+    record = await connection.fetchrow(LAST_SEAL)
+    if record is None:
+        return None, None
+    return seal_of(record), record["newest_created_at"]
+
+
+async def sealable_rows(
+    connection: asyncpg.Connection, after: int, up_to: int, limit: int
+) -> list[SealableRow]:
+    records = await connection.fetch(SEALABLE_ROWS, after, up_to, limit)
+    return [SealableRow(sequence, created_at, leaf) for sequence, created_at, leaf in records]
+
+
+async def insert_seal(
+    connection: asyncpg.Connection, seal: Seal, oldest: datetime | None, newest: datetime | None
+) -> None:
+    await connection.execute(
+        INSERT_SEAL,
+        *(getattr(seal, name) for name in Seal.__dataclass_fields__),
+        oldest,
+        newest,
+    )
+
+
+async def seals_from(connection: asyncpg.Connection, start: int, limit: int) -> list[Seal]:
+    return [seal_of(r) for r in await connection.fetch(SEALS_FROM, start, limit)]
+
+
+async def seal(connection: asyncpg.Connection, seal_number: int) -> Seal | None:
+    record = await connection.fetchrow(SEAL, seal_number)
+    return None if record is None else seal_of(record)
+
+
+async def seals_in_window(
+    connection: asyncpg.Connection, start: datetime | None, end: datetime | None
+) -> list[Seal]:
+    return [seal_of(r) for r in await connection.fetch(SEALS_IN_WINDOW, start, end)]
+
+
+def leaves(connection: asyncpg.Connection, first: int, last: int, prefetch: int = 10_000):
+    """A cursor over (sequence, leaf hash) of the rows with sequences first..last, in
+    order (inside a transaction)."""
+    return connection.cursor(LEAVES, first, last, prefetch=prefetch)

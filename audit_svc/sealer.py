@@ -1,0 +1,137 @@
+"""The sealer (domain layer): a background task of every audit_svc process that seals
+committed audit rows in sequence order, every AUDIT_SEAL_INTERVAL_S (at most a second),
+at most sealing.ROWS_PER_SEAL rows per seal.
+
+A row that commits late is never passed over. Sequence values are taken while a row is
+written, and rows commit in any order, so the sealer seals only up to a sequence every
+transaction that took one has finished with: each run it notes the last value handed
+out and the snapshot's xmax just after (a transaction that took a value holds an id
+below that xmax: migration 009's assign_xid), and seals up to that value once a later
+snapshot's xmin has passed the xmax. With no transaction running that is the same run;
+a transaction held open holds sealing at its first sequence until it ends.
+
+Several replicas run it; one at a time seals (a transaction-level advisory lock), and
+the seal's key (seal_number) would refuse a second seal of the same number anyway.
+Rows the sealer leaves out (a second row with a sequence already sealed, a backdated
+row: sealing.choose_rows) are logged as WARNINGs and counted; VerifyAuditLog reports
+them as ROW_ADDED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from audit_svc import seal_store
+from audit_svc.sealing import ROWS_PER_SEAL, make_seal, choose_rows
+from audit_svc.signing_keys import KeyFile
+from shared.framework.observability import counter, gauge
+from shared.persistence.db import Database
+
+log = logging.getLogger("relman.audit_svc.sealer")
+
+SEALS = counter("relman_audit_seals_total", "Audit seals made by this process.")
+ROWS_SEALED = counter("relman_audit_rows_sealed_total", "Audit rows sealed by this process.")
+ROWS_LEFT_OUT = counter(
+    "relman_audit_rows_left_out_total",
+    "Audit rows the sealer left out of seals (backdated, or a sequence already sealed).",
+)
+SEAL_LAG = gauge(
+    "relman_audit_seal_lag_seconds",
+    "In the last seal this process made: its time less its oldest row's creation time.",
+)
+# At most this many seals in one run (a backlog is sealed over several runs).
+SEALS_PER_RUN = 20
+RUN_DEADLINE_S = 30.0
+
+
+class Sealer:
+    def __init__(self, database: Database, key_file: KeyFile, name: str = "audit_svc") -> None:
+        self.database = database
+        self.key_file = key_file
+        self.name = name
+        # (last sequence handed out, snapshot xmax just after), oldest first: bounds that
+        # become sealable once the snapshot's xmin reaches their xmax.
+        self.pending: list[tuple[int, int]] = []
+
+    async def seal_once(self) -> int:
+        """One run: notes a new bound, seals up to the newest bound that is ready; returns
+        how many seals it made (0 too when another replica holds the sealer's lock)."""
+        keyring = self.key_file.keyring()
+        async with self.database.autocommit_connection(RUN_DEADLINE_S) as connection:
+            self.pending.append(await seal_store.horizon(connection))
+            async with connection.transaction():
+                if not await seal_store.try_sealer_lock(connection):
+                    return 0
+                xmin = await seal_store.snapshot_xmin(connection)
+                ready = [last for last, xmax in self.pending if xmax <= xmin]
+                self.pending = [bound for bound in self.pending if bound[1] > xmin]
+                if not ready:
+                    return 0
+                return await self._seal_up_to(connection, max(ready), keyring)
+
+    async def _seal_up_to(self, connection, bound: int, keyring) -> int:
+        previous, newest = await seal_store.last_seal(connection)
+        made = 0
+        while made < SEALS_PER_RUN:
+            after = previous.last_sequence if previous else 0
+            if after >= bound:
+                break
+            rows = await seal_store.sealable_rows(connection, after, bound, ROWS_PER_SEAL)
+            if not rows:
+                break  # only gaps so far: the next seal's range takes them
+            kept, left_out, newest = choose_rows(rows, newest)
+            last = rows[-1].sequence if len(rows) == ROWS_PER_SEAL else bound
+            sealed_at = await connection.fetchval("SELECT clock_timestamp()")
+            seal = make_seal(
+                seal_number=previous.seal_number + 1 if previous else 1,
+                first_sequence=after + 1,
+                last_sequence=last,
+                rows=[(row.sequence, row.leaf) for row in kept],
+                previous_seal_hash=previous.seal_hash if previous else b"",
+                key_id=keyring.current_key_id,
+                private_key=keyring.private_key,
+                sealed_at=sealed_at,
+            )
+            oldest = min((row.created_at for row in kept), default=None)
+            await seal_store.insert_seal(connection, seal, oldest, newest)
+            for row, why in left_out:
+                log.warning(
+                    "%s left audit row %d out of seal %d: %s",
+                    self.name,
+                    row.sequence,
+                    seal.seal_number,
+                    why,
+                )
+            ROWS_LEFT_OUT.inc(len(left_out))
+            ROWS_SEALED.inc(len(kept))
+            SEALS.inc()
+            if oldest is not None:
+                SEAL_LAG.set((sealed_at - oldest).total_seconds())
+            previous = seal
+            made += 1
+        return made
+
+    async def run(self, interval_s: float) -> None:
+        """Seals every `interval_s` for as long as the process serves; a failed run (the
+        database away, a replica that sealed the same number first) is logged and the
+        next one tries again."""
+        while True:
+            try:
+                await self.seal_once()
+            except Exception as exc:
+                log.warning("%s: sealing the audit trail failed: %s", self.name, exc)
+            await asyncio.sleep(interval_s)
+
+
+def start(sealer: Sealer, interval_s: float):
+    """Starts the sealer; returns the coroutine function that stops it."""
+    task = asyncio.create_task(sealer.run(interval_s))
+
+    async def stop() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return stop

@@ -1,0 +1,99 @@
+"""The seals' use cases (domain layer): the checkpoint, the list of seals, and the
+verification of the trail against them (VerifyAuditLog), each opening its own
+connection. What a valid seal is lives in audit_svc.sealing; the SQL in seal_store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from audit_svc import seal_store
+from audit_svc.sealing import Seal, Verification, check_checkpoint
+from shared.framework.errors import InvalidArgument, NotFound
+from shared.persistence.db import Database
+from shared.persistence.pagination import decode_number_token, encode_number_token, page_size
+
+DEFAULT_SEALS_PAGE = 100
+READ_DEADLINE_S = 30.0
+# VerifyAuditLog reads every row of its window: bounded by the call's deadline too.
+VERIFY_DEADLINE_S = 3600.0
+HASH_BYTES = 32
+
+
+async def checkpoint(database: Database) -> Seal:
+    async with database.autocommit_connection(READ_DEADLINE_S) as connection:
+        seal, _ = await seal_store.last_seal(connection)
+    if seal is None:
+        raise NotFound("no audit row is sealed yet", reason="NO_SEAL_YET")
+    return seal
+
+
+async def list_seals(
+    database: Database, start_seal_number: int, size: int, token: str
+) -> tuple[list[Seal], str]:
+    """A page of seals in seal_number order from `start_seal_number` (0 or 1: the first)."""
+    if start_seal_number < 0:
+        raise InvalidArgument.field("start_seal_number", "must not be negative")
+    size = page_size(size or DEFAULT_SEALS_PAGE)
+    filters = {"start_seal_number": start_seal_number}
+    first = decode_number_token(token, filters) if token else max(start_seal_number, 1)
+    async with database.autocommit_connection(READ_DEADLINE_S) as connection:
+        seals = await seal_store.seals_from(connection, first, size + 1)
+    next_token = ""
+    if len(seals) > size:
+        next_token = encode_number_token(seals[size].seal_number, filters)
+        seals = seals[:size]
+    return seals, next_token
+
+
+def check_trusted(seal_number: int, seal_hash: bytes) -> None:
+    """A checkpoint is both fields or neither."""
+    if seal_number < 0:
+        raise InvalidArgument.field("trusted_seal_number", "must not be negative")
+    if bool(seal_number) != bool(seal_hash):
+        raise InvalidArgument.field(
+            "trusted_seal_hash" if seal_number else "trusted_seal_number",
+            "a checkpoint is trusted_seal_number and trusted_seal_hash together",
+        )
+    if seal_hash and len(seal_hash) != HASH_BYTES:
+        raise InvalidArgument.field("trusted_seal_hash", f"must be {HASH_BYTES} bytes (SHA-256)")
+
+
+async def verify_trail(
+    database: Database,
+    public_keys: Mapping[str, Ed25519PublicKey],
+    start: datetime | None,
+    end: datetime | None,
+    trusted_seal_number: int = 0,
+    trusted_seal_hash: bytes = b"",
+) -> Verification:
+    """Checks the seals holding a row created in [start, end) and the rows of their ranges,
+    in one snapshot, and the trusted checkpoint if one is given."""
+    check_trusted(trusted_seal_number, trusted_seal_hash)
+    async with database.autocommit_connection(VERIFY_DEADLINE_S) as connection:
+        async with connection.transaction(isolation="repeatable_read", readonly=True):
+            seals = await seal_store.seals_in_window(connection, start, end)
+            before = None
+            if seals and seals[0].seal_number > 1:
+                before = await seal_store.seal(connection, seals[0].seal_number - 1)
+            outcome = Verification(public_keys, previous=before)
+            if trusted_seal_number:
+                trusted = await seal_store.seal(connection, trusted_seal_number)
+                problem = check_checkpoint(trusted, trusted_seal_number, trusted_seal_hash)
+                outcome.add([problem] if problem else [])
+            if not seals:
+                return outcome
+            rows = seal_store.leaves(connection, seals[0].first_sequence, seals[-1].last_sequence)
+            index, mine = 0, []
+            async for sequence, leaf in rows:
+                while sequence > seals[index].last_sequence:
+                    outcome.check(seals[index], mine)
+                    index, mine = index + 1, []
+                mine.append((sequence, leaf))
+            for seal in seals[index:]:
+                outcome.check(seal, mine)
+                mine = []
+    return outcome

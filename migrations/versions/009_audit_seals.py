@@ -1,0 +1,139 @@
+"""Audit trail beyond doubt: a sequence on every row, and signed, chained seals.
+
+Revision ID: 009_audit_seals
+Revises: 008_audit_partitions
+Create Date: 2026-11-30
+
+- audit_logs.sequence: from `audit_logs_sequence` (not OWNED BY the column, whose
+  default would then reflect as none; CACHE 1: a value handed out is the
+  sequence's last_value at once, which the sealer's horizon counts on), unique by its
+  generator. Existing rows are numbered in (created_at, id) order, with the append-only
+  trigger of each partition off for the act. Indexed on every partition (the sealer and
+  the verifier read in sequence order; exports take a sequence range).
+- `assign_xid`, a statement-level trigger on audit_logs: a statement that inserts rows
+  holds a transaction id before it takes its first sequence value, so a sequence value
+  handed out belongs to a transaction that the snapshot's xmin accounts for (the
+  sealer seals only below that horizon: a row that commits late is never passed over).
+- created_at (and audit_requests.audit_created_at, which must equal it) become the
+  statement's start, not the transaction's: a row's time is when it was written, so a
+  long LogActions stream's rows do not look backdated next to rows sealed meanwhile.
+- audit_seals: the signed seals, append-only like the trail (the same trigger).
+"""
+
+from collections.abc import Sequence
+
+from alembic import op
+
+revision: str = "009_audit_seals"
+down_revision: str | None = "008_audit_partitions"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+PARTITIONS = """
+    SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+    WHERE i.inhparent = 'audit_logs'::regclass
+"""
+
+
+def _partitions() -> list[str]:
+    return [row[0] for row in op.get_bind().exec_driver_sql(PARTITIONS).fetchall()]
+
+
+def upgrade() -> None:
+    op.execute("LOCK TABLE audit_logs IN ACCESS EXCLUSIVE MODE")
+    op.execute("CREATE SEQUENCE audit_logs_sequence AS bigint CACHE 1")
+    op.execute("ALTER TABLE audit_logs ADD COLUMN sequence bigint")
+    partitions = _partitions()
+    for part in partitions:
+        op.execute(f"ALTER TABLE {part} DISABLE TRIGGER append_only")
+    op.execute(
+        """
+        UPDATE audit_logs a SET sequence = n.sequence
+        FROM (SELECT created_at, id, row_number() OVER (ORDER BY created_at, id) AS sequence
+              FROM audit_logs) n
+        WHERE a.created_at = n.created_at AND a.id = n.id
+        """
+    )
+    for part in partitions:
+        op.execute(f"ALTER TABLE {part} ENABLE TRIGGER append_only")
+    op.execute(
+        "SELECT setval('audit_logs_sequence', max(sequence)) FROM audit_logs"
+        " HAVING max(sequence) IS NOT NULL"
+    )
+    op.execute(
+        "ALTER TABLE audit_logs ALTER COLUMN sequence SET DEFAULT nextval('audit_logs_sequence')"
+    )
+    op.execute("ALTER TABLE audit_logs ALTER COLUMN sequence SET NOT NULL")
+    op.execute("CREATE INDEX ix_audit_logs_sequence ON audit_logs (sequence)")
+    op.execute(
+        """
+        CREATE FUNCTION relman_audit_assign_xid() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_current_xact_id();
+            RETURN NULL;
+        END $$
+        """
+    )
+    op.execute(
+        "CREATE TRIGGER assign_xid BEFORE INSERT ON audit_logs"
+        " FOR EACH STATEMENT EXECUTE FUNCTION relman_audit_assign_xid()"
+    )
+    op.execute("ALTER TABLE audit_logs ALTER COLUMN created_at SET DEFAULT statement_timestamp()")
+    op.execute(
+        "ALTER TABLE audit_requests ALTER COLUMN audit_created_at"
+        " SET DEFAULT statement_timestamp()"
+    )
+    op.execute(
+        """
+        CREATE TABLE audit_seals (
+            seal_number bigint NOT NULL,
+            first_sequence bigint NOT NULL,
+            last_sequence bigint NOT NULL,
+            row_count integer NOT NULL,
+            root_hash bytea NOT NULL,
+            row_digests bytea NOT NULL,
+            previous_seal_hash bytea NOT NULL,
+            seal_hash bytea NOT NULL,
+            key_id varchar(64) NOT NULL,
+            signature bytea NOT NULL,
+            sealed_at timestamptz NOT NULL,
+            oldest_created_at timestamptz,
+            newest_created_at timestamptz,
+            CONSTRAINT pk_audit_seals PRIMARY KEY (seal_number),
+            CONSTRAINT uq_audit_seals_first_sequence UNIQUE (first_sequence),
+            CONSTRAINT ck_audit_seals_range CHECK (first_sequence <= last_sequence)
+        )
+        """
+    )
+    op.execute(
+        "CREATE INDEX ix_audit_seals_newest_created_at ON audit_seals (newest_created_at)"
+    )
+    op.execute(
+        """
+        CREATE FUNCTION relman_audit_seals_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            RAISE EXCEPTION 'audit_seals is append-only: % is not allowed', TG_OP
+                USING ERRCODE = 'insufficient_privilege';
+        END $$
+        """
+    )
+    op.execute(
+        "CREATE TRIGGER append_only BEFORE UPDATE OR DELETE ON audit_seals"
+        " FOR EACH ROW EXECUTE FUNCTION relman_audit_seals_append_only()"
+    )
+    op.execute(
+        "CREATE TRIGGER append_only_truncate BEFORE TRUNCATE ON audit_seals"
+        " FOR EACH STATEMENT EXECUTE FUNCTION relman_audit_seals_append_only()"
+    )
+
+
+def downgrade() -> None:
+    op.execute("DROP TABLE audit_seals")
+    op.execute("DROP FUNCTION relman_audit_seals_append_only()")
+    op.execute("ALTER TABLE audit_requests ALTER COLUMN audit_created_at SET DEFAULT now()")
+    op.execute("ALTER TABLE audit_logs ALTER COLUMN created_at SET DEFAULT now()")
+    op.execute("DROP TRIGGER assign_xid ON audit_logs")
+    op.execute("DROP FUNCTION relman_audit_assign_xid()")
+    op.execute("DROP INDEX ix_audit_logs_sequence")
+    op.execute("ALTER TABLE audit_logs DROP COLUMN sequence")
+    op.execute("DROP SEQUENCE audit_logs_sequence")
