@@ -14,7 +14,7 @@ from datetime import datetime
 import asyncpg
 
 from audit_svc.export import utc_text
-from audit_svc.sealing import ROW_FIELDS, SealableRow, Seal
+from audit_svc.sealing import ROW_FIELDS, Seal, SealableRow
 
 # Each encoded field's text, as the export's cell.
 _FIELD_TEXT = {
@@ -67,24 +67,24 @@ INSERT_SEAL = f"""
     INSERT INTO audit_seals ({_SEAL_COLUMNS}, oldest_created_at, newest_created_at)
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
 """
+# Up to $2 seals from $1 on, and no more once their row_digests pass $3 bytes (the first
+# always comes): a page of seals of 10,000 rows each stays far below a message's limit.
 SEALS_FROM = f"""
-    SELECT {_SEAL_COLUMNS} FROM audit_seals WHERE seal_number >= $1
-    ORDER BY seal_number LIMIT $2
+    SELECT {_SEAL_COLUMNS} FROM (
+        SELECT *, sum(octet_length(row_digests)) OVER (ORDER BY seal_number) AS digest_bytes
+        FROM audit_seals WHERE seal_number >= $1 ORDER BY seal_number LIMIT $2
+    ) page
+    WHERE digest_bytes - octet_length(row_digests) < $3 OR seal_number = $1
+    ORDER BY seal_number
 """
 SEAL = f"SELECT {_SEAL_COLUMNS} FROM audit_seals WHERE seal_number = $1"
-# The seals holding a row created in [start, end): a seal's rows' times span
-# [oldest_created_at, newest_created_at].
-# [oldest_created_at, newest_created_at]; and every seal between the first and the last of
-# those, so that the chain is checked without a hole.
-SEALS_IN_WINDOW = f"""
-    WITH bounds AS (
-        SELECT min(seal_number) AS first, max(seal_number) AS last FROM audit_seals
-        WHERE ($1::timestamptz IS NULL OR newest_created_at >= $1)
-          AND ($2::timestamptz IS NULL OR oldest_created_at < $2)
-    )
-    SELECT {_SEAL_COLUMNS} FROM audit_seals, bounds
-    WHERE seal_number BETWEEN bounds.first AND bounds.last
-    ORDER BY seal_number
+# The first and last seal holding a row created in [start, end): a seal's rows' times span
+# [oldest_created_at, newest_created_at]. Every seal between them is checked too, so that
+# the chain is checked without a hole.
+SEALS_IN_WINDOW = """
+    SELECT min(seal_number), max(seal_number) FROM audit_seals
+    WHERE ($1::timestamptz IS NULL OR newest_created_at >= $1)
+      AND ($2::timestamptz IS NULL OR oldest_created_at < $2)
 """
 LEAVES = f"""
     SELECT sequence, {LEAF} FROM audit_logs
@@ -137,8 +137,11 @@ async def insert_seal(
     )
 
 
-async def seals_from(connection: asyncpg.Connection, start: int, limit: int) -> list[Seal]:
-    return [seal_of(r) for r in await connection.fetch(SEALS_FROM, start, limit)]
+async def seals_from(
+    connection: asyncpg.Connection, start: int, limit: int, max_digest_bytes: int
+) -> list[Seal]:
+    records = await connection.fetch(SEALS_FROM, start, limit, max_digest_bytes)
+    return [seal_of(r) for r in records]
 
 
 async def seal(connection: asyncpg.Connection, seal_number: int) -> Seal | None:
@@ -148,8 +151,9 @@ async def seal(connection: asyncpg.Connection, seal_number: int) -> Seal | None:
 
 async def seals_in_window(
     connection: asyncpg.Connection, start: datetime | None, end: datetime | None
-) -> list[Seal]:
-    return [seal_of(r) for r in await connection.fetch(SEALS_IN_WINDOW, start, end)]
+) -> tuple[int | None, int | None]:
+    """The numbers of the first and last seal of the window (None, None: no seal)."""
+    return tuple(await connection.fetchrow(SEALS_IN_WINDOW, start, end))
 
 
 def leaves(connection: asyncpg.Connection, first: int, last: int, prefetch: int = 10_000):

@@ -24,7 +24,7 @@ import contextlib
 import logging
 
 from audit_svc import seal_store
-from audit_svc.sealing import ROWS_PER_SEAL, make_seal, choose_rows
+from audit_svc.sealing import ROWS_PER_SEAL, choose_rows, make_seal
 from audit_svc.signing_keys import KeyFile
 from shared.framework.observability import counter, gauge
 from shared.persistence.db import Database

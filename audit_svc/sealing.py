@@ -92,7 +92,9 @@ def merkle_root(leaves: Sequence[bytes]) -> bytes:
     level = list(leaves)
     sha256 = hashlib.sha256
     while len(level) > 1:
-        pairs = [sha256(b"\x01" + level[i] + level[i + 1]).digest() for i in range(0, len(level) - 1, 2)]
+        pairs = [
+            sha256(b"\x01" + level[i] + level[i + 1]).digest() for i in range(0, len(level) - 1, 2)
+        ]
         if len(level) % 2:
             pairs.append(level[-1])
         level = pairs
@@ -134,8 +136,7 @@ class Seal:
         values = {name: getattr(self, name) for name in SEAL_FIELDS}
         values["sealed_at"] = time_text(self.sealed_at)
         return _encode(
-            [SEAL_TAG]
-            + [v if isinstance(v, bytes) else str(v).encode() for v in values.values()]
+            [SEAL_TAG] + [v if isinstance(v, bytes) else str(v).encode() for v in values.values()]
         )
 
     def computed_hash(self) -> bytes:
@@ -188,8 +189,10 @@ def choose_rows(
 ) -> tuple[list[SealableRow], list[tuple[SealableRow, str]], datetime | None]:
     """The rows a seal takes (in sequence order) and those it leaves out, each with why
     (ROW_ADDED in a later verification): a second row with a sequence already taken, and
-    a backdated row (older than the newest sealed row by more than BACKDATED_BY).
-    Returns the newest created_at sealed afterwards too."""
+    a backdated row (older than the newest row of the earlier seals, `newest_sealed`, by
+    more than BACKDATED_BY; rows of one seal are not measured against each other, so a
+    trail loaded before the first seal, out of time order, is sealed whole). Returns the
+    newest created_at sealed afterwards too."""
     kept: list[SealableRow] = []
     left_out: list[tuple[SealableRow, str]] = []
     taken: set[int] = set()
@@ -201,9 +204,10 @@ def choose_rows(
         else:
             kept.append(row)
             taken.add(row.sequence)
-            if newest_sealed is None or row.created_at > newest_sealed:
-                newest_sealed = row.created_at
-    return kept, left_out, newest_sealed
+    newest = max((row.created_at for row in kept), default=None)
+    if newest_sealed is not None and (newest is None or newest < newest_sealed):
+        newest = newest_sealed
+    return kept, left_out, newest
 
 
 # -- verification -------------------------------------------------------------------------
@@ -217,7 +221,9 @@ class Problem:
     detail: str = ""
 
     def __str__(self) -> str:
-        where = f"seal {self.seal_number}" + (f", sequence {self.sequence}" if self.sequence else "")
+        where = f"seal {self.seal_number}" + (
+            f", sequence {self.sequence}" if self.sequence else ""
+        )
         return f"{self.kind} ({where}): {self.detail}"
 
 
@@ -238,7 +244,9 @@ def check_seal(
     key = public_keys.get(seal.key_id)
     if key is None:
         problems.append(
-            Problem(UNKNOWN_KEY, seal_number=number, detail=f"signed by key {seal.key_id!r}, not given")
+            Problem(
+                UNKNOWN_KEY, seal_number=number, detail=f"signed by key {seal.key_id!r}, not given"
+            )
         )
     else:
         try:
@@ -253,7 +261,9 @@ def check_seal(
             )
     if computed != seal.seal_hash and not problems:
         problems.append(
-            Problem(BAD_SIGNATURE, seal_number=number, detail="seal_hash is not the hash of its fields")
+            Problem(
+                BAD_SIGNATURE, seal_number=number, detail="seal_hash is not the hash of its fields"
+            )
         )
     if previous is not None:
         expected = (previous.seal_number + 1, previous.last_sequence + 1, previous.computed_hash())
@@ -269,7 +279,9 @@ def check_seal(
             )
     elif number == 1 and (seal.first_sequence != 1 or seal.previous_seal_hash):
         problems.append(
-            Problem(SEAL_CHAIN_BROKEN, seal_number=1, detail="the first seal must start at sequence 1")
+            Problem(
+                SEAL_CHAIN_BROKEN, seal_number=1, detail="the first seal must start at sequence 1"
+            )
         )
     return problems
 

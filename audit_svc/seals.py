@@ -17,10 +17,15 @@ from shared.persistence.db import Database
 from shared.persistence.pagination import decode_number_token, encode_number_token, page_size
 
 DEFAULT_SEALS_PAGE = 100
+# A page holds fewer seals than asked once their row_digests pass this (AIP-158 allows it).
+PAGE_DIGEST_BYTES = 1024 * 1024
 READ_DEADLINE_S = 30.0
 # VerifyAuditLog reads every row of its window: bounded by the call's deadline too.
 VERIFY_DEADLINE_S = 3600.0
 HASH_BYTES = 32
+# VerifyAuditLog reads the seals of its window a slice at a time (memory stays flat).
+VERIFY_SEALS_AT_ONCE = 1000
+VERIFY_DIGEST_BYTES = 16 * 1024 * 1024
 
 
 async def checkpoint(database: Database) -> Seal:
@@ -34,18 +39,21 @@ async def checkpoint(database: Database) -> Seal:
 async def list_seals(
     database: Database, start_seal_number: int, size: int, token: str
 ) -> tuple[list[Seal], str]:
-    """A page of seals in seal_number order from `start_seal_number` (0 or 1: the first)."""
+    """A page of seals in seal_number order from `start_seal_number` (0 or 1: the first);
+    fewer than asked when their row_digests pass PAGE_DIGEST_BYTES."""
     if start_seal_number < 0:
         raise InvalidArgument.field("start_seal_number", "must not be negative")
     size = page_size(size or DEFAULT_SEALS_PAGE)
     filters = {"start_seal_number": start_seal_number}
     first = decode_number_token(token, filters) if token else max(start_seal_number, 1)
     async with database.autocommit_connection(READ_DEADLINE_S) as connection:
-        seals = await seal_store.seals_from(connection, first, size + 1)
-    next_token = ""
-    if len(seals) > size:
-        next_token = encode_number_token(seals[size].seal_number, filters)
-        seals = seals[:size]
+        seals = await seal_store.seals_from(connection, first, size + 1, PAGE_DIGEST_BYTES)
+        following = seals[-1].seal_number + 1 if seals else None
+        if len(seals) > size:
+            following, seals = seals[size].seal_number, seals[:size]
+        elif seals and not await seal_store.seal(connection, following):
+            following = None
+    next_token = encode_number_token(following, filters) if following else ""
     return seals, next_token
 
 
@@ -75,25 +83,36 @@ async def verify_trail(
     check_trusted(trusted_seal_number, trusted_seal_hash)
     async with database.autocommit_connection(VERIFY_DEADLINE_S) as connection:
         async with connection.transaction(isolation="repeatable_read", readonly=True):
-            seals = await seal_store.seals_in_window(connection, start, end)
-            before = None
-            if seals and seals[0].seal_number > 1:
-                before = await seal_store.seal(connection, seals[0].seal_number - 1)
-            outcome = Verification(public_keys, previous=before)
+            outcome = Verification(public_keys)
             if trusted_seal_number:
                 trusted = await seal_store.seal(connection, trusted_seal_number)
                 problem = check_checkpoint(trusted, trusted_seal_number, trusted_seal_hash)
                 outcome.add([problem] if problem else [])
-            if not seals:
+            first, last = await seal_store.seals_in_window(connection, start, end)
+            if first is None:
                 return outcome
-            rows = seal_store.leaves(connection, seals[0].first_sequence, seals[-1].last_sequence)
-            index, mine = 0, []
-            async for sequence, leaf in rows:
-                while sequence > seals[index].last_sequence:
-                    outcome.check(seals[index], mine)
-                    index, mine = index + 1, []
-                mine.append((sequence, leaf))
-            for seal in seals[index:]:
-                outcome.check(seal, mine)
-                mine = []
+            if first > 1:
+                outcome.previous = await seal_store.seal(connection, first - 1)
+            number = first
+            while number <= last:
+                seals = await seal_store.seals_from(
+                    connection, number, VERIFY_SEALS_AT_ONCE, VERIFY_DIGEST_BYTES
+                )
+                seals = [seal for seal in seals if seal.seal_number <= last]
+                await _check_range(connection, seals, outcome)
+                number = seals[-1].seal_number + 1
     return outcome
+
+
+async def _check_range(connection, seals: list[Seal], outcome: Verification) -> None:
+    """Checks consecutive seals against the rows of their ranges, read in one pass."""
+    rows = seal_store.leaves(connection, seals[0].first_sequence, seals[-1].last_sequence)
+    index, mine = 0, []
+    async for sequence, leaf in rows:
+        while sequence > seals[index].last_sequence:
+            outcome.check(seals[index], mine)
+            index, mine = index + 1, []
+        mine.append((sequence, leaf))
+    for seal in seals[index:]:
+        outcome.check(seal, mine)
+        mine = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
 
@@ -26,6 +27,7 @@ from shared.identity.actor import current_actor
 from shared.persistence.db import Database
 from shared.persistence.models import AuditLog, AuditOrigin
 
+log = logging.getLogger("relman.audit_svc")
 AUDIT_SERVICE = audit_pb2.DESCRIPTOR.services_by_name["AuditService"]
 INGESTED = counter(
     "relman_audit_rows_ingested_total", "Audit rows stored for callers, by RPC.", ("rpc",)
@@ -265,7 +267,6 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
                 async with _idle_limit(idle_s, "EXPORT_READER_IDLE", "the reader took nothing"):
                     await context.write(audit_pb2.ExportAuditLogsResponse(data=chunk))
 
-
     async def GetAuditCheckpoint(self, request, context):
         return _seal(await seals.checkpoint(self.database))
 
@@ -311,6 +312,12 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         found = {"ok": outcome.ok, "rows_checked": outcome.rows_checked,
                  "seals_checked": outcome.seals_checked,
                  "problems": len(outcome.problems)}  # fmt: skip
+        if not outcome.ok:  # for the operators' alerts, not only for the caller
+            log.warning(
+                "VerifyAuditLog found %d problem(s) in the audit trail; the first: %s",
+                len(outcome.problems),
+                outcome.problems[0],
+            )
         await self.appender.append(trail.read_row(actor, "audit.verify", window, found))
         return audit_pb2.VerifyAuditLogResponse(
             ok=outcome.ok,

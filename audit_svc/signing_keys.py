@@ -151,7 +151,11 @@ def load_keyring(key_file: Path) -> Keyring:
         )
     public_key = private_key.public_key()
     current = SigningKey(
-        key_id(public_key), public_key, public_pem(public_key), _time(_headers(text), "created_at"), None
+        key_id(public_key),
+        public_key,
+        public_pem(public_key),
+        _time(_headers(text), "created_at"),
+        None,
     )
     retired = []
     folder = retired_dir(key_file)
@@ -223,8 +227,7 @@ def rotate(key_file: Path) -> tuple[str, str]:
     now = datetime.now(UTC)
     created = f"created_at: {time_text(current.created_at)}\n" if current.created_at else ""
     (folder / f"{current.key_id}.pem").write_text(
-        f"key_id: {current.key_id}\n{created}retired_at: {time_text(now)}\n"
-        f"{current.public_key_pem}"
+        f"key_id: {current.key_id}\n{created}retired_at: {time_text(now)}\n{current.public_key_pem}"
     )
     private_key = Ed25519PrivateKey.generate()
     temporary = key_file.with_name(f".{key_file.name}.rotate.tmp")

@@ -313,9 +313,7 @@ async def write_rows(connection: asyncpg.Connection, rows: Sequence[dict]) -> li
             details = json.loads(row["details"])
             columns = {c: row[c] for c in audit_log.COLUMNS}
             outcomes[index] = (
-                Stored(
-                    **{**columns, "details": details}, created_at=created_at, sequence=sequence
-                ),
+                Stored(**{**columns, "details": details}, created_at=created_at, sequence=sequence),
                 username,
                 recorded_by_username,
             )
@@ -391,9 +389,7 @@ async def append_batch(session: AsyncSession, rows: list[dict]) -> None:
     if asked:
         for row in asked:
             row["id"] = uuid.uuid4()
-        await driver.execute(
-            INSERT_CLAIMED_ROWS, *([row.get(c) for row in asked] for c in _SENT)
-        )
+        await driver.execute(INSERT_CLAIMED_ROWS, *([row.get(c) for row in asked] for c in _SENT))
 
 
 async def log_actions(

@@ -78,7 +78,9 @@ def read_leaves(path: Path) -> list[tuple[int, bytes]]:
             leaves = []
             for line, cells in enumerate(reader, start=2):
                 if len(cells) != len(header):
-                    raise UnreadableInput(f"{path}, line {line}: {len(cells)} cells, not {len(header)}")
+                    raise UnreadableInput(
+                        f"{path}, line {line}: {len(cells)} cells, not {len(header)}"
+                    )
                 leaves.append(
                     (int(cells[sequence]), leaf_hash(row_encoding([cells[i] for i in at])))
                 )

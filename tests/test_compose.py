@@ -12,10 +12,12 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import PurePosixPath
 
 import yaml
 
 from audit_svc.retention import parse_months
+from audit_svc.signing_keys import retired_dir
 from shared import PROJECT_ROOT
 from shared.framework.config import Settings
 from shared.persistence.db import normalize_url
@@ -143,6 +145,32 @@ def test_retention_runs_only_when_asked_as_the_owner_with_settings_it_accepts():
     mounts = dict(volume.split(":")[::-1] for volume in retention["volumes"])
     assert env["AUDIT_ARCHIVE_DIR"] in mounts
     assert retention["depends_on"] == {"migrate": {"condition": "service_completed_successfully"}}
+
+
+def test_audit_svc_keeps_its_signing_key_on_a_named_volume_its_replicas_share():
+    """The key that signs audit seals is made at first start: on the container's own
+    layer it would die with the container, and each replica would sign with a key of its
+    own. It lives on a writable named volume (with its retired keys beside it), in a
+    directory only the image's user may enter, and no other service mounts it."""
+    audit = SERVICES["audit_svc"]
+    key_file = PurePosixPath(audit["environment"]["AUDIT_SIGNING_KEY_FILE"])
+    assert key_file.is_absolute()
+    settings = Settings.from_env({"AUDIT_SIGNING_KEY_FILE": str(key_file)})
+    assert str(settings.audit_signing_key_file) == str(key_file)
+    mounts = {target: (source, rest) for source, target, *rest in
+              (volume.split(":") for volume in audit["volumes"])}  # fmt: skip
+    source, options = mounts[str(key_file.parent)]
+    assert source in COMPOSE["volumes"] and "ro" not in options
+    assert PurePosixPath(retired_dir(key_file)).parent == key_file.parent
+    for name, service in SERVICES.items():
+        if name != "audit_svc":
+            assert not any(v.startswith(f"{source}:") for v in service.get("volumes", [])), name
+    # The image makes that directory its user's, mode 0700 (a new named volume copies
+    # it, owner and mode included), and defaults to the same file.
+    dockerfile = (PROJECT_ROOT / "Dockerfile").read_text()
+    user = re.findall(r"^USER (\S+)", dockerfile, re.M)[-1]
+    assert f"install -d -m 0700 -o {user} -g {user} {key_file.parent}\n" in dockerfile
+    assert f"AUDIT_SIGNING_KEY_FILE={key_file}\n" in dockerfile
 
 
 def test_the_image_is_slim_non_root_with_generated_code_and_one_default_command():

@@ -80,8 +80,7 @@ def upgrade() -> None:
     )
     op.execute("ALTER TABLE audit_logs ALTER COLUMN created_at SET DEFAULT statement_timestamp()")
     op.execute(
-        "ALTER TABLE audit_requests ALTER COLUMN audit_created_at"
-        " SET DEFAULT statement_timestamp()"
+        "ALTER TABLE audit_requests ALTER COLUMN audit_created_at SET DEFAULT statement_timestamp()"
     )
     op.execute(
         """
@@ -105,9 +104,7 @@ def upgrade() -> None:
         )
         """
     )
-    op.execute(
-        "CREATE INDEX ix_audit_seals_newest_created_at ON audit_seals (newest_created_at)"
-    )
+    op.execute("CREATE INDEX ix_audit_seals_newest_created_at ON audit_seals (newest_created_at)")
     op.execute(
         """
         CREATE FUNCTION relman_audit_seals_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
