@@ -41,11 +41,14 @@ def _field(expression: str) -> str:
 # SHA-256(0x00 || the row's canonical encoding): audit_svc.sealing.leaf_hash, in SQL.
 LEAF = "sha256('\\x00'::bytea || " + " || ".join(_field(_FIELD_TEXT[f]) for f in ROW_FIELDS) + ")"
 
-# The last sequence value handed out (0: none yet). Read before the snapshot's xmax: a
-# value handed out by then belongs to a transaction with an id below that xmax (migration
-# 009's assign_xid), which a later snapshot's xmin passes only once it has ended.
+# The last sequence value handed out (0: none yet); then a new transaction id of its own
+# (its own transaction, committed at once): every transaction that took a value by then
+# got its id earlier (migration 009's assign_xid), so below this one, and a later
+# snapshot's xmin passes this id only once all of them have ended. (A snapshot's xmax
+# would not do: it is the newest *completed* id + 1, and a transaction newer than all
+# completed ones is below no xmax and in no snapshot's list of running ones.)
 LAST_SEQUENCE = "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM audit_logs_sequence"
-SNAPSHOT_XMAX = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
+NEW_XID = "SELECT pg_current_xact_id()::text::bigint"
 SNAPSHOT_XMIN = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
 # One sealer at a time across replicas: a transaction-level lock, free at commit.
 TRY_SEALER_LOCK = "SELECT pg_try_advisory_xact_lock(hashtext('relman_audit_sealer'))"
@@ -55,13 +58,16 @@ _SEAL_COLUMNS = (
     " previous_seal_hash, seal_hash, key_id, signature, sealed_at"
 )
 LAST_SEAL = f"""
-    SELECT {_SEAL_COLUMNS}, newest_created_at FROM audit_seals
-    ORDER BY seal_number DESC LIMIT 1
+    SELECT {_SEAL_COLUMNS},
+           (SELECT max(newest_created_at) FROM audit_seals) AS newest_sealed
+    FROM audit_seals ORDER BY seal_number DESC LIMIT 1
 """
+# Rows sharing a sequence (only the owner can write one) come in the export's order, as
+# the offline verifier takes them.
 SEALABLE_ROWS = f"""
     SELECT sequence, created_at, {LEAF} FROM audit_logs
     WHERE sequence > $1 AND sequence <= $2
-    ORDER BY sequence LIMIT $3
+    ORDER BY sequence, created_at, id LIMIT $3
 """
 INSERT_SEAL = f"""
     INSERT INTO audit_seals ({_SEAL_COLUMNS}, oldest_created_at, newest_created_at)
@@ -88,7 +94,7 @@ SEALS_IN_WINDOW = """
 """
 LEAVES = f"""
     SELECT sequence, {LEAF} FROM audit_logs
-    WHERE sequence >= $1 AND sequence <= $2 ORDER BY sequence
+    WHERE sequence >= $1 AND sequence <= $2 ORDER BY sequence, created_at, id
 """
 
 
@@ -97,9 +103,10 @@ def seal_of(record) -> Seal:
 
 
 async def horizon(connection: asyncpg.Connection) -> tuple[int, int]:
-    """(last sequence handed out, the xid every transaction that took one is below)."""
+    """(last sequence handed out, an xid every transaction that took one is below); on
+    a connection outside any transaction."""
     last = await connection.fetchval(LAST_SEQUENCE)
-    return last, await connection.fetchval(SNAPSHOT_XMAX)
+    return last, await connection.fetchval(NEW_XID)
 
 
 async def snapshot_xmin(connection: asyncpg.Connection) -> int:
@@ -112,11 +119,12 @@ async def try_sealer_lock(connection: asyncpg.Connection) -> bool:
 
 
 async def last_seal(connection: asyncpg.Connection) -> tuple[Seal | None, datetime | None]:
-    """The newest seal and the newest created_at it sealed (None, None: no seal yet)."""
+    """The newest seal and the newest created_at of all sealed rows (None, None: no seal
+    yet)."""
     record = await connection.fetchrow(LAST_SEAL)
     if record is None:
         return None, None
-    return seal_of(record), record["newest_created_at"]
+    return seal_of(record), record["newest_sealed"]
 
 
 async def sealable_rows(

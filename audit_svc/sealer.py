@@ -5,9 +5,9 @@ at most sealing.ROWS_PER_SEAL rows per seal.
 A row that commits late is never passed over. Sequence values are taken while a row is
 written, and rows commit in any order, so the sealer seals only up to a sequence every
 transaction that took one has finished with: each run it notes the last value handed
-out and the snapshot's xmax just after (a transaction that took a value holds an id
-below that xmax: migration 009's assign_xid), and seals up to that value once a later
-snapshot's xmin has passed the xmax. With no transaction running that is the same run;
+out and then takes a new transaction id (a transaction that took a value holds an id
+below it: migration 009's assign_xid), and seals up to that value once a later
+snapshot's xmin has passed that id. With no transaction running that is the same run;
 a transaction held open holds sealing at its first sequence until it ends.
 
 Several replicas run it; one at a time seals (a transaction-level advisory lock), and
@@ -24,8 +24,15 @@ import contextlib
 import logging
 
 from audit_svc import seal_store
-from audit_svc.sealing import ROWS_PER_SEAL, choose_rows, make_seal
-from audit_svc.signing_keys import KeyFile
+from audit_svc.sealing import (
+    ROWS_PER_SEAL,
+    Seal,
+    check_seal,
+    choose_rows,
+    first_month,
+    make_seal,
+)
+from audit_svc.signing_keys import KeyFile, Keyring
 from shared.framework.observability import counter, gauge
 from shared.persistence.db import Database
 
@@ -36,6 +43,10 @@ ROWS_SEALED = counter("relman_audit_rows_sealed_total", "Audit rows sealed by th
 ROWS_LEFT_OUT = counter(
     "relman_audit_rows_left_out_total",
     "Audit rows the sealer left out of seals (backdated, or a sequence already sealed).",
+)
+SEALS_DOUBTED = counter(
+    "relman_audit_seals_doubted_total",
+    "Last seals this process was to follow that did not verify with its keys (an ERROR each).",
 )
 SEAL_LAG = gauge(
     "relman_audit_seal_lag_seconds",
@@ -51,9 +62,11 @@ class Sealer:
         self.database = database
         self.key_file = key_file
         self.name = name
-        # (last sequence handed out, snapshot xmax just after), oldest first: bounds that
-        # become sealable once the snapshot's xmin reaches their xmax.
+        # (last sequence handed out, a transaction id taken just after), oldest first:
+        # bounds that become sealable once a snapshot's xmin reaches that id.
         self.pending: list[tuple[int, int]] = []
+        self.last_made = 0  # the last seal this process made (it need not check it)
+        self.last_doubted = 0  # the last seal found not to verify (reported once)
 
     async def seal_once(self) -> int:
         """One run: notes a new bound, seals up to the newest bound that is ready; returns
@@ -71,8 +84,10 @@ class Sealer:
                     return 0
                 return await self._seal_up_to(connection, max(ready), keyring)
 
-    async def _seal_up_to(self, connection, bound: int, keyring) -> int:
+    async def _seal_up_to(self, connection, bound: int, keyring: Keyring) -> int:
         previous, newest = await seal_store.last_seal(connection)
+        if previous is not None:
+            self._check_last(previous, keyring)
         made = 0
         while made < SEALS_PER_RUN:
             after = previous.last_sequence if previous else 0
@@ -81,8 +96,12 @@ class Sealer:
             rows = await seal_store.sealable_rows(connection, after, bound, ROWS_PER_SEAL)
             if not rows:
                 break  # only gaps so far: the next seal's range takes them
-            kept, left_out, newest = choose_rows(rows, newest)
-            last = rows[-1].sequence if len(rows) == ROWS_PER_SEAL else bound
+            kept, left_out = choose_rows(rows, newest)
+            kept, left_out, cut = first_month(kept, left_out)
+            if cut is not None:
+                last = cut - 1
+            else:
+                last = rows[-1].sequence if len(rows) == ROWS_PER_SEAL else bound
             sealed_at = await connection.fetchval("SELECT clock_timestamp()")
             seal = make_seal(
                 seal_number=previous.seal_number + 1 if previous else 1,
@@ -94,8 +113,10 @@ class Sealer:
                 private_key=keyring.private_key,
                 sealed_at=sealed_at,
             )
-            oldest = min((row.created_at for row in kept), default=None)
-            await seal_store.insert_seal(connection, seal, oldest, newest)
+            times = [row.created_at for row in kept]
+            oldest, own_newest = (min(times), max(times)) if times else (None, None)
+            await seal_store.insert_seal(connection, seal, oldest, own_newest)
+            self.last_made = seal.seal_number
             for row, why in left_out:
                 log.warning(
                     "%s left audit row %d out of seal %d: %s",
@@ -109,9 +130,26 @@ class Sealer:
             SEALS.inc()
             if oldest is not None:
                 SEAL_LAG.set((sealed_at - oldest).total_seconds())
+                newest = own_newest if newest is None else max(newest, own_newest)
             previous = seal
             made += 1
         return made
+
+    def _check_last(self, previous: Seal, keyring: Keyring) -> None:
+        """An ERROR, once, when the seal the next one will follow does not verify with the
+        service's keys (another replica's key missing here, or a seal forged in the
+        database): sealing goes on after it, and VerifyAuditLog reports it."""
+        if previous.seal_number in (self.last_made, self.last_doubted):
+            return
+        problems = check_seal(previous, None, keyring.public_keys())
+        if problems:
+            self.last_doubted = previous.seal_number
+            SEALS_DOUBTED.inc()
+            log.error(
+                "%s: the last audit seal does not verify with this service's keys: %s",
+                self.name,
+                problems[0],
+            )
 
     async def run(self, interval_s: float) -> None:
         """Seals every `interval_s` for as long as the process serves; a failed run (the

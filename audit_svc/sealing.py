@@ -186,13 +186,12 @@ class SealableRow:
 
 def choose_rows(
     rows: Iterable[SealableRow], newest_sealed: datetime | None
-) -> tuple[list[SealableRow], list[tuple[SealableRow, str]], datetime | None]:
+) -> tuple[list[SealableRow], list[tuple[SealableRow, str]]]:
     """The rows a seal takes (in sequence order) and those it leaves out, each with why
     (ROW_ADDED in a later verification): a second row with a sequence already taken, and
     a backdated row (older than the newest row of the earlier seals, `newest_sealed`, by
     more than BACKDATED_BY; rows of one seal are not measured against each other, so a
-    trail loaded before the first seal, out of time order, is sealed whole). Returns the
-    newest created_at sealed afterwards too."""
+    trail loaded before the first seal, out of time order, is sealed whole)."""
     kept: list[SealableRow] = []
     left_out: list[tuple[SealableRow, str]] = []
     taken: set[int] = set()
@@ -204,10 +203,27 @@ def choose_rows(
         else:
             kept.append(row)
             taken.add(row.sequence)
-    newest = max((row.created_at for row in kept), default=None)
-    if newest_sealed is not None and (newest is None or newest < newest_sealed):
-        newest = newest_sealed
-    return kept, left_out, newest
+    return kept, left_out
+
+
+def _month(moment: datetime) -> tuple[int, int]:
+    moment = moment.astimezone(UTC)
+    return moment.year, moment.month
+
+
+def first_month(
+    kept: list[SealableRow], left_out: list[tuple[SealableRow, str]]
+) -> tuple[list[SealableRow], list[tuple[SealableRow, str]], int | None]:
+    """The kept rows of the first UTC month among them, the left-out rows before the cut,
+    and the sequence the next seal starts at (None: no cut). A seal never spans two months:
+    retention removes a month's rows with their partition, and its seals go with them
+    whole (the rest of the chain still verifies, and a month's archive verifies against
+    its own seals offline)."""
+    for index, row in enumerate(kept):
+        if _month(row.created_at) != _month(kept[0].created_at):
+            cut = row.sequence
+            return kept[:index], [(r, why) for r, why in left_out if r.sequence < cut], cut
+    return kept, left_out, None
 
 
 # -- verification -------------------------------------------------------------------------

@@ -64,8 +64,12 @@ def _headers(text: str) -> dict[str, str]:
 
 
 def _time(headers: dict[str, str], name: str) -> datetime | None:
-    value = headers.get(name)
-    return None if value is None else datetime.fromisoformat(value.replace("Z", "+00:00"))
+    """A date of the explanatory text; None when it is missing or not a date (it is only
+    shown, never trusted)."""
+    try:
+        return datetime.fromisoformat(headers[name].replace("Z", "+00:00"))
+    except (KeyError, ValueError):
+        return None
 
 
 def read_public_keys(text: str) -> dict[str, Ed25519PublicKey]:
@@ -160,9 +164,13 @@ def load_keyring(key_file: Path) -> Keyring:
     retired = []
     folder = retired_dir(key_file)
     for path in sorted(folder.glob("*.pem")) if folder.is_dir() else ():
-        retired_text = path.read_text()
+        try:
+            retired_text = path.read_text()
+            public_keys = read_public_keys(retired_text)
+        except (OSError, ValueError, KeyFileError) as error:
+            raise KeyFileError(f"retired key {path}: {error}") from None
         headers = _headers(retired_text)
-        for found_id, key in read_public_keys(retired_text).items():
+        for found_id, key in public_keys.items():
             if found_id != current.key_id:
                 retired.append(
                     SigningKey(
@@ -197,9 +205,16 @@ class KeyFile:
         return (stat(self.path), stat(retired_dir(self.path)))
 
     def ensure(self, service: str) -> Keyring:
-        """The keyring, making the key first if there is none (logged with its key_id)."""
+        """The keyring, making the key first if there is none (logged with its key_id);
+        KeyFileError when neither works (the process stops with one line, exit 2)."""
         if not self.path.exists():
-            made = make_key_file(self.path)
+            try:
+                made = make_key_file(self.path)
+            except OSError as error:
+                raise KeyFileError(
+                    f"AUDIT_SIGNING_KEY_FILE {self.path}: cannot make a key there:"
+                    f" {error.strerror or error}"
+                ) from None
             if made:
                 log.info(
                     "%s made an audit signing key %s at %s (AUDIT_SIGNING_KEY_FILE): keep it,"
@@ -211,9 +226,19 @@ class KeyFile:
         return self.keyring()
 
     def keyring(self) -> Keyring:
+        """The keys as the files now say; when the files changed into something unusable
+        (a rotation gone wrong), the keys read before, with an ERROR once per change."""
         stamp = self._stamp()
         if self._keyring is None or stamp != self._seen:
-            self._keyring, self._seen = load_keyring(self.path), stamp
+            try:
+                keyring = load_keyring(self.path)
+            except KeyFileError as error:
+                if self._keyring is None:
+                    raise
+                log.error("%s: still signing with key %s", error, self._keyring.current_key_id)
+            else:
+                self._keyring = keyring
+            self._seen = stamp
         return self._keyring
 
 

@@ -17,7 +17,9 @@ Create Date: 2026-11-30
 - created_at (and audit_requests.audit_created_at, which must equal it) become the
   statement's start, not the transaction's: a row's time is when it was written, so a
   long LogActions stream's rows do not look backdated next to rows sealed meanwhile.
-- audit_seals: the signed seals, append-only like the trail (the same trigger).
+- audit_seals: the signed seals, append-only like the trail, and each must follow the
+  last one (number, first sequence, previous hash) and cover only sequence values
+  already handed out (trigger `seal_follows`).
 """
 
 from collections.abc import Sequence
@@ -32,6 +34,34 @@ depends_on: str | Sequence[str] | None = None
 PARTITIONS = """
     SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
     WHERE i.inhparent = 'audit_logs'::regclass
+"""
+
+
+# A seal must follow the last one and cover only sequence values handed out: with the
+# services' credentials (INSERT on audit_seals) a forged seal claiming every sequence to
+# come would leave the sealer nothing to seal, silently. The sealer's lock makes inserts
+# one at a time; the key refuses a second seal of a number.
+SEAL_FOLLOWS = """
+CREATE FUNCTION relman_audit_seal_follows() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    previous record;
+    handed_out bigint;
+BEGIN
+    SELECT seal_number, last_sequence, seal_hash INTO previous FROM public.audit_seals
+    ORDER BY seal_number DESC LIMIT 1;
+    SELECT CASE WHEN is_called THEN last_value ELSE 0 END INTO handed_out
+    FROM public.audit_logs_sequence;
+    IF NEW.seal_number IS DISTINCT FROM coalesce(previous.seal_number, 0) + 1
+       OR NEW.first_sequence IS DISTINCT FROM coalesce(previous.last_sequence, 0) + 1
+       OR NEW.previous_seal_hash IS DISTINCT FROM coalesce(previous.seal_hash, ''::bytea)
+       OR NEW.last_sequence > handed_out THEN
+        RAISE EXCEPTION 'seal % does not follow seal % or covers sequences not handed out',
+            NEW.seal_number, previous.seal_number
+            USING ERRCODE = 'integrity_constraint_violation';
+    END IF;
+    RETURN NEW;
+END $$
 """
 
 
@@ -114,6 +144,11 @@ def upgrade() -> None:
         END $$
         """
     )
+    op.execute(SEAL_FOLLOWS)
+    op.execute(
+        "CREATE TRIGGER seal_follows BEFORE INSERT ON audit_seals"
+        " FOR EACH ROW EXECUTE FUNCTION relman_audit_seal_follows()"
+    )
     op.execute(
         "CREATE TRIGGER append_only BEFORE UPDATE OR DELETE ON audit_seals"
         " FOR EACH ROW EXECUTE FUNCTION relman_audit_seals_append_only()"
@@ -127,6 +162,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.execute("DROP TABLE audit_seals")
     op.execute("DROP FUNCTION relman_audit_seals_append_only()")
+    op.execute("DROP FUNCTION relman_audit_seal_follows()")
     op.execute("ALTER TABLE audit_requests ALTER COLUMN audit_created_at SET DEFAULT now()")
     op.execute("ALTER TABLE audit_logs ALTER COLUMN created_at SET DEFAULT now()")
     op.execute("DROP TRIGGER assign_xid ON audit_logs")
