@@ -43,13 +43,29 @@ LEAF = "sha256('\\x00'::bytea || " + " || ".join(_field(_FIELD_TEXT[f]) for f in
 
 # The last sequence value handed out (0: none yet); then a new transaction id of its own
 # (its own transaction, committed at once): every transaction that took a value by then
-# got its id earlier (migration 009's assign_xid), so below this one, and a later
-# snapshot's xmin passes this id only once all of them have ended. (A snapshot's xmax
+# got its id earlier (migration 009's assign_xid), so below this one; once no transaction
+# of this database below it is running (OLDEST_RUNNING_HERE), all of them have ended.
+# (A snapshot's xmax
 # would not do: it is the newest *completed* id + 1, and a transaction newer than all
 # completed ones is below no xmax and in no snapshot's list of running ones.)
 LAST_SEQUENCE = "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM audit_logs_sequence"
 NEW_XID = "SELECT pg_current_xact_id()::text::bigint"
-SNAPSHOT_XMIN = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+# The oldest transaction of this database still running (else every id below the
+# snapshot's xmax has ended). Transaction ids are the server's: the snapshot's own xmin
+# would wait for a transaction left open in any other database of the server too. Every
+# running id below an id taken earlier (NEW_XID, committed) is in the snapshot's list;
+# those of this database's sessions (and of its prepared transactions) count.
+OLDEST_RUNNING_HERE = """
+    SELECT coalesce(
+        (SELECT min(x::text::bigint) FROM pg_snapshot_xip(s) AS x
+         WHERE xid(x) IN (SELECT backend_xid FROM pg_stat_activity
+                          WHERE datname = current_database() AND backend_xid IS NOT NULL
+                          UNION ALL
+                          SELECT transaction FROM pg_prepared_xacts
+                          WHERE database = current_database())),
+        pg_snapshot_xmax(s)::text::bigint)
+    FROM pg_current_snapshot() AS s
+"""
 # One sealer at a time across replicas: a transaction-level lock, free at commit.
 TRY_SEALER_LOCK = "SELECT pg_try_advisory_xact_lock(hashtext('relman_audit_sealer'))"
 
@@ -109,9 +125,10 @@ async def horizon(connection: asyncpg.Connection) -> tuple[int, int]:
     return last, await connection.fetchval(NEW_XID)
 
 
-async def snapshot_xmin(connection: asyncpg.Connection) -> int:
-    """The oldest transaction still running (as of a snapshot taken now)."""
-    return await connection.fetchval(SNAPSHOT_XMIN)
+async def oldest_running_here(connection: asyncpg.Connection) -> int:
+    """The oldest transaction of this database still running, as of now (or, when none
+    is, the id every ended transaction is below)."""
+    return await connection.fetchval(OLDEST_RUNNING_HERE)
 
 
 async def try_sealer_lock(connection: asyncpg.Connection) -> bool:

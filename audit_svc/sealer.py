@@ -6,8 +6,9 @@ A row that commits late is never passed over. Sequence values are taken while a 
 written, and rows commit in any order, so the sealer seals only up to a sequence every
 transaction that took one has finished with: each run it notes the last value handed
 out and then takes a new transaction id (a transaction that took a value holds an id
-below it: migration 009's assign_xid), and seals up to that value once a later
-snapshot's xmin has passed that id. With no transaction running that is the same run;
+below it: migration 009's assign_xid), and seals up to that value once no transaction
+of this database below that id is running (transaction ids are the server's; one left
+open in another database holds nothing here). With no transaction running that is the same run;
 a transaction held open holds sealing at its first sequence until it ends.
 
 Several replicas run it; one at a time seals (a transaction-level advisory lock), and
@@ -63,7 +64,7 @@ class Sealer:
         self.key_file = key_file
         self.name = name
         # (last sequence handed out, a transaction id taken just after), oldest first:
-        # bounds that become sealable once a snapshot's xmin reaches that id.
+        # bounds that become sealable once no transaction of this database below it runs.
         self.pending: list[tuple[int, int]] = []
         self.last_made = 0  # the last seal this process made (it need not check it)
         self.last_doubted = 0  # the last seal found not to verify (reported once)
@@ -77,9 +78,9 @@ class Sealer:
             async with connection.transaction():
                 if not await seal_store.try_sealer_lock(connection):
                     return 0
-                xmin = await seal_store.snapshot_xmin(connection)
-                ready = [last for last, xmax in self.pending if xmax <= xmin]
-                self.pending = [bound for bound in self.pending if bound[1] > xmin]
+                oldest = await seal_store.oldest_running_here(connection)
+                ready = [last for last, xid in self.pending if xid <= oldest]
+                self.pending = [bound for bound in self.pending if bound[1] > oldest]
                 if not ready:
                     return 0
                 return await self._seal_up_to(connection, max(ready), keyring)

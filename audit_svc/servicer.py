@@ -296,11 +296,13 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         """Reads the rows of its window: recorded like a read of the trail (audit.verify),
         with what it found."""
         actor = current_actor.get()
-        window_filter = audit_pb2.AuditLogFilter()
-        for name in ("start_time", "end_time"):
-            if request.HasField(name):
-                getattr(window_filter, name).CopyFrom(getattr(request, name))
-        window = _filter(window_filter)
+        start, end = (
+            parse_timestamp(name, getattr(request, name)) if request.HasField(name) else None
+            for name in ("start_time", "end_time")
+        )
+        if start and end and start > end:
+            raise InvalidArgument.field("start_time", "is after end_time")
+        window = trail.Filter(start_time=start, end_time=end)
         outcome = await seals.verify_trail(
             self.database,
             self.key_file.keyring().public_keys(),

@@ -12,8 +12,8 @@ Create Date: 2026-11-30
   the verifier read in sequence order; exports take a sequence range).
 - `assign_xid`, a statement-level trigger on audit_logs: a statement that inserts rows
   holds a transaction id before it takes its first sequence value, so a sequence value
-  handed out belongs to a transaction that the snapshot's xmin accounts for (the
-  sealer seals only below that horizon: a row that commits late is never passed over).
+  handed out belongs to a transaction whose id the sealer can wait for (it seals only
+  below that horizon: a row that commits late is never passed over).
 - created_at (and audit_requests.audit_created_at, which must equal it) become the
   statement's start, not the transaction's: a row's time is when it was written, so a
   long LogActions stream's rows do not look backdated next to rows sealed meanwhile.
