@@ -189,9 +189,8 @@ def choose_rows(
 ) -> tuple[list[SealableRow], list[tuple[SealableRow, str]]]:
     """The rows a seal takes (in sequence order) and those it leaves out, each with why
     (ROW_ADDED in a later verification): a second row with a sequence already taken, and
-    a backdated row (older than the newest row of the earlier seals, `newest_sealed`, by
-    more than BACKDATED_BY; rows of one seal are not measured against each other, so a
-    trail loaded before the first seal, out of time order, is sealed whole)."""
+    a backdated row (older than `newest_sealed`, the newest row sealed before, by more
+    than BACKDATED_BY; rows are not measured against each other)."""
     kept: list[SealableRow] = []
     left_out: list[tuple[SealableRow, str]] = []
     taken: set[int] = set()

@@ -35,7 +35,9 @@ from pathlib import Path
 import asyncpg
 import grpc
 import pytest
+from google.protobuf import json_format
 
+from audit_svc import verify as offline
 from relman.v1 import audit_pb2, audit_pb2_grpc
 from shared.framework.protos import timestamp
 from shared.identity.tokens import issue_token
@@ -175,10 +177,11 @@ class Trail:
 
 async def _fill(owner: asyncpg.Connection, this_month: datetime, user_id: uuid.UUID) -> dict:
     """The partitions of the 14 past months (made as the migration makes them) and their
-    rows, written as the owner with their times; request ids for 3 rows of each month."""
+    rows, written as the owner with their times, oldest month first (as a trail grows: its
+    seals follow the months); request ids for 3 rows of each month."""
     ids: dict[str, set[uuid.UUID]] = {}
     records, requests = [], []
-    for back in range(1, MONTHS_OF_ROWS + 1):
+    for back in range(MONTHS_OF_ROWS, 0, -1):
         low = add_months(this_month, -back)
         high = add_months(low, 1)
         await owner.fetchval("SELECT relman_audit_make_partition($1::date)", low.date())
@@ -447,6 +450,62 @@ async def test_a_killed_run_is_finished_by_the_next(trail):
     )
     again = await trail.run(**settings)  # nothing left past retention
     assert again.returncode == 0 and "nothing is past retention" in again.stdout, again.stderr
+
+
+async def test_seals_outlive_the_months_retention_dropped(trail):
+    """The trail was sealed before retention ran (one seal never spans two months): from
+    the first month kept VerifyAuditLog is ok; with no window it finds exactly the dropped
+    rows missing; and a dropped month's archive verifies offline against its own seals."""
+    metadata = bearer(trail.token)
+    last = await trail.db.fetchval("SELECT max(sequence) FROM audit_logs")
+
+    async def all_sealed():
+        return await trail.db.fetchval(
+            "SELECT coalesce(max(last_sequence), 0) >= $1 FROM audit_seals", last
+        )
+
+    await poll(all_sealed, 30, "the trail sealed")
+    kept = await trail.stub.VerifyAuditLog(
+        audit_pb2.VerifyAuditLogRequest(start_time=timestamp(trail.month(12)[1])),
+        metadata=metadata,
+    )
+    assert kept.ok, kept.problems[:3]
+    assert kept.rows_checked >= 12 * (ROWS_PER_MONTH + 2)
+    everything = await trail.stub.VerifyAuditLog(
+        audit_pb2.VerifyAuditLogRequest(), metadata=metadata
+    )
+    kinds = {audit_pb2.AuditIntegrityProblem.Kind.Name(p.kind) for p in everything.problems}
+    assert (kinds, len(everything.problems)) == ({"ROW_MISSING"}, 2 * (ROWS_PER_MONTH + 2))
+
+    archive = _archive(trail, trail.month(14)[0])[0]
+    text = gzip.decompress(archive.read_bytes()).decode()
+    sequences = [int(row["sequence"]) for row in csv.DictReader(io.StringIO(text, newline=""))]
+    seals = (
+        await trail.stub.ListAuditSeals(
+            audit_pb2.ListAuditSealsRequest(page_size=1000), metadata=metadata
+        )
+    ).seals
+    month_seals = [
+        seal
+        for seal in seals
+        if seal.first_sequence <= max(sequences) and seal.last_sequence >= min(sequences)
+    ]
+    seals_file = trail.archive_dir / "month.seals.jsonl"
+    seals_file.write_text(
+        "".join(json_format.MessageToJson(seal, indent=None) + "\n" for seal in month_seals)
+    )
+    keys = await trail.stub.ListAuditSigningKeys(
+        audit_pb2.ListAuditSigningKeysRequest(), metadata=metadata
+    )
+    keys_file = trail.archive_dir / "keys.pem"
+    keys_file.write_text("".join(key.public_key_pem for key in keys.keys))
+    try:
+        outcome = offline.verify_files(archive, seals_file, [keys_file], None)
+    finally:
+        seals_file.unlink()
+        keys_file.unlink()
+    assert outcome.ok, outcome.problems[:3]
+    assert outcome.rows_checked == len(sequences) == ROWS_PER_MONTH + 2
 
 
 async def test_a_bad_archive_stops_the_run_and_a_pending_detach_is_finalized(trail):
