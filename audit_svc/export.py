@@ -140,7 +140,10 @@ async def export_audit_logs(
     async def sink(data: bytes) -> None:
         await pieces.put(data)
 
-    connection = await database.replica_connection()
+    # A range of seals (by sequence) is exported from the primary, whose seals it is
+    # checked against: a lagging replica would leave the newest rows out.
+    by_sequence = f.start_sequence is not None or f.end_sequence is not None
+    connection = await (database.engine.connect() if by_sequence else database.replica_connection())
     try:
         raw_connection = (await connection.get_raw_connection()).driver_connection
         await connection.begin()

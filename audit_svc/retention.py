@@ -65,6 +65,8 @@ MONTHS_MAX = 1200
 EXIT_AFTER = "AUDIT_RETENTION_EXIT_AFTER"
 EXIT_AFTER_CODE = 3
 # The export's CSV header: what a readable archive starts with.
+# A details cell may pass csv's default limit (128 KiB): PostgreSQL prints numbers in full.
+csv.field_size_limit(2**31 - 1)
 HEADER = list(export.HEADER)
 CREATED_AT = HEADER.index("created_at")
 # The command's audit rows: no user, like every command line's.

@@ -45,9 +45,8 @@ LEAF = "sha256('\\x00'::bytea || " + " || ".join(_field(_FIELD_TEXT[f]) for f in
 # (its own transaction, committed at once): every transaction that took a value by then
 # got its id earlier (migration 009's assign_xid), so below this one; once no transaction
 # of this database below it is running (OLDEST_RUNNING_HERE), all of them have ended.
-# (A snapshot's xmax
-# would not do: it is the newest *completed* id + 1, and a transaction newer than all
-# completed ones is below no xmax and in no snapshot's list of running ones.)
+# (A snapshot's xmax would not do: it is the newest *completed* id + 1, and a transaction
+# newer than all completed ones is below no xmax and in no snapshot's list of running ones.)
 LAST_SEQUENCE = "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM audit_logs_sequence"
 NEW_XID = "SELECT pg_current_xact_id()::text::bigint"
 # The oldest transaction of this database still running (else every id below the
@@ -66,27 +65,46 @@ OLDEST_RUNNING_HERE = """
         pg_snapshot_xmax(s)::text::bigint)
     FROM pg_current_snapshot() AS s
 """
+# How long the oldest committed row not sealed yet has waited (None: every row is sealed).
+UNSEALED_AGE = """
+    SELECT extract(epoch FROM clock_timestamp() - a.created_at)::float8 FROM audit_logs a
+    WHERE a.sequence > coalesce(
+        (SELECT last_sequence FROM audit_seals ORDER BY seal_number DESC LIMIT 1), 0)
+    ORDER BY a.sequence LIMIT 1
+"""
+# The session of this database whose transaction is the oldest one running (what holds
+# sealing back when it lags).
+OLDEST_WRITER = """
+    SELECT pid, usename, application_name, xact_start FROM pg_stat_activity
+    WHERE datname = current_database() AND backend_xid IS NOT NULL
+    ORDER BY age(backend_xid) DESC LIMIT 1
+"""
 # One sealer at a time across replicas: a transaction-level lock, free at commit.
 TRY_SEALER_LOCK = "SELECT pg_try_advisory_xact_lock(hashtext('relman_audit_sealer'))"
 
 _SEAL_COLUMNS = (
     "seal_number, first_sequence, last_sequence, row_count, root_hash, row_digests,"
-    " previous_seal_hash, seal_hash, key_id, signature, sealed_at"
+    " previous_seal_hash, seal_hash, key_id, signature, sealed_at, oldest_created_at,"
+    " newest_created_at"
 )
 LAST_SEAL = f"""
     SELECT {_SEAL_COLUMNS},
-           (SELECT max(newest_created_at) FROM audit_seals) AS newest_sealed
+           -- never later than now: seals' times are not signed (seal_follows refuses a
+           -- future one; this holds even for one written around the trigger)
+           least((SELECT max(newest_created_at) FROM audit_seals), clock_timestamp())
+               AS newest_sealed
     FROM audit_seals ORDER BY seal_number DESC LIMIT 1
 """
-# Rows sharing a sequence (only the owner can write one) come in the export's order, as
-# the offline verifier takes them.
+# In sequence order from the index, never after a sort of the range. Rows sharing a
+# sequence (only the owner can write one) come in any order: a check matches them by
+# their digests (sealing.check_rows).
 SEALABLE_ROWS = f"""
     SELECT sequence, created_at, {LEAF} FROM audit_logs
     WHERE sequence > $1 AND sequence <= $2
-    ORDER BY sequence, created_at, id LIMIT $3
+    ORDER BY sequence LIMIT $3
 """
 INSERT_SEAL = f"""
-    INSERT INTO audit_seals ({_SEAL_COLUMNS}, oldest_created_at, newest_created_at)
+    INSERT INTO audit_seals ({_SEAL_COLUMNS})
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
 """
 # Up to $2 seals from $1 on, and no more once their row_digests pass $3 bytes (the first
@@ -101,8 +119,8 @@ SEALS_FROM = f"""
 """
 SEAL = f"SELECT {_SEAL_COLUMNS} FROM audit_seals WHERE seal_number = $1"
 # The first and last seal holding a row created in [start, end): a seal's rows' times span
-# [oldest_created_at, newest_created_at]. Every seal between them is checked too, so that
-# the chain is checked without a hole.
+# [oldest_created_at, newest_created_at] (signed). Every seal between them is checked too,
+# so that the chain is checked without a hole.
 SEALS_IN_WINDOW = """
     SELECT min(seal_number), max(seal_number) FROM audit_seals
     WHERE ($1::timestamptz IS NULL OR newest_created_at >= $1)
@@ -110,7 +128,7 @@ SEALS_IN_WINDOW = """
 """
 LEAVES = f"""
     SELECT sequence, {LEAF} FROM audit_logs
-    WHERE sequence >= $1 AND sequence <= $2 ORDER BY sequence, created_at, id
+    WHERE sequence >= $1 AND sequence <= $2 ORDER BY sequence
 """
 
 
@@ -118,17 +136,35 @@ def seal_of(record) -> Seal:
     return Seal(**{name: record[name] for name in Seal.__dataclass_fields__})
 
 
-async def horizon(connection: asyncpg.Connection) -> tuple[int, int]:
-    """(last sequence handed out, an xid every transaction that took one is below); on
-    a connection outside any transaction."""
-    last = await connection.fetchval(LAST_SEQUENCE)
-    return last, await connection.fetchval(NEW_XID)
+async def last_sequence(connection: asyncpg.Connection) -> int:
+    """The last sequence value handed out (0: none yet)."""
+    return await connection.fetchval(LAST_SEQUENCE)
+
+
+async def new_xid(connection: asyncpg.Connection) -> int:
+    """A transaction id of its own, committed at once (outside any transaction): every
+    transaction that took a sequence value before this call is below it."""
+    return await connection.fetchval(NEW_XID)
 
 
 async def oldest_running_here(connection: asyncpg.Connection) -> int:
     """The oldest transaction of this database still running, as of now (or, when none
     is, the id every ended transaction is below)."""
     return await connection.fetchval(OLDEST_RUNNING_HERE)
+
+
+async def unsealed_age(connection: asyncpg.Connection) -> float:
+    return await connection.fetchval(UNSEALED_AGE) or 0.0
+
+
+async def oldest_writer(connection: asyncpg.Connection) -> str:
+    record = await connection.fetchrow(OLDEST_WRITER)
+    if record is None:
+        return "none"
+    return (
+        f"pid {record['pid']} ({record['usename']}, {record['application_name']!r},"
+        f" in a transaction since {record['xact_start']})"
+    )
 
 
 async def try_sealer_lock(connection: asyncpg.Connection) -> bool:
@@ -151,14 +187,9 @@ async def sealable_rows(
     return [SealableRow(sequence, created_at, leaf) for sequence, created_at, leaf in records]
 
 
-async def insert_seal(
-    connection: asyncpg.Connection, seal: Seal, oldest: datetime | None, newest: datetime | None
-) -> None:
+async def insert_seal(connection: asyncpg.Connection, seal: Seal) -> None:
     await connection.execute(
-        INSERT_SEAL,
-        *(getattr(seal, name) for name in Seal.__dataclass_fields__),
-        oldest,
-        newest,
+        INSERT_SEAL, *(getattr(seal, name) for name in Seal.__dataclass_fields__)
     )
 
 

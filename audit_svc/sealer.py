@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from audit_svc import seal_store
 from audit_svc.sealing import (
@@ -51,11 +52,15 @@ SEALS_DOUBTED = counter(
 )
 SEAL_LAG = gauge(
     "relman_audit_seal_lag_seconds",
-    "In the last seal this process made: its time less its oldest row's creation time.",
+    "How long the oldest committed audit row not sealed yet has waited (0: all sealed),"
+    " as of this process's last run.",
 )
+# Past this, each run that finds a row still unsealed may log a WARNING (once a minute).
+LAG_WARNING_S = 60.0
 # At most this many seals in one run (a backlog is sealed over several runs).
 SEALS_PER_RUN = 20
 RUN_DEADLINE_S = 30.0
+PENDING_MAX = 256
 
 
 class Sealer:
@@ -66,24 +71,52 @@ class Sealer:
         # (last sequence handed out, a transaction id taken just after), oldest first:
         # bounds that become sealable once no transaction of this database below it runs.
         self.pending: list[tuple[int, int]] = []
+        self.noted = 0  # the last sequence value noted in `pending`
         self.last_made = 0  # the last seal this process made (it need not check it)
         self.last_doubted = 0  # the last seal found not to verify (reported once)
+        self.warned_at = -LAG_WARNING_S  # when the last lag WARNING was logged (monotonic)
 
     async def seal_once(self) -> int:
         """One run: notes a new bound, seals up to the newest bound that is ready; returns
         how many seals it made (0 too when another replica holds the sealer's lock)."""
         keyring = self.key_file.keyring()
         async with self.database.autocommit_connection(RUN_DEADLINE_S) as connection:
-            self.pending.append(await seal_store.horizon(connection))
-            async with connection.transaction():
-                if not await seal_store.try_sealer_lock(connection):
-                    return 0
-                oldest = await seal_store.oldest_running_here(connection)
-                ready = [last for last, xid in self.pending if xid <= oldest]
-                self.pending = [bound for bound in self.pending if bound[1] > oldest]
-                if not ready:
-                    return 0
-                return await self._seal_up_to(connection, max(ready), keyring)
+            last = await seal_store.last_sequence(connection)
+            if last > self.noted:  # an idle trail costs no transaction id per run
+                self.pending.append((last, await seal_store.new_xid(connection)))
+                self.noted = last
+                # Another replica may seal every run: dropping the oldest bounds only
+                # waits for a later one, which covers them.
+                del self.pending[:-PENDING_MAX]
+            # READ COMMITTED whatever the database's default: the rows must be read in a
+            # snapshot taken after the horizon was checked, not at the lock.
+            made = 0
+            async with connection.transaction(isolation="read_committed"):
+                if await seal_store.try_sealer_lock(connection):
+                    oldest = await seal_store.oldest_running_here(connection)
+                    ready = [last for last, xid in self.pending if xid <= oldest]
+                    self.pending = [bound for bound in self.pending if bound[1] > oldest]
+                    if ready:
+                        made = await self._seal_up_to(connection, max(ready), keyring)
+            await self._report_lag(connection)
+            return made
+
+    async def _report_lag(self, connection) -> None:
+        """The lag gauge, every run; a WARNING (once a minute) naming what holds sealing
+        back when a row has waited past LAG_WARNING_S: a transaction left open, or a
+        session holding the sealer's lock."""
+        lag = await seal_store.unsealed_age(connection)
+        SEAL_LAG.set(lag)
+        now = time.monotonic()
+        if lag > LAG_WARNING_S and now - self.warned_at > LAG_WARNING_S:
+            self.warned_at = now
+            log.warning(
+                "%s: an audit row has waited %.0f s to be sealed; the oldest transaction"
+                " of the database: %s",
+                self.name,
+                lag,
+                await seal_store.oldest_writer(connection),
+            )
 
     async def _seal_up_to(self, connection, bound: int, keyring: Keyring) -> int:
         """Seals up to `bound`. Backdating is measured against the rows of earlier runs
@@ -111,15 +144,13 @@ class Sealer:
                 seal_number=previous.seal_number + 1 if previous else 1,
                 first_sequence=after + 1,
                 last_sequence=last,
-                rows=[(row.sequence, row.leaf) for row in kept],
+                rows=kept,
                 previous_seal_hash=previous.seal_hash if previous else b"",
                 key_id=keyring.current_key_id,
                 private_key=keyring.private_key,
                 sealed_at=sealed_at,
             )
-            times = [row.created_at for row in kept]
-            oldest, own_newest = (min(times), max(times)) if times else (None, None)
-            await seal_store.insert_seal(connection, seal, oldest, own_newest)
+            await seal_store.insert_seal(connection, seal)
             self.last_made = seal.seal_number
             for row, why in left_out:
                 log.warning(
@@ -132,8 +163,7 @@ class Sealer:
             ROWS_LEFT_OUT.inc(len(left_out))
             ROWS_SEALED.inc(len(kept))
             SEALS.inc()
-            if oldest is not None:
-                SEAL_LAG.set((sealed_at - oldest).total_seconds())
+
             previous = seal
             made += 1
         return made

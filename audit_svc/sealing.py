@@ -12,8 +12,9 @@ verifier in another language:
 - a leaf hash: SHA-256(0x00 || row encoding); the root: RFC 6962's Merkle tree hash
   over the leaves in sequence order (node = SHA-256(0x01 || left || right));
 - a seal: SEAL_TAG then its fields in SEAL_FIELDS order, encoded the same way (numbers
-  in decimal, hashes and digests as raw bytes, sealed_at as RFC 3339 UTC with 6
-  fractional digits); seal_hash = SHA-256 of it; signature = Ed25519 over seal_hash.
+  in decimal, hashes and digests as raw bytes, times as RFC 3339 UTC with 6
+  fractional digits, an absent time as empty); seal_hash = SHA-256 of it; signature =
+  Ed25519 over seal_hash.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-# A row's fields in the order they are encoded: the export's columns (sequence first).
+# A row's fields in the order they are encoded: the export's columns but username (not
+# the row's: users are renamed), sequence first. Spelled out, not derived from the export
+# or the table: it is the seal format (v1), which must not change when they do.
 ROW_FIELDS = (
     "sequence",
     "id",
@@ -53,6 +56,8 @@ SEAL_FIELDS = (
     "previous_seal_hash",
     "key_id",
     "sealed_at",
+    "oldest_created_at",
+    "newest_created_at",
 )
 # Each row in a seal's row_digests: its sequence, then the head of its leaf hash.
 DIGEST_BYTES = 16
@@ -131,10 +136,15 @@ class Seal:
     key_id: str
     signature: bytes
     sealed_at: datetime
+    # The oldest and newest created_at of its rows (None: it holds none): signed, so that
+    # the seals of a time window are found by what the sealer said.
+    oldest_created_at: datetime | None = None
+    newest_created_at: datetime | None = None
 
     def encoding(self) -> bytes:
         values = {name: getattr(self, name) for name in SEAL_FIELDS}
-        values["sealed_at"] = time_text(self.sealed_at)
+        for name in ("sealed_at", "oldest_created_at", "newest_created_at"):
+            values[name] = "" if values[name] is None else time_text(values[name])
         return _encode(
             [SEAL_TAG] + [v if isinstance(v, bytes) else str(v).encode() for v in values.values()]
         )
@@ -147,25 +157,28 @@ def make_seal(
     seal_number: int,
     first_sequence: int,
     last_sequence: int,
-    rows: Sequence[tuple[int, bytes]],
+    rows: Sequence[SealableRow],
     previous_seal_hash: bytes,
     key_id: str,
     private_key: Ed25519PrivateKey,
     sealed_at: datetime,
 ) -> Seal:
-    """The signed seal of `rows` ((sequence, leaf hash), in sequence order)."""
+    """The signed seal of `rows` (in sequence order)."""
+    times = [row.created_at for row in rows]
     unsigned = Seal(
         seal_number=seal_number,
         first_sequence=first_sequence,
         last_sequence=last_sequence,
         row_count=len(rows),
-        root_hash=merkle_root([leaf for _, leaf in rows]),
-        row_digests=row_digests(rows),
+        root_hash=merkle_root([row.leaf for row in rows]),
+        row_digests=row_digests([(row.sequence, row.leaf) for row in rows]),
         previous_seal_hash=previous_seal_hash,
         seal_hash=b"",
         key_id=key_id,
         signature=b"",
         sealed_at=sealed_at,
+        oldest_created_at=min(times, default=None),
+        newest_created_at=max(times, default=None),
     )
     seal_hash = unsigned.computed_hash()
     return Seal(
@@ -378,9 +391,15 @@ class Verification:
             if len(self.problems) < self.max_problems:
                 self.problems.append(problem)
 
-    def check(self, seal: Seal, rows: Sequence[tuple[int, bytes]]) -> None:
-        """One seal and the rows stored in its range ((sequence, leaf hash), in order)."""
+    def check(self, seal: Seal, rows: Sequence[tuple[int, bytes]] | None) -> None:
+        """One seal and the rows stored in its range ((sequence, leaf hash), in order);
+        None: the seal alone (its signature and its link), not its rows."""
         seal_problems = check_seal(seal, self.previous, self.public_keys)
+        self.previous = seal
+        self.seals_checked += 1
+        if rows is None:
+            self.add(seal_problems)
+            return
         row_problems = check_rows(seal, rows)
         if seal_problems and [p.sequence for p in row_problems] == [0]:
             # Every row matches its digest: the seal's own root is what changed, which
@@ -389,8 +408,16 @@ class Verification:
         self.add(seal_problems)
         self.add(row_problems)
         self.rows_checked += len(rows)
-        self.seals_checked += 1
-        self.previous = seal
+
+
+def meets(seal: Seal, start: datetime | None, end: datetime | None) -> bool:
+    """Whether the seal holds a row created in [start, end), by its signed bounds (a seal
+    without rows meets every window)."""
+    if seal.oldest_created_at is None or seal.newest_created_at is None:
+        return True
+    return (start is None or seal.newest_created_at >= start) and (
+        end is None or seal.oldest_created_at < end
+    )
 
 
 def group_rows(

@@ -6,6 +6,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
 
@@ -94,6 +95,8 @@ def _seal(seal: Seal) -> audit_pb2.AuditSeal:
         signature=seal.signature,
         sealed_at=timestamp(seal.sealed_at),
         row_digests=seal.row_digests,
+        oldest_created_at=timestamp(seal.oldest_created_at),
+        newest_created_at=timestamp(seal.newest_created_at),
     )
 
 
@@ -161,16 +164,24 @@ async def _idle_limit(idle_s: float, reason: str, what: str) -> AsyncIterator[No
         ) from None
 
 
-async def _until_idle(messages: AsyncIterable, idle_s: float) -> AsyncIterator:
-    """The stream's messages; ABORTED (STREAM_IDLE) once none came for `idle_s`; nothing
-    of the stream is stored then."""
+async def _until_idle(messages: AsyncIterable, idle_s: float, max_s: float) -> AsyncIterator:
+    """The stream's messages; ABORTED (STREAM_IDLE) once none came for `idle_s`, or
+    (STREAM_TOO_LONG) once it has lasted `max_s`; nothing of the stream is stored then."""
     iterator = aiter(messages)
+    ends_at = time.monotonic() + max_s
     while True:
         try:
             async with _idle_limit(idle_s, "STREAM_IDLE", "no message"):
                 message = await anext(iterator)
         except StopAsyncIteration:
             return
+        if time.monotonic() > ends_at:
+            raise Aborted(
+                f"a LogActions stream lasts at most {max_s:g} s (AUDIT_STREAM_MAX_S): its"
+                " transaction holds back the sealing of the trail; send several streams",
+                reason="STREAM_TOO_LONG",
+                metadata={"max_s": f"{max_s:g}"},
+            )
         yield message
 
 
@@ -212,7 +223,11 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     async def _entries(self, request_iterator) -> AsyncIterator[Iterator[trail.Entry]]:
         """The stream's batches, each as its entries, until the client ends it or falls
         idle; a batch over MAX_ROWS_PER_BATCH is refused as it arrives."""
-        async for batch in _until_idle(request_iterator, self.settings.audit_stream_idle_s):
+        settings = self.settings
+        batches = _until_idle(
+            request_iterator, settings.audit_stream_idle_s, settings.audit_stream_max_s
+        )
+        async for batch in batches:
             if len(batch.actions) > MAX_ROWS_PER_BATCH:
                 raise InvalidArgument.field(
                     "actions", f"a batch holds at most {MAX_ROWS_PER_BATCH} rows"

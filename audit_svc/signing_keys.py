@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -67,9 +68,10 @@ def _time(headers: dict[str, str], name: str) -> datetime | None:
     """A date of the explanatory text; None when it is missing or not a date (it is only
     shown, never trusted)."""
     try:
-        return datetime.fromisoformat(headers[name].replace("Z", "+00:00"))
+        moment = datetime.fromisoformat(headers[name].replace("Z", "+00:00"))
     except (KeyError, ValueError):
         return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)  # a bare date: UTC
 
 
 def read_public_keys(text: str) -> dict[str, Ed25519PublicKey]:
@@ -115,8 +117,9 @@ def _write_new(path: Path, text: str) -> bool:
     """Writes `text` to `path` only if nothing is there (another process may be writing
     the same key file at the same moment: the first wins, whole); mode 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # A name of its own (replicas in containers may all be pid 1), mode 0600.
+    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    temporary = Path(name)
     with os.fdopen(descriptor, "w") as handle:
         handle.write(text)
         handle.flush()

@@ -36,6 +36,10 @@ from shared.persistence.pagination import Page, list_page
 
 ACTION = re.compile(r"[a-z][a-z0-9_.]{0,49}")
 DETAILS_MAX_BYTES = 64 * 1024
+# PostgreSQL prints a jsonb number in full (1e308: 309 digits), and the trail is read,
+# exported and sealed as printed: a magnitude out of these bounds would let 64 KiB of
+# details print as megabytes.
+NUMBER_MIN, NUMBER_MAX = 1e-40, 1e40
 # One encoder for every row: json.dumps with options builds a new one per call.
 _COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
@@ -112,6 +116,16 @@ def conditions(f: Filter) -> dict[str, Any]:
     }
 
 
+def _numbers_in_range(value: Any) -> bool:
+    if isinstance(value, float):
+        return value == 0 or NUMBER_MIN <= abs(value) < NUMBER_MAX
+    if isinstance(value, dict):
+        return all(_numbers_in_range(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_numbers_in_range(v) for v in value)
+    return True
+
+
 def check_on_behalf(actor: Actor, entry: Entry, field: str = "") -> None:
     """PERMISSION_DENIED unless the caller may name another user, address or user agent
     (`audit.write.on_behalf`), when `entry` does."""
@@ -150,6 +164,11 @@ def checked_row(actor: Actor, entry: Entry, field: str = "") -> dict[str, Any]:
         raise InvalidArgument.field(f"{field}details", f"is larger than {DETAILS_MAX_BYTES} bytes")
     if "\\u0000" in serialized or "\x00" in serialized:
         raise InvalidArgument.field(f"{field}details", "must not contain NUL characters")
+    if not _numbers_in_range(entry.details):
+        raise InvalidArgument.field(
+            f"{field}details",
+            f"numbers must be 0 or between {NUMBER_MIN:g} and {NUMBER_MAX:g} in magnitude",
+        )
     request_id = None
     if entry.request_id:
         try:

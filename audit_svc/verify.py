@@ -6,8 +6,9 @@
 No database and no service: an auditor runs it on a laptop with what the service gave
 (README "Sealed audit trail"):
 
-- `--export`: a raw CSV export (ExportAuditLogs with `raw: true`; a `.gz` file is read
-  as gzip, so retention's archives can be checked too) holding whole seals: exported
+- `--export` (repeatable: the rows of all the files): a raw CSV export (ExportAuditLogs
+  with `raw: true`; a `.gz` file is read as gzip, so retention's archives can be checked
+  too) holding whole seals: exported
   by `start_sequence`/`end_sequence` from the first seal's first_sequence to the last
   seal's last_sequence (or by a time window the seals cover);
 - `--seals`: JSON Lines, one AuditSeal per line in protobuf's JSON mapping, as
@@ -33,7 +34,7 @@ import csv
 import gzip
 import sys
 from collections.abc import Iterator
-from datetime import UTC
+from datetime import UTC, datetime
 from pathlib import Path
 
 from google.protobuf import json_format
@@ -51,6 +52,9 @@ from audit_svc.sealing import (
 )
 from audit_svc.signing_keys import KeyFileError, read_public_keys
 from relman.v1 import audit_pb2
+
+# A details cell may pass csv's default limit (128 KiB): PostgreSQL prints numbers in full.
+csv.field_size_limit(2**31 - 1)
 
 
 class UnreadableInput(Exception):
@@ -105,7 +109,13 @@ def _seal(message: audit_pb2.AuditSeal) -> Seal:
         key_id=message.key_id,
         signature=message.signature,
         sealed_at=message.sealed_at.ToDatetime(tzinfo=UTC),
+        oldest_created_at=_time(message, "oldest_created_at"),
+        newest_created_at=_time(message, "newest_created_at"),
     )
+
+
+def _time(message: audit_pb2.AuditSeal, name: str) -> datetime | None:
+    return getattr(message, name).ToDatetime(tzinfo=UTC) if message.HasField(name) else None
 
 
 def read_seals(path: Path) -> list[Seal]:
@@ -178,14 +188,16 @@ def checkpoint_problem(seals: list[Seal], seal_number: int, seal_hash: bytes) ->
 
 
 def verify_files(
-    export: Path, seals_file: Path, keys_files: list[Path], checkpoint: str | None
+    export: Path | list[Path], seals_file: Path, keys_files: list[Path], checkpoint: str | None
 ) -> Verification:
     seals = read_seals(seals_file)
     outcome = Verification(read_keys(keys_files))
     if checkpoint:
         problem = checkpoint_problem(seals, *parse_checkpoint(checkpoint))
         outcome.add([problem] if problem else [])
-    for seal, rows in group_rows(seals, read_leaves(export)):
+    exports = export if isinstance(export, list) else [export]
+    leaves = sorted((leaf for path in exports for leaf in read_leaves(path)), key=lambda x: x[0])
+    for seal, rows in group_rows(seals, leaves):
         outcome.check(seal, rows)
     return outcome
 
@@ -205,7 +217,13 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m audit_svc.verify",
         description="Checks a raw CSV export of the audit trail against signed seals, offline.",
     )
-    parser.add_argument("--export", type=Path, required=True, help="a raw CSV export (or .csv.gz)")
+    parser.add_argument(
+        "--export",
+        type=Path,
+        required=True,
+        action="append",
+        help="a raw CSV export (or .csv.gz); repeatable: the rows of all of them",
+    )
     parser.add_argument("--seals", type=Path, required=True, help="AuditSeal JSON Lines")
     parser.add_argument(
         "--keys", type=Path, required=True, action="append", help="PEM public keys (repeatable)"

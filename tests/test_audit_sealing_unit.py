@@ -109,12 +109,20 @@ def _leaves(first: int, last: int) -> list[tuple[int, bytes]]:
     return [(s, leaf_hash(f"row {s}".encode())) for s in range(first, last + 1)]
 
 
+def _sealable(first: int, last: int) -> list[SealableRow]:
+    """The rows of _leaves as the sealer reads them, a second apart, the last at SEALED_AT."""
+    return [
+        SealableRow(s, SEALED_AT - timedelta(seconds=last - s), leaf)
+        for s, leaf in _leaves(first, last)
+    ]
+
+
 def _chain(*ranges: tuple[int, int]):
     """Signed, chained seals over rows of `ranges` (every sequence has a row)."""
     seals, previous = [], None
     for number, (first, last) in enumerate(ranges, start=1):
         previous = make_seal(
-            number, first, last, _leaves(first, last), previous.seal_hash if previous else b"",
+            number, first, last, _sealable(first, last), previous.seal_hash if previous else b"",
             KEY_ID, SIGNING_KEY, SEALED_AT,
         )  # fmt: skip
         seals.append(previous)
@@ -161,7 +169,7 @@ def test_a_seal_must_follow_the_one_before_it():
     assert check_seal(second, first, KEYS) == []
     assert [p.kind for p in check_seal(third, first, KEYS)] == [SEAL_CHAIN_BROKEN]
     # The first seal of all starts the chain at sequence 1.
-    late_start = make_seal(1, 2, 3, _leaves(2, 3), b"", KEY_ID, SIGNING_KEY, SEALED_AT)
+    late_start = make_seal(1, 2, 3, _sealable(2, 3), b"", KEY_ID, SIGNING_KEY, SEALED_AT)
     assert [p.kind for p in check_seal(late_start, None, KEYS)] == [SEAL_CHAIN_BROKEN]
 
 

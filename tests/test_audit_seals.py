@@ -22,7 +22,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -246,7 +246,7 @@ def _forged_seal(previous: Seal, last_sequence: int) -> Seal:
         previous_seal_hash=previous.seal_hash,
         key_id="0123456789abcdef",
         private_key=Ed25519PrivateKey.generate(),
-        sealed_at=previous.sealed_at + timedelta(seconds=1),
+        sealed_at=previous.sealed_at,  # never ahead of the database's clock
     )
 
 
@@ -270,7 +270,8 @@ async def test_an_untouched_trail_verifies_with_every_row_and_seal(untouched):
 
 
 async def test_a_time_window_checks_exactly_the_seals_holding_its_rows(untouched):
-    """An auditor checks one day without reading the years before it."""
+    """An auditor checks one day without reading the years before it: the rows of the
+    window's seals, and the seals on either side of them (signature and link only)."""
     await untouched.log(5, "seal.before")
     await untouched.all_sealed()
     start = await untouched.db.fetchval("SELECT clock_timestamp()")
@@ -289,7 +290,7 @@ async def test_a_time_window_checks_exactly_the_seals_holding_its_rows(untouched
     )
     outcome = await untouched.verify(start_time=timestamp(start), end_time=timestamp(end))
     assert outcome.ok, outcome.problems
-    assert (outcome.rows_checked, outcome.seals_checked) == (8, seals)
+    assert (outcome.rows_checked, outcome.seals_checked) == (8, seals + 2)
 
 
 async def test_log_action_returns_the_rows_sequence_and_exports_take_a_sequence_range(untouched):
@@ -482,15 +483,26 @@ async def test_the_services_database_role_cannot_rewrite_seals_or_choose_sequenc
                 await runtime.execute(statement)
         # It may insert seals (the sealer does), but only one that follows the last and
         # covers sequences handed out: not one claiming every row to come as sealed.
-        previous, newest = await seal_store.last_seal(runtime)
+        previous, _ = await seal_store.last_seal(runtime)
         claims_the_future = _forged_seal(previous, previous.last_sequence + 10**9)
         out_of_chain = dataclasses.replace(claims_the_future, previous_seal_hash=b"\x00" * 32)
         for forged in (claims_the_future, out_of_chain):
             with pytest.raises(asyncpg.IntegrityConstraintViolationError):
-                await seal_store.insert_seal(runtime, forged, None, newest)
+                await seal_store.insert_seal(runtime, forged)
+        assert await untouched.db.fetchrow(state) == before
+        # Nor one whose rows' times lie ahead, which would make every row written after
+        # it look backdated, so that none were ever sealed again (its range is valid: a
+        # sequence value of its own).
+        taken = await runtime.fetchval("SELECT nextval('audit_logs_sequence')")
+        dated_ahead = dataclasses.replace(
+            _forged_seal(previous, taken),
+            oldest_created_at=datetime(9999, 12, 31, tzinfo=UTC),
+            newest_created_at=datetime(9999, 12, 31, tzinfo=UTC),
+        )
+        with pytest.raises(asyncpg.IntegrityConstraintViolationError):
+            await seal_store.insert_seal(runtime, dated_ahead)
     finally:
         await runtime.close()
-    assert await untouched.db.fetchrow(state) == before
 
 
 async def test_the_offline_verifier_cli_exits_0_1_or_2(untouched):
@@ -733,7 +745,7 @@ async def test_a_deleted_seal_is_reported_alike_online_and_offline(trail):
 async def test_a_seal_forged_with_the_services_own_credentials_is_unknown_key(trail):
     """The services' role may insert seals (the sealer does): one signed with a key of its
     own is found, the sealer says so (an ERROR) and goes on chaining after it."""
-    previous, newest = await seal_store.last_seal(trail.db)
+    previous, _ = await seal_store.last_seal(trail.db)
     since = len(trail.process.lines)
     runtime = await asyncpg.connect(libpq_dsn(runtime_url(trail.url)))
     try:
@@ -741,7 +753,7 @@ async def test_a_seal_forged_with_the_services_own_credentials_is_unknown_key(tr
         taken = await runtime.fetchval("SELECT nextval('audit_logs_sequence')")
         assert taken == previous.last_sequence + 1
         forged = _forged_seal(previous, taken)
-        await seal_store.insert_seal(runtime, forged, None, newest)
+        await seal_store.insert_seal(runtime, forged)
     finally:
         await runtime.close()
     await trail.log(5)

@@ -60,6 +60,19 @@ BEGIN
             NEW.seal_number, previous.seal_number
             USING ERRCODE = 'integrity_constraint_violation';
     END IF;
+    -- The shapes the sealer writes, and times not in the future: a seal the services'
+    -- credentials forge can neither make every later row look backdated nor stop the
+    -- pages of ListAuditSeals with one huge value.
+    IF octet_length(NEW.root_hash) <> 32 OR octet_length(NEW.seal_hash) <> 32
+       OR octet_length(NEW.signature) <> 64 OR NEW.key_id !~ '^[0-9a-f]{16}$'
+       OR NEW.row_count NOT BETWEEN 0 AND 10000
+       OR octet_length(NEW.row_digests) <> 16 * NEW.row_count
+       OR NEW.sealed_at > clock_timestamp()
+       OR NEW.newest_created_at > NEW.sealed_at
+       OR NEW.oldest_created_at > NEW.newest_created_at THEN
+        RAISE EXCEPTION 'seal % is not shaped as the sealer makes seals', NEW.seal_number
+            USING ERRCODE = 'integrity_constraint_violation';
+    END IF;
     RETURN NEW;
 END $$
 """

@@ -54,6 +54,9 @@ class Settings:
     # Held resources: a LogActions stream idle this long is ended; streams per caller;
     # an export whose reader takes nothing for this long is cancelled.
     audit_stream_idle_s: float = 30.0
+    # A LogActions stream is one transaction, which holds back the sealing of every row
+    # written after it began: it lasts at most this long.
+    audit_stream_max_s: float = 300.0
     audit_streams_per_caller: int = 4
     export_reader_idle_s: float = 60.0
     # Failed logins allowed per (username, peer) and per peer in one window, and how
@@ -95,6 +98,9 @@ class Settings:
             require_protected_trail=reader.flag("REQUIRE_PROTECTED_TRAIL", False),
             audit_stream_idle_s=reader.number(
                 "AUDIT_STREAM_IDLE_S", 30.0, minimum=0.1, maximum=90.0
+            ),
+            audit_stream_max_s=reader.number(
+                "AUDIT_STREAM_MAX_S", 300.0, minimum=1.0, maximum=3600.0
             ),
             audit_streams_per_caller=reader.integer(
                 "AUDIT_STREAMS_PER_CALLER", 4, minimum=1, maximum=1000
