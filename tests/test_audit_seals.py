@@ -29,7 +29,7 @@ import asyncpg
 import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from google.protobuf import json_format
+from google.protobuf import json_format, struct_pb2
 from sqlalchemy import URL
 
 from audit_svc import seal_store
@@ -181,9 +181,11 @@ class Trail:
 
 
 @asynccontextmanager
-async def open_trail(server_url: URL, tmp: Path, rows: int = ROWS) -> AsyncIterator[Trail]:
+async def open_trail(
+    server_url: URL, tmp: Path, rows: int = ROWS, **settings: str
+) -> AsyncIterator[Trail]:
     """A scratch database and an audit_svc sealing every 50 ms, its key under `tmp`, with
-    `rows` rows written through the API and sealed."""
+    `rows` rows written through the API and sealed (and `settings`)."""
     async with scratch_database(server_url) as url:
         db = await asyncpg.connect(libpq_dsn(url))
         database = Database(url, pool_size=1)
@@ -191,7 +193,11 @@ async def open_trail(server_url: URL, tmp: Path, rows: int = ROWS) -> AsyncItera
         try:
             key_file = tmp / "keys" / "signing.pem"
             process = await start_service(
-                url, "audit_svc", AUDIT_SEAL_INTERVAL_S="0.05", AUDIT_SIGNING_KEY_FILE=str(key_file)
+                url,
+                "audit_svc",
+                AUDIT_SEAL_INTERVAL_S="0.05",
+                AUDIT_SIGNING_KEY_FILE=str(key_file),
+                **settings,
             )
             address = client_address(process.addresses["audit_svc"])
             async with grpc.aio.insecure_channel(address) as channel:
@@ -865,3 +871,78 @@ async def test_the_newest_seals_deleted_with_their_rows_break_the_checkpoint(tra
     text = f"{checkpoint.seal_number}:{base64.b64encode(checkpoint.seal_hash).decode()}"
     status, printed = await trail.offline(text)
     assert status == 1 and printed[0].startswith("CHECKPOINT_MISMATCH")
+
+
+async def test_a_window_cannot_lose_a_seal_whose_bounds_were_moved(trail):
+    """The seals of a window are found by their stored time bounds: a superuser who moves
+    a seal's bounds out of the window, to hide a row changed in it, breaks that seal's
+    signature, and the seal beside the window is checked too."""
+    start = await trail.db.fetchval("SELECT clock_timestamp()")
+    await trail.log(4, "seal.edge")
+    await trail.all_sealed()
+    await trail.log(4, "seal.inside")
+    await trail.all_sealed()
+    end = await trail.db.fetchval("SELECT clock_timestamp()")
+    edge, changed = await trail.db.fetchrow(
+        "SELECT s.seal_number, a.sequence FROM audit_logs a JOIN audit_seals s"
+        " ON a.sequence BETWEEN s.first_sequence AND s.last_sequence"
+        " WHERE a.action = 'seal.edge' ORDER BY a.sequence LIMIT 1"
+    )
+    before = await trail.verify(start_time=timestamp(start), end_time=timestamp(end))
+    assert before.ok, before.problems
+    await trail.tamper(
+        "UPDATE audit_logs SET resource_id = 'r-forged' WHERE sequence = $1", args=(changed,)
+    )
+    await trail.tamper(
+        "UPDATE audit_seals SET oldest_created_at = '2001-01-01', newest_created_at ="
+        " '2001-01-01' WHERE seal_number <= $1 AND newest_created_at >= $2",
+        args=(edge, start),
+    )
+    after = await trail.verify(start_time=timestamp(start), end_time=timestamp(end))
+    assert (after.problems[0].kind, after.problems[0].seal_number) == (Kind.BAD_SIGNATURE, edge)
+
+
+async def test_a_logactions_stream_past_its_time_is_aborted_and_stores_nothing(
+    server_url, tmp_path
+):
+    """A stream is one transaction, which holds back the sealing of every row written
+    after it began: it ends ABORTED (STREAM_TOO_LONG) after AUDIT_STREAM_MAX_S."""
+    async with open_trail(server_url, tmp_path, rows=0, AUDIT_STREAM_MAX_S="1") as short:
+
+        async def batches():
+            while True:  # until the server ends the stream
+                yield audit_pb2.LogActionsRequest(
+                    actions=[
+                        audit_pb2.LogActionRequest(action="stream.long", resource_type="x")
+                        for _ in range(50)
+                    ]
+                )
+
+        stream = short.stub.LogActions(batches(), metadata=short.metadata)
+        await fails(stream, grpc.StatusCode.ABORTED, "STREAM_TOO_LONG")
+        stored = await short.db.fetchval(
+            "SELECT count(*) FROM audit_logs WHERE action = 'stream.long'"
+        )
+        assert stored == 0
+
+
+async def test_details_numbers_postgresql_would_print_as_megabytes_are_refused(untouched):
+    """1e308 is 6 bytes in a request and 309 digits in the trail, its exports and its seals."""
+    rows = await _row_count(untouched)
+    for number in (1e308, -1e40, 1e-300):
+        details = struct_pb2.Struct()
+        details.update({"n": number})
+        call = untouched.stub.LogAction(
+            audit_pb2.LogActionRequest(action="big.number", resource_type="x", details=details),
+            metadata=untouched.metadata,
+        )
+        error = await fails(call, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+        assert [v.field for v in error_details(error)[1]] == ["details"]
+    assert await _row_count(untouched) == rows
+    details = struct_pb2.Struct()
+    details.update({"n": 9.99e39, "m": 1e-39, "z": 0})
+    stored = await untouched.stub.LogAction(
+        audit_pb2.LogActionRequest(action="big.number", resource_type="x", details=details),
+        metadata=untouched.metadata,
+    )
+    assert stored.details["n"] == 9.99e39
