@@ -72,6 +72,7 @@ class Sealer:
         # bounds that become sealable once no transaction of this database below it runs.
         self.pending: list[tuple[int, int]] = []
         self.noted = 0  # the last sequence value noted in `pending`
+        self.sealable = 0  # every row up to this sequence has committed or never will
         self.last_made = 0  # the last seal this process made (it need not check it)
         self.last_doubted = 0  # the last seal found not to verify (reported once)
         self.warned_at = -LAG_WARNING_S  # when the last lag WARNING was logged (monotonic)
@@ -96,8 +97,11 @@ class Sealer:
                     oldest = await seal_store.oldest_running_here(connection)
                     ready = [last for last, xid in self.pending if xid <= oldest]
                     self.pending = [bound for bound in self.pending if bound[1] > oldest]
-                    if ready:
-                        made = await self._seal_up_to(connection, max(ready), keyring)
+                    # Kept across runs: a backlog past one run's seals is sealed by the
+                    # next runs even when nothing new is written meanwhile.
+                    self.sealable = max([self.sealable, *ready])
+                    if self.sealable:
+                        made = await self._seal_up_to(connection, self.sealable, keyring)
             await self._report_lag(connection)
             return made
 

@@ -35,8 +35,10 @@ from sqlalchemy import URL
 from audit_svc import seal_store
 from audit_svc import verify as offline
 from audit_svc.export import export_query
+from audit_svc.sealer import SEALS_PER_RUN
 from audit_svc.sealing import (
     ROW_FIELDS,
+    ROWS_PER_SEAL,
     Seal,
     Verification,
     leaf_hash,
@@ -946,3 +948,20 @@ async def test_details_numbers_postgresql_would_print_as_megabytes_are_refused(u
         metadata=untouched.metadata,
     )
     assert stored.details["n"] == 9.99e39
+
+
+async def test_a_backlog_past_one_run_is_sealed_with_nothing_written_after(server_url, tmp_path):
+    """More rows at once than one run seals (SEALS_PER_RUN seals of ROWS_PER_SEAL): the
+    following runs seal the rest though the sequence no longer moves."""
+    async with open_trail(server_url, tmp_path, rows=0) as bulk:
+        owner = await asyncpg.connect(libpq_dsn(owner_url(bulk.url)))
+        try:
+            await owner.execute(
+                "INSERT INTO audit_logs (action, resource_type, origin)"
+                " SELECT 'bulk.row', 'release', 'client' FROM generate_series(1, $1)",
+                SEALS_PER_RUN * ROWS_PER_SEAL + 1000,
+            )
+        finally:
+            await owner.close()
+        await bulk.all_sealed(within_s=120)
+        assert (await bulk.verify()).ok
