@@ -15,13 +15,20 @@ from bench import scenarios
 from bench.balancer import log_action_through_nginx
 from bench.pooler import log_action_through_pgbouncer
 from bench.report import table, write_json
+from bench.sealing import verify_audit_log
 from bench.stack import running
 from shared.persistence.db import describe
 from tests.harness import server_url
 
 DEFAULT_OUTPUT = Path(__file__).parent / "results.json"
-# The scale-out scenarios come last: each starts processes of its own beside the stack.
-SCENARIOS = (*scenarios.SCENARIOS, log_action_through_pgbouncer, log_action_through_nginx)
+# The sealed trail in bulk after the others, whose trail it doubles; the scale-out
+# scenarios last: each starts processes of its own beside the stack.
+SCENARIOS = (
+    *scenarios.SCENARIOS,
+    verify_audit_log,
+    log_action_through_pgbouncer,
+    log_action_through_nginx,
+)
 
 
 async def run(quick: bool, output: Path, only: list[str] | None = None) -> int:

@@ -40,6 +40,15 @@ def at_most(
     return Result(scenario, figure, baseline, ratio, f"<= {limit:g} {unit}", figure <= limit)
 
 
+def at_least_figure(
+    scenario: str, figure: float, floor: float, unit: str, baseline: float | None = None
+) -> Result:
+    """A figure that must reach an absolute floor (a baseline, when given, is for context
+    only)."""
+    ratio = figure / baseline if baseline else None
+    return Result(scenario, figure, baseline, ratio, f">= {floor:,g} {unit}", figure >= floor)
+
+
 def info(scenario: str, figure: float, baseline: float | None = None) -> Result:
     ratio = figure / baseline if baseline else None
     return Result(scenario, figure, baseline, ratio, "", None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +25,9 @@ def pgbouncer_installed() -> bool:
 KEYS = {"scenario", "figure", "baseline", "ratio", "target", "met"}
 # One row at least per scenario of the issue, found by the start of its name.
 SCENARIOS = (
-    "LogAction, 64 in flight: calls/s",
+    "LogAction, 64 in flight: calls/s, sealing on",
     "LogAction, 64 in flight: p99 ms",
+    "LogAction, 64 in flight: seal lag (commit to sealed) of its ",
     "LogActions, ",
     "ExportAuditLogs, ",
     "ListAuditLogs, page of 50, ",
@@ -34,6 +36,18 @@ SCENARIOS = (
     "WatchDeployment, ",
     "LogAction, 16 in flight, while 8 Logins run",
     "LogAction, 1 in flight, beside an export read at one message per 50 ms: p99",
+    "Sealer, 20,000 rows written at once: rows sealed/s",
+    "VerifyAuditLog, whole trail of ",
+)
+# The sealed trail's targets (issue 20): (start, end of the row's name, its target).
+SEALED_TRAIL_TARGETS = (
+    ("LogAction, 64 in flight: calls/s, sealing on", "", ">= 0.6x"),
+    ("LogAction, 64 in flight: seal lag (commit to sealed) of its ", "p99 s", "<= 2 s"),
+    (
+        "VerifyAuditLog, whole trail of ",
+        "rows/s (baseline: PostgreSQL's leaf hashes of the rows alone)",
+        ">= 200,000 rows/s",
+    ),
 )
 # Measured where PgBouncer and nginx are installed (always in CI), else said to be skipped.
 SCALE_OUT = (
@@ -83,6 +97,15 @@ def test_quick_bench_reports_every_scenario_against_its_baseline(tmp_path):
     # The table printed is the JSON written.
     for row in results:
         assert row["scenario"] in printed
+    # The sealed trail is held to the issue's targets; VerifyAuditLog went through the whole
+    # trail, the 20,000 rows written at once for it among them.
+    for start, end, target in SEALED_TRAIL_TARGETS:
+        (row,) = [
+            r for r in results if r["scenario"].startswith(start) and r["scenario"].endswith(end)
+        ]
+        assert row["target"] == target, row
+    checked = re.search(r"^VerifyAuditLog, whole trail of ([\d,]+) rows: rows/s", printed, re.M)
+    assert int(checked[1].replace(",", "")) > 20_000, checked[0]
 
 
 # One row at least per measure of `make bench-scale`, found by the start of its name.
