@@ -83,6 +83,8 @@ class Sealer:
         keyring = self.key_file.keyring()
         async with self.database.autocommit_connection(RUN_DEADLINE_S) as connection:
             last = await seal_store.last_sequence(connection)
+            if last < self.noted:  # the database was restored to an earlier state
+                self.pending, self.noted, self.sealable = [], 0, 0
             if last > self.noted:  # an idle trail costs no transaction id per run
                 self.pending.append((last, await seal_store.new_xid(connection)))
                 self.noted = last
