@@ -126,6 +126,7 @@ SEALS_IN_WINDOW = """
     WHERE ($1::timestamptz IS NULL OR newest_created_at >= $1)
       AND ($2::timestamptz IS NULL OR oldest_created_at < $2)
 """
+SEAL_EXISTS = "SELECT EXISTS (SELECT FROM audit_seals WHERE seal_number = $1)"
 LEAVES = f"""
     SELECT sequence, {LEAF} FROM audit_logs
     WHERE sequence >= $1 AND sequence <= $2 ORDER BY sequence
@@ -212,7 +213,10 @@ async def seals_in_window(
     return tuple(await connection.fetchrow(SEALS_IN_WINDOW, start, end))
 
 
-def leaves(connection: asyncpg.Connection, first: int, last: int, prefetch: int = 10_000):
-    """A cursor over (sequence, leaf hash) of the rows with sequences first..last, in
-    order (inside a transaction)."""
-    return connection.cursor(LEAVES, first, last, prefetch=prefetch)
+async def seal_exists(connection: asyncpg.Connection, seal_number: int) -> bool:
+    return await connection.fetchval(SEAL_EXISTS, seal_number)
+
+
+async def leaves(connection: asyncpg.Connection, first: int, last: int) -> list:
+    """(sequence, leaf hash) of the rows with sequences first..last, in order."""
+    return await connection.fetch(LEAVES, first, last)

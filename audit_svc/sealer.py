@@ -76,6 +76,7 @@ class Sealer:
         self.last_made = 0  # the last seal this process made (it need not check it)
         self.last_doubted = 0  # the last seal found not to verify (reported once)
         self.warned_at = -LAG_WARNING_S  # when the last lag WARNING was logged (monotonic)
+        self.locked = False  # whether the last run took the sealer's lock
 
     async def seal_once(self) -> int:
         """One run: notes a new bound, seals up to the newest bound that is ready; returns
@@ -95,7 +96,8 @@ class Sealer:
             # snapshot taken after the horizon was checked, not at the lock.
             made = 0
             async with connection.transaction(isolation="read_committed"):
-                if await seal_store.try_sealer_lock(connection):
+                self.locked = await seal_store.try_sealer_lock(connection)
+                if self.locked:
                     oldest = await seal_store.oldest_running_here(connection)
                     ready = [last for last, xid in self.pending if xid <= oldest]
                     self.pending = [bound for bound in self.pending if bound[1] > oldest]
@@ -118,10 +120,11 @@ class Sealer:
             self.warned_at = now
             log.warning(
                 "%s: an audit row has waited %.0f s to be sealed; the oldest transaction"
-                " of the database: %s",
+                " of the database: %s%s",
                 self.name,
                 lag,
                 await seal_store.oldest_writer(connection),
+                "" if self.locked else "; another session held the sealer's lock",
             )
 
     async def _seal_up_to(self, connection, bound: int, keyring: Keyring) -> int:

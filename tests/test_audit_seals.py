@@ -910,17 +910,20 @@ async def test_a_logactions_stream_past_its_time_is_aborted_and_stores_nothing(
     """A stream is one transaction, which holds back the sealing of every row written
     after it began: it ends ABORTED (STREAM_TOO_LONG) after AUDIT_STREAM_MAX_S."""
     async with open_trail(server_url, tmp_path, rows=0, AUDIT_STREAM_MAX_S="1") as short:
-
-        async def batches():
-            while True:  # until the server ends the stream
-                yield audit_pb2.LogActionsRequest(
-                    actions=[
-                        audit_pb2.LogActionRequest(action="stream.long", resource_type="x")
-                        for _ in range(50)
-                    ]
-                )
-
-        stream = short.stub.LogActions(batches(), metadata=short.metadata)
+        batch = audit_pb2.LogActionsRequest(
+            actions=[
+                audit_pb2.LogActionRequest(action="stream.long", resource_type="x")
+                for _ in range(50)
+            ]
+        )
+        stream = short.stub.LogActions(metadata=short.metadata)
+        await stream.write(batch)
+        # The stream's age is what is tested: the next batch comes after its 1 s are up
+        # (never idle that long: AUDIT_STREAM_IDLE_S is 30 s), and the client is done
+        # writing when the server ends it.
+        await asyncio.sleep(1.2)
+        await stream.write(batch)
+        await stream.done_writing()
         await fails(stream, grpc.StatusCode.ABORTED, "STREAM_TOO_LONG")
         stored = await short.db.fetchval(
             "SELECT count(*) FROM audit_logs WHERE action = 'stream.long'"
