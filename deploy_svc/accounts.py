@@ -1,7 +1,8 @@
 """AuthService's use cases: login, logout, WhoAmI, user administration and API tokens.
 Each takes the Database and opens its own unit(s) of work; the rules it applies are
 shared.identity.users' (accounts) and shared.identity.tokens' (tokens), and failed logins
-are counted by deploy_svc.login_throttle.
+are counted by deploy_svc.login_throttle. GetUser and ListUsers are open to every
+signed-in user and decided here: an admin reads everyone, anyone else only themselves.
 
 Login never says which part was wrong: an unknown user, and a user without a
 password (a service user), are checked against a dummy hash, and unknown user,
@@ -32,11 +33,13 @@ from shared.framework.errors import AlreadyExists, InvalidArgument, Unauthentica
 from shared.framework.validation import text
 from shared.identity import tokens, users
 from shared.identity.actor import Actor
+from shared.identity.auth import may, require
 from shared.identity.users import BCRYPT_COST, check_password
 from shared.persistence import audit_log
-from shared.persistence.db import Database, load, replay
+from shared.persistence.db import Database, load
+from shared.persistence.idempotency import RequestKey, remember, replay
 from shared.persistence.models import ApiToken, Role, User
-from shared.persistence.pagination import Page
+from shared.persistence.pagination import Page, list_page
 
 # A cost-12 hash of a random password nobody knows: unknown users are checked against it.
 DUMMY_HASH = b"$2b$12$R9D7xE0wAKfUvLP49tMyr..qZBn9Aoe8.CFFanuVaanNLKLPmxXp6"
@@ -160,6 +163,26 @@ async def get_user(database: Database, user_id: uuid.UUID) -> User:
         return await load(session, User, user_id)
 
 
+async def read_user(database: Database, actor: Actor, user_id: uuid.UUID) -> User:
+    """GetUser: an admin reads any user, anyone else only themselves. Another user's id is
+    PERMISSION_DENIED whether or not that user exists, so the answer tells nobody who does."""
+    if user_id != actor.user_id:
+        require(actor, "users.admin")
+    async with database.replica_read() as session:
+        return await load(session, User, user_id)
+
+
+async def list_users(database: Database, actor: Actor, page_size: int, page_token: str) -> Page:
+    """ListUsers: every user for an admin; anyone else gets a page holding only themselves.
+    That restriction is a filter like any other, so a page token made for one never serves
+    the other."""
+    only = None if may(actor, "users.admin") else actor.user_id
+    async with database.replica_read() as session:
+        return await list_page(
+            session, User, page_size=page_size, page_token=page_token, equal={"id": only}
+        )
+
+
 async def create_user(
     database: Database,
     actor: Actor,
@@ -169,7 +192,7 @@ async def create_user(
     full_name: str,
     password: str,
     role: Role | None,
-    request_id: uuid.UUID | None,
+    key: RequestKey | None,
 ) -> User:
     """A new user. Service users may have no password: they use API tokens only. bcrypt
     runs before the unit of work, holding no connection."""
@@ -183,8 +206,7 @@ async def create_user(
     else:
         hashed = users.UNUSABLE_PASSWORD
     async with database.transaction() as session:
-        same = {"username": username, "email": email, "role": role.value}
-        if earlier := await replay(session, User, request_id, same):
+        if earlier := await replay(session, key, User):
             return earlier
         clash = await users.holder_of(session, username, email)
         if clash is not None:
@@ -194,8 +216,9 @@ async def create_user(
                 reason="USER_EXISTS",
                 metadata={"user_id": str(clash.id), "field": field},
             )
-        user = users.new_user(request_id or uuid.uuid4(), username, email, full_name, hashed, role)
+        user = users.new_user(uuid.uuid4(), username, email, full_name, hashed, role)
         await users.add_user(session, actor, user)
+        await remember(session, key, "user", user.id)
         await session.refresh(user)
     return user
 
@@ -239,21 +262,20 @@ async def create_api_token(
     expires_at: datetime | None,
     *,
     never_expires: bool,
-    request_id: uuid.UUID | None,
+    key: RequestKey | None,
 ) -> tuple[str, ApiToken]:
     """An API token (shared.identity.tokens has the rules); the user's row stays locked until
-    it is stored, so a concurrent change of role cannot slip between the check and the insert."""
+    it is stored, so a concurrent change of role cannot slip between the check and the insert.
+    A retry gets the record with an empty secret: secrets are never stored."""
     async with database.transaction() as session:
+        if earlier := await replay(session, key, ApiToken):
+            return "", earlier
         user = await load(session, User, user_id, for_update=True)
-        return await tokens.create_token(
-            session,
-            actor,
-            user,
-            name,
-            expires_at,
-            never_expires=never_expires,
-            request_id=request_id,
+        secret, token = await tokens.create_token(
+            session, actor, user, name, expires_at, never_expires=never_expires
         )
+        await remember(session, key, "api_token", token.id)
+        return secret, token
 
 
 async def list_api_tokens(

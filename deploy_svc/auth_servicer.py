@@ -21,6 +21,7 @@ from shared.framework.validation import (
     optional_uuid,
     parse_timestamp,
     parse_uuid,
+    request_key,
     text,
 )
 from shared.identity.actor import current_actor
@@ -71,16 +72,31 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     async def WhoAmI(self, request, context):
         return convert.user(await accounts.get_user(self.database, current_actor.get().user_id))
 
+    async def GetUser(self, request, context):
+        user_id = parse_uuid("user_id", request.user_id)
+        return convert.user(await accounts.read_user(self.database, current_actor.get(), user_id))
+
+    async def ListUsers(self, request, context):
+        page = await accounts.list_users(
+            self.database, current_actor.get(), request.page_size, request.page_token
+        )
+        return auth_pb2.ListUsersResponse(
+            users=[convert.user(user) for user in page.items],
+            next_page_token=page.next_page_token,
+            total_size=page.total_size,
+        )
+
     async def CreateUser(self, request, context):
+        actor = current_actor.get()
         user = await accounts.create_user(
             self.database,
-            current_actor.get(),
+            actor,
             username=request.username,
             email=request.email,
             full_name=request.full_name,
             password=request.password,
             role=_role("role", request.role),
-            request_id=optional_uuid("request_id", request.request_id),
+            key=request_key(actor, "CreateUser", request),
         )
         return convert.user(user)
 
@@ -107,14 +123,15 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
             if request.HasField("expires_at")
             else None
         )
+        actor = current_actor.get()
         secret, token = await accounts.create_api_token(
             self.database,
-            current_actor.get(),
+            actor,
             user_id,
             request.name,
             expires_at,
             never_expires=request.never_expires,
-            request_id=optional_uuid("request_id", request.request_id),
+            key=request_key(actor, "CreateApiToken", request),
         )
         # A retried request (same request_id) gets the record with an empty secret.
         return auth_pb2.CreateApiTokenResponse(api_token=convert.api_token(token), token=secret)

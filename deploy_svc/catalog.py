@@ -3,6 +3,11 @@
 Its use cases (reads, creates, updates) each open their own unit of work. Each field
 has one check here, which creates and the servicer's update readers both call, so a
 limit is stated once.
+
+Names (AIP-122): a team's, an environment's or a service's name is part of its resource
+name (`teams/{name}`), so it is unique whatever its case, holds no `/` and never changes
+(NAME_FIXED); the database holds the same rules (migration 010). Updates take an etag
+(AIP-154): the row's version, raised by the database on every change.
 """
 
 from __future__ import annotations
@@ -12,14 +17,15 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.framework.errors import AlreadyExists, InvalidArgument
+from shared.framework.errors import CONSTRAINT_ERRORS, Aborted, AlreadyExists, InvalidArgument
 from shared.framework.validation import text
 from shared.identity.actor import Actor
 from shared.persistence import audit_log
-from shared.persistence.db import Database, load, replay
+from shared.persistence.db import Database, load
+from shared.persistence.idempotency import RequestKey, remember, replay
 from shared.persistence.models import Base, Environment, Runbook, Service, Team, User
 from shared.persistence.pagination import Page, list_page
 
@@ -31,6 +37,21 @@ Row = TypeVar("Row", bound=Base)
 async def get_runbook(database: Database, runbook_id: uuid.UUID) -> Runbook:
     async with database.replica_read() as session:
         return await load(session, Runbook, runbook_id)
+
+
+async def get_service(database: Database, service_id: uuid.UUID) -> Service:
+    async with database.replica_read() as session:
+        return await load(session, Service, service_id)
+
+
+async def get_environment(database: Database, environment_id: uuid.UUID) -> Environment:
+    async with database.replica_read() as session:
+        return await load(session, Environment, environment_id)
+
+
+async def get_team(database: Database, team_id: uuid.UUID) -> Team:
+    async with database.replica_read() as session:
+        return await load(session, Team, team_id)
 
 
 async def list_runbooks(
@@ -96,6 +117,25 @@ def check_field(name: str, value: str, within: str = "") -> str | None:
     return text(f"{within}.{name}" if within else name, value, max_length, required=required)
 
 
+# What no update changes (AIP-122), each with why: a name is part of the resource name,
+# which must keep pointing at the same resource; an environment's policy and the promotion
+# order were made for its type. The database holds both (trigger relman_names_fixed).
+NAME_FIXED = {"name": "is part of the resource name and never changes"}
+ENVIRONMENT_FIXED = {
+    **NAME_FIXED,
+    "environment_type": "never changes: its policy and the promotion order were made for it",
+}
+
+
+def check_name(value: str) -> str:
+    """A team's or an environment's name: it is also part of its resource name
+    (`teams/{name}`), so it holds no `/` (nor does the database let it, migration 010)."""
+    name = check_field("name", value)
+    if "/" in name:
+        raise InvalidArgument.field("name", "must not contain '/': it is part of the resource name")
+    return name
+
+
 def check_service_name(value: str) -> str:
     """A service's name also names it in URLs and metrics: lowercase letters, digits, -."""
     return text(
@@ -121,14 +161,52 @@ def _kind(model: type[Base]) -> str:
     return model.__tablename__[:-1]  # "teams" -> "team": audit rows and error reasons
 
 
+def _name_taken(kind: str) -> AlreadyExists:
+    return AlreadyExists(
+        f"a {kind} of that name exists (names are unique whatever their case)",
+        reason=f"{kind.upper()}_EXISTS",
+    )
+
+
+def _database_refusals() -> dict:
+    """The database's own refusals of names (migration 010) as the statuses the checks
+    here give, for a write that came past them (two creates of one name racing, or SQL of
+    another path)."""
+    refusals = {
+        "relman_names_fixed": lambda: InvalidArgument.field(
+            "update_mask",
+            "a name never changes (nor a username, nor an environment's type): "
+            "it is part of the resource name",
+            reason="FIELD_IMMUTABLE",
+        )
+    }
+    for model in (Team, Environment, Service):
+        table, kind = model.__tablename__, _kind(model)
+        refusals[f"ck_{table}_name_has_no_slash"] = lambda: InvalidArgument.field(
+            "name", "must not contain '/': it is part of the resource name"
+        )
+        for unique in (f"uq_{table}_name", f"uq_{table}_name_any_case"):
+            refusals[unique] = lambda kind=kind: _name_taken(kind)
+    return refusals
+
+
+CONSTRAINT_ERRORS.update(_database_refusals())
+
+
 async def _check_name_free(session: AsyncSession, model: type[Base], name: str) -> None:
-    clash = await session.scalar(select(model.id).where(model.name == name))
+    """Names are unique whatever their case (`teams/Platform` and `teams/platform` would
+    name one team), as the database's unique index on lower(name) holds them."""
+    clash = (
+        await session.execute(
+            select(model.id, model.name).where(func.lower(model.name) == func.lower(name))
+        )
+    ).first()
     if clash is not None:
         kind = _kind(model)
         raise AlreadyExists(
-            f"a {kind} named {name!r} exists",
+            f"a {kind} named {clash.name!r} exists (names are unique whatever their case)",
             reason=f"{kind.upper()}_EXISTS",
-            metadata={f"{kind}_id": str(clash)},
+            metadata={f"{kind}_id": str(clash.id)},
         )
 
 
@@ -142,42 +220,42 @@ async def _create(
     database: Database,
     actor: Actor,
     model: type[Row],
-    request_id: uuid.UUID | None,
-    same: dict,
-    build: Callable[[uuid.UUID], Row],
+    key: RequestKey | None,
+    named: dict,
+    build: Callable[[], Row],
     *,
     references: dict | None = None,
     details: dict | None = None,
 ) -> Row:
-    """The steps every create shares: a retried request returns the row it made (`same`
-    identifies it), references must exist, a name must be free; only then does `build`
-    make the row, checking its other fields, and the row is audited."""
+    """The steps every create shares: a retried request returns the row it made, references
+    must exist, a name (in `named`) must be free; only then does `build` make the row,
+    checking its other fields, and the row is audited (`details`, else `named`)."""
     async with database.transaction() as session:
-        if earlier := await replay(session, model, request_id, same):
+        if earlier := await replay(session, key, model):
             return earlier
         await _check_references(session, references or {})
-        if "name" in same:
-            await _check_name_free(session, model, same["name"])
-        row = build(request_id or uuid.uuid4())
+        if "name" in named:
+            await _check_name_free(session, model, named["name"])
+        row = build()
         session.add(row)
         await session.flush()
         await session.refresh(row)
-        await audit_log.append(session, actor, "create", _kind(model), row.id, details or same)
+        await audit_log.append(session, actor, "create", _kind(model), row.id, details or named)
+        await remember(session, key, _kind(model), row.id)
         return row
 
 
 async def create_team(
-    database: Database, actor: Actor, *, name, description, slack_channel, request_id
+    database: Database, actor: Actor, *, name, description, slack_channel, key: RequestKey | None
 ) -> Team:
-    name = check_field("name", name)
+    name = check_name(name)
     return await _create(
         database,
         actor,
         Team,
-        request_id,
+        key,
         {"name": name},
-        lambda row_id: Team(
-            id=row_id,
+        lambda: Team(
             name=name,
             description=check_field("description", description),
             slack_channel=check_field("slack_channel", slack_channel),
@@ -193,21 +271,20 @@ async def create_environment(
     description,
     environment_type,
     config_path,
-    request_id,
+    key: RequestKey | None,
 ) -> Environment:
     """Admins only (`environments.write`): an environment's type decides whether deploying
     there needs approvals and tested stages, so whoever sets it holds those rules."""
-    name = check_field("name", name)
+    name = check_name(name)
     if environment_type is None:
         raise InvalidArgument.field("environment_type", "is required")
     return await _create(
         database,
         actor,
         Environment,
-        request_id,
+        key,
         {"name": name},
-        lambda row_id: Environment(
-            id=row_id,
+        lambda: Environment(
             name=name,
             environment_type=environment_type,
             description=check_field("description", description),
@@ -227,17 +304,16 @@ async def create_service(
     team_id,
     slack_channel,
     owner_id,
-    request_id,
+    key: RequestKey | None,
 ) -> Service:
     name = check_service_name(name)
     return await _create(
         database,
         actor,
         Service,
-        request_id,
+        key,
         {"name": name},
-        lambda row_id: Service(
-            id=row_id,
+        lambda: Service(
             name=name,
             team_id=team_id,
             owner_id=owner_id,
@@ -258,17 +334,16 @@ async def create_runbook(
     service_id,
     environment_id,
     tags,
-    request_id,
+    key: RequestKey | None,
 ) -> Runbook:
     title = check_field("title", title)
     return await _create(
         database,
         actor,
         Runbook,
-        request_id,
-        {"title": title, "created_by": actor.user_id},
-        lambda row_id: Runbook(
-            id=row_id,
+        key,
+        {"title": title},
+        lambda: Runbook(
             title=title,
             content=check_field("content", content),
             service_id=service_id,
@@ -280,22 +355,31 @@ async def create_runbook(
             "service_id": (Service, service_id),
             "environment_id": (Environment, environment_id),
         },
-        details={"title": title},
     )
 
 
 async def update_service(
-    database: Database, actor: Actor, service_id: uuid.UUID, changes: dict
+    database: Database, actor: Actor, service_id: uuid.UUID, changes: dict, etag: str
 ) -> Service:
-    """Applies checked `changes` (update_mask fields) to a service."""
-    return await _update(database, actor, Service, service_id, changes)
+    """Applies checked `changes` (update_mask fields) to a service; its name never
+    changes (NAME_FIXED)."""
+    return await _update(database, actor, Service, service_id, changes, etag)
+
+
+async def update_environment(
+    database: Database, actor: Actor, environment_id: uuid.UUID, changes: dict, etag: str
+) -> Environment:
+    """Admins only (`environments.write`), as creating one: description, config_path and
+    is_active, which decides whether it takes deployments (deploy_svc.gates); its name and
+    type never change (ENVIRONMENT_FIXED)."""
+    return await _update(database, actor, Environment, environment_id, changes, etag)
 
 
 async def update_runbook(
-    database: Database, actor: Actor, runbook_id: uuid.UUID, changes: dict
+    database: Database, actor: Actor, runbook_id: uuid.UUID, changes: dict, etag: str
 ) -> Runbook:
     """Applies checked `changes` (update_mask fields) to a runbook."""
-    return await _update(database, actor, Runbook, runbook_id, changes)
+    return await _update(database, actor, Runbook, runbook_id, changes, etag)
 
 
 # The columns an update may point elsewhere, and what they reference.
@@ -308,13 +392,28 @@ _REFERENCES = {
 
 
 async def _update(
-    database: Database, actor: Actor, model: type[Row], row_id: uuid.UUID, changes: dict
+    database: Database,
+    actor: Actor,
+    model: type[Row],
+    row_id: uuid.UUID,
+    changes: dict,
+    etag: str,
 ) -> Row:
-    """Applies checked `changes` to a catalogue row, locked; audits what changed."""
+    """Applies checked `changes` to a catalogue row, locked; audits what changed.
+
+    `etag` (AIP-154), when set, must be the row's version as it is under the lock: else
+    ABORTED ETAG_MISMATCH with the current etag, and nothing is written. The row returned
+    carries the version the database raised (trigger relman_bump_version), its new etag;
+    an update that changes nothing keeps it."""
     async with database.transaction() as session:
         row = await load(session, model, row_id, for_update=True)
-        if "name" in changes and changes["name"] != row.name:
-            await _check_name_free(session, model, changes["name"])
+        if etag and etag != str(row.version):
+            kind = _kind(model)
+            raise Aborted(
+                f"the {kind} changed since it was read; read it again and retry",
+                reason="ETAG_MISMATCH",
+                metadata={f"{kind}_id": str(row_id), "etag": str(row.version)},
+            )
         await _check_references(
             session,
             {key: (target, changes[key]) for key, target in _REFERENCES.items() if key in changes},

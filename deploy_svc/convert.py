@@ -1,7 +1,9 @@
 """Domain results as DeployService and AuthService messages (transport layer).
 
 Each function copies what the domain loaded into a message; none of them reads the
-database (what a view needs is loaded by its use case).
+database (what a view needs is loaded by its use case). Every resource carries its
+resource name (shared.persistence.resource_names); Service, Environment and Runbook
+their etag, the row's version, which the database raises on every change.
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ from deploy_svc.policies import Policy
 from relman.v1 import auth_pb2, common_pb2, deploy_pb2
 from shared.framework.protos import enum_to_proto, id_text, timestamp
 from shared.persistence import models
+from shared.persistence import resource_names as names
 
 
 def runbook(row: models.Runbook) -> common_pb2.Runbook:
     return common_pb2.Runbook(
         id=str(row.id),
+        resource_name=names.runbook_name(row.id),
+        etag=str(row.version),
         title=row.title,
         content=row.content,
         service_id=id_text(row.service_id),
@@ -33,6 +38,7 @@ def user(row: models.User) -> common_pb2.User:
     """A user, without its password hash."""
     return common_pb2.User(
         id=str(row.id),
+        resource_name=names.user_name(row.username),
         email=row.email,
         username=row.username,
         full_name=row.full_name or "",
@@ -60,6 +66,7 @@ def api_token(row: models.ApiToken) -> auth_pb2.ApiToken:
 def team(row: models.Team) -> common_pb2.Team:
     return common_pb2.Team(
         id=str(row.id),
+        resource_name=names.team_name(row.name),
         name=row.name,
         description=row.description or "",
         slack_channel=row.slack_channel or "",
@@ -72,6 +79,8 @@ def team(row: models.Team) -> common_pb2.Team:
 def environment(row: models.Environment) -> common_pb2.Environment:
     return common_pb2.Environment(
         id=str(row.id),
+        resource_name=names.environment_name(row.name),
+        etag=str(row.version),
         name=row.name,
         description=row.description or "",
         environment_type=enum_to_proto(common_pb2.EnvironmentType, row.environment_type),
@@ -85,6 +94,8 @@ def environment(row: models.Environment) -> common_pb2.Environment:
 def service(row: models.Service) -> common_pb2.Service:
     return common_pb2.Service(
         id=str(row.id),
+        resource_name=names.service_name(row.name),
+        etag=str(row.version),
         name=row.name,
         description=row.description or "",
         repository_url=row.repository_url or "",
@@ -98,8 +109,11 @@ def service(row: models.Service) -> common_pb2.Service:
 
 
 def release(row: models.Release) -> common_pb2.Release:
+    """A release; its resource name needs its service's name (Release.service_name, read
+    with the release)."""
     return common_pb2.Release(
         id=str(row.id),
+        resource_name=names.release_name(row.service_name, row.version),
         service_id=str(row.service_id),
         version=row.version,
         status=enum_to_proto(common_pb2.ReleaseStatus, row.status),
@@ -158,6 +172,7 @@ def deployment(
     """A deployment with the children its view asks for (loaded by the domain)."""
     message = common_pb2.Deployment(
         id=str(row.id),
+        resource_name=names.deployment_name(row.id),
         release_id=str(row.release_id),
         environment_id=str(row.environment_id),
         status=enum_to_proto(common_pb2.DeploymentStatus, row.status),
@@ -178,6 +193,7 @@ def deployment(
 def rollback(row: models.Rollback) -> common_pb2.Rollback:
     return common_pb2.Rollback(
         id=str(row.id),
+        resource_name=names.rollback_name(row.id),
         deployment_id=str(row.deployment_id),
         target_release_id=str(row.target_release_id),
         reason=row.reason,

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Row, bindparam, func, select, text, update
+from sqlalchemy import Row, bindparam, func, select, text, true, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
@@ -46,8 +46,9 @@ from shared.framework.errors import (
 )
 from shared.framework.validation import text as text_field
 from shared.identity.actor import Actor
-from shared.persistence import audit_log
-from shared.persistence.db import Database, load, replay
+from shared.persistence import audit_log, pagination
+from shared.persistence.db import Database, load
+from shared.persistence.idempotency import RequestKey, remember, replay
 from shared.persistence.models import (
     ACTIVE_DEPLOYMENT_STATUSES,
     Approval,
@@ -61,6 +62,7 @@ from shared.persistence.models import (
     Release,
     Rollback,
     RollbackStatus,
+    Service,
     StageStatus,
     User,
 )
@@ -88,7 +90,7 @@ class DeployRequest:
     environment_id: uuid.UUID
     stage_names: Sequence[str]
     reviewer_ids: Sequence[uuid.UUID]
-    request_id: uuid.UUID | None
+    key: RequestKey | None
     action: str  # "deploy" (CreateDeployment) or "promote" (PromoteRelease)
     freeze_override_reason: str | None
 
@@ -204,7 +206,7 @@ async def create_deployment(
     release_id: uuid.UUID,
     environment_id: uuid.UUID,
     stage_names: Sequence[str],
-    request_id: uuid.UUID | None,
+    key: RequestKey | None,
     freeze_override_reason: str = "",
 ) -> Deployment:
     """Deploys a release to an environment, with `stage_names` (starting with the
@@ -218,7 +220,7 @@ async def create_deployment(
             environment_id,
             stage_names,
             (),
-            request_id,
+            key,
             "deploy",
             _override_reason(freeze_override_reason),
         ),
@@ -231,7 +233,7 @@ async def promote_release(
     release_id: uuid.UUID,
     target_env_id: uuid.UUID,
     reviewer_ids: Sequence[uuid.UUID],
-    request_id: uuid.UUID | None,
+    key: RequestKey | None,
     freeze_override_reason: str = "",
 ) -> Deployment:
     """Promotes a release to the next environment with that environment's default stages."""
@@ -243,7 +245,7 @@ async def promote_release(
             target_env_id,
             (),
             reviewer_ids,
-            request_id,
+            key,
             "promote",
             _override_reason(freeze_override_reason),
         ),
@@ -270,12 +272,7 @@ def _stages_for(stage_names: list[str], environment: Environment, policy: Policy
 async def _deploy(database: Database, actor: Actor, request: DeployRequest) -> Deployment:
     named_stages = check_stage_list("stage_names", request.stage_names)
     async with database.transaction() as session:
-        same = {
-            "release_id": request.release_id,
-            "environment_id": request.environment_id,
-            "deployed_by": actor.user_id,  # another caller's id is not a retry (no rights check)
-        }
-        if earlier := await replay(session, Deployment, request.request_id, same):
+        if earlier := await replay(session, request.key, Deployment):
             return await _with_stages(session, earlier.id)
         now = _now()
         target = await gates.read_target(session, request.release_id, request.environment_id, now)
@@ -293,7 +290,6 @@ async def _deploy(database: Database, actor: Actor, request: DeployRequest) -> D
             release,
             environment,
             stage_names,
-            request.request_id,
             status=(
                 DeploymentStatus.AWAITING_APPROVAL
                 if policy.rules.required_approvals
@@ -339,6 +335,7 @@ async def _deploy(database: Database, actor: Actor, request: DeployRequest) -> D
                     "release_id": str(release.id),
                 },
             )
+        await remember(session, request.key, "deployment", deployment.id)
         return deployment
 
 
@@ -357,7 +354,6 @@ async def new_deployment(
     release: Release,
     environment: Environment,
     stage_names: Sequence[str],
-    deployment_id: uuid.UUID | None,
     *,
     status: DeploymentStatus,
     freeze_override_reason: str | None = None,
@@ -365,7 +361,6 @@ async def new_deployment(
 ) -> Deployment:
     """Inserts a deployment with its pipeline stages (the caller holds the slot's lock)."""
     deployment = Deployment(
-        id=deployment_id or uuid.uuid4(),
         release_id=release.id,
         service_id=release.service_id,
         environment_id=environment.id,
@@ -460,10 +455,13 @@ async def vote(
     deployment_id: uuid.UUID,
     approve: bool,
     notes: str,
+    key: RequestKey | None,
 ) -> Approval:
     """An approver's final vote on a deployment awaiting approval."""
     notes = text_field("notes", notes, 10_000, required=False)
     async with database.transaction() as session:
+        if earlier := await replay(session, key, Approval):
+            return earlier
         deployment, _, policy = await _lock_deployment(session, deployment_id)
         await _eligible_voter(session, actor, deployment_id, policy)
         _check_votable(actor, deployment)
@@ -490,6 +488,7 @@ async def vote(
             deployment_id,
             {"approval_id": str(approval.id), "deployment_status": deployment.status},
         )
+        await remember(session, key, "approval", approval.id)
         await session.refresh(approval)
         return approval
 
@@ -610,10 +609,13 @@ async def update_pipeline_stage(
     stage_id: uuid.UUID,
     status: StageStatus,
     output: str,
-) -> StageRecord:
+    key: RequestKey | None,
+) -> StageRecord | PipelineStage:
     """Moves a stage on, and its deployment with it; returns the stage as stored."""
     output = _stage_output(output)
     async with database.transaction() as session:
+        if earlier := await replay(session, key, PipelineStage):
+            return earlier
         now = _now()
         deployment, environment, policy, stages = await _lock_stage_deployment(
             session, stage_id, now
@@ -646,6 +648,7 @@ async def update_pipeline_stage(
                 "deployment_status": deployment.status,
             },
         )
+        await remember(session, key, "pipeline_stage", moved.id)
         return moved
 
 
@@ -773,11 +776,17 @@ async def _advance_deployment(
 
 
 async def cancel_deployment(
-    database: Database, actor: Actor, deployment_id: uuid.UUID, reason: str
+    database: Database,
+    actor: Actor,
+    deployment_id: uuid.UUID,
+    reason: str,
+    key: RequestKey | None,
 ) -> Deployment:
     """Ends an active deployment as cancelled; returns it with its stages."""
     reason = text_field("reason", reason, 10_000, required=False)
     async with database.transaction() as session:
+        if earlier := await replay(session, key, Deployment):
+            return await _with_stages(session, earlier.id)
         deployment, _, _ = await lock_deployment_for_change(session, actor, deployment_id)
         if deployment.status not in ACTIVE_DEPLOYMENT_STATUSES:
             raise FailedPrecondition(
@@ -791,6 +800,7 @@ async def cancel_deployment(
         await audit_log.append(
             session, actor, "cancel", "deployment", deployment_id, {"reason": reason}
         )
+        await remember(session, key, "deployment", deployment_id)
         return await _with_stages(session, deployment_id)
 
 
@@ -872,49 +882,90 @@ class LiveDeployment:
     active_deployment: Deployment | None
 
 
-async def list_live_deployments(
-    database: Database, service_id: uuid.UUID | None
-) -> list[LiveDeployment]:
-    """Per service and environment: the newest succeeded deployment and the active one."""
-    newest_succeeded = (
-        select(Deployment)
-        .where(Deployment.status == DeploymentStatus.SUCCEEDED)
-        .distinct(Deployment.service_id, Deployment.environment_id)
-        .order_by(
-            Deployment.service_id,
-            Deployment.environment_id,
-            Deployment.completed_at.desc(),
-            Deployment.id.desc(),
+# A slot (a service in an environment) is live while a deployment there succeeded or runs.
+_LIVE_STATUSES = (DeploymentStatus.SUCCEEDED, *ACTIVE_DEPLOYMENT_STATUSES)
+_SLOTS = (
+    select(Service.id.label("service_id"), Environment.id.label("environment_id"))
+    .select_from(Service)
+    .join(Environment, true())
+    .where(
+        select(Deployment.id)
+        .where(
+            Deployment.service_id == Service.id,
+            Deployment.environment_id == Environment.id,
+            Deployment.status.in_(_LIVE_STATUSES),
         )
+        .exists()
     )
-    active = select(Deployment).where(Deployment.status.in_(ACTIVE_DEPLOYMENT_STATUSES))
-    if service_id is not None:
-        newest_succeeded = newest_succeeded.where(Deployment.service_id == service_id)
-        active = active.where(Deployment.service_id == service_id)
+)
+
+
+async def list_live_deployments(
+    database: Database, service_id: uuid.UUID | None, page_size: int, page_token: str
+) -> Page:
+    """Per service and environment where a deployment succeeded or runs, in the order of
+    (service id, environment id): the newest succeeded deployment with its release, and the
+    active one.
+
+    Pages walk that key over services x environments (both small tables, in their keys'
+    order), keeping a slot where a deployment is live, so a page reads the deployments of
+    its own slots, never the whole table; then one read each for the page's newest
+    succeeded deployments (with their releases) and its active ones."""
+    size = pagination.page_size(page_size)
+    filters = {"service_id": "" if service_id is None else str(service_id)}
+    slots = _SLOTS if service_id is None else _SLOTS.where(Service.id == service_id)
+    page_query = slots
+    if page_token:
+        after = pagination.decode_ids_token(page_token, filters, 2)
+        page_query = page_query.where(
+            Service.id >= after[0], tuple_(Service.id, Environment.id) > tuple_(*after)
+        )
     async with database.replica_read() as session:
-        live = {
-            (d.service_id, d.environment_id): d for d in await session.scalars(newest_succeeded)
-        }
-        running = {(d.service_id, d.environment_id): d for d in await session.scalars(active)}
-        releases = {
-            r.id: r
-            for r in await session.scalars(
-                select(Release).where(Release.id.in_([d.release_id for d in live.values()]))
+        keys = [
+            tuple(key)
+            for key in await session.execute(
+                page_query.order_by(Service.id, Environment.id).limit(size + 1)
             )
-        }
-    result = []
-    for key in sorted(live.keys() | running.keys(), key=lambda k: (str(k[0]), str(k[1]))):
-        deployment = live.get(key)
-        result.append(
-            LiveDeployment(
-                key[0],
-                key[1],
-                releases.get(deployment.release_id) if deployment else None,
-                deployment,
-                running.get(key),
+        ]
+        next_token = ""
+        if len(keys) > size:
+            keys = keys[:size]
+            next_token = pagination.encode_ids_token(keys[-1], filters)
+        whole = not page_token and not next_token  # this page is the whole list
+        total = len(keys) if whole else await pagination.total_size(session, slots)
+        if not keys:
+            return Page([], next_token, total)
+        in_page = tuple_(Deployment.service_id, Deployment.environment_id).in_(keys)
+        newest_succeeded = (
+            select(Deployment, Release)
+            .join(Release, Release.id == Deployment.release_id)
+            .where(in_page, Deployment.status == DeploymentStatus.SUCCEEDED)
+            .distinct(Deployment.service_id, Deployment.environment_id)
+            .order_by(
+                Deployment.service_id,
+                Deployment.environment_id,
+                Deployment.completed_at.desc(),
+                Deployment.id.desc(),
             )
         )
-    return result
+        live = {
+            (d.service_id, d.environment_id): (d, r)
+            for d, r in await session.execute(newest_succeeded)
+        }
+        active = select(Deployment).where(
+            in_page, Deployment.status.in_(ACTIVE_DEPLOYMENT_STATUSES)
+        )
+        running = {(d.service_id, d.environment_id): d for d in await session.scalars(active)}
+    items = [
+        LiveDeployment(
+            *key,
+            live[key][1] if key in live else None,
+            live[key][0] if key in live else None,
+            running.get(key),
+        )
+        for key in keys
+    ]
+    return Page(items, next_token, total)
 
 
 # -- metrics ----------------------------------------------------------------------------------

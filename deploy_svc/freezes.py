@@ -27,7 +27,8 @@ from shared.framework.errors import FailedPrecondition, InvalidArgument
 from shared.framework.validation import text as text_field
 from shared.identity.actor import Actor
 from shared.persistence import audit_log
-from shared.persistence.db import Database, load, replay
+from shared.persistence.db import Database, load
+from shared.persistence.idempotency import RequestKey, remember, replay
 from shared.persistence.models import Environment, FreezeWindow, Service
 from shared.persistence.pagination import decode_token, encode_token, page_size
 
@@ -172,7 +173,7 @@ class WindowRequest:
     cron: str
     time_zone: str
     duration_minutes: int
-    request_id: uuid.UUID | None
+    key: RequestKey | None
 
 
 def _check_form(request: WindowRequest) -> dict:
@@ -255,19 +256,7 @@ async def create_window(database: Database, actor: Actor, request: WindowRequest
     reason = text_field("freeze_window.reason", request.reason, REASON_MAX)
     columns = _check_form(request)
     async with database.transaction() as session:
-        same = {
-            "environment_id": request.environment_id,
-            "service_id": request.service_id,
-            "reason": reason,
-            "created_by": actor.user_id,
-            "start_time": None,
-            "end_time": None,
-            "cron": None,
-            "time_zone": None,
-            "duration_minutes": None,
-            **columns,
-        }
-        if earlier := await replay(session, FreezeWindow, request.request_id, same):
+        if earlier := await replay(session, request.key, FreezeWindow):
             return earlier
         if columns.get("end_time") is not None and columns["end_time"] <= _now():
             raise InvalidArgument.field("freeze_window.end_time", "is in the past")
@@ -276,7 +265,6 @@ async def create_window(database: Database, actor: Actor, request: WindowRequest
         if request.service_id is not None:
             await load(session, Service, request.service_id)
         window = FreezeWindow(
-            id=request.request_id or uuid.uuid4(),
             environment_id=request.environment_id,
             service_id=request.service_id,
             reason=reason,
@@ -288,6 +276,7 @@ async def create_window(database: Database, actor: Actor, request: WindowRequest
         await audit_log.append(
             session, actor, "freeze.create", "freeze_window", window.id, _described(window)
         )
+        await remember(session, request.key, "freeze_window", window.id)
         await session.refresh(window)
         return window
 

@@ -14,7 +14,8 @@ from shared.framework.errors import AlreadyExists, FailedPrecondition
 from shared.framework.validation import text as text_field
 from shared.identity.actor import Actor
 from shared.persistence import audit_log
-from shared.persistence.db import Database, load, replay
+from shared.persistence.db import Database, load
+from shared.persistence.idempotency import RequestKey, remember, replay
 from shared.persistence.models import Release, ReleaseStatus, Service
 from shared.persistence.pagination import Page, list_page
 
@@ -63,7 +64,7 @@ async def create_release(
     version: str,
     release_notes: str,
     git_commit: str,
-    request_id: uuid.UUID | None,
+    key: RequestKey | None,
 ) -> Release:
     version = text_field(
         "version",
@@ -82,7 +83,11 @@ async def create_release(
         hint="must be 7 to 40 lowercase hex digits",
     )
     async with database.transaction() as session:
-        return await _create(session, actor, service_id, version, notes, commit, request_id)
+        if earlier := await replay(session, key, Release):
+            return earlier
+        release = await _create(session, actor, service_id, version, notes, commit)
+        await remember(session, key, "release", release.id)
+        return release
 
 
 async def _create(
@@ -92,11 +97,7 @@ async def _create(
     version: str,
     notes: str | None,
     commit: str | None,
-    request_id: uuid.UUID | None,
 ) -> Release:
-    same = {"service_id": service_id, "version": version, "created_by": actor.user_id}
-    if earlier := await replay(session, Release, request_id, same):
-        return earlier
     service = await load(session, Service, service_id)
     if not service.is_active:
         raise FailedPrecondition(
@@ -114,7 +115,6 @@ async def _create(
             metadata={"release_id": str(clash), "service_id": str(service_id)},
         )
     release = Release(
-        id=request_id or uuid.uuid4(),
         service_id=service_id,
         version=version,
         status=ReleaseStatus.DRAFT.value,

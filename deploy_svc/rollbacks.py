@@ -12,6 +12,9 @@ as deployer, but no new approval, no bake time, and no freeze override (its
 redeployment's stages run inside a window; its audit row names the window it passed). A
 deployment of the service there that has not started its first stage, held by a freeze
 or waiting for votes, is cancelled first (audited), so it never blocks restoring service.
+
+GetRollback and ListRollbacks read them (a list filters by the rolled-back deployment's
+service, environment or id, and by status).
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from shared.framework.errors import FailedPrecondition
 from shared.framework.validation import text
 from shared.identity.actor import Actor
 from shared.persistence import audit_log
-from shared.persistence.db import Database, replay
+from shared.persistence.db import Database, load
+from shared.persistence.idempotency import RequestKey, remember, replay
 from shared.persistence.models import (
     ACTIVE_DEPLOYMENT_STATUSES,
     Deployment,
@@ -48,6 +52,7 @@ from shared.persistence.models import (
     Rollback,
     RollbackStatus,
 )
+from shared.persistence.pagination import Page, paginate
 
 ROLLBACK_FROM = (DeploymentStatus.SUCCEEDED, DeploymentStatus.FAILED)
 NOT_STARTED = (DeploymentStatus.PENDING, DeploymentStatus.AWAITING_APPROVAL)
@@ -61,14 +66,13 @@ async def rollback_deployment(
     actor: Actor,
     deployment_id: uuid.UUID,
     reason: str,
-    request_id: uuid.UUID | None,
+    key: RequestKey | None,
 ) -> Rollback:
     """Rolls the deployment back to the last good release (a retried request_id returns
     the rollback it made)."""
     reason = text("reason", reason, 10_000)
     async with database.transaction() as session:
-        same = {"deployment_id": deployment_id, "initiated_by": actor.user_id}
-        if earlier := await replay(session, Rollback, request_id, same):
+        if earlier := await replay(session, key, Rollback):
             return earlier
         deployment, environment, policy = await lock_deployment_for_change(
             session, actor, deployment_id
@@ -81,9 +85,9 @@ async def rollback_deployment(
         await _cancel_not_started(session, actor, deployment)
         await _check_newest(session, deployment)
         target = await _target(session, deployment)
-        return await _redeploy(
-            session, actor, deployment, environment, policy, target, reason, request_id
-        )
+        rollback = await _redeploy(session, actor, deployment, environment, policy, target, reason)
+        await remember(session, key, "rollback", rollback.id)
+        return rollback
 
 
 async def _cancel_not_started(session: AsyncSession, actor: Actor, deployment: Deployment) -> None:
@@ -184,7 +188,6 @@ async def _redeploy(
     policy: Policy,
     target: Release,
     reason: str,
-    request_id: uuid.UUID | None,
 ) -> Rollback:
     """Marks the deployment rolled back and creates the rollback with its redeployment."""
     deployment.status = DeploymentStatus.ROLLED_BACK.value
@@ -194,12 +197,10 @@ async def _redeploy(
         target,
         environment,
         policy.rules.default_stages(),
-        None,
         status=DeploymentStatus.PENDING,  # no new approval: restoring service always passes
         is_rollback=True,
     )
     rollback = Rollback(
-        id=request_id or uuid.uuid4(),
         deployment_id=deployment.id,
         target_release_id=target.id,
         reason=reason,
@@ -226,3 +227,52 @@ async def _redeploy(
     await audit_log.append(session, actor, "rollback", "deployment", deployment.id, details)
     await session.refresh(rollback)
     return rollback
+
+
+# -- reads -----------------------------------------------------------------------------------
+
+
+async def get_rollback(database: Database, rollback_id: uuid.UUID) -> Rollback:
+    async with database.replica_read() as session:
+        return await load(session, Rollback, rollback_id)
+
+
+async def list_rollbacks(
+    database: Database,
+    *,
+    service_id: uuid.UUID | None,
+    environment_id: uuid.UUID | None,
+    deployment_id: uuid.UUID | None,
+    status: str | None,
+    page_size: int,
+    page_token: str,
+) -> Page:
+    """Rollbacks, newest first; the service and environment are those of the deployment
+    rolled back (joined only when one of them filters)."""
+    filters = {
+        "service_id": service_id,
+        "environment_id": environment_id,
+        "deployment_id": deployment_id,
+        "status": status,
+    }
+    query = select(Rollback)
+    if service_id is not None or environment_id is not None:
+        query = query.join(Deployment, Deployment.id == Rollback.deployment_id)
+    for column, value in (
+        (Deployment.service_id, service_id),
+        (Deployment.environment_id, environment_id),
+        (Rollback.deployment_id, deployment_id),
+        (Rollback.status, status),
+    ):
+        if value is not None:
+            query = query.where(column == value)
+    async with database.replica_read() as session:
+        return await paginate(
+            session,
+            query,
+            created_at=Rollback.created_at,
+            row_id=Rollback.id,
+            filters={name: "" if value is None else str(value) for name, value in filters.items()},
+            requested_size=page_size,
+            page_token=page_token,
+        )

@@ -34,6 +34,7 @@ from shared.framework.validation import (
     optional_uuid,
     parse_timestamp,
     parse_uuid,
+    request_key,
 )
 from shared.identity.actor import current_actor
 from shared.persistence.models import StageStatus
@@ -68,15 +69,15 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
 
     async def CreateRelease(self, request, context):
         service_id = parse_uuid("service_id", request.service_id)
-        request_id = optional_uuid("request_id", request.request_id)
+        actor = current_actor.get()
         release = await releases.create_release(
             self.database,
-            current_actor.get(),
+            actor,
             service_id=service_id,
             version=request.version,
             release_notes=request.release_notes,
             git_commit=request.git_commit,
-            request_id=request_id,
+            key=request_key(actor, "CreateRelease", request),
         )
         return convert.release(release)
 
@@ -101,14 +102,14 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
     async def CreateDeployment(self, request, context):
         release_id = parse_uuid("release_id", request.release_id)
         environment_id = parse_uuid("environment_id", request.environment_id)
-        request_id = optional_uuid("request_id", request.request_id)
+        actor = current_actor.get()
         deployment = await deployments.create_deployment(
             self.database,
-            current_actor.get(),
+            actor,
             release_id,
             environment_id,
             list(request.stage_names),
-            request_id,
+            request_key(actor, "CreateDeployment", request),
             request.freeze_override_reason,
         )
         return convert.deployment(deployment, common_pb2.DEPLOYMENT_VIEW_WITH_STAGES)
@@ -119,14 +120,14 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
         reviewer_ids = [
             parse_uuid(f"reviewer_ids[{i}]", value) for i, value in enumerate(request.reviewer_ids)
         ]
-        request_id = optional_uuid("request_id", request.request_id)
+        actor = current_actor.get()
         deployment = await deployments.promote_release(
             self.database,
-            current_actor.get(),
+            actor,
             release_id,
             environment_id,
             reviewer_ids,
-            request_id,
+            request_key(actor, "PromoteRelease", request),
             request.freeze_override_reason,
         )
         return convert.deployment(deployment, common_pb2.DEPLOYMENT_VIEW_WITH_STAGES)
@@ -155,9 +156,14 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
 
     async def ListLiveDeployments(self, request, context):
         service_id = optional_uuid("service_id", request.service_id)
-        live = await deployments.list_live_deployments(self.database, service_id)
-        return deploy_pb2.ListLiveDeploymentsResponse(
-            live_deployments=[convert.live_deployment(item) for item in live]
+        page = await deployments.list_live_deployments(
+            self.database, service_id, request.page_size, request.page_token
+        )
+        return _page(
+            deploy_pb2.ListLiveDeploymentsResponse,
+            "live_deployments",
+            page,
+            convert.live_deployment,
         )
 
     async def UpdatePipelineStage(self, request, context):
@@ -165,42 +171,67 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
         status = StageStatus(
             enum_word("status", common_pb2.StageStatus, request.status, required=True)
         )
+        actor = current_actor.get()
+        key = request_key(actor, "UpdatePipelineStage", request)
         stage = await deployments.update_pipeline_stage(
-            self.database, current_actor.get(), stage_id, status, request.output
+            self.database, actor, stage_id, status, request.output, key
         )
         return convert.stage(stage)
 
     async def CancelDeployment(self, request, context):
         deployment_id = parse_uuid("deployment_id", request.deployment_id)
+        actor = current_actor.get()
+        key = request_key(actor, "CancelDeployment", request)
         deployment = await deployments.cancel_deployment(
-            self.database, current_actor.get(), deployment_id, request.reason
+            self.database, actor, deployment_id, request.reason, key
         )
         return convert.deployment(deployment, common_pb2.DEPLOYMENT_VIEW_WITH_STAGES)
 
-    async def _vote(self, request, context, approve: bool):
+    async def _vote(self, request, method: str, approve: bool):
         deployment_id = parse_uuid("deployment_id", request.deployment_id)
+        actor = current_actor.get()
         approval = await deployments.vote(
             self.database,
-            current_actor.get(),
+            actor,
             deployment_id,
             approve,
             request.notes,
+            request_key(actor, method, request),
         )
         return convert.approval(approval)
 
     async def ApproveDeployment(self, request, context):
-        return await self._vote(request, context, approve=True)
+        return await self._vote(request, "ApproveDeployment", approve=True)
 
     async def RejectDeployment(self, request, context):
-        return await self._vote(request, context, approve=False)
+        return await self._vote(request, "RejectDeployment", approve=False)
 
     async def RollbackDeployment(self, request, context):
         deployment_id = parse_uuid("deployment_id", request.deployment_id)
-        request_id = optional_uuid("request_id", request.request_id)
+        actor = current_actor.get()
+        key = request_key(actor, "RollbackDeployment", request)
         rollback = await rollbacks.rollback_deployment(
-            self.database, current_actor.get(), deployment_id, request.reason, request_id
+            self.database, actor, deployment_id, request.reason, key
         )
         return convert.rollback(rollback)
+
+    async def GetRollback(self, request, context):
+        rollback_id = parse_uuid("rollback_id", request.rollback_id)
+        return convert.rollback(await rollbacks.get_rollback(self.database, rollback_id))
+
+    async def ListRollbacks(self, request, context):
+        filters = {
+            "service_id": optional_uuid("service_id", request.service_id),
+            "environment_id": optional_uuid("environment_id", request.environment_id),
+            "deployment_id": optional_uuid("deployment_id", request.deployment_id),
+            "status": enum_word(
+                "status", common_pb2.RollbackStatus, request.status, required=False
+            ),
+        }
+        page = await rollbacks.list_rollbacks(
+            self.database, **filters, page_size=request.page_size, page_token=request.page_token
+        )
+        return _page(deploy_pb2.ListRollbacksResponse, "rollbacks", page, convert.rollback)
 
     async def RecordDeploymentMetric(self, request, context):
         deployment_id = parse_uuid("deployment_id", request.deployment_id)
@@ -230,6 +261,18 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
                 snapshot = await mailbox.get()
 
     # catalogue
+
+    async def GetEnvironment(self, request, context):
+        environment_id = parse_uuid("environment_id", request.environment_id)
+        return convert.environment(await catalog.get_environment(self.database, environment_id))
+
+    async def GetService(self, request, context):
+        service_id = parse_uuid("service_id", request.service_id)
+        return convert.service(await catalog.get_service(self.database, service_id))
+
+    async def GetTeam(self, request, context):
+        team_id = parse_uuid("team_id", request.team_id)
+        return convert.team(await catalog.get_team(self.database, team_id))
 
     async def ListEnvironments(self, request, context):
         page = await catalog.list_environments(
@@ -273,42 +316,44 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
     # catalogue administration
 
     async def CreateTeam(self, request, context):
-        request_id = optional_uuid("request_id", request.request_id)
+        actor = current_actor.get()
         team = await catalog.create_team(
             self.database,
-            current_actor.get(),
+            actor,
             name=request.name,
             description=request.description,
             slack_channel=request.slack_channel,
-            request_id=request_id,
+            key=request_key(actor, "CreateTeam", request),
         )
         return convert.team(team)
 
     async def CreateEnvironment(self, request, context):
-        request_id = optional_uuid("request_id", request.request_id)
+        actor = current_actor.get()
+        key = request_key(actor, "CreateEnvironment", request)
         environment_type = enum_word(
             "environment_type", common_pb2.EnvironmentType, request.environment_type, required=True
         )
         environment = await catalog.create_environment(
             self.database,
-            current_actor.get(),
+            actor,
             name=request.name,
             description=request.description,
             environment_type=environment_type,
             config_path=request.config_path,
-            request_id=request_id,
+            key=key,
         )
         return convert.environment(environment)
 
     async def CreateService(self, request, context):
+        actor = current_actor.get()
         fields = {
             "team_id": parse_uuid("team_id", request.team_id),
             "owner_id": optional_uuid("owner_id", request.owner_id),
-            "request_id": optional_uuid("request_id", request.request_id),
+            "key": request_key(actor, "CreateService", request),
         }
         service = await catalog.create_service(
             self.database,
-            current_actor.get(),
+            actor,
             name=request.name,
             description=request.description,
             repository_url=request.repository_url,
@@ -323,7 +368,6 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
         changes = masked_changes(
             request.update_mask,
             {
-                "name": lambda: catalog.check_service_name(service.name),
                 "description": lambda: catalog.check_field(
                     "description", service.description, "service"
                 ),
@@ -337,19 +381,44 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
                 "owner_id": lambda: optional_uuid("service.owner_id", service.owner_id),
                 "is_active": lambda: service.is_active,
             },
+            fixed=catalog.NAME_FIXED,
         )
-        row = await catalog.update_service(self.database, current_actor.get(), service_id, changes)
+        row = await catalog.update_service(
+            self.database, current_actor.get(), service_id, changes, service.etag
+        )
         return convert.service(row)
 
+    async def UpdateEnvironment(self, request, context):
+        environment = request.environment
+        environment_id = parse_uuid("environment.id", environment.id)
+        changes = masked_changes(
+            request.update_mask,
+            {
+                "description": lambda: catalog.check_field(
+                    "description", environment.description, "environment"
+                ),
+                "config_path": lambda: catalog.check_field(
+                    "config_path", environment.config_path, "environment"
+                ),
+                "is_active": lambda: environment.is_active,
+            },
+            fixed=catalog.ENVIRONMENT_FIXED,
+        )
+        row = await catalog.update_environment(
+            self.database, current_actor.get(), environment_id, changes, environment.etag
+        )
+        return convert.environment(row)
+
     async def CreateRunbook(self, request, context):
+        actor = current_actor.get()
         fields = {
             "service_id": optional_uuid("service_id", request.service_id),
             "environment_id": optional_uuid("environment_id", request.environment_id),
-            "request_id": optional_uuid("request_id", request.request_id),
+            "key": request_key(actor, "CreateRunbook", request),
         }
         runbook = await catalog.create_runbook(
             self.database,
-            current_actor.get(),
+            actor,
             title=request.title,
             content=request.content,
             tags=list(request.tags),
@@ -373,7 +442,9 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
                 "is_active": lambda: runbook.is_active,
             },
         )
-        row = await catalog.update_runbook(self.database, current_actor.get(), runbook_id, changes)
+        row = await catalog.update_runbook(
+            self.database, current_actor.get(), runbook_id, changes, runbook.etag
+        )
         return convert.runbook(row)
 
     # environment policies and freeze windows
@@ -423,9 +494,10 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
                 return None
             return parse_timestamp(f"freeze_window.{field}", getattr(window, field))
 
+        actor = current_actor.get()
         created = await freezes.create_window(
             self.database,
-            current_actor.get(),
+            actor,
             freezes.WindowRequest(
                 environment_id=optional_uuid("freeze_window.environment_id", window.environment_id),
                 service_id=optional_uuid("freeze_window.service_id", window.service_id),
@@ -435,7 +507,7 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
                 cron=window.cron,
                 time_zone=window.time_zone,
                 duration_minutes=window.duration_minutes,
-                request_id=optional_uuid("request_id", request.request_id),
+                key=request_key(actor, "CreateFreezeWindow", request),
             ),
         )
         return convert.freeze_window(created)

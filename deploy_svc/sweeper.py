@@ -4,9 +4,10 @@ case of its own that opens its own units of work.
 Every SWEEP_INTERVAL_S it fails running stages past their timeout_seconds
 (deploy_svc.deployments.fail_timed_out_stages) and writes down the weakening policy
 changes whose time has come (deploy_svc.policies.apply_due_changes; the rules already
-read them as in force), both safe with several replicas sweeping at once, and, when
-the process serves metrics, refreshes the `relman_deployments` gauge (how many
-deployments the database holds in each status).
+read them as in force), deletes request ids past their lifetime (purge_request_ids),
+all safe with several replicas sweeping at once, and, when the process serves metrics,
+refreshes the `relman_deployments` gauge (how many deployments the database holds in
+each status).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from sqlalchemy import func, select
 from deploy_svc.deployments import fail_timed_out_stages
 from deploy_svc.policies import apply_due_changes
 from shared.framework.observability import gauge, serving_metrics
+from shared.persistence import idempotency
 from shared.persistence.db import Database
 from shared.persistence.models import Deployment, DeploymentStatus
 
@@ -28,6 +30,10 @@ DEPLOYMENTS = gauge("relman_deployments", "Deployments in the database, by statu
 log = logging.getLogger("relman.sweeper")
 
 SWEEP_INTERVAL_S = 2.0
+# Request ids deleted per transaction, and transactions per sweep: a backlog (a day's
+# keys of a busy service) goes over several sweeps, never in one long transaction.
+PURGE_BATCH = 1000
+PURGE_BATCHES_PER_SWEEP = 10
 
 
 async def sweep_forever(database: Database) -> None:
@@ -41,11 +47,25 @@ async def sweep_forever(database: Database) -> None:
                 applied = await apply_due_changes(session)
             if applied:
                 log.info("%d environment policy change(s) took effect", applied)
+            await purge_request_ids(database)
             if serving_metrics():
                 await count_deployments(database)
         except Exception:  # the database may be away; the next sweep tries again
             log.warning("stage sweep failed", exc_info=True)
         await asyncio.sleep(SWEEP_INTERVAL_S)
+
+
+async def purge_request_ids(database: Database) -> int:
+    """Deletes request ids older than their lifetime (idempotency.KEPT_FOR), a batch per
+    transaction; returns how many. One replica purges at a time (idempotency.purge)."""
+    purged = 0
+    for _ in range(PURGE_BATCHES_PER_SWEEP):
+        async with database.transaction(deadline_s=30) as session:
+            batch = await idempotency.purge(session, PURGE_BATCH)
+        purged += batch
+        if batch < PURGE_BATCH:
+            break
+    return purged
 
 
 async def count_deployments(database: Database) -> None:

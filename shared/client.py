@@ -3,10 +3,12 @@ and retries on UNAVAILABLE (gRPC's own, with exponential backoff and jitter) for
 calls that are safe to repeat.
 
 Safe to repeat: reads (Get*, List*, WhoAmI, WatchDeployment, ExportAuditLogs) and
-creates whose request has a `request_id` (AIP-155): the helper fills in a new one
-when the caller left it empty, so a retried create returns the first attempt's row
-instead of making a second. Everything else (stage updates, votes, cancels,
-LogActions streams) is tried once.
+calls whose request has a `request_id` (AIP-155: creates, stage updates, votes,
+cancels, rollbacks, LogAction): the helper fills in a new one when the caller left it
+empty, so a retry returns the first attempt's answer instead of acting twice (a
+CreateApiToken whose first attempt went through returns the record without its secret,
+which is never sent twice). Everything else (other updates, metrics, deletes, LogActions
+streams) is tried once.
 
     async with RelmanClient(deploy="deploy:50051", audit="audit:50052", token=token) as relman:
         await relman.audit.LogAction(audit_pb2.LogActionRequest(
@@ -400,7 +402,7 @@ class _StreamStream(_StreamedResponses, _StreamedRequests, _TypedCall, grpc.aio.
 
 
 class _Caller:
-    """Adds the token to every call, and a request_id to creates that have none; the
+    """Adds the token to every call, and a request_id to requests that have none; the
     call it returns raises typed errors. One subclass per arity: grpc.aio files an
     interceptor under the first arity it implements only, so one class for all four
     would leave streaming calls without the token."""

@@ -312,6 +312,24 @@ async def test_rpc_by_role_matrix(relman, reflected_methods, database, role):
             ), (method, code)
         else:
             assert (code, permission) == (grpc.StatusCode.PERMISSION_DENIED, lacking), method
+    # GetUser and ListUsers let every role in; what each sees is the use case's to decide.
+    async with channel_to(relman, "deploy_svc") as channel:
+        stub = auth_pb2_grpc.AuthServiceStub(channel)
+        listed = await stub.ListUsers(auth_pb2.ListUsersRequest(), metadata=bearer(token))
+        other = "priya" if role == Role.ADMIN else "admin"
+        async with database.read() as session:
+            other_id = await session.scalar(select(User.id).where(User.username == other))
+        read_other = stub.GetUser(
+            auth_pb2.GetUserRequest(user_id=str(other_id)), metadata=bearer(token)
+        )
+        if role == Role.ADMIN:
+            assert len(listed.users) > 1 and (await read_other).username == other
+        else:
+            assert [u.id for u in listed.users] == [str(user.id)]
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await read_other
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert error_details(refused.value)[0].metadata["permission"] == "users.admin"
 
 
 async def test_roles_hold_what_the_design_says():
@@ -413,7 +431,7 @@ async def test_create_user_validates_and_refuses_duplicates(deploy_channel, toke
     )
     first = await admin.CreateUser(request, metadata=auth)
     retried = await admin.CreateUser(request, metadata=auth)
-    assert first.id == retried.id == request_id
+    assert first == retried and first.id != request_id  # a request id is not the user's id
     with pytest.raises(grpc.aio.AioRpcError) as clash:
         await admin.CreateUser(
             auth_pb2.CreateUserRequest(

@@ -58,10 +58,10 @@ class Flaky(audit_pb2_grpc.AuditServiceServicer, deploy_pb2_grpc.DeployServiceSe
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the database is away")
         return audit_pb2.AuditLog(id=request.request_id, action=request.action)
 
-    async def UpdatePipelineStage(self, request, context):
-        if not self._attempt("UpdatePipelineStage", request, context):
+    async def RecordDeploymentMetric(self, request, context):
+        if not self._attempt("RecordDeploymentMetric", request, context):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the database is away")
-        return common_pb2.PipelineStage(id=request.stage_id)
+        return common_pb2.DeploymentMetric(deployment_id=request.deployment_id)
 
 
 class Exporter(audit_pb2_grpc.AuditServiceServicer):
@@ -112,8 +112,8 @@ async def test_repeatable_calls_are_retried_with_one_request_id_others_tried_onc
             audit_pb2.LogActionRequest(action="client.retry", resource_type="test")
         )
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await relman.deploy.UpdatePipelineStage(
-                deploy_pb2.UpdatePipelineStageRequest(stage_id=str(uuid.uuid4()))
+            await relman.deploy.RecordDeploymentMetric(
+                deploy_pb2.RecordDeploymentMetricRequest(deployment_id=str(uuid.uuid4()))
             )
     attempts = servicer.attempts["LogAction"]
     assert len(attempts) == 3  # two UNAVAILABLE, then OK
@@ -122,7 +122,7 @@ async def test_repeatable_calls_are_retried_with_one_request_id_others_tried_onc
     assert all(meta["authorization"] == "Bearer rm_secret" for _, meta in attempts)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     assert isinstance(refused.value, Unavailable)  # typed, after gRPC's retries (none here)
-    assert len(servicer.attempts["UpdatePipelineStage"]) == 1  # not safe to repeat
+    assert len(servicer.attempts["RecordDeploymentMetric"]) == 1  # not safe to repeat
 
 
 def test_the_service_config_retries_only_what_is_safe_to_repeat():
@@ -132,10 +132,16 @@ def test_the_service_config_retries_only_what_is_safe_to_repeat():
         for name in config["name"]
     }
     retried = {method for (_, method), config in policy.items() if "retryPolicy" in config}
-    assert {"LogAction", "PromoteRelease", "CreateRelease", "GetDeployment", "ListAuditLogs"} <= (
-        retried
-    )
-    assert not retried & {"UpdatePipelineStage", "ApproveDeployment", "LogActions", "Logout"}
+    assert {
+        "LogAction",
+        "PromoteRelease",
+        "CreateRelease",
+        "UpdatePipelineStage",  # with a request_id (AIP-155), as every call that has one
+        "ApproveDeployment",
+        "GetDeployment",
+        "ListAuditLogs",
+    } <= retried
+    assert not retried & {"RecordDeploymentMetric", "UpdateService", "LogActions", "Logout"}
     assert "timeout" not in policy[("DeployService", "WatchDeployment")]
     assert policy[("AuditService", "LogAction")]["timeout"] == "30s"
 
@@ -225,8 +231,9 @@ async def test_invalid_arguments_carry_their_field_violations(relman, tokens):
         )
         with pytest.raises(InvalidArgument) as streamed:  # a client-streaming call
             await client.audit.LogActions(iter([batch]))
-    assert unary.value.field_violations == [("release_id", "'x' is not a UUID")]
-    assert unary.value.field_violations[0] == FieldViolation("release_id", "'x' is not a UUID")
+    complaint = "'x' is not a UUID, nor a release name like services/{name}/releases/{version}"
+    assert unary.value.field_violations == [("release_id", complaint)]
+    assert unary.value.field_violations[0] == FieldViolation("release_id", complaint)
     assert unary.value.reason == "INVALID_ARGUMENT"
     assert [v.field for v in streamed.value.field_violations] == ["actions[1].action"]
     assert streamed.value.field_violations[0].description
@@ -318,8 +325,8 @@ class Dying(audit_pb2_grpc.AuditServiceServicer, deploy_pb2_grpc.DeployServiceSe
     async def LogAction(self, request, context):
         await self._refuse("LogAction", context)
 
-    async def UpdatePipelineStage(self, request, context):
-        await self._refuse("UpdatePipelineStage", context)
+    async def RecordDeploymentMetric(self, request, context):
+        await self._refuse("RecordDeploymentMetric", context)
 
 
 def test_a_list_of_replicas_is_one_target_of_addresses_of_one_family():
@@ -361,16 +368,16 @@ async def test_calls_alternate_over_replicas_and_retries_move_to_a_live_one():
         outcomes = []
         for _ in range(20):
             try:
-                await relman.deploy.UpdatePipelineStage(
-                    deploy_pb2.UpdatePipelineStageRequest(stage_id=str(uuid.uuid4()))
+                await relman.deploy.RecordDeploymentMetric(
+                    deploy_pb2.RecordDeploymentMetricRequest(deployment_id=str(uuid.uuid4()))
                 )
                 outcomes.append("OK")
             except Unavailable:
                 outcomes.append("UNAVAILABLE")
     assert len(healthy.attempts["LogAction"]) == 20  # each call once on the live replica
     assert dying.attempts["LogAction"] >= 1  # round robin sent some there first
-    assert dying.attempts["UpdatePipelineStage"] == outcomes.count("UNAVAILABLE") >= 1
-    assert len(healthy.attempts["UpdatePipelineStage"]) == outcomes.count("OK") >= 1
+    assert dying.attempts["RecordDeploymentMetric"] == outcomes.count("UNAVAILABLE") >= 1
+    assert len(healthy.attempts["RecordDeploymentMetric"]) == outcomes.count("OK") >= 1
 
 
 class Watched(audit_pb2_grpc.AuditServiceServicer, deploy_pb2_grpc.DeployServiceServicer):

@@ -425,7 +425,7 @@ async def test_retries_with_a_request_id_create_nothing_new(clients, service_id,
     again = await developer.CreateRelease(
         service_id=service_id, version="1.0.0", request_id=request_id
     )
-    assert first.id == again.id == request_id
+    assert first == again and first.id != request_id  # a request id is not the resource's id
     await fails(
         developer.CreateRelease(service_id=service_id, version="1.0.1", request_id=request_id),
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -439,8 +439,7 @@ async def test_retries_with_a_request_id_create_nothing_new(clients, service_id,
     retried = await developer.PromoteRelease(
         release_id=first.id, target_environment_id=DEV, request_id=promote_id
     )
-    assert deployment.id == retried.id == promote_id
-    assert [s.id for s in retried.stages] == [s.id for s in deployment.stages]
+    assert deployment == retried and deployment.id != promote_id
     await fails(
         developer.PromoteRelease(
             release_id=first.id, target_environment_id=STAGING, request_id=promote_id
@@ -448,20 +447,21 @@ async def test_retries_with_a_request_id_create_nothing_new(clients, service_id,
         grpc.StatusCode.INVALID_ARGUMENT,
         "REQUEST_ID_REUSED",
     )
-    # Another caller's request_id is not a retry: no one gets back what someone else made.
+    # Another caller's request_id is a request of its own, judged on its own merits: no one
+    # gets back what someone else made.
     await fails(
         clients["lead"].PromoteRelease(
             release_id=first.id, target_environment_id=DEV, request_id=promote_id
         ),
-        grpc.StatusCode.INVALID_ARGUMENT,
-        "REQUEST_ID_REUSED",
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ACTIVE_DEPLOYMENT_EXISTS",
     )
     await fails(
         clients["lead"].CreateRelease(
             service_id=service_id, version="1.0.0", request_id=request_id
         ),
-        grpc.StatusCode.INVALID_ARGUMENT,
-        "REQUEST_ID_REUSED",
+        grpc.StatusCode.ALREADY_EXISTS,
+        "RELEASE_EXISTS",
     )
     await developer.CancelDeployment(deployment_id=deployment.id)
     create_id = str(uuid.uuid4())

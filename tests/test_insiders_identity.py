@@ -290,7 +290,7 @@ async def test_api_tokens_expire_and_retries_return_the_record_without_the_secre
     )
     first = await stub.CreateApiToken(request, metadata=auth)
     assert first.token and not first.api_token.HasField("expires_at")
-    assert first.api_token.id == request.request_id
+    assert first.api_token.id != request.request_id  # a request id is not the token's id
     retried = await stub.CreateApiToken(request, metadata=auth)
     assert retried.token == "" and retried.api_token == first.api_token
     for changed in (

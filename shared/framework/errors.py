@@ -151,7 +151,8 @@ _CONNECTION_ERRORS = (
 
 
 # A rule the database holds by a named constraint or trigger, as the status its refusal
-# gives the caller: registered by the domain that owns the rule.
+# gives the caller: registered by the domain that owns the rule. Looked up first, so a
+# unique constraint registered here answers with its own reason instead of CONFLICT.
 CONSTRAINT_ERRORS: dict[str, Callable[[], DomainError]] = {}
 
 
@@ -174,6 +175,8 @@ def from_exception(exc: BaseException) -> DomainError:
     driver_error = getattr(cause, "__cause__", None) or cause
     if isinstance(exc, TimeoutError) or isinstance(driver_error, asyncpg.QueryCanceledError):
         return DeadlineExceeded("the call's deadline passed while waiting for the database")
+    if (named := CONSTRAINT_ERRORS.get(getattr(driver_error, "constraint_name", None))) is not None:
+        return named()
     if getattr(driver_error, "sqlstate", None) == "23505":  # a unique constraint held a race
         constraint = getattr(driver_error, "constraint_name", None) or ""
         return AlreadyExists(
@@ -181,8 +184,6 @@ def from_exception(exc: BaseException) -> DomainError:
             reason="CONFLICT",
             metadata={"constraint": constraint},
         )
-    if (named := CONSTRAINT_ERRORS.get(getattr(driver_error, "constraint_name", None))) is not None:
-        return named()
     if missing_partition(driver_error):
         return Unavailable(
             "no partition of the audit trail holds this month yet; retry shortly",

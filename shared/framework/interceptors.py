@@ -1,8 +1,9 @@
-"""The two interceptors every relman call passes through, outermost first, and the drain.
+"""The three interceptors every relman call passes through, outermost first, and the drain.
 
 Server framework: `CallLifecycleInterceptor` takes a call from its arrival to its status
 (the drain, the request id, the request check, the status of a failure, the log line and
-metrics); `AuthInterceptor` admits the caller. `Drain` holds the calls in flight; the
+metrics); `AuthInterceptor` admits the caller; `NamesInterceptor` puts ids in place of
+the resource names in the request (shared.framework.names). `Drain` holds the calls in flight; the
 server closes it when it stops (shared.framework.server). Each interceptor wraps a
 method's handler once and keeps it, so a call costs a dict lookup per interceptor, not a
 rebuild. Both wrap the handler's own coroutine (or async generator), so they run in the
@@ -21,6 +22,7 @@ import grpc
 from grpc._cython.cygrpc import ExecuteBatchError  # what a write to an ended call raises
 
 from shared.framework.errors import InvalidArgument, Unavailable, from_exception
+from shared.framework.names import NameResolver, plan_of
 from shared.framework.observability import (
     REQUEST_ID,
     CallRecord,
@@ -461,3 +463,47 @@ def _named(actor):
     if record is not None:
         record.caller = actor.username
     return actor
+
+
+# -- names ------------------------------------------------------------------------------------
+
+
+class NamesInterceptor(_WrappingInterceptor):
+    """Puts the ids the names of a request stand for in their place, after the caller is
+    admitted (a caller without the right learns nothing of which names exist). Methods
+    whose requests hold no ids are not wrapped."""
+
+    def __init__(self, resolver: NameResolver) -> None:
+        super().__init__()
+        self.resolver = resolver
+
+    def wrap(self, handler, method):
+        shape = plan_of(method)
+        if not shape:
+            return handler
+        streamed = handler.stream_unary is not None or handler.stream_stream is not None
+        return _rewrap(handler, lambda behaviour: self._resolving(behaviour, shape, streamed))
+
+    def _resolving(self, behaviour, shape, streamed: bool):
+        resolve, resolve_stream = self.resolver.resolve, self.resolver.resolve_stream
+
+        if inspect.isasyncgenfunction(behaviour):
+
+            async def resolved_stream(request, context):
+                if streamed:
+                    request = resolve_stream(request, shape)
+                else:
+                    await resolve(request, shape)
+                async for response in behaviour(request, context):
+                    yield response
+
+            return resolved_stream
+
+        async def resolved(request, context):
+            if streamed:
+                request = resolve_stream(request, shape)
+            else:
+                await resolve(request, shape)
+            return await behaviour(request, context)
+
+        return resolved

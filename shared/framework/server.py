@@ -37,7 +37,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shared.framework.config import ConfigError, Settings
-from shared.framework.interceptors import AuthInterceptor, CallLifecycleInterceptor, Drain
+from shared.framework.interceptors import (
+    AuthInterceptor,
+    CallLifecycleInterceptor,
+    Drain,
+    NamesInterceptor,
+)
+from shared.framework.names import NameResolver
 from shared.framework.observability import (
     configure_logging,
     gauge,
@@ -351,7 +357,11 @@ def _build(spec: ServiceSpec, settings: Settings, database: Database) -> _Proces
     drain = Drain(spec.open_ended)
     server = grpc.aio.server(
         # The first is outermost: refusals raised while admitting are mapped too.
-        interceptors=[CallLifecycleInterceptor(drain), AuthInterceptor(authenticator)],
+        interceptors=[
+            CallLifecycleInterceptor(drain),
+            AuthInterceptor(authenticator),
+            NamesInterceptor(NameResolver(database)),
+        ],
         options=[
             ("grpc.so_reuseport", 0),  # a second process on the same port must fail, not share
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

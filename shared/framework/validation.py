@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 import socket
 import uuid
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from shared.framework.errors import InvalidArgument
 from shared.framework.protos import enum_from_proto
+from shared.persistence.idempotency import RequestKey
+
+if TYPE_CHECKING:  # the actor's module reads addresses with canonical_ip, from here
+    from shared.identity.actor import Actor
 
 
 def canonical_ip(value: str) -> str | None:
@@ -67,6 +73,23 @@ def optional_uuid(field: str, value: str) -> uuid.UUID | None:
     return parse_uuid(field, value) if value else None
 
 
+def request_key(actor: Actor, method: str, request) -> RequestKey | None:
+    """The request id (AIP-155) of a call to `method` (its short name, "CreateRelease"),
+    as the caller's own (shared.persistence.idempotency); None without one. The hash is of
+    the request without its request_id, and without its password: whoever reads the
+    table must not get a fast hash of a password."""
+    if not request.request_id:
+        return None
+    request_id = parse_uuid("request_id", request.request_id)
+    unkeyed = type(request)()
+    unkeyed.CopyFrom(request)
+    unkeyed.ClearField("request_id")
+    if "password" in unkeyed.DESCRIPTOR.fields_by_name:
+        unkeyed.ClearField("password")
+    digest = hashlib.sha256(unkeyed.SerializeToString(deterministic=True)).digest()
+    return RequestKey(actor.user_id, method, request_id, digest)
+
+
 def text(
     field: str,
     value: str,
@@ -105,11 +128,17 @@ def enum_word(field: str, enum_type, number: int, *, required: bool) -> str | No
     return word
 
 
-def masked_changes(mask, readers: dict) -> dict:
+def masked_changes(mask, readers: dict, fixed: dict[str, str] | None = None) -> dict:
     """The fields an update_mask names (AIP-134), each read and checked by its reader;
-    a mask that is empty or names a field no reader has is INVALID_ARGUMENT."""
+    a mask that is empty or names a field no reader has is INVALID_ARGUMENT. `fixed` maps
+    fields that never change to why (a name: AIP-122), which the refusal says."""
     if not mask.paths:
         raise InvalidArgument.field("update_mask", "must name the fields to change")
+    for path in mask.paths:
+        if path in (fixed or {}):
+            raise InvalidArgument.field(
+                "update_mask", f"{path!r} {fixed[path]}", reason="FIELD_IMMUTABLE"
+            )
     unknown = [path for path in mask.paths if path not in readers]
     if unknown:
         named = unknown[0] if len(unknown[0]) <= 100 else f"{unknown[0][:100]}..."

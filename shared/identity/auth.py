@@ -36,7 +36,7 @@ from shared.persistence.models import ApiToken, Role, User
 log = logging.getLogger("relman.auth")
 
 PUBLIC = "auth.public"  # no token needed (Login)
-SELF = "auth.self"  # any signed-in user, about themselves (Logout, WhoAmI)
+SELF = "auth.self"  # any signed-in user, about themselves (Logout, WhoAmI, GetUser, ListUsers)
 
 # Services anyone may call: orchestrators probe health, grpcurl needs reflection.
 OPEN_SERVICES = frozenset(
@@ -59,6 +59,8 @@ RPC_PERMISSIONS: dict[str, str] = {
     "relman.v1.DeployService/CancelDeployment": "deployments.write",
     "relman.v1.DeployService/RecordDeploymentMetric": "deployments.write",
     "relman.v1.DeployService/RollbackDeployment": "deployments.write",
+    "relman.v1.DeployService/GetRollback": "deployments.read",
+    "relman.v1.DeployService/ListRollbacks": "deployments.read",
     "relman.v1.DeployService/GetDeployment": "deployments.read",
     "relman.v1.DeployService/ListDeployments": "deployments.read",
     "relman.v1.DeployService/ListLiveDeployments": "deployments.read",
@@ -66,14 +68,18 @@ RPC_PERMISSIONS: dict[str, str] = {
     "relman.v1.DeployService/ApproveDeployment": "deployments.approve",
     "relman.v1.DeployService/RejectDeployment": "deployments.approve",
     # DeployService: catalogue
+    "relman.v1.DeployService/GetEnvironment": "catalog.read",
     "relman.v1.DeployService/ListEnvironments": "catalog.read",
+    "relman.v1.DeployService/GetService": "catalog.read",
     "relman.v1.DeployService/ListServices": "catalog.read",
+    "relman.v1.DeployService/GetTeam": "catalog.read",
     "relman.v1.DeployService/ListTeams": "catalog.read",
     "relman.v1.DeployService/ListRunbooks": "catalog.read",
     "relman.v1.DeployService/GetRunbook": "catalog.read",
     "relman.v1.DeployService/CreateService": "catalog.write",
     "relman.v1.DeployService/UpdateService": "catalog.write",
     "relman.v1.DeployService/CreateEnvironment": "environments.write",  # its type sets the rules
+    "relman.v1.DeployService/UpdateEnvironment": "environments.write",  # is_active: deploys
     "relman.v1.DeployService/CreateTeam": "catalog.write",
     "relman.v1.DeployService/CreateRunbook": "catalog.write",
     "relman.v1.DeployService/UpdateRunbook": "catalog.write",
@@ -88,6 +94,9 @@ RPC_PERMISSIONS: dict[str, str] = {
     "relman.v1.AuthService/Login": PUBLIC,
     "relman.v1.AuthService/Logout": SELF,
     "relman.v1.AuthService/WhoAmI": SELF,
+    # Any signed-in user; the use case lets only an admin read or list others.
+    "relman.v1.AuthService/GetUser": SELF,
+    "relman.v1.AuthService/ListUsers": SELF,
     "relman.v1.AuthService/CreateUser": "users.admin",
     "relman.v1.AuthService/UpdateUser": "users.admin",
     "relman.v1.AuthService/CreateApiToken": "users.admin",
@@ -107,11 +116,17 @@ RPC_PERMISSIONS: dict[str, str] = {
 
 _VIEWER = frozenset({SELF, "catalog.read", "releases.read", "deployments.read"})
 _DEVELOPER = _VIEWER | {"releases.write", "deployments.write", "audit.write"}
+# Who may learn which usernames exist (a name `users/x` that names nobody is NOT_FOUND
+# only to them, shared.framework.names): leads and admins read usernames in the audit
+# trail anyway, service users write rows on users' behalf. Viewers and developers cannot
+# list users, and Login keeps a wrong username and a wrong password alike.
+USER_NAMES = "users.names"
 _LEAD = _DEVELOPER | {
     "deployments.approve",
     "freezes.write",
     "catalog.write",
     "audit.read",
+    USER_NAMES,
 }
 ROLE_PERMISSIONS: dict[Role, frozenset[str]] = {
     Role.VIEWER: _VIEWER,
@@ -125,7 +140,9 @@ ROLE_PERMISSIONS: dict[Role, frozenset[str]] = {
         "freezes.delete",
         "freezes.override",  # a deploy past a freeze window, with a reason (gates.py)
     },
-    Role.SERVICE: frozenset({SELF, "catalog.read", "audit.write", "audit.write.on_behalf"}),
+    Role.SERVICE: frozenset(
+        {SELF, "catalog.read", "audit.write", "audit.write.on_behalf", USER_NAMES}
+    ),
 }
 
 

@@ -1,6 +1,6 @@
 """Token rules, and the tokens command line. The rules are steps that take the caller's
 session (deploy_svc.accounts opens the unit of work): minting a secret, who may have a token
-made, expiry, replays, revocation. Verifying a token on a call is shared.identity.auth's.
+made, expiry, revocation. Verifying a token on a call is shared.identity.auth's.
 
 A token someone made for another user is how a second person could act as a
 human without their password: so tokens for others are for service users only,
@@ -37,7 +37,7 @@ from shared.identity import users
 from shared.identity.actor import Actor
 from shared.identity.auth import token_hash
 from shared.persistence import audit_log
-from shared.persistence.db import Database, check_same_request, load, replay
+from shared.persistence.db import Database, load
 from shared.persistence.models import ApiToken, Role, User
 from shared.persistence.pagination import Page, list_page
 
@@ -57,11 +57,9 @@ async def _store(
     name: str,
     expires_at: datetime | None,
     created_by: uuid.UUID | None,
-    token_id: uuid.UUID | None = None,
 ) -> tuple[str, ApiToken]:
     secret = new_token()
     token = ApiToken(
-        id=token_id or uuid.uuid4(),
         user_id=user.id,
         token_hash=token_hash(secret),
         name=name,
@@ -112,14 +110,11 @@ async def create_token(
     expires_at: datetime | None,
     *,
     never_expires: bool = False,
-    request_id: uuid.UUID | None = None,
 ) -> tuple[str, ApiToken]:
     """A new API token for `user`; returns the secret (shown once) and its record.
 
     Made for someone else, it may only be for a service user: a token for another human
-    would let its maker act as them (approve their own deployment as a second lead).
-    A retry with the same `request_id` returns the record and an empty secret (secrets
-    are never stored)."""
+    would let its maker act as them (approve their own deployment as a second lead)."""
     name = text("name", name, 100)
     if user.id != actor.user_id and user.role != Role.SERVICE:
         raise PermissionDenied(
@@ -129,15 +124,8 @@ async def create_token(
         )
     if not user.is_active:
         raise InvalidArgument.field("user_id", f"user {user.username} is deactivated")
-    same = {"user_id": user.id, "name": name, "created_by": actor.user_id}
-    if never_expires or expires_at is not None:  # a default expiry moves with the clock
-        same["expires_at"] = None if never_expires else expires_at
     expires_at = token_expiry(user, expires_at, never_expires)
-    if earlier := await replay(session, ApiToken, request_id, same):
-        if earlier.expires_at is None and not never_expires:  # made without expiry: differs
-            check_same_request(earlier, {"expires_at": expires_at})
-        return "", earlier
-    secret, token = await _store(session, user, name, expires_at, actor.user_id, request_id)
+    secret, token = await _store(session, user, name, expires_at, actor.user_id)
     await audit_log.append(
         session,
         actor,

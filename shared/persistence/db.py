@@ -778,23 +778,10 @@ async def load(session: AsyncSession, model: type[T], row_id, *, for_update: boo
     return row
 
 
-async def replay(session: AsyncSession, model: type[T], request_id, same: dict) -> T | None:
-    """The row a retried create made before (AIP-155), or None for a first attempt.
-
-    `same` holds the fields that identify the request, the caller among them where the
-    row records one: reusing a request_id for a different request, or another caller's,
-    is INVALID_ARGUMENT (a replay returns before the use case's own rights checks).
-    """
-    if request_id is None:
-        return None
-    earlier = await session.get(model, request_id)
-    if earlier is not None:
-        check_same_request(earlier, same)
-    return earlier
-
-
 def check_same_request(earlier, same: dict) -> None:
-    """Refuses a request_id reused for a request that differs in any field of `same`."""
+    """Refuses a request_id reused for a request that differs in any field of `same` (the
+    audit service's LogAction; the deploy service's request ids are
+    shared.persistence.idempotency's)."""
     if any(getattr(earlier, k) != v for k, v in same.items()):
         raise InvalidArgument.field(
             "request_id", "was already used for a different request", reason="REQUEST_ID_REUSED"

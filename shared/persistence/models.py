@@ -22,6 +22,7 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     Double,
+    FetchedValue,
     ForeignKey,
     ForeignKeyConstraint,
     Index,
@@ -34,11 +35,12 @@ from sqlalchemy import (
     Uuid,
     false,
     func,
+    select,
     text,
     true,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_column, relationship
 
 NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
@@ -157,6 +159,21 @@ def _updated_at() -> Mapped[datetime]:
     return mapped_column(server_default=func.now(), onupdate=func.now())
 
 
+def _version() -> Mapped[int]:
+    """Raised by the database on every UPDATE (trigger relman_bump_version, migration 010)
+    and read back by RETURNING: the resource's etag (AIP-154)."""
+    return mapped_column(Integer, server_default=text("1"), server_onupdate=FetchedValue())
+
+
+def _named(table: str) -> tuple:
+    """A name that is also a resource name (`teams/{name}`): unique whatever its case, and
+    without a `/`. The database also keeps it from changing (trigger relman_names_fixed)."""
+    return (
+        Index(f"uq_{table}_name_any_case", func.lower(text("name")), unique=True),
+        CheckConstraint("strpos(name, '/') = 0", name="name_has_no_slash"),
+    )
+
+
 def _user_fk(nullable: bool = False) -> Mapped[Any]:
     """Users are deactivated, never deleted: every reference to them restricts deletion."""
     return mapped_column(ForeignKey("users.id", ondelete="RESTRICT"), nullable=nullable, index=True)
@@ -166,6 +183,7 @@ class Team(Base):
     __tablename__ = "teams"
     __table_args__ = (
         UniqueConstraint("name"),
+        *_named("teams"),
         CheckConstraint("member_count >= 0", name="member_count"),
     )
 
@@ -235,7 +253,11 @@ class LoginThrottle(Base):
 
 class Environment(Base):
     __tablename__ = "environments"
-    __table_args__ = (UniqueConstraint("name"), _one_of("environment_type", EnvironmentType))
+    __table_args__ = (
+        UniqueConstraint("name"),
+        *_named("environments"),
+        _one_of("environment_type", EnvironmentType),
+    )
 
     id: Mapped[uuid.UUID] = _uuid_pk()
     name: Mapped[str] = mapped_column(String(100))
@@ -245,11 +267,12 @@ class Environment(Base):
     is_active: Mapped[bool] = mapped_column(server_default=true())
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _updated_at()
+    version: Mapped[int] = _version()
 
 
 class Service(Base):
     __tablename__ = "services"
-    __table_args__ = (UniqueConstraint("name"),)
+    __table_args__ = (UniqueConstraint("name"), *_named("services"))
 
     id: Mapped[uuid.UUID] = _uuid_pk()
     name: Mapped[str] = mapped_column(String(100))
@@ -263,6 +286,7 @@ class Service(Base):
     is_active: Mapped[bool] = mapped_column(server_default=true())
     created_at: Mapped[datetime] = mapped_column(server_default=func.now(), index=True)
     updated_at: Mapped[datetime] = _updated_at()
+    version: Mapped[int] = _version()
 
 
 class Release(Base):
@@ -287,6 +311,14 @@ class Release(Base):
     created_by: Mapped[uuid.UUID] = _user_fk()
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _updated_at()
+
+
+# Its service's name, for the release's resource name (services/{name}/releases/{version}):
+# read by every ORM read of a release in the same statement, one primary-key lookup. After
+# an INSERT it is not loaded until the row is refreshed (create_release does).
+Release.service_name = column_property(
+    select(Service.name).where(Service.id == Release.service_id).scalar_subquery()
+)
 
 
 class Deployment(Base):
@@ -477,6 +509,26 @@ class AuditRequest(Base):
     audit_created_at: Mapped[datetime] = mapped_column(server_default=func.statement_timestamp())
 
 
+class IdempotencyKey(Base):
+    """A request id (AIP-155) as its caller used it for one method: a retry within its
+    lifetime (at least 24 hours) is answered with the resource the first call answered
+    with; the same id with another request is refused (request_hash differs). Apart from
+    the resource's own id, and the caller's own: another caller's id is another request."""
+
+    __tablename__ = "idempotency_keys"
+
+    caller_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("users.id", ondelete="RESTRICT"), primary_key=True
+    )
+    method: Mapped[str] = mapped_column(String(100), primary_key=True)
+    request_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    # SHA-256 of the request without its request_id (and without a password).
+    request_hash: Mapped[bytes]
+    resource_type: Mapped[str] = mapped_column(String(50))
+    resource_id: Mapped[uuid.UUID]
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now(), index=True)
+
+
 class Rollback(Base):
     __tablename__ = "rollbacks"
     __table_args__ = (
@@ -520,6 +572,7 @@ class Runbook(Base):
     is_active: Mapped[bool] = mapped_column(server_default=true())
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _updated_at()
+    version: Mapped[int] = _version()
 
 
 class DeploymentMetric(Base):

@@ -4,7 +4,9 @@ Pages walk `(created_at, id)` (newest first by default), never OFFSET, so a deep
 page costs what the first does and rows inserted meanwhile neither repeat nor
 shift the walk. The page token is opaque to callers: the last row's key plus a
 fingerprint of the filters it was made for; a token that does not decode, or
-that comes back with other filters, is INVALID_ARGUMENT.
+that comes back with other filters, is INVALID_ARGUMENT. Lists in another order keep
+the same token: a number (seal_number), or a tuple of ids (ListLiveDeployments walks
+(service id, environment id)).
 
 `total_size` is exact up to EXACT_TOTAL_LIMIT matches and PostgreSQL's planner
 estimate above, so counting never costs more than a bounded scan, and no more than
@@ -18,7 +20,7 @@ import binascii
 import hashlib
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -111,6 +113,22 @@ def decode_number_token(token: str, filters: Mapping[str, Any]) -> int:
     if len(key) != 1 or type(key[0]) is not int or not 0 < key[0] < 2**63:
         raise _refused()
     return key[0]
+
+
+def encode_ids_token(ids: Sequence[uuid.UUID], filters: Mapping[str, Any]) -> str:
+    """A page token for lists in the order of a tuple of ids (ListLiveDeployments: service,
+    environment)."""
+    return _pack([str(value) for value in ids], filters)
+
+
+def decode_ids_token(token: str, filters: Mapping[str, Any], count: int) -> tuple[uuid.UUID, ...]:
+    key = _unpack(token, filters)
+    if len(key) != count:
+        raise _refused()
+    try:
+        return tuple(uuid.UUID(value) for value in key)
+    except (ValueError, TypeError, AttributeError):  # not text, or not a UUID's
+        raise _refused() from None
 
 
 async def paginate(

@@ -115,6 +115,8 @@ def grant_statements(runtime_role: str, database: str) -> list[str]:
         # Every environment keeps its policy (the votes trigger counts on it); a change
         # to one is an UPDATE the domain audits.
         f"REVOKE DELETE ON environment_policies FROM {role}",
+        # A request id answers with what the first call made: none may be pointed elsewhere.
+        f"REVOKE UPDATE ON idempotency_keys FROM {role}",
         # The column's default takes values as the inserting role (USAGE) and the sealer
         # reads the last one handed out (SELECT); setval (UPDATE) would let it hand out
         # numbers already sealed.
