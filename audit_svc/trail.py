@@ -29,7 +29,7 @@ from shared.framework.errors import InvalidArgument, PermissionDenied, missing_p
 from shared.framework.validation import canonical_ip, text
 from shared.identity.actor import USER_AGENT_MAX, Actor
 from shared.identity.auth import may
-from shared.persistence import audit_log
+from shared.persistence import audit_log, resource_names
 from shared.persistence.db import Database, check_same_request, driver_connection
 from shared.persistence.models import AuditLog, AuditOrigin, User
 from shared.persistence.pagination import Page, list_page
@@ -138,19 +138,31 @@ def check_on_behalf(actor: Actor, entry: Entry, field: str = "") -> None:
         )
 
 
-def checked_row(actor: Actor, entry: Entry, field: str = "") -> dict[str, Any]:
+_USER = resource_names.KINDS["user"]
+
+
+def checked_row(
+    actor: Actor, entry: Entry, field: str = "", *, names: bool = False
+) -> dict[str, Any]:
     """The row `entry` asks for (audit_log.client_row), refused before any write if a field
     is bad or names someone else without the right to (check_on_behalf, checked after
-    `action`). `field` prefixes the fields' names in errors (`actions[3].`)."""
+    `action`). `field` prefixes the fields' names in errors (`actions[3].`).
+
+    With `names` (LogActions, whose names the server's interceptor leaves to it) user_id
+    may be `users/{username}`: the row then holds `user_name` for check_users to resolve.
+    """
     text(f"{field}action", entry.action, 50, pattern=ACTION)
     if entry.user_id or entry.ip_address or entry.user_agent:
         check_on_behalf(actor, entry, field)
-    user_id = actor.user_id
+    user_id, user_name = actor.user_id, None
     if entry.user_id:
         try:
             user_id = uuid.UUID(entry.user_id)
         except ValueError:
-            raise InvalidArgument.field(f"{field}user_id", "is not a UUID") from None
+            segments = _USER.parse(entry.user_id) if names else None
+            if segments is None:
+                raise resource_names.not_an_id(f"{field}user_id", entry.user_id, _USER) from None
+            user_id, (user_name,) = None, segments
     ip = actor.peer
     if entry.ip_address:
         ip = canonical_ip(entry.ip_address)
@@ -175,7 +187,7 @@ def checked_row(actor: Actor, entry: Entry, field: str = "") -> dict[str, Any]:
             request_id = uuid.UUID(entry.request_id)
         except ValueError:
             raise InvalidArgument.field(f"{field}request_id", "is not a UUID") from None
-    return audit_log.client_row(
+    row = audit_log.client_row(
         actor,
         request_id,
         user_id,
@@ -190,10 +202,28 @@ def checked_row(actor: Actor, entry: Entry, field: str = "") -> dict[str, Any]:
             else actor.user_agent
         ),
     )
+    if user_name is not None:
+        row["user_name"] = user_name
+    return row
 
 
-async def check_users(session: AsyncSession, rows: Iterable[tuple[str, dict]]) -> None:
-    """Every named user exists (a failed COPY could not say which row was wrong)."""
+async def check_users(session: AsyncSession, rows: list[tuple[str, dict]]) -> None:
+    """Every named user exists (a failed COPY could not say which row was wrong); a row
+    naming its user by username gets the user's id (one query for the batch). Only a
+    caller who may write on others' behalf names users, and may learn which exist."""
+    named = {row["user_name"]: field for field, row in rows if "user_name" in row}
+    if named:
+        ids = dict(
+            (await session.execute(select(User.username, User.id).where(User.username.in_(named))))
+            .tuples()
+            .all()
+        )
+        for username, field in named.items():
+            if username not in ids:
+                raise resource_names.not_found(f"{field}user_id", f"users/{username}", _USER)
+        for _, row in rows:
+            if "user_name" in row:
+                row["user_id"] = ids[row.pop("user_name")]
     wanted = {row["user_id"]: field for field, row in rows if row["user_id"] is not None}
     if not wanted:
         return
@@ -429,7 +459,7 @@ async def log_actions(
             rows = []
             for entry in entries:
                 field = f"actions[{count + len(rows)}]."
-                rows.append((field, checked_row(actor, entry, field)))
+                rows.append((field, checked_row(actor, entry, field, names=True)))
             await check_users(session, rows)
             if rows:
                 await append_batch(session, [row for _, row in rows])

@@ -275,7 +275,9 @@ async def _deploy(database: Database, actor: Actor, request: DeployRequest) -> D
         if earlier := await replay(session, request.key, Deployment):
             return await _with_stages(session, earlier.id)
         now = _now()
-        target = await gates.read_target(session, request.release_id, request.environment_id, now)
+        target = await gates.read_target(
+            session, request.release_id, request.environment_id, now, lock=True
+        )
         release, environment, policy = target.release, target.environment, target.policy
         stage_names = _stages_for(named_stages, environment, policy)
         await lock_slot(session, release.service_id, environment.id)
@@ -393,12 +395,13 @@ async def _reviewers(
     for index, reviewer_id in enumerate(reviewer_ids):
         field = f"reviewer_ids[{index}]"
         user = await session.get(User, reviewer_id)
-        if user is None or not user.is_active:
-            raise InvalidArgument.field(field, "is not an active user")
-        if user.role not in policy.rules.approver_roles:
+        # One answer for no such user, an inactive one and one who may not vote: a
+        # deployer who may not list users cannot tell them apart (shared.framework.names).
+        if user is None or not user.is_active or user.role not in policy.rules.approver_roles:
             raise InvalidArgument.field(
                 field,
-                f"must have a role the policy lets vote ({', '.join(policy.rules.approver_roles)})",
+                "is not an active user whose role the policy lets vote "
+                f"({', '.join(policy.rules.approver_roles)})",
             )
         if user.id == actor.user_id:
             raise InvalidArgument.field(field, "the deployer cannot review their own deployment")

@@ -372,18 +372,29 @@ _TARGET = (
     .join(_POLICIES, _POLICIES.c.environment_id == Environment.__table__.c.id)
     .where(Release.__table__.c.id == bindparam("release_id"))
 )
+# The deploy path's read: the environment's row KEY SHARE locked (as the deployment's
+# foreign key will lock it anyway), so an UpdateEnvironment that deactivates it (FOR
+# UPDATE) either commits first and is seen here, or waits for this deployment.
+_TARGET_LOCKED = _TARGET.with_for_update(read=True, key_share=True, of=Environment.__table__)
 _OFFSETS = [sum(len(table.c) for table in _PARTS[:i]) for i in range(len(_PARTS))]
 _NAMES = [_positions(table) for table in _PARTS[:3]]  # the policy: policy_in_row
 
 
 async def read_target(
-    session: AsyncSession, release_id: uuid.UUID, environment_id: uuid.UUID, now: datetime
+    session: AsyncSession,
+    release_id: uuid.UUID,
+    environment_id: uuid.UUID,
+    now: datetime,
+    *,
+    lock: bool = False,
 ) -> Target:
-    """The release, its service, the environment and its policy in force, in one round trip."""
+    """The release, its service, the environment and its policy in force, in one round trip
+    (`lock`: for a deploy, with the environment held against a change of is_active)."""
     connection = await session.connection()
     found = (
         await connection.execute(
-            _TARGET, {"release_id": release_id, "environment_id": environment_id}
+            _TARGET_LOCKED if lock else _TARGET,
+            {"release_id": release_id, "environment_id": environment_id},
         )
     ).one_or_none()
     if found is None:  # NOT_FOUND naming whichever is missing

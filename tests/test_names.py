@@ -142,6 +142,8 @@ def _request(method, path, value: str):
         getattr(message, name).append(value)
     else:
         setattr(message, name, value)
+    if method.client_streaming:  # a stream's rows are checked whole, before their names
+        message.action, message.resource_type = "names.probe", "test"
     return request
 
 
@@ -321,3 +323,62 @@ async def test_usernames_cannot_be_probed_through_log_action(audit_channel, toke
         outcomes.append(_comparable(outcome)[:3])
     assert outcomes[0] == outcomes[1]
     assert outcomes[0][1] == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_a_request_names_at_most_fifty_resources(clients):
+    reviewers = [f"users/ghost-{i}" for i in range(51)]
+    error = await fails(
+        clients["lead"].PromoteRelease(
+            release_id=str(seed_id("release", "A3")),
+            target_environment_id=str(EXISTING["environment"][0]),
+            reviewer_ids=reviewers,
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert [v.field for v in error_details(error)[1]] == ["reviewer_ids[50]"], error.details()
+
+
+async def test_a_name_shaped_like_a_uuid_is_still_looked_up(clients):
+    """`teams/qa-` and 27 more characters is 36 long with a `-` where a UUID has one."""
+    name = f"qa-{uuid.uuid4().hex[:27]}"
+    team = await clients["admin"].CreateTeam(name=name)
+    assert len(team.resource_name) == 36 and team.resource_name[8] == "-"
+    found = await clients["viewer"].GetTeam(team_id=team.resource_name)
+    assert found.id == team.id
+    upper = await clients["viewer"].GetDeployment(deployment_id=f"deployments/{str(D6).upper()}")
+    assert upper.id == str(D6)
+
+
+async def test_reviewers_cannot_be_probed_by_a_developer(clients, service_id):
+    """Where a developer may deploy and the policy wants a vote, a reviewer who does not
+    exist and one who may not vote get the same answer."""
+    environment = await clients["admin"].CreateEnvironment(
+        name=f"dev-voted-{uuid.uuid4().hex[:8]}",
+        environment_type=common_pb2.ENVIRONMENT_TYPE_DEVELOPMENT,
+    )
+    await clients["admin"].UpdateEnvironmentPolicy(
+        policy=common_pb2.EnvironmentPolicy(environment_id=environment.id, required_approvals=1),
+        update_mask={"paths": ["required_approvals"]},
+    )
+    release = await clients["developer"].CreateRelease(service_id=service_id, version="1.0.0")
+    answers = []
+    for reviewers in (["users/victor"], ["users/nobody-by-that-name"]):
+        error = await fails(
+            clients["developer"].PromoteRelease(
+                release_id=release.id,
+                target_environment_id=environment.resource_name,
+                reviewer_ids=reviewers,
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+        answers.append([(v.field, v.description) for v in error_details(error)[1]])
+    assert answers[0] == answers[1]
+    two_unknown = await fails(
+        clients["developer"].PromoteRelease(
+            release_id=release.id,
+            target_environment_id=environment.resource_name,
+            reviewer_ids=["users/victor", "users/nobody-by-that-name"],
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert "repeat" not in two_unknown.details()

@@ -415,7 +415,7 @@ async def test_the_key_holds_no_fast_hash_of_a_password(api, database):
 
 async def test_keys_older_than_a_day_are_purged_by_the_sweeper(api, database, db_url: URL):
     """The servers' sweepers (the runtime role) delete a key 25 hours old and keep one 23
-    hours old; the runtime role may not point a key at another resource."""
+    hours old; the runtime role may not change a key in place."""
     caller = api.user_ids["lead"]
     old, recent = uuid.uuid4(), uuid.uuid4()
     async with database.transaction() as session:

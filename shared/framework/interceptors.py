@@ -3,11 +3,12 @@
 Server framework: `CallLifecycleInterceptor` takes a call from its arrival to its status
 (the drain, the request id, the request check, the status of a failure, the log line and
 metrics); `AuthInterceptor` admits the caller; `NamesInterceptor` puts ids in place of
-the resource names in the request (shared.framework.names). `Drain` holds the calls in flight; the
-server closes it when it stops (shared.framework.server). Each interceptor wraps a
-method's handler once and keeps it, so a call costs a dict lookup per interceptor, not a
-rebuild. Both wrap the handler's own coroutine (or async generator), so they run in the
-task that serves the call: the caller's Actor set here is what the servicer sees.
+the resource names in the request (shared.framework.names). `Drain` holds the calls in
+flight; the server closes it when it stops (shared.framework.server). Each interceptor
+wraps a method's handler once and keeps it, so a call costs a dict lookup per
+interceptor, not a rebuild. Each wraps the handler's own coroutine (or async generator),
+so they run in the task that serves the call: the caller's Actor set here is what the
+servicer sees.
 """
 
 from __future__ import annotations
@@ -479,31 +480,26 @@ class NamesInterceptor(_WrappingInterceptor):
 
     def wrap(self, handler, method):
         shape = plan_of(method)
-        if not shape:
-            return handler
+        # A request stream's names are its use case's (shared.framework.names says why).
         streamed = handler.stream_unary is not None or handler.stream_stream is not None
-        return _rewrap(handler, lambda behaviour: self._resolving(behaviour, shape, streamed))
+        if not shape or streamed:
+            return handler
+        return _rewrap(handler, lambda behaviour: self._resolving(behaviour, shape))
 
-    def _resolving(self, behaviour, shape, streamed: bool):
-        resolve, resolve_stream = self.resolver.resolve, self.resolver.resolve_stream
+    def _resolving(self, behaviour, shape):
+        resolve = self.resolver.resolve
 
         if inspect.isasyncgenfunction(behaviour):
 
             async def resolved_stream(request, context):
-                if streamed:
-                    request = resolve_stream(request, shape)
-                else:
-                    await resolve(request, shape)
+                await resolve(request, shape)
                 async for response in behaviour(request, context):
                     yield response
 
             return resolved_stream
 
         async def resolved(request, context):
-            if streamed:
-                request = resolve_stream(request, shape)
-            else:
-                await resolve(request, shape)
+            await resolve(request, shape)
             return await behaviour(request, context)
 
         return resolved

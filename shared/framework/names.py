@@ -8,28 +8,34 @@ forget a field and a new RPC needs nothing here. In an update's resource message
 (UpdateServiceRequest.service) the resource's `id` takes its name too, and its
 `resource_name` may name it instead (AIP-134).
 
-A value that looks like a UUID passes untouched (the servicer checks its form), so the
+A value that parses as a UUID passes untouched (the servicer checks its form), so the
 calls of internal services, which send ids, pay for no lookup. A name of the field's
-kind is looked up on the primary (a resource made a moment ago is found): one of nothing
-is NOT_FOUND naming the field; a value that is neither a UUID nor a name of that kind is
-INVALID_ARGUMENT naming the field.
+kind is looked up on the primary: one of nothing is NOT_FOUND naming the field; a value
+that is neither a UUID nor a name of that kind is INVALID_ARGUMENT naming the field. A
+request names at most MAX_NAMES resources (each costs a lookup before the call's own
+work starts).
+
+Requests that stream (LogActions) are left to their use case, which resolves names
+with the checks of each batch (audit_svc.trail): their handler holds its transaction's
+connection while it reads the stream, and a lookup here would need a second one, so that
+as many streams as the pool has connections could each wait for one for ever.
 
 Usernames are the exception: a caller who may not learn which exist (auth.USER_NAMES:
-viewers and developers) gets no NOT_FOUND for `users/x`. The name stands for a UUID that
-names nobody, so the call answers as it would for a user the caller may not name (GetUser
-of another user, LogAction on another's behalf: PERMISSION_DENIED either way).
+viewers and developers) gets no NOT_FOUND for `users/x`. The name stands for a random
+UUID that names nobody, so the call answers as it would for a user the caller may not
+name (GetUser of another user, LogAction on another's behalf: PERMISSION_DENIED either
+way; a reviewer: "not an active user whose role the policy lets vote").
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
-from shared.framework.errors import InvalidArgument, NotFound
+from shared.framework.errors import InvalidArgument
 from shared.identity.actor import current_actor
 from shared.identity.auth import USER_NAMES, may
 from shared.persistence import resource_names
@@ -102,23 +108,24 @@ class _Name:
     index: int | None  # the position in a repeated field
 
 
-def _looks_like_id(value: str) -> bool:
+# The most names one request may hold: far more than any call needs (reviewers), few
+# enough that the lookups stay short.
+MAX_NAMES = 50
+
+
+def _as_id(value: str) -> uuid.UUID | None:
     try:
-        uuid.UUID(value)
+        return uuid.UUID(value)
     except ValueError:
-        return False
-    return True
+        return None
 
 
 def _classify(path: str, value: str, kind: Kind, message, attribute: str, index, found: list):
-    if not value or (len(value) == 36 and value[8] == "-") or _looks_like_id(value):
+    if not value or _as_id(value) is not None:
         return
     segments = kind.parse(value)
     if segments is None:
-        raise InvalidArgument.field(
-            path,
-            f"{value[:120]!r} is not a UUID, nor a {kind.resource} name like {kind.example}",
-        )
+        raise resource_names.not_an_id(path, value, kind)
     found.append(_Name(path, value, kind, segments, message, attribute, index))
 
 
@@ -170,6 +177,11 @@ class NameResolver:
         by_name = [(m, k, p, _named_by(m, k, p, found)) for m, k, p in resources]
         if not found:
             return
+        if len(found) > MAX_NAMES:
+            raise InvalidArgument.field(
+                found[MAX_NAMES].path,
+                f"a request names at most {MAX_NAMES} resources; send ids for the others",
+            )
         ids: dict[tuple[str, tuple], uuid.UUID] = {}
         async with self.database.read() as session:
             for name in found:
@@ -177,10 +189,9 @@ class NameResolver:
                 if key not in ids:
                     found_id = await resource_names.resolve(session, name.kind, name.segments)
                     if found_id is None:
-                        if not _may_learn_it(name.kind):
-                            found_id = _NOBODY
-                        else:
-                            raise _not_found(name)
+                        if _may_learn_it(name.kind):
+                            raise resource_names.not_found(name.path, name.value, name.kind)
+                        found_id = uuid.uuid4()  # names nobody, as no user it could name
                     ids[key] = found_id
         for name in found:
             if name.attribute:
@@ -188,22 +199,13 @@ class NameResolver:
         for message, kind, prefix, named in by_name:
             if named is None:
                 continue
-            named_id = str(ids[kind.resource, named.segments])
-            if message.id and message.id.lower() != named_id:
+            named_id = ids[kind.resource, named.segments]
+            if message.id and _as_id(message.id) != named_id:
                 raise InvalidArgument.field(
                     f"{prefix}resource_name",
                     f"names another {kind.resource} than {prefix}id",
                 )
-            message.id = named_id
-
-    async def resolve_stream(self, requests, shape: _Plan) -> AsyncIterator:
-        async for request in requests:
-            await self.resolve(request, shape)
-            yield request
-
-
-# What a username that names nobody stands for, to a caller who may not learn so.
-_NOBODY = uuid.UUID(int=0)
+            message.id = str(named_id)
 
 
 def _may_learn_it(kind: Kind) -> bool:
@@ -219,11 +221,3 @@ def _put(name: _Name, value: str) -> None:
         setattr(name.message, name.attribute, value)
     else:
         getattr(name.message, name.attribute)[name.index] = value
-
-
-def _not_found(name: _Name) -> NotFound:
-    return NotFound(
-        f"{name.path}: {name.value[:120]!r} names no {name.kind.resource}",
-        reason=f"{name.kind.resource.upper()}_NOT_FOUND",
-        metadata={"field": name.path, "resource_name": name.value[:200]},
-    )

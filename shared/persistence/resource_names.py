@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-_UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+from shared.framework.errors import InvalidArgument, NotFound
+
+_UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 _SEGMENT = r"[^/\x00]{1,100}"  # a name, a username (their own checks decide the rest)
 _VERSION = r"[^/\x00]{1,50}"
 
@@ -31,8 +33,8 @@ _VERSION = r"[^/\x00]{1,50}"
 class Kind:
     """A kind of named resource: `resource` as in error reasons (SERVICE_NOT_FOUND),
     `pattern` the shape of its names (each group one segment), `example` for messages,
-    and `lookup` the SQL that finds its id from the segments (None: the id is the name's
-    last segment, looked up in `table`)."""
+    and `lookup` the SQL that finds its id from the segments (for the kinds named by
+    their id, whether it exists)."""
 
     resource: str
     pattern: re.Pattern
@@ -139,6 +141,22 @@ RESOURCE_MESSAGES: dict[str, Kind] = {
     "relman.v1.Rollback": KINDS["rollback"],
     "relman.v1.Runbook": KINDS["runbook"],
 }
+
+
+def not_found(field: str, value: str, kind: Kind) -> NotFound:
+    """A well-formed name of nothing: NOT_FOUND naming the field and the name."""
+    return NotFound(
+        f"{field}: {value[:120]!r} names no {kind.resource}",
+        reason=f"{kind.resource.upper()}_NOT_FOUND",
+        metadata={"field": field, "resource_name": value[:200]},
+    )
+
+
+def not_an_id(field: str, value: str, kind: Kind) -> InvalidArgument:
+    """A value that is neither a UUID nor a name of the field's kind."""
+    return InvalidArgument.field(
+        field, f"{value[:120]!r} is not a UUID, nor a {kind.resource} name like {kind.example}"
+    )
 
 
 async def resolve(session: AsyncSession, kind: Kind, segments: tuple[str, ...]):

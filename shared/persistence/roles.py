@@ -115,7 +115,10 @@ def grant_statements(runtime_role: str, database: str) -> list[str]:
         # Every environment keeps its policy (the votes trigger counts on it); a change
         # to one is an UPDATE the domain audits.
         f"REVOKE DELETE ON environment_policies FROM {role}",
-        # A request id answers with what the first call made: none may be pointed elsewhere.
+        # A kept request id is never changed in place (it answers with what the first call
+        # made). The role still inserts keys and purges old ones: whoever holds its
+        # credentials can replace a key, and so point a retry at another row of the same
+        # kind, which that role could read anyway; nothing more.
         f"REVOKE UPDATE ON idempotency_keys FROM {role}",
         # The column's default takes values as the inserting role (USAGE) and the sealer
         # reads the last one handed out (SELECT); setval (UPDATE) would let it hand out
