@@ -16,11 +16,18 @@ import grpc
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
 
-from relman.v1 import audit_pb2, auth_pb2, common_pb2, deploy_pb2
+from relman.v1 import audit_pb2, audit_pb2_grpc, auth_pb2, common_pb2, deploy_pb2
 from shared.devtools.seed import seed_id
 from shared.framework.protos import rpc_methods
 from shared.persistence.models import Role
-from tests.harness import bearer, error_details, fails
+from tests.harness import (
+    bearer,
+    client_address,
+    error_details,
+    fails,
+    start_service,
+    until_streams_hold,
+)
 
 # The id fields DESIGN §13 lists, and the kind of resource each names.
 SECTION_13_FIELDS = {
@@ -382,3 +389,33 @@ async def test_reviewers_cannot_be_probed_by_a_developer(clients, service_id):
         grpc.StatusCode.INVALID_ARGUMENT,
     )
     assert "repeat" not in two_unknown.details()
+
+
+async def test_streams_that_name_users_never_wait_for_a_second_connection(db_url, tokens):
+    """LogActions streams hold their transaction's connection while they read: with the
+    pool taken by such streams, rows naming their users still go in (no lookup needs
+    another connection from the pool)."""
+    audit = await start_service(db_url, "audit_svc", DB_POOL_SIZE="2")
+    try:
+        async with grpc.aio.insecure_channel(client_address(audit.addresses["audit_svc"])) as ch:
+            stub = audit_pb2_grpc.AuditServiceStub(ch)
+            calls = [
+                stub.LogActions(metadata=bearer(tokens[Role.SERVICE]), timeout=20) for _ in range(2)
+            ]
+
+            def batch(user_id: str = "") -> audit_pb2.LogActionsRequest:
+                row = audit_pb2.LogActionRequest(
+                    action="names.stream", resource_type="test", user_id=user_id
+                )
+                return audit_pb2.LogActionsRequest(actions=[row])
+
+            for call in calls:
+                await call.write(batch())
+            await until_streams_hold(db_url, 2)  # the pool is theirs now
+            for call in calls:
+                await call.write(batch("users/victor"))
+                await call.done_writing()
+            answers = [await call for call in calls]
+        assert [answer.count for answer in answers] == [2, 2]
+    finally:
+        await audit.stop()

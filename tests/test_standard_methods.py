@@ -22,7 +22,7 @@ from shared.persistence.db import libpq_dsn
 from shared.persistence.models import AuditLog, Role
 from tests.conftest import USER_OF_ROLE
 from tests.deploying import DEV, PROD, STAGING, S, deployed, run_all_stages
-from tests.harness import bearer, error_details, fails, runtime_url
+from tests.harness import bearer, error_details, fails, poll, runtime_url
 
 PLATFORM = str(seed_id("team", "Platform"))
 AUTH_SERVICE = str(seed_id("service", "auth-service"))
@@ -229,6 +229,41 @@ async def test_an_inactive_environment_takes_no_deployments(clients, service_id)
     )
     deployment = await lead.CreateDeployment(release_id=release.id, environment_id=environment.id)
     assert deployment.environment_id == environment.id
+
+
+async def test_a_deploy_racing_a_deactivation_is_refused(clients, service_id, db_url):
+    """A deactivation in flight (the environment's row held FOR UPDATE, as UpdateEnvironment
+    holds it) holds a deploy back until it commits, and the deploy then sees it."""
+    admin, lead = clients["admin"], clients["lead"]
+    environment = await admin.CreateEnvironment(
+        name=unique("race"), environment_type=S.ENVIRONMENT_TYPE_DEVELOPMENT
+    )
+    release = await lead.CreateRelease(service_id=service_id, version="1.0.0")
+    admin_session = await asyncpg.connect(libpq_dsn(runtime_url(db_url)))
+    try:
+        async with admin_session.transaction():
+            await admin_session.execute(
+                "SELECT 1 FROM environments WHERE id = $1 FOR UPDATE", uuid.UUID(environment.id)
+            )
+            await admin_session.execute(
+                "UPDATE environments SET is_active = false WHERE id = $1",
+                uuid.UUID(environment.id),
+            )
+            deploy = asyncio.ensure_future(
+                lead.CreateDeployment(release_id=release.id, environment_id=environment.id)
+            )
+            await poll(
+                partial(
+                    admin_session.fetchval,
+                    "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'tuple'"
+                    " OR (NOT granted AND locktype = 'transactionid')",
+                ),
+                15,
+                "deploy waiting for the environment's row",
+            )
+        await fails(deploy, grpc.StatusCode.FAILED_PRECONDITION, "ENVIRONMENT_INACTIVE")
+    finally:
+        await admin_session.close()
 
 
 # -- etags (AIP-154) -------------------------------------------------------------------------
