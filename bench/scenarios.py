@@ -567,14 +567,24 @@ async def _delete_freeze_windows(deploy: _Deploy, windows: list[str]) -> None:
         await deploy("DeleteFreezeWindow", freeze_window_id=window)
 
 
-async def _lifecycle(deploy: _Deploy, release_id: str, environment_id: str) -> None:
-    """Promotes a release and runs its deployment's stages to success, then reads it."""
+async def _lifecycle(
+    deploy: _Deploy, release_id: str, environment_id: str, request_ids: bool = False
+) -> None:
+    """Promotes a release and runs its deployment's stages to success, then reads it
+    (`request_ids`: each change with a request id of its own, as shared.client sends)."""
+
+    def request_id() -> dict[str, str]:
+        return {"request_id": str(uuid.uuid4())} if request_ids else {}
+
     deployment = await deploy(
-        "PromoteRelease", release_id=release_id, target_environment_id=environment_id
+        "PromoteRelease",
+        release_id=release_id,
+        target_environment_id=environment_id,
+        **request_id(),
     )
     for stage in deployment.stages:
         for status in (common_pb2.STAGE_STATUS_RUNNING, common_pb2.STAGE_STATUS_SUCCEEDED):
-            await deploy("UpdatePipelineStage", stage_id=stage.id, status=status)
+            await deploy("UpdatePipelineStage", stage_id=stage.id, status=status, **request_id())
     done = await deploy(
         "GetDeployment", deployment_id=deployment.id, view=common_pb2.DEPLOYMENT_VIEW_FULL
     )
@@ -583,7 +593,22 @@ async def _lifecycle(deploy: _Deploy, release_id: str, environment_id: str) -> N
 
 async def lifecycles(stack: Stack, size: Size) -> list[Result]:
     """Under the environments' policies (the defaults), with two freeze windows per
-    service in place that are not in force (_freeze_windows_not_in_force)."""
+    service in place that are not in force (_freeze_windows_not_in_force); then the same
+    with a request id on every change, against the first as its baseline."""
+    plain, plain_p99 = await _lifecycles(stack, size, request_ids=False)
+    keyed, keyed_p99 = await _lifecycles(stack, size, request_ids=True)
+    name = "Promote + 5 x 2 UpdatePipelineStage + GetDeployment(FULL), 16 in flight"
+    keyed_name = f"{name}, each change with a request_id"
+    return [
+        info(f"{name}: lifecycles/s", plain),
+        at_most(f"{name}: p99 ms per call", plain_p99, 50, "ms"),
+        info(f"{keyed_name}: lifecycles/s", keyed, plain),
+        info(f"{keyed_name}: p99 ms per call", keyed_p99, plain_p99),
+    ]
+
+
+async def _lifecycles(stack: Stack, size: Size, request_ids: bool) -> tuple[float, float]:
+    """Lifecycles per second and the p99 of their calls, in ms."""
     callers = 16
     setup = _Deploy(stack)
     services = [await setup.new_service() for _ in range(callers)]
@@ -604,17 +629,14 @@ async def lifecycles(stack: Stack, size: Size) -> list[Result]:
             if n == WARM_UP_LIFECYCLES:
                 deploy = timed
                 timed_from.append(time.perf_counter())
-            await _lifecycle(deploy, release_id, DEV)
+            await _lifecycle(deploy, release_id, DEV, request_ids)
 
     await asyncio.gather(*(lifecycle(service) for service in services))
     elapsed = time.perf_counter() - min(timed_from)
     # They are scoped to these services alone, but no later scenario should meet them.
     await _delete_freeze_windows(setup, windows)
-    name = "Promote + 5 x 2 UpdatePipelineStage + GetDeployment(FULL), 16 in flight"
-    return [
-        info(f"{name}: lifecycles/s", callers * size.lifecycles_per_caller / elapsed),
-        at_most(f"{name}: p99 ms per call", _ms(percentile(timed.latencies, 0.99)), 50, "ms"),
-    ]
+    rate = callers * size.lifecycles_per_caller / elapsed
+    return rate, _ms(percentile(timed.latencies, 0.99))
 
 
 PROMOTION_CHECKERS = 16

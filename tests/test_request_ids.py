@@ -438,7 +438,7 @@ async def test_keys_older_than_a_day_are_purged_by_the_sweeper(api, database, db
     try:
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await runtime.execute(
-                "UPDATE idempotency_keys SET resource_id = gen_random_uuid() WHERE request_id = $1",
+                "UPDATE idempotency_keys SET request_hash = '' WHERE request_id = $1",
                 recent,
             )
     finally:

@@ -16,7 +16,9 @@ Create Date: 2026-11-30
 - idempotency_keys: a request id (AIP-155) is the caller's own, per method, apart from
   the id of what the request made: (caller_id, method, request_id) -> the resource the
   first call answered with, and a hash of the request, so that the same id sent with
-  another request is refused. Kept at least 24 hours (the sweeper deletes older ones).
+  another request is refused. A call claims its key first (the resource still NULL; a
+  concurrent call with the same key waits on it) and fills in its answer in the same
+  transaction. Kept at least 24 hours (the sweeper deletes older ones).
 """
 
 from collections.abc import Sequence
@@ -117,8 +119,8 @@ def upgrade() -> None:
         sa.Column("method", sa.String(100), nullable=False),
         sa.Column("request_id", sa.Uuid(), nullable=False),
         sa.Column("request_hash", sa.LargeBinary(), nullable=False),
-        sa.Column("resource_type", sa.String(50), nullable=False),
-        sa.Column("resource_id", sa.Uuid(), nullable=False),
+        sa.Column("resource_type", sa.String(50), nullable=True),
+        sa.Column("resource_id", sa.Uuid(), nullable=True),
         sa.Column(
             "created_at",
             sa.DateTime(timezone=True),

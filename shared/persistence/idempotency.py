@@ -3,9 +3,12 @@
 A request id is its caller's own, for one method, and apart from the id of what the
 request made: the key (caller, method, request_id) in `idempotency_keys` points at the
 resource the first call answered with, beside a hash of the request. A use case that
-takes a `RequestKey` calls `replay` first in its transaction and `remember` in the same
-transaction as its change: a call that fails leaves no key, so its retry runs again.
-Keys are kept at least KEPT_FOR (the sweeper purges older ones, `purge`).
+takes a `RequestKey` calls `replay` first in its transaction, which claims the key, and
+`remember` in the same transaction as its change, which fills in the answer: a call that
+fails leaves no key, so its retry runs again. Two statements per call: the claim is
+also what makes a concurrent call with the same key wait (PostgreSQL holds a second
+insert of a key until the first one's transaction ends). Keys are kept at least
+KEPT_FOR (the sweeper purges older ones, `purge`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeVar
 
-from sqlalchemy import bindparam, insert, select, text
+from sqlalchemy import bindparam, select, text, update
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.framework.errors import InvalidArgument
@@ -27,12 +31,30 @@ T = TypeVar("T")
 KEPT_FOR = timedelta(hours=24)
 
 _KEYS = IdempotencyKey.__table__
-# Transaction-scoped: a second call with the same key waits until the first one ends.
-_LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))")
-_EARLIER = select(_KEYS.c.request_hash, _KEYS.c.resource_id).where(
-    _KEYS.c.caller_id == bindparam("caller_id"),
-    _KEYS.c.method == bindparam("method"),
-    _KEYS.c.request_id == bindparam("request_id"),
+# Parameters are named apart from the columns, as INSERT and UPDATE want them.
+_THIS_KEY = (
+    _KEYS.c.caller_id == bindparam("key_caller"),
+    _KEYS.c.method == bindparam("key_method"),
+    _KEYS.c.request_id == bindparam("key_request"),
+)
+# A key in flight in another transaction makes this wait until that one ends: then it
+# inserts (the other rolled back) or does nothing (the other committed its answer).
+_CLAIM = (
+    insert(_KEYS)
+    .values(
+        caller_id=bindparam("key_caller"),
+        method=bindparam("key_method"),
+        request_id=bindparam("key_request"),
+        request_hash=bindparam("key_hash"),
+    )
+    .on_conflict_do_nothing(index_elements=["caller_id", "method", "request_id"])
+    .returning(_KEYS.c.request_id)
+)
+_EARLIER = select(_KEYS.c.request_hash, _KEYS.c.resource_id).where(*_THIS_KEY)
+_ANSWER = (
+    update(_KEYS)
+    .where(*_THIS_KEY)
+    .values(resource_type=bindparam("answer_type"), resource_id=bindparam("answer_id"))
 )
 # One replica purges at a time, the others skip their turn: FOR UPDATE SKIP LOCKED would
 # need the UPDATE the runtime role does not hold on the table.
@@ -61,22 +83,23 @@ class RequestKey:
 
 async def replay(session: AsyncSession, key: RequestKey | None, model: type[T]) -> T | None:
     """The row of `model` the first call with `key` answered with, as it stands now; None
-    for a first call (or no key). Called first in the use case's transaction: it takes a
-    lock on the key, so that a concurrent call with the same key runs after this one
-    ends and, under READ COMMITTED, sees the key this one wrote. The same key with
-    another request is INVALID_ARGUMENT (REQUEST_ID_REUSED); a resource deleted since is
-    NOT_FOUND."""
+    for a first call (or no key), whose key this claims. Called first in the use case's
+    transaction: a concurrent call with the same key waits on the claim until this one
+    ends and then, under READ COMMITTED, reads the answer this one wrote. The same key
+    with another request is INVALID_ARGUMENT (REQUEST_ID_REUSED); a resource deleted
+    since is NOT_FOUND."""
     if key is None:
         return None
-    await session.execute(_LOCK, {"key": f"request:{key.caller_id}:{key.method}:{key.request_id}"})
-    where = {"caller_id": key.caller_id, "method": key.method, "request_id": key.request_id}
-    earlier = (await session.execute(_EARLIER, where)).one_or_none()
-    if earlier is None:
+    where = _where(key)
+    if await session.scalar(_CLAIM, {**where, "key_hash": key.request_hash}) is not None:
         return None
+    earlier = (await session.execute(_EARLIER, where)).one()
     if earlier.request_hash != key.request_hash:
         raise InvalidArgument.field(
             "request_id", "was already used for a different request", reason="REQUEST_ID_REUSED"
         )
+    if earlier.resource_id is None:  # claimed and committed unanswered: no answer to give
+        return None
     return await load(session, model, earlier.resource_id)
 
 
@@ -88,15 +111,12 @@ async def remember(
     if key is None:
         return
     await session.execute(
-        insert(_KEYS).values(
-            caller_id=key.caller_id,
-            method=key.method,
-            request_id=key.request_id,
-            request_hash=key.request_hash,
-            resource_type=resource_type,
-            resource_id=resource_id,
-        )
+        _ANSWER, {**_where(key), "answer_type": resource_type, "answer_id": resource_id}
     )
+
+
+def _where(key: RequestKey) -> dict:
+    return {"key_caller": key.caller_id, "key_method": key.method, "key_request": key.request_id}
 
 
 async def purge(session: AsyncSession, batch: int) -> int:

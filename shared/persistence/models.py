@@ -513,7 +513,9 @@ class IdempotencyKey(Base):
     """A request id (AIP-155) as its caller used it for one method: a retry within its
     lifetime (at least 24 hours) is answered with the resource the first call answered
     with; the same id with another request is refused (request_hash differs). Apart from
-    the resource's own id, and the caller's own: another caller's id is another request."""
+    the resource's own id, and the caller's own: another caller's id is another request.
+    The resource is NULL only inside the first call's transaction (claimed, not answered
+    yet)."""
 
     __tablename__ = "idempotency_keys"
 
@@ -524,8 +526,8 @@ class IdempotencyKey(Base):
     request_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
     # SHA-256 of the request without its request_id (and without a password).
     request_hash: Mapped[bytes]
-    resource_type: Mapped[str] = mapped_column(String(50))
-    resource_id: Mapped[uuid.UUID]
+    resource_type: Mapped[str | None] = mapped_column(String(50))
+    resource_id: Mapped[uuid.UUID | None]
     created_at: Mapped[datetime] = mapped_column(server_default=func.now(), index=True)
 
 

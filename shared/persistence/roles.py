@@ -115,11 +115,12 @@ def grant_statements(runtime_role: str, database: str) -> list[str]:
         # Every environment keeps its policy (the votes trigger counts on it); a change
         # to one is an UPDATE the domain audits.
         f"REVOKE DELETE ON environment_policies FROM {role}",
-        # A kept request id is never changed in place (it answers with what the first call
-        # made). The role still inserts keys and purges old ones: whoever holds its
+        # A request id's caller, method and hash never change; the first call fills in
+        # its answer. The role still inserts keys and purges old ones: whoever holds its
         # credentials can replace a key, and so point a retry at another row of the same
         # kind, which that role could read anyway; nothing more.
         f"REVOKE UPDATE ON idempotency_keys FROM {role}",
+        f"GRANT UPDATE (resource_type, resource_id) ON idempotency_keys TO {role}",
         # The column's default takes values as the inserting role (USAGE) and the sealer
         # reads the last one handed out (SELECT); setval (UPDATE) would let it hand out
         # numbers already sealed.
