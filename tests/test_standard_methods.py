@@ -327,12 +327,13 @@ async def test_names_are_unique_whatever_their_case_and_hold_no_slash(clients):
         "ENVIRONMENT_EXISTS",
     )
     slashed = unique("a/b")
-    for call in (
-        lead.CreateTeam(name=slashed),
-        admin.CreateEnvironment(name=slashed, environment_type=S.ENVIRONMENT_TYPE_STAGING),
-    ):
-        error = await fails(call, grpc.StatusCode.INVALID_ARGUMENT)
-        assert violated_fields(error) == ["name"]
+    for bad in (slashed, "Platform ", " Platform", unique("tab\t")):
+        for call in (
+            lead.CreateTeam(name=bad),
+            admin.CreateEnvironment(name=bad, environment_type=S.ENVIRONMENT_TYPE_STAGING),
+        ):
+            error = await fails(call, grpc.StatusCode.INVALID_ARGUMENT)
+            assert violated_fields(error) == ["name"]
     teams = (await lead.ListTeams(page_size=1000)).teams
     environments = (await lead.ListEnvironments(page_size=1000)).environments
     assert slashed not in {t.name for t in teams} | {e.name for e in environments}
