@@ -459,3 +459,22 @@ def ipv6_loopback() -> bool:
     except OSError:
         return False
     return True
+
+
+def check_life_of_a_release(printed: str) -> None:
+    """What the README's life of a release prints, in the order it tells it."""
+    story = [
+        "DEPLOYMENT_STATUS_AWAITING_APPROVAL",
+        "APPROVAL_STATUS_APPROVED",
+        "RELEASE_STATUS_COMPLETED",
+        '"name":"smoke_test","status":"STAGE_STATUS_FAILED"',
+        "ROLLBACK_STATUS_IN_PROGRESS",
+        "RELEASE_STATUS_ROLLED_BACK",
+    ]
+    positions = [printed.find(line) for line in story]
+    assert -1 not in positions and positions == sorted(positions), printed
+    # Development, staging and production, five stages each, before 1.4.0's.
+    assert printed.count('"status":"STAGE_STATUS_SUCCEEDED"') == 15, printed
+    # 1.3.0 live in all three environments, and in production again after the rollback.
+    assert printed.count('"version":"1.3.0"') == 3, printed
+    assert printed.rstrip().endswith('{"production":"1.3.0"}'), printed

@@ -162,8 +162,31 @@ async def test_the_client_calls_the_real_services_with_its_token(relman, tokens,
         streamed = await client.audit.LogActions(iter([batch]))  # streaming calls too
     assert streamed.count == 1
     assert logged.user_id  # the service user the token belongs to
-    assert uuid.UUID(logged.id)  # the request_id the helper filled in became the row id
+    assert uuid.UUID(logged.id)
     assert len(environments.environments) >= 3
+
+
+async def test_the_client_takes_names_where_ids_go(relman, tokens, service_id):
+    """A release, an environment and a watched deployment named as people name them; the
+    request ids the helper fills in make a retried promotion return the first answer."""
+    async with client_of(relman, tokens[Role.DEVELOPER]) as client:
+        deploy = client.deploy
+        service = await deploy.GetService(deploy_pb2.GetServiceRequest(service_id=service_id))
+        release = await deploy.CreateRelease(
+            deploy_pb2.CreateReleaseRequest(service_id=service.resource_name, version="1.0.0")
+        )
+        assert release.resource_name == f"{service.resource_name}/releases/1.0.0"
+        promote = deploy_pb2.PromoteReleaseRequest(
+            release_id=release.resource_name,
+            target_environment_id="environments/development",
+            request_id=str(uuid.uuid4()),
+        )
+        deployment = await deploy.PromoteRelease(promote)
+        assert await deploy.PromoteRelease(promote) == deployment  # a retry: the first answer
+        await run_stages(deploy, deployment.stages)
+        snapshots = [s async for s in client.watch_deployment(deployment.resource_name)]
+    assert snapshots[-1].id == deployment.id
+    assert snapshots[-1].status == S.DEPLOYMENT_STATUS_SUCCEEDED
 
 
 # -- typed errors ------------------------------------------------------------------------------
