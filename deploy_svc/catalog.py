@@ -34,24 +34,10 @@ Row = TypeVar("Row", bound=Base)
 # -- reads -----------------------------------------------------------------------------------
 
 
-async def get_runbook(database: Database, runbook_id: uuid.UUID) -> Runbook:
+async def get(database: Database, model: type[Row], row_id: uuid.UUID) -> Row:
+    """GetService, GetEnvironment, GetTeam, GetRunbook: the row, or NOT_FOUND naming it."""
     async with database.replica_read() as session:
-        return await load(session, Runbook, runbook_id)
-
-
-async def get_service(database: Database, service_id: uuid.UUID) -> Service:
-    async with database.replica_read() as session:
-        return await load(session, Service, service_id)
-
-
-async def get_environment(database: Database, environment_id: uuid.UUID) -> Environment:
-    async with database.replica_read() as session:
-        return await load(session, Environment, environment_id)
-
-
-async def get_team(database: Database, team_id: uuid.UUID) -> Team:
-    async with database.replica_read() as session:
-        return await load(session, Team, team_id)
+        return await load(session, model, row_id)
 
 
 async def list_runbooks(

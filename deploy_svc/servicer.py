@@ -37,7 +37,7 @@ from shared.framework.validation import (
     request_key,
 )
 from shared.identity.actor import current_actor
-from shared.persistence.models import StageStatus
+from shared.persistence.models import Environment, Runbook, Service, StageStatus, Team
 
 DEPLOY_SERVICE = deploy_pb2.DESCRIPTOR.services_by_name["DeployService"]
 
@@ -264,15 +264,15 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
 
     async def GetEnvironment(self, request, context):
         environment_id = parse_uuid("environment_id", request.environment_id)
-        return convert.environment(await catalog.get_environment(self.database, environment_id))
+        return convert.environment(await catalog.get(self.database, Environment, environment_id))
 
     async def GetService(self, request, context):
         service_id = parse_uuid("service_id", request.service_id)
-        return convert.service(await catalog.get_service(self.database, service_id))
+        return convert.service(await catalog.get(self.database, Service, service_id))
 
     async def GetTeam(self, request, context):
         team_id = parse_uuid("team_id", request.team_id)
-        return convert.team(await catalog.get_team(self.database, team_id))
+        return convert.team(await catalog.get(self.database, Team, team_id))
 
     async def ListEnvironments(self, request, context):
         page = await catalog.list_environments(
@@ -311,7 +311,7 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
 
     async def GetRunbook(self, request, context: grpc.aio.ServicerContext):
         runbook_id = parse_uuid("runbook_id", request.runbook_id)
-        return convert.runbook(await catalog.get_runbook(self.database, runbook_id))
+        return convert.runbook(await catalog.get(self.database, Runbook, runbook_id))
 
     # catalogue administration
 
