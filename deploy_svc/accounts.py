@@ -268,9 +268,11 @@ async def create_api_token(
     it is stored, so a concurrent change of role cannot slip between the check and the insert.
     A retry gets the record with an empty secret: secrets are never stored."""
     async with database.transaction() as session:
+        # Locked before the request id's claim, whose foreign key holds the caller's row
+        # KEY SHARE: a caller minting two tokens for itself at once would deadlock.
+        user = await load(session, User, user_id, for_update=True)
         if earlier := await replay(session, key, ApiToken):
             return "", earlier
-        user = await load(session, User, user_id, for_update=True)
         secret, token = await tokens.create_token(
             session, actor, user, name, expires_at, never_expires=never_expires
         )

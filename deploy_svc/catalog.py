@@ -113,10 +113,6 @@ ENVIRONMENT_FIXED = {
 }
 
 
-# Printable characters, not beginning or ending with a space: a name people type.
-_PLAIN_NAME = re.compile(r"[^\s\x00-\x1f\x7f]([^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f])?")
-
-
 def check_name(value: str) -> str:
     """A team's or an environment's name: it is also part of its resource name
     (`teams/{name}`), fixed for good, so it holds no `/` (nor does the database let it,
@@ -125,7 +121,7 @@ def check_name(value: str) -> str:
     name = check_field("name", value)
     if "/" in name:
         raise InvalidArgument.field("name", "must not contain '/': it is part of the resource name")
-    if not _PLAIN_NAME.fullmatch(name):
+    if not name.isprintable() or name != name.strip():
         raise InvalidArgument.field(
             "name", "must be printable characters, without a space at either end"
         )

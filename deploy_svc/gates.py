@@ -372,12 +372,27 @@ _TARGET = (
     .join(_POLICIES, _POLICIES.c.environment_id == Environment.__table__.c.id)
     .where(Release.__table__.c.id == bindparam("release_id"))
 )
-# The deploy path's read: the environment's row KEY SHARE locked (as the deployment's
-# foreign key will lock it anyway), so an UpdateEnvironment that deactivates it (FOR
-# UPDATE) either commits first and is seen here, or waits for this deployment.
-_TARGET_LOCKED = _TARGET.with_for_update(read=True, key_share=True, of=Environment.__table__)
+# The deploy path's read: the environment's and the service's rows KEY SHARE locked (as
+# the deployment's foreign keys will lock them anyway), so an UpdateEnvironment or
+# UpdateService that deactivates one (FOR UPDATE) either commits first and is seen here,
+# or waits for this deployment.
+_TARGET_LOCKED = _TARGET.with_for_update(
+    read=True, key_share=True, of=[Environment.__table__, Service.__table__]
+)
+_HELD_ENVIRONMENT = (
+    select(Environment.id, Environment.name, Environment.is_active)
+    .where(Environment.id == bindparam("environment_id"))
+    .with_for_update(read=True, key_share=True)
+)
 _OFFSETS = [sum(len(table.c) for table in _PARTS[:i]) for i in range(len(_PARTS))]
 _NAMES = [_positions(table) for table in _PARTS[:3]]  # the policy: policy_in_row
+
+
+async def hold_environment(session: AsyncSession, environment_id: uuid.UUID):
+    """The environment's id, name and is_active as they are now, its row held KEY SHARE
+    against a deactivation in flight (a rollback's redeployment; a deploy's read holds it
+    in _TARGET_LOCKED)."""
+    return (await session.execute(_HELD_ENVIRONMENT, {"environment_id": environment_id})).one()
 
 
 async def read_target(

@@ -33,7 +33,7 @@ from deploy_svc.deployments import (
     new_deployment,
 )
 from deploy_svc.freezes import timestamp_text
-from deploy_svc.gates import inactive_refusal
+from deploy_svc.gates import hold_environment, inactive_refusal
 from deploy_svc.policies import Policy
 from deploy_svc.releases import refresh_status
 from shared.framework.errors import FailedPrecondition
@@ -77,7 +77,8 @@ async def rollback_deployment(
         deployment, environment, policy = await lock_deployment_for_change(
             session, actor, deployment_id
         )
-        if (refusal := inactive_refusal("environment", environment)) is not None:
+        held = await hold_environment(session, environment.id)
+        if (refusal := inactive_refusal("environment", held)) is not None:
             raise refusal
         _check_rollbackable(deployment)
         # Nothing else may start here meanwhile.

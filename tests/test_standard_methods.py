@@ -231,39 +231,106 @@ async def test_an_inactive_environment_takes_no_deployments(clients, service_id)
     assert deployment.environment_id == environment.id
 
 
+async def _while_a_change_is_in_flight(db_url, table: str, row_id: str, change: str, call):
+    """Runs `call` while a transaction holds the row FOR UPDATE (as UpdateEnvironment,
+    UpdateService and UpdateUser hold it) and has made `change`; commits once `call`
+    waits for a lock, and returns what `call` gave (or the error it raised)."""
+    session = await asyncpg.connect(libpq_dsn(runtime_url(db_url)))
+    try:
+        async with session.transaction():
+            await session.execute(
+                f"SELECT 1 FROM {table} WHERE id = $1 FOR UPDATE", uuid.UUID(row_id)
+            )
+            if change:
+                await session.execute(
+                    f"UPDATE {table} SET {change} WHERE id = $1", uuid.UUID(row_id)
+                )
+            pending = asyncio.ensure_future(call)
+            await poll(
+                partial(session.fetchval, "SELECT count(*) FROM pg_locks WHERE NOT granted"),
+                15,
+                "a call waiting for the row",
+            )
+        return await asyncio.gather(pending, return_exceptions=True)
+    finally:
+        await session.close()
+
+
+async def _refused(outcome: list, reason: str) -> None:
+    (error,) = outcome
+    assert isinstance(error, grpc.aio.AioRpcError), error
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
+    assert error_details(error)[0].reason == reason
+
+
 async def test_a_deploy_racing_a_deactivation_is_refused(clients, service_id, db_url):
-    """A deactivation in flight (the environment's row held FOR UPDATE, as UpdateEnvironment
-    holds it) holds a deploy back until it commits, and the deploy then sees it."""
+    """A deactivation in flight (the row held FOR UPDATE, as UpdateEnvironment and
+    UpdateService hold it) holds a deploy back until it commits, and the deploy sees it."""
     admin, lead = clients["admin"], clients["lead"]
     environment = await admin.CreateEnvironment(
         name=unique("race"), environment_type=S.ENVIRONMENT_TYPE_DEVELOPMENT
     )
     release = await lead.CreateRelease(service_id=service_id, version="1.0.0")
-    admin_session = await asyncpg.connect(libpq_dsn(runtime_url(db_url)))
+    deploy = partial(lead.CreateDeployment, release_id=release.id, environment_id=environment.id)
+    outcome = await _while_a_change_is_in_flight(
+        db_url, "environments", environment.id, "is_active = false", deploy()
+    )
+    await _refused(outcome, "ENVIRONMENT_INACTIVE")
+    await admin.UpdateEnvironment(
+        environment=common_pb2.Environment(id=environment.id, is_active=True),
+        update_mask=mask("is_active"),
+    )
+    outcome = await _while_a_change_is_in_flight(
+        db_url, "services", service_id, "is_active = false", deploy()
+    )
+    await _refused(outcome, "SERVICE_INACTIVE")
+
+
+async def test_a_rollback_racing_a_deactivation_is_refused(clients, service_id, db_url):
+    admin, lead = clients["admin"], clients["lead"]
+    environment = await admin.CreateEnvironment(
+        name=unique("race"), environment_type=S.ENVIRONMENT_TYPE_DEVELOPMENT
+    )
+    await deployed(lead, service_id, "1.0.0", environment.id)
+    await deployed(lead, service_id, "1.1.0", environment.id)
+    (newest, *_) = (
+        await lead.ListDeployments(service_id=service_id, environment_id=environment.id)
+    ).deployments
+    rollback = lead.RollbackDeployment(deployment_id=newest.id, reason="bad release")
+    outcome = await _while_a_change_is_in_flight(
+        db_url, "environments", environment.id, "is_active = false", rollback
+    )
+    await _refused(outcome, "ENVIRONMENT_INACTIVE")
+
+
+async def test_a_caller_minting_two_tokens_for_itself_at_once_gets_both(clients, db_url, auth):
+    """The token's user is locked before the request id's claim, whose foreign key holds
+    the caller's row too: two at once (held back together) do not deadlock."""
+    admin = auth(Role.ADMIN)
+    me = await admin.WhoAmI()
+    calls = asyncio.gather(
+        *(
+            admin.CreateApiToken(user_id=me.id, name=f"twin-{n}", request_id=str(uuid.uuid4()))
+            for n in range(2)
+        ),
+        return_exceptions=True,
+    )
+    session = await asyncpg.connect(libpq_dsn(runtime_url(db_url)))
     try:
-        async with admin_session.transaction():
-            await admin_session.execute(
-                "SELECT 1 FROM environments WHERE id = $1 FOR UPDATE", uuid.UUID(environment.id)
+        async with session.transaction():
+            await session.execute(
+                "SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE", uuid.UUID(me.id)
             )
-            await admin_session.execute(
-                "UPDATE environments SET is_active = false WHERE id = $1",
-                uuid.UUID(environment.id),
-            )
-            deploy = asyncio.ensure_future(
-                lead.CreateDeployment(release_id=release.id, environment_id=environment.id)
-            )
+            pending = asyncio.ensure_future(calls)
             await poll(
-                partial(
-                    admin_session.fetchval,
-                    "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'tuple'"
-                    " OR (NOT granted AND locktype = 'transactionid')",
-                ),
+                partial(session.fetchval, "SELECT count(*) >= 2 FROM pg_locks WHERE NOT granted"),
                 15,
-                "deploy waiting for the environment's row",
+                "both calls waiting",
             )
-        await fails(deploy, grpc.StatusCode.FAILED_PRECONDITION, "ENVIRONMENT_INACTIVE")
+        outcomes = await pending
     finally:
-        await admin_session.close()
+        await session.close()
+    assert all(isinstance(o, auth_pb2.CreateApiTokenResponse) for o in outcomes), outcomes
 
 
 # -- etags (AIP-154) -------------------------------------------------------------------------
