@@ -9,6 +9,7 @@ their etag, the row's version, which the database raises on every change.
 from __future__ import annotations
 
 from deploy_svc.deployments import FullDeployment, LiveDeployment, StageRecord
+from deploy_svc.dora import Bucket
 from deploy_svc.gates import Gate
 from deploy_svc.policies import Policy
 from relman.v1 import auth_pb2, common_pb2, deploy_pb2
@@ -119,6 +120,7 @@ def release(row: models.Release) -> common_pb2.Release:
         status=enum_to_proto(common_pb2.ReleaseStatus, row.status),
         release_notes=row.release_notes or "",
         git_commit=row.git_commit or "",
+        hotfix=row.hotfix,
         created_by=str(row.created_by),
         created_at=timestamp(row.created_at),
         updated_at=timestamp(row.updated_at),
@@ -258,4 +260,19 @@ def promotion_check(gates: list[Gate]) -> common_pb2.PromotionCheck:
             common_pb2.PolicyGate(name=gate.name, passed=gate.passed, detail=gate.detail)
             for gate in gates
         ],
+    )
+
+
+def dora_bucket(bucket: Bucket) -> deploy_pb2.DoraBucket:
+    return deploy_pb2.DoraBucket(
+        start_time=timestamp(bucket.start_time),
+        end_time=timestamp(bucket.end_time),
+        deployments=bucket.deployments,
+        deployment_frequency_per_day=bucket.frequency_per_day,
+        lead_time_for_changes_seconds=bucket.lead_time_s,
+        failed_deployments=bucket.failed,
+        change_failure_rate=bucket.change_failure_rate,
+        failed_deployment_recovery_time_seconds=bucket.recovery_time_s,
+        rework_deployments=bucket.rework,
+        deployment_rework_rate=bucket.rework_rate,
     )

@@ -65,6 +65,7 @@ async def create_release(
     release_notes: str,
     git_commit: str,
     key: RequestKey | None,
+    hotfix: bool = False,
 ) -> Release:
     version = text_field(
         "version",
@@ -85,7 +86,7 @@ async def create_release(
     async with database.transaction() as session:
         if earlier := await replay(session, key, Release):
             return earlier
-        release = await _create(session, actor, service_id, version, notes, commit)
+        release = await _create(session, actor, service_id, version, notes, commit, hotfix)
         await remember(session, key, "release", release.id)
         return release
 
@@ -97,6 +98,7 @@ async def _create(
     version: str,
     notes: str | None,
     commit: str | None,
+    hotfix: bool,
 ) -> Release:
     service = await load(session, Service, service_id)
     if not service.is_active:
@@ -120,6 +122,7 @@ async def _create(
         status=ReleaseStatus.DRAFT.value,
         release_notes=notes,
         git_commit=commit,
+        hotfix=hotfix,
         created_by=actor.user_id,
     )
     session.add(release)

@@ -16,6 +16,7 @@ from deploy_svc import (
     catalog,
     convert,
     deployments,
+    dora,
     freezes,
     gates,
     policies,
@@ -78,6 +79,7 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
             release_notes=request.release_notes,
             git_commit=request.git_commit,
             key=request_key(actor, "CreateRelease", request),
+            hotfix=request.hotfix,
         )
         return convert.release(release)
 
@@ -535,6 +537,24 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
         window_id = parse_uuid("freeze_window_id", request.freeze_window_id)
         await freezes.delete_window(self.database, current_actor.get(), window_id)
         return empty_pb2.Empty()
+
+    async def GetDoraMetrics(self, request, context):
+        def moment(field: str):
+            if not request.HasField(field):
+                return None
+            return parse_timestamp(field, getattr(request, field))
+
+        interval = enum_word("interval", deploy_pb2.DoraInterval, request.interval, required=True)
+        buckets = await dora.dora_metrics(
+            self.database,
+            service_id=optional_uuid("service_id", request.service_id),
+            team_id=optional_uuid("team_id", request.team_id),
+            environment_id=optional_uuid("environment_id", request.environment_id),
+            start_time=moment("start_time"),
+            end_time=moment("end_time"),
+            interval=dora.Interval(interval),
+        )
+        return deploy_pb2.GetDoraMetricsResponse(buckets=[convert.dora_bucket(b) for b in buckets])
 
     async def CheckPromotion(self, request, context):
         release_id = parse_uuid("release_id", request.release_id)

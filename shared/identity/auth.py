@@ -90,6 +90,7 @@ RPC_PERMISSIONS: dict[str, str] = {
     "relman.v1.DeployService/ListFreezeWindows": "deployments.read",
     "relman.v1.DeployService/DeleteFreezeWindow": "freezes.delete",
     "relman.v1.DeployService/CheckPromotion": "deployments.read",
+    "relman.v1.DeployService/GetDoraMetrics": "deployments.read",
     # AuthService
     "relman.v1.AuthService/Login": PUBLIC,
     "relman.v1.AuthService/Logout": SELF,

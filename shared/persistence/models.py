@@ -308,6 +308,8 @@ class Release(Base):
     )
     release_notes: Mapped[str | None] = mapped_column(Text)
     git_commit: Mapped[str | None] = mapped_column(String(40))
+    # A fix of something already shipped: its production deployments are rework (DORA).
+    hotfix: Mapped[bool] = mapped_column(server_default=false())
     created_by: Mapped[uuid.UUID] = _user_fk()
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _updated_at()
@@ -340,6 +342,21 @@ class Deployment(Base):
             ondelete="RESTRICT",
         ),
         _one_of("status", DeploymentStatus),
+        # GetDoraMetrics: the deployments that ended, by environment and time...
+        Index(
+            "ix_deployments_environment_id_completed_at",
+            "environment_id",
+            "completed_at",
+            postgresql_where=text("status IN ('succeeded', 'failed', 'rolled_back')"),
+        ),
+        # ... and the next success after a failure (also a live release's lookup).
+        Index(
+            "ix_deployments_succeeded",
+            "service_id",
+            "environment_id",
+            "completed_at",
+            postgresql_where=text("status = 'succeeded'"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = _uuid_pk()
