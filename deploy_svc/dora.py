@@ -85,8 +85,10 @@ class Bucket:
 _BUCKETS = """
     SELECT b AT TIME ZONE 'UTC' AS bucket,
            greatest(b AT TIME ZONE 'UTC', CAST(:start_time AS timestamptz)) AS start_time,
-           least((b + CAST(CAST(:step AS text) AS interval)) AT TIME ZONE 'UTC', CAST(:end_time AS timestamptz))
-               AS end_time
+           least(
+               (b + CAST(CAST(:step AS text) AS interval)) AT TIME ZONE 'UTC',
+               CAST(:end_time AS timestamptz)
+           ) AS end_time
     FROM generate_series(
         date_trunc(:unit, CAST(:start_time AS timestamptz) AT TIME ZONE 'UTC'),
         CAST(:end_time AS timestamptz) AT TIME ZONE 'UTC' - interval '1 microsecond',
@@ -177,13 +179,24 @@ def check_range(
     start = start_time or end - DEFAULT_RANGE
     if start >= end:
         raise InvalidArgument.field("start_time", "must be before end_time")
-    if interval != Interval.ALL:
-        shortest = {Interval.DAY: 1, Interval.WEEK: 7, Interval.MONTH: 28}[interval]
-        if (end - start) / timedelta(days=shortest) > MAX_BUCKETS + 1:
-            raise InvalidArgument.field(
-                "interval", f"cuts the range into more than {MAX_BUCKETS} buckets"
-            )
+    if bucket_count(start, end, interval) > MAX_BUCKETS:
+        raise InvalidArgument.field(
+            "interval", f"cuts the range into more than {MAX_BUCKETS} buckets"
+        )
     return start, end
+
+
+def bucket_count(start: datetime, end: datetime, interval: Interval) -> int:
+    """How many buckets _BUCKETS cuts [start, end) into, the first and last counted even
+    when cut short."""
+    if interval == Interval.ALL:
+        return 1
+    first, last = start.astimezone(UTC), (end - timedelta(microseconds=1)).astimezone(UTC)
+    if interval == Interval.MONTH:
+        return (last.year - first.year) * 12 + last.month - first.month + 1
+    first_day = first.date() - timedelta(days=first.weekday() if interval == Interval.WEEK else 0)
+    length = 7 if interval == Interval.WEEK else 1
+    return (last.date() - first_day).days // length + 1
 
 
 async def dora_metrics(

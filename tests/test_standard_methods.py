@@ -308,20 +308,21 @@ async def test_a_caller_minting_two_tokens_for_itself_at_once_gets_both(clients,
     the caller's row too: two at once (held back together) do not deadlock."""
     admin = auth(Role.ADMIN)
     me = await admin.WhoAmI()
-    calls = asyncio.gather(
-        *(
-            admin.CreateApiToken(user_id=me.id, name=f"twin-{n}", request_id=str(uuid.uuid4()))
-            for n in range(2)
-        ),
-        return_exceptions=True,
-    )
     session = await asyncpg.connect(libpq_dsn(runtime_url(db_url)))
     try:
         async with session.transaction():
             await session.execute(
                 "SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE", uuid.UUID(me.id)
             )
-            pending = asyncio.ensure_future(calls)
+            pending = asyncio.gather(  # started only now, while the row is held
+                *(
+                    admin.CreateApiToken(
+                        user_id=me.id, name=f"twin-{n}", request_id=str(uuid.uuid4())
+                    )
+                    for n in range(2)
+                ),
+                return_exceptions=True,
+            )
             await poll(
                 partial(session.fetchval, "SELECT count(*) >= 2 FROM pg_locks WHERE NOT granted"),
                 15,
