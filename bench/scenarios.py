@@ -43,7 +43,7 @@ from shared.devtools.seed import seed_id
 from shared.persistence.audit_log import COLUMNS as COPY_COLUMNS
 from shared.persistence.db import libpq_dsn
 from shared.persistence.models import User
-from tests.harness import bearer, poll
+from tests.harness import bearer, owner_url, poll
 
 DEV = str(seed_id("environment", "development"))
 STAGING = str(seed_id("environment", "staging"))
@@ -68,10 +68,11 @@ class Size:
     lifecycles_per_caller: int
     watchers: int
     promotable_releases: int  # succeeded in development and staging, then checked
+    dora_deployments: int  # a year of production history, then measured by GetDoraMetrics
 
 
-FULL = Size(20, 3, 1_000_000, 200, 15, 200, 8)
-QUICK = Size(1.5, 0.3, 20_000, 10, 1, 20, 2)
+FULL = Size(20, 3, 1_000_000, 200, 15, 200, 8, 100_000)
+QUICK = Size(1.5, 0.3, 20_000, 10, 1, 20, 2, 2_000)
 
 
 def _ms(seconds: float) -> float:
@@ -886,7 +887,190 @@ async def log_action_beside_slow_export(stack: Stack, size: Size) -> list[Result
     ]
 
 
+# -- GetDoraMetrics over a year of production history -------------------------------------
+
+
+DORA_SERVICES = 20
+DORA_CALLERS = 4
+DORA_TARGET_MS = 50
+# What each service's deployments are, in turn (its n-th is DORA_PATTERN[n % 20]): 85%
+# succeeded (one in 20 shipping a hotfix release, one a rollback's redeployment of the
+# release before the one rolled back), 10% failed, 5% rolled back.
+DORA_PATTERN = (
+    *("succeeded",) * 10,
+    "rolled_back",
+    "redeployment",
+    *("succeeded",) * 3,
+    "failed",
+    "hotfix",
+    "failed",
+    *("succeeded",) * 2,
+)
+DORA_FIGURES = {  # bucket field: the kinds it counts
+    "deployments": ("succeeded", "hotfix", "redeployment"),
+    "failed_deployments": ("failed", "rolled_back"),
+    "rework_deployments": ("hotfix", "redeployment"),
+}
+DORA_TABLES = "releases, deployments, rollbacks, approvals"
+# The history, one row per deployment: the i-th (0-based) of $1 goes to service
+# $2[i % 20], the n-th of its service, and ends at $3 + (i + 0.5) * $4, its release made
+# 1 to 72 hours before; a redeployment instead ends 30 minutes after the deployment it
+# rolls back (the service's one before), and deploys the release before that one.
+DORA_PLAN = """
+    CREATE TEMPORARY TABLE dora_plan ON COMMIT DROP AS
+    SELECT i, service_id, n, kind, gen_random_uuid() AS deployment_id,
+           gen_random_uuid() AS release_id,
+           CASE WHEN kind = 'redeployment'
+                THEN ended - cardinality($2::uuid[]) * $4::interval + interval '30 minutes'
+                ELSE ended END AS completed_at,
+           make_interval(hours => 1 + (i * 7919) % 72) AS lead_time
+    FROM generate_series(0, $1 - 1) AS i,
+         LATERAL (SELECT ($2::uuid[])[1 + i % cardinality($2::uuid[])] AS service_id,
+                         i / cardinality($2::uuid[]) AS n,
+                         $3::timestamptz + (i + 0.5) * $4::interval AS ended) AS slot,
+         LATERAL (SELECT ($5::text[])[1 + n % cardinality($5::text[])] AS kind) AS what
+"""
+DORA_RELEASES = """
+    INSERT INTO releases (id, service_id, version, status, release_notes, git_commit, hotfix,
+                          created_by, created_at, updated_at)
+    SELECT release_id, service_id, '1.0.' || n,
+           CASE kind WHEN 'rolled_back' THEN 'rolled_back' ELSE 'completed' END,
+           'bench: a year of history', md5(i::text), kind = 'hotfix',
+           $1, completed_at - lead_time, completed_at
+    FROM dora_plan WHERE kind <> 'redeployment'
+"""
+# A redeployment's release is the one two before it (the one before is rolled back).
+DORA_DEPLOYMENTS = """
+    INSERT INTO deployments (id, release_id, service_id, environment_id, status, deployed_by,
+                             deployed_at, completed_at, created_at, updated_at, is_rollback)
+    SELECT p.deployment_id, coalesce(target.release_id, p.release_id), p.service_id, $1,
+           CASE WHEN p.kind IN ('hotfix', 'redeployment') THEN 'succeeded' ELSE p.kind END,
+           $2, p.completed_at - interval '15 minutes', p.completed_at,
+           p.completed_at - interval '20 minutes', p.completed_at, p.kind = 'redeployment'
+    FROM dora_plan p
+    LEFT JOIN dora_plan target
+           ON p.kind = 'redeployment' AND target.i = p.i - 2 * cardinality($3::uuid[])
+"""
+DORA_ROLLBACKS = """
+    INSERT INTO rollbacks (deployment_id, target_release_id, reason, status, initiated_by,
+                           created_at, completed_at, updated_at, redeployment_id)
+    SELECT p.deployment_id, target.release_id, 'bench: error rate up', 'completed', $1,
+           p.completed_at + interval '20 minutes', redeployment.completed_at,
+           redeployment.completed_at, redeployment.deployment_id
+    FROM dora_plan p
+    JOIN dora_plan target ON target.i = p.i - cardinality($2::uuid[])
+    JOIN dora_plan redeployment ON redeployment.i = p.i + cardinality($2::uuid[])
+    WHERE p.kind = 'rolled_back'
+"""
+# The one vote production's default policy requires (checked at commit by migration 007's
+# trigger), by a lead who is not the deployer; a rollback's redeployment needs none.
+DORA_APPROVALS = """
+    INSERT INTO approvals (deployment_id, approver_id, status, approved_at, created_at,
+                           updated_at)
+    SELECT deployment_id, $1, 'approved', completed_at - interval '18 minutes',
+           completed_at - interval '20 minutes', completed_at - interval '18 minutes'
+    FROM dora_plan WHERE kind <> 'redeployment'
+"""
+
+
+async def _dora_history(stack: Stack, environment_id: str, services: list[str], total: int):
+    """`total` deployments into the environment over the year up to now, as DORA_PATTERN
+    lays them out, written as the schema owner in one transaction; returns the range's
+    start."""
+    if total % (len(services) * len(DORA_PATTERN)):
+        raise ValueError(f"{total} deployments do not fill every service's pattern")
+    now = datetime.now(UTC)
+    start = now - timedelta(days=365)
+    step = (now - timedelta(hours=1) - start) / total  # the last redeployment before now
+    deployer, approver = seed_id("user", "lena"), seed_id("user", "marco")
+    service_ids = [uuid.UUID(service) for service in services]
+    connection = await asyncpg.connect(libpq_dsn(owner_url(stack.url)))
+    try:
+        async with connection.transaction():
+            await connection.execute(DORA_PLAN, total, service_ids, start, step, DORA_PATTERN)
+            await connection.execute(DORA_RELEASES, deployer)
+            await connection.execute(
+                DORA_DEPLOYMENTS, uuid.UUID(environment_id), deployer, service_ids
+            )
+            await connection.execute(DORA_ROLLBACKS, deployer, service_ids)
+            await connection.execute(DORA_APPROVALS, approver)
+            # Before the commit, where the approval trigger runs once per deployment: planned
+            # on the tables' statistics from before the load, it takes minutes, not seconds.
+            await connection.execute(f"ANALYZE {DORA_TABLES}")
+        # and the visibility map set, as autovacuum would, for index-only scans
+        await connection.execute(f"VACUUM ANALYZE {DORA_TABLES}")
+    finally:
+        await connection.close()
+    return start
+
+
+def _check_dora(response, expected: dict[str, int], exact: bool) -> None:
+    """A month's buckets over a year (12, or 13 with the first and last cut) whose figures
+    add up to the history's (at least, where other deployments count too)."""
+    assert len(response.buckets) in (12, 13), response
+    for field, count in expected.items():
+        total = sum(getattr(bucket, field) for bucket in response.buckets)
+        assert total == count if exact else total >= count, (field, total, count)
+
+
+async def dora_metrics(stack: Stack, size: Size) -> list[Result]:
+    """GetDoraMetrics by month over a year holding `size.dora_deployments` deployments into
+    a production environment of the scenario's own (20 services of a team of its own), then
+    over every production environment (the default)."""
+    setup = _Deploy(stack)
+    suffix = uuid.uuid4().hex[:10]
+    team = await setup("CreateTeam", name=f"bench-dora-{suffix}")
+    environment = await setup(
+        "CreateEnvironment",
+        name=f"bench-production-{suffix}",
+        environment_type=common_pb2.ENVIRONMENT_TYPE_PRODUCTION,
+    )
+    services = [
+        (await setup("CreateService", name=f"bench-dora-{suffix}-{n}", team_id=team.id)).id
+        for n in range(DORA_SERVICES)
+    ]
+    total = size.dora_deployments
+    start = await _dora_history(stack, environment.id, services, total)
+    rounds = total // len(DORA_PATTERN)
+    expected = {
+        field: rounds * sum(DORA_PATTERN.count(kind) for kind in kinds)
+        for field, kinds in DORA_FIGURES.items()
+    }
+    rpc = stack.deploy_channel.unary_unary(
+        "/relman.v1.DeployService/GetDoraMetrics", request_serializer=None
+    )
+    name = f"GetDoraMetrics by month over a year, {total:,} production deployments"
+    results = []
+    scopes = {environment.id: "its own environment", "": "every production environment"}
+    for environment_id, scope in scopes.items():
+        request = deploy_pb2.GetDoraMetricsRequest(
+            environment_id=environment_id, interval=deploy_pb2.DORA_INTERVAL_MONTH
+        )
+        request.start_time.FromDatetime(start)
+        _check_dora(
+            await setup.stub.GetDoraMetrics(request, metadata=setup.auth, timeout=30),
+            expected,
+            exact=bool(environment_id),
+        )
+        # end_time left out: now, at each call
+        encoded = request.SerializeToString()
+        load = await closed_loop(
+            lambda encoded=encoded: rpc(encoded, metadata=setup.auth, timeout=30),
+            DORA_CALLERS,
+            size.duration_s,
+            size.warmup_s,
+        )
+        label = f"{name}, {scope}, {DORA_CALLERS} in flight"
+        results += [
+            info(f"{label}: calls/s", load.rate),
+            info(f"{label}: p50 ms", load.percentile_ms(0.5)),
+            at_most(f"{label}: p99 ms", load.percentile_ms(0.99), DORA_TARGET_MS, "ms"),
+        ]
+    return results
+
+
 SCENARIOS = (log_action, log_actions, export, list_audit_logs, lifecycles, check_promotion)
 SCENARIOS += (watch,)
 SCENARIOS += (log_action_beside_logins,)
 SCENARIOS += (log_action_beside_slow_export,)
+SCENARIOS += (dora_metrics,)

@@ -26,6 +26,7 @@ Ids of nothing (a service, team or environment that does not exist) match no dep
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -105,69 +106,91 @@ _BUCKET_OF = {
     False: "date_trunc(:unit, d.completed_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'",
 }
 
-# The deployments that ended in the range, in production (or the environment asked
-# for), each with its failure time and, for a failure, the next success after it there.
+# The succeeded deployments and the failures, each aggregated by bucket first, then
+# joined to every bucket of the range: a bucket's figures come from its own rows only, and
+# the next-success lookup runs for failures alone. {scope} is the filters a call sets (no
+# `:x IS NULL OR ...`, whose generic plan, once the prepared statement has run five
+# times, walked every deployment through index lookups: three times slower).
 _QUERY = """
 WITH buckets AS ({buckets}),
-ended AS (
+succeeded AS (
     SELECT {bucket_of} AS bucket,
-           d.status,
-           d.completed_at,
-           d.is_rollback,
-           r.created_at AS release_created_at,
-           r.hotfix,
-           CASE WHEN d.status = 'rolled_back' THEN rb.created_at ELSE d.completed_at END
-               AS failed_at,
-           next_success.completed_at AS recovered_at
+           count(*) AS deployments,
+           percentile_cont(0.5) WITHIN GROUP (
+               ORDER BY extract(epoch FROM d.completed_at - r.created_at)
+           ) FILTER (WHERE NOT d.is_rollback) AS lead_time_s,
+           count(*) FILTER (WHERE d.is_rollback OR r.hotfix) AS rework
     FROM deployments d
-    JOIN environments e ON e.id = d.environment_id
     JOIN releases r ON r.id = d.release_id
-    JOIN services s ON s.id = d.service_id
+    {scope_joins}
+    WHERE d.status = 'succeeded'
+      AND d.completed_at >= :start_time AND d.completed_at < :end_time
+      {scope}
+    GROUP BY 1
+),
+failures AS (
+    SELECT {bucket_of} AS bucket,
+           count(*) AS failed,
+           percentile_cont(0.5) WITHIN GROUP (
+               ORDER BY extract(epoch FROM next_success.completed_at - f.failed_at)
+           ) FILTER (WHERE next_success.completed_at IS NOT NULL) AS recovery_time_s
+    FROM deployments d
+    {scope_joins}
     LEFT JOIN rollbacks rb ON rb.deployment_id = d.id AND d.status = 'rolled_back'
+    CROSS JOIN LATERAL (
+        SELECT CASE WHEN d.status = 'rolled_back' THEN rb.created_at ELSE d.completed_at END
+            AS failed_at
+    ) f
     LEFT JOIN LATERAL (
         SELECT n.completed_at FROM deployments n
-        WHERE d.status <> 'succeeded'
-          AND n.service_id = d.service_id AND n.environment_id = d.environment_id
-          AND n.status = 'succeeded'
-          AND n.completed_at > CASE WHEN d.status = 'rolled_back' THEN rb.created_at
-                                    ELSE d.completed_at END
+        WHERE n.service_id = d.service_id AND n.environment_id = d.environment_id
+          AND n.status = 'succeeded' AND n.completed_at > f.failed_at
         ORDER BY n.completed_at
         LIMIT 1
     ) next_success ON true
-    WHERE d.status IN ('succeeded', 'failed', 'rolled_back')
+    WHERE d.status IN ('failed', 'rolled_back')
       AND d.completed_at >= :start_time AND d.completed_at < :end_time
-      AND (CASE WHEN CAST(:environment_id AS uuid) IS NULL
-                THEN e.environment_type = 'production'
-                ELSE d.environment_id = CAST(:environment_id AS uuid) END)
-      AND (CAST(:service_id AS uuid) IS NULL OR d.service_id = CAST(:service_id AS uuid))
-      AND (CAST(:team_id AS uuid) IS NULL OR s.team_id = CAST(:team_id AS uuid))
+      {scope}
+    GROUP BY 1
 )
 SELECT b.start_time,
        b.end_time,
-       count(x.status) FILTER (WHERE x.status = 'succeeded') AS deployments,
-       percentile_cont(0.5) WITHIN GROUP (
-           ORDER BY extract(epoch FROM x.completed_at - x.release_created_at)
-       ) FILTER (WHERE x.status = 'succeeded' AND NOT x.is_rollback) AS lead_time_s,
-       count(x.status) FILTER (WHERE x.status IN ('failed', 'rolled_back')) AS failed,
-       percentile_cont(0.5) WITHIN GROUP (
-           ORDER BY extract(epoch FROM x.recovered_at - x.failed_at)
-       ) FILTER (
-           WHERE x.status IN ('failed', 'rolled_back') AND x.recovered_at IS NOT NULL
-       ) AS recovery_time_s,
-       count(x.status) FILTER (
-           WHERE x.status = 'succeeded' AND (x.is_rollback OR x.hotfix)
-       ) AS rework
+       coalesce(s.deployments, 0) AS deployments,
+       s.lead_time_s,
+       coalesce(f.failed, 0) AS failed,
+       f.recovery_time_s,
+       coalesce(s.rework, 0) AS rework
 FROM buckets b
-LEFT JOIN ended x ON x.bucket = b.bucket
-GROUP BY b.bucket, b.start_time, b.end_time
+LEFT JOIN succeeded s ON s.bucket = b.bucket
+LEFT JOIN failures f ON f.bucket = b.bucket
 ORDER BY b.bucket
 """
-_QUERIES = {
-    whole: text(
-        _QUERY.format(buckets=_ONE_BUCKET if whole else _BUCKETS, bucket_of=_BUCKET_OF[whole])
+
+
+def _query(whole: bool, service: bool, team: bool, environment: bool):
+    """The query for a call: its buckets, and only the filters it sets."""
+    joins, scope = [], []
+    if environment:
+        scope.append("AND d.environment_id = CAST(:environment_id AS uuid)")
+    else:
+        joins.append("JOIN environments e ON e.id = d.environment_id")
+        scope.append("AND e.environment_type = 'production'")
+    if service:
+        scope.append("AND d.service_id = CAST(:service_id AS uuid)")
+    if team:
+        joins.append("JOIN services s ON s.id = d.service_id")
+        scope.append("AND s.team_id = CAST(:team_id AS uuid)")
+    return text(
+        _QUERY.format(
+            buckets=_ONE_BUCKET if whole else _BUCKETS,
+            bucket_of=_BUCKET_OF[whole],
+            scope_joins="\n    ".join(joins),
+            scope="\n      ".join(scope),
+        )
     )
-    for whole in (True, False)
-}
+
+
+_QUERIES = {shape: _query(*shape) for shape in itertools.product((True, False), repeat=4)}
 
 
 def check_range(
@@ -212,17 +235,19 @@ async def dora_metrics(
     """Every bucket of the range, oldest first (see the module's docstring)."""
     start, end = check_range(start_time, end_time, interval, datetime.now(UTC))
     whole = interval == Interval.ALL
-    parameters = {
-        "start_time": start,
-        "end_time": end,
-        "service_id": service_id,
-        "team_id": team_id,
-        "environment_id": environment_id,
-    }
+    parameters = {"start_time": start, "end_time": end}
+    for name, value in (
+        ("service_id", service_id),
+        ("team_id", team_id),
+        ("environment_id", environment_id),
+    ):
+        if value is not None:
+            parameters[name] = value
+    shape = (whole, service_id is not None, team_id is not None, environment_id is not None)
     if not whole:
         parameters |= {"unit": interval.value, "step": _STEP[interval]}
     async with database.replica_read() as session:
-        rows = (await session.execute(_QUERIES[whole], parameters)).all()
+        rows = (await session.execute(_QUERIES[shape], parameters)).all()
     return [
         Bucket(
             start_time=row.start_time,

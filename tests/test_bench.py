@@ -38,6 +38,7 @@ SCENARIOS = (
     "LogAction, 1 in flight, beside an export read at one message per 50 ms: p99",
     "Sealer, 20,000 rows written at once: rows sealed/s",
     "VerifyAuditLog, whole trail of ",
+    "GetDoraMetrics by month over a year, ",
 )
 # The sealed trail's targets (issue 20): (start, end of the row's name, its target).
 SEALED_TRAIL_TARGETS = (
