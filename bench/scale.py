@@ -558,7 +558,7 @@ async def retention_of_a_month(stack: Stack, size: Size, months: list[Month]) ->
 async def log_action(stack: Stack, size: Size, months: list[Month]) -> list[Result]:
     """make bench's LogAction scenario, on the loaded trail, the sealer held off
     (hold_sealer_off), so without its seal lag."""
-    load = scenarios.Size(size.duration_s, size.warmup_s, size.rows, 0, 0, 0, 0)
+    load = scenarios.Size(size.duration_s, size.warmup_s, size.rows, 0, 0, 0, 0, 0)
     prefix = "LogAction, 64 in flight"
     on = f"{prefix}, {size.rows:,}-row trail in {MONTHS} partitions"
     return [
