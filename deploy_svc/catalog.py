@@ -20,11 +20,11 @@ from typing import TypeVar
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.framework.errors import CONSTRAINT_ERRORS, Aborted, AlreadyExists, InvalidArgument
+from shared.framework.errors import CONSTRAINT_ERRORS, AlreadyExists, InvalidArgument
 from shared.framework.validation import text
 from shared.identity.actor import Actor
 from shared.persistence import audit_log
-from shared.persistence.db import Database, load
+from shared.persistence.db import Database, check_etag, load
 from shared.persistence.idempotency import RequestKey, remember, replay
 from shared.persistence.models import Base, Environment, Runbook, Service, Team, User
 from shared.persistence.pagination import Page, list_page
@@ -107,6 +107,7 @@ def check_field(name: str, value: str, within: str = "") -> str | None:
 # which must keep pointing at the same resource; an environment's policy and the promotion
 # order were made for its type. The database holds both (trigger relman_names_fixed).
 NAME_FIXED = {"name": "is part of the resource name and never changes"}
+_NO_SLASH = "must not contain '/': it is part of the resource name"
 ENVIRONMENT_FIXED = {
     **NAME_FIXED,
     "environment_type": "never changes: its policy and the promotion order were made for it",
@@ -120,7 +121,7 @@ def check_name(value: str) -> str:
     beside `teams/Platform`)."""
     name = check_field("name", value)
     if "/" in name:
-        raise InvalidArgument.field("name", "must not contain '/': it is part of the resource name")
+        raise InvalidArgument.field("name", _NO_SLASH)
     if not name.isprintable() or name != name.strip():
         raise InvalidArgument.field(
             "name", "must be printable characters, without a space at either end"
@@ -153,10 +154,14 @@ def _kind(model: type[Base]) -> str:
     return model.__tablename__[:-1]  # "teams" -> "team": audit rows and error reasons
 
 
-def _name_taken(kind: str) -> AlreadyExists:
+def _name_taken(kind: str, clash=None) -> AlreadyExists:
+    """ALREADY_EXISTS <KIND>_EXISTS, naming the row that holds the name when it is known."""
     return AlreadyExists(
-        f"a {kind} of that name exists (names are unique whatever their case)",
+        f"a {kind} named {clash.name!r} exists (names are unique whatever their case)"
+        if clash is not None
+        else f"a {kind} of that name exists (names are unique whatever their case)",
         reason=f"{kind.upper()}_EXISTS",
+        metadata={f"{kind}_id": str(clash.id)} if clash is not None else None,
     )
 
 
@@ -174,9 +179,7 @@ def _database_refusals() -> dict:
     }
     for model in (Team, Environment, Service):
         table, kind = model.__tablename__, _kind(model)
-        refusals[f"ck_{table}_name_has_no_slash"] = lambda: InvalidArgument.field(
-            "name", "must not contain '/': it is part of the resource name"
-        )
+        refusals[f"ck_{table}_name_has_no_slash"] = lambda: InvalidArgument.field("name", _NO_SLASH)
         for unique in (f"uq_{table}_name", f"uq_{table}_name_any_case"):
             refusals[unique] = lambda kind=kind: _name_taken(kind)
     return refusals
@@ -194,12 +197,7 @@ async def _check_name_free(session: AsyncSession, model: type[Base], name: str) 
         )
     ).first()
     if clash is not None:
-        kind = _kind(model)
-        raise AlreadyExists(
-            f"a {kind} named {clash.name!r} exists (names are unique whatever their case)",
-            reason=f"{kind.upper()}_EXISTS",
-            metadata={f"{kind}_id": str(clash.id)},
-        )
+        raise _name_taken(_kind(model), clash)
 
 
 async def _check_references(session: AsyncSession, fields: dict) -> None:
@@ -399,13 +397,8 @@ async def _update(
     an update that changes nothing keeps it."""
     async with database.transaction() as session:
         row = await load(session, model, row_id, for_update=True)
-        if etag and etag != str(row.version):
-            kind = _kind(model)
-            raise Aborted(
-                f"the {kind} changed since it was read; read it again and retry",
-                reason="ETAG_MISMATCH",
-                metadata={f"{kind}_id": str(row_id), "etag": str(row.version)},
-            )
+        kind = _kind(model)
+        check_etag(etag, row.version, kind, {f"{kind}_id": str(row_id)})
         await _check_references(
             session,
             {key: (target, changes[key]) for key, target in _REFERENCES.items() if key in changes},

@@ -26,11 +26,11 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from deploy_svc.releases import refresh_status
-from shared.framework.errors import Aborted, InvalidArgument
+from shared.framework.errors import InvalidArgument
 from shared.framework.validation import text as text_field
 from shared.identity.actor import Actor
 from shared.persistence import audit_log
-from shared.persistence.db import Database, load
+from shared.persistence.db import Database, check_etag, load
 from shared.persistence.models import (
     STANDARD_STAGES,
     Environment,
@@ -285,12 +285,7 @@ async def update_policy(
         row = await _row(session, environment_id, for_update=True)
         now = _now()
         await _apply_if_due(session, row, now)
-        if etag and etag != str(row.version):
-            raise Aborted(
-                "the policy changed since it was read; read it again and retry",
-                reason="ETAG_MISMATCH",
-                metadata={"environment_id": str(environment_id), "etag": str(row.version)},
-            )
+        check_etag(etag, row.version, "policy", {"environment_id": str(environment_id)})
         before = Rules.of(row)
         pending = Rules.of(row.pending) if row.pending is not None else None
         waiting = {

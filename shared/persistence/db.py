@@ -46,7 +46,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from shared.framework.errors import DeadlineExceeded, InvalidArgument, NotFound
+from shared.framework.errors import Aborted, DeadlineExceeded, InvalidArgument, NotFound
 from shared.persistence.roles import OWNER_ROLE, RUNTIME_ROLE, SESSION_BOUNDS
 
 ASYNC_DRIVER = "postgresql+asyncpg"
@@ -785,6 +785,17 @@ def check_same_request(earlier, same: dict) -> None:
     if any(getattr(earlier, k) != v for k, v in same.items()):
         raise InvalidArgument.field(
             "request_id", "was already used for a different request", reason="REQUEST_ID_REUSED"
+        )
+
+
+def check_etag(etag: str, version: int, what: str, metadata: dict) -> None:
+    """AIP-154: an update that names an etag other than the row's version, read under the
+    row's lock, is ABORTED ETAG_MISMATCH with the current etag; an empty etag passes."""
+    if etag and etag != str(version):
+        raise Aborted(
+            f"the {what} changed since it was read; read it again and retry",
+            reason="ETAG_MISMATCH",
+            metadata={**metadata, "etag": str(version)},
         )
 
 
