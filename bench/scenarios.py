@@ -911,7 +911,7 @@ DORA_FIGURES = {  # bucket field: the kinds it counts
     "failed_deployments": ("failed", "rolled_back"),
     "rework_deployments": ("hotfix", "redeployment"),
 }
-DORA_TABLES = "releases, deployments, rollbacks, approvals"
+DORA_TABLES = "releases, deployments, rollbacks, approvals, deployment_outcomes"
 # The history, one row per deployment: the i-th (0-based) of $1 goes to service
 # $2[i % 20], the n-th of its service, and ends at $3 + (i + 0.5) * $4, its release made
 # 1 to 72 hours before; a redeployment instead ends 30 minutes after the deployment it

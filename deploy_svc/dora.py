@@ -22,6 +22,11 @@ for. A deployment falls in the bucket of its completed_at. Medians are
 percentile_cont(0.5) (the mean of the two middle values of an even count). Every bucket
 of the range is returned, the first and last cut to it; a figure without data is 0.
 Ids of nothing (a service, team or environment that does not exist) match no deployment.
+
+A call reads no deployment itself: it aggregates deployment_outcomes, one row of these
+facts per ended deployment, which the database derives at each commit that ends or
+changes a deployment, a rollback or a release (migration 012), so the figures are as
+exact as a query over the deployments and a year of them is one index range per bucket.
 """
 
 from __future__ import annotations
@@ -81,11 +86,9 @@ class Bucket:
 
 
 # The buckets: each interval's UTC boundaries from the one holding start_time, cut to
-# [start_time, end_time); `bucket` is the uncut start a deployment's completed_at truncates
-# to. ALL: one bucket, the range.
+# [start_time, end_time). ALL: one bucket, the range.
 _BUCKETS = """
-    SELECT b AT TIME ZONE 'UTC' AS bucket,
-           greatest(b AT TIME ZONE 'UTC', CAST(:start_time AS timestamptz)) AS start_time,
+    SELECT greatest(b AT TIME ZONE 'UTC', CAST(:start_time AS timestamptz)) AS start_time,
            least(
                (b + CAST(CAST(:step AS text) AS interval)) AT TIME ZONE 'UTC',
                CAST(:end_time AS timestamptz)
@@ -97,94 +100,51 @@ _BUCKETS = """
     ) AS b
 """
 _ONE_BUCKET = """
-    SELECT CAST(:start_time AS timestamptz) AS bucket,
-           CAST(:start_time AS timestamptz) AS start_time,
+    SELECT CAST(:start_time AS timestamptz) AS start_time,
            CAST(:end_time AS timestamptz) AS end_time
 """
-_BUCKET_OF = {
-    True: "CAST(:start_time AS timestamptz)",
-    False: "date_trunc(:unit, d.completed_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'",
-}
 
-# The succeeded deployments and the failures, each aggregated by bucket first, then
-# joined to every bucket of the range: a bucket's figures come from its own rows only, and
-# the next-success lookup runs for failures alone. {scope} is the filters a call sets (no
+# Each bucket aggregates its own range of deployment_outcomes, an index range scan of
+# rows whose facts (lead time, recovery, rework) the database worked out as each
+# deployment ended (migration 012): nothing is joined or looked up per deployment here.
+# percentile_cont leaves out NULLs: a failure's lead time, a rollback's redeployment's,
+# an unrecovered failure's recovery. {scope} is the filters a call sets (no
 # `:x IS NULL OR ...`, whose generic plan, once the prepared statement has run five
-# times, walked every deployment through index lookups: three times slower).
+# times, walks every row).
 _QUERY = """
-WITH buckets AS ({buckets}),
-succeeded AS (
-    SELECT {bucket_of} AS bucket,
-           count(*) AS deployments,
-           percentile_cont(0.5) WITHIN GROUP (
-               ORDER BY extract(epoch FROM d.completed_at - r.created_at)
-           ) FILTER (WHERE NOT d.is_rollback) AS lead_time_s,
-           count(*) FILTER (WHERE d.is_rollback OR r.hotfix) AS rework
-    FROM deployments d
-    JOIN releases r ON r.id = d.release_id
-    {scope_joins}
-    WHERE d.status = 'succeeded'
-      AND d.completed_at >= :start_time AND d.completed_at < :end_time
-      {scope}
-    GROUP BY 1
-),
-failures AS (
-    SELECT {bucket_of} AS bucket,
-           count(*) AS failed,
-           percentile_cont(0.5) WITHIN GROUP (
-               ORDER BY extract(epoch FROM next_success.completed_at - f.failed_at)
-           ) FILTER (WHERE next_success.completed_at IS NOT NULL) AS recovery_time_s
-    FROM deployments d
-    {scope_joins}
-    LEFT JOIN rollbacks rb ON rb.deployment_id = d.id AND d.status = 'rolled_back'
-    CROSS JOIN LATERAL (
-        SELECT CASE WHEN d.status = 'rolled_back' THEN rb.created_at ELSE d.completed_at END
-            AS failed_at
-    ) f
-    LEFT JOIN LATERAL (
-        SELECT n.completed_at FROM deployments n
-        WHERE n.service_id = d.service_id AND n.environment_id = d.environment_id
-          AND n.status = 'succeeded' AND n.completed_at > f.failed_at
-        ORDER BY n.completed_at
-        LIMIT 1
-    ) next_success ON true
-    WHERE d.status IN ('failed', 'rolled_back')
-      AND d.completed_at >= :start_time AND d.completed_at < :end_time
-      {scope}
-    GROUP BY 1
-)
-SELECT b.start_time,
-       b.end_time,
-       coalesce(s.deployments, 0) AS deployments,
-       s.lead_time_s,
-       coalesce(f.failed, 0) AS failed,
-       f.recovery_time_s,
-       coalesce(s.rework, 0) AS rework
+WITH buckets AS ({buckets})
+SELECT b.start_time, b.end_time, o.*
 FROM buckets b
-LEFT JOIN succeeded s ON s.bucket = b.bucket
-LEFT JOIN failures f ON f.bucket = b.bucket
-ORDER BY b.bucket
+CROSS JOIN LATERAL (
+    SELECT count(*) FILTER (WHERE o.succeeded) AS deployments,
+           percentile_cont(0.5) WITHIN GROUP (ORDER BY o.lead_time_s) AS lead_time_s,
+           count(*) FILTER (WHERE NOT o.succeeded) AS failed,
+           percentile_cont(0.5) WITHIN GROUP (ORDER BY o.recovery_s) AS recovery_time_s,
+           count(*) FILTER (WHERE o.rework) AS rework
+    FROM deployment_outcomes o
+    WHERE o.completed_at >= b.start_time AND o.completed_at < b.end_time
+      {scope}
+) o
+ORDER BY b.start_time
 """
 
 
 def _query(whole: bool, service: bool, team: bool, environment: bool):
     """The query for a call: its buckets, and only the filters it sets."""
-    joins, scope = [], []
+    scope = []
     if environment:
-        scope.append("AND d.environment_id = CAST(:environment_id AS uuid)")
+        scope.append("AND o.environment_id = CAST(:environment_id AS uuid)")
     else:
-        joins.append("JOIN environments e ON e.id = d.environment_id")
-        scope.append("AND e.environment_type = 'production'")
+        scope.append("AND o.production")
     if service:
-        scope.append("AND d.service_id = CAST(:service_id AS uuid)")
+        scope.append("AND o.service_id = CAST(:service_id AS uuid)")
     if team:
-        joins.append("JOIN services s ON s.id = d.service_id")
-        scope.append("AND s.team_id = CAST(:team_id AS uuid)")
+        scope.append(
+            "AND o.service_id IN (SELECT id FROM services WHERE team_id = CAST(:team_id AS uuid))"
+        )
     return text(
         _QUERY.format(
             buckets=_ONE_BUCKET if whole else _BUCKETS,
-            bucket_of=_BUCKET_OF[whole],
-            scope_joins="\n    ".join(joins),
             scope="\n      ".join(scope),
         )
     )

@@ -50,7 +50,7 @@ from relman.v1 import deploy_pb2
 from shared.persistence.db import libpq_dsn
 from shared.persistence.models import Role
 from tests.deploying import DEV, Client, S, run_all_stages
-from tests.harness import error_details, fails, owner_url
+from tests.harness import error_details, fails, owner_url, runtime_url
 
 DAY = deploy_pb2.DORA_INTERVAL_DAY
 WEEK = deploy_pb2.DORA_INTERVAL_WEEK
@@ -581,3 +581,134 @@ async def test_refused_requests(clients, deploy_channel, tokens):
         assert [v.field for v in error_details(error)[1]] == ["start_time"]
     service = Client(deploy_channel, tokens[Role.SERVICE])
     await fails(service.GetDoraMetrics(interval=WEEK, **march), grpc.StatusCode.PERMISSION_DENIED)
+
+
+async def test_a_later_rollback_reaches_back_into_earlier_buckets(clients, db_url):
+    """A success that recovered a failure is rolled back weeks later: it now counts as
+    failed in its own day, and the failure it recovered waits for the rollback's
+    redeployment instead. The figures are kept as deployments change, not only as they
+    end (team V's service E in production environment Q of its own; April 2025)."""
+    admin, lead = clients["admin"], clients["lead"]
+    suffix = uuid.uuid4().hex[:8]
+    team = await admin.CreateTeam(name=f"dora-v-{suffix}")
+    service = await lead.CreateService(name=f"dora-e-{suffix}", team_id=team.id)
+    staging = await admin.CreateEnvironment(
+        name=f"dora-staging-e-{suffix}", environment_type=S.ENVIRONMENT_TYPE_STAGING
+    )
+    production = await admin.CreateEnvironment(
+        name=f"dora-prod-e-{suffix}", environment_type=S.ENVIRONMENT_TYPE_PRODUCTION
+    )
+    history = History(team=team.name, other_team="", production_id=production.id)
+    history.staging_id = staging.id
+    plans = {
+        "e0": ("1.0.0", False, "succeeded", "04-01 08:00", "04-01 10:00"),
+        "e1": ("1.1.0", False, "failed", "04-02 08:00", "04-02 10:00"),
+        "e2": ("1.1.1", False, "succeeded", "04-02 20:00", "04-03 10:00"),
+    }
+    for label, plan in plans.items():
+        await ship(clients, history, service.id, label, plan)
+    owner = await asyncpg.connect(libpq_dsn(owner_url(db_url)))
+
+    async def move(table: str, column: str, moves: dict[str, str]) -> None:
+        await owner.executemany(
+            f"UPDATE {table} SET {column} = $2 WHERE id = $1",
+            [(uuid.UUID(row_id), at(when)) for row_id, when in moves.items()],
+        )
+
+    april = {"start_time": stamp(at("04-01 00:00")), "end_time": stamp(at("05-01 00:00"))}
+    viewer = clients["viewer"]
+    try:
+        async with owner.transaction():
+            await move(
+                "releases", "created_at", {history.releases[k]: p[3] for k, p in plans.items()}
+            )
+            await move(
+                "deployments",
+                "completed_at",
+                {history.deployments[k]: p[4] for k, p in plans.items()},
+            )
+        [before] = (
+            await viewer.GetDoraMetrics(interval=ALL, environment_id=production.id, **april)
+        ).buckets
+        assert figures(before) == bucket(
+            "04-01 00:00",
+            "05-01 00:00",
+            deployments=2,  # e0, e2
+            frequency=2 / 30,
+            lead_time=(7200 + 50400) / 2,  # e0 2 h, e2 14 h
+            failed=1,  # e1
+            failure_rate=1 / 3,
+            recovery_time=86400,  # e1 04-02 10:00 to e2 04-03 10:00
+        )
+
+        rollback = await lead.RollbackDeployment(
+            deployment_id=history.deployments["e2"], reason="errors, weeks later"
+        )
+        redeployment = await lead.GetDeployment(
+            deployment_id=rollback.redeployment_id, view=S.DEPLOYMENT_VIEW_WITH_STAGES
+        )
+        await run_all_stages(lead, redeployment)
+        async with owner.transaction():
+            await move("rollbacks", "created_at", {rollback.id: "04-05 10:00"})
+            await move("deployments", "completed_at", {redeployment.id: "04-05 11:00"})
+    finally:
+        await owner.close()
+    [after] = (
+        await viewer.GetDoraMetrics(interval=ALL, environment_id=production.id, **april)
+    ).buckets
+    assert figures(after) == bucket(
+        "04-01 00:00",
+        "05-01 00:00",
+        deployments=2,  # e0, the redeployment (of 1.0.0)
+        frequency=2 / 30,
+        lead_time=7200,  # e0 alone: the redeployment is a rollback's
+        failed=2,  # e1, e2 (rolled back)
+        failure_rate=0.5,
+        # e2: rolled back 04-05 10:00, redeployed 11:00 (3600); e1: 04-02 10:00 to the
+        # redeployment, e2 no longer a success (73 h = 262800): (3600 + 262800) / 2
+        recovery_time=133200,
+        rework=1,  # the redeployment
+        rework_rate=0.5,
+    )
+    days = await viewer.GetDoraMetrics(
+        interval=DAY,
+        environment_id=production.id,
+        start_time=stamp(at("04-03 00:00")),
+        end_time=stamp(at("04-04 00:00")),
+    )
+    assert [figures(day) for day in days.buckets] == [
+        bucket("04-03 00:00", "04-04 00:00", failed=1, failure_rate=1.0, recovery_time=3600)
+    ]
+
+
+async def test_the_facts_are_the_deployments_own(clients, history, db_url):
+    """deployment_outcomes holds exactly what its view derives from the deployments as they
+    are now (every deployment of every test so far); the services' role may read it, and
+    cannot write it."""
+    connection = await asyncpg.connect(libpq_dsn(runtime_url(db_url)))
+    try:
+        for first, second in (
+            ("deployment_outcomes", "deployment_outcomes_derived"),
+            ("deployment_outcomes_derived", "deployment_outcomes"),
+        ):
+            differ = await connection.fetch(f"TABLE {first} EXCEPT ALL TABLE {second}")
+            assert differ == [], (first, differ)
+        assert await connection.fetchval("SELECT count(*) FROM deployment_outcomes") >= 30
+        one = await connection.fetchval(
+            "SELECT deployment_id FROM deployment_outcomes WHERE deployment_id = $1",
+            uuid.UUID(history.deployments["a3"]),
+        )
+        assert one is not None
+        for attack in (
+            "UPDATE deployment_outcomes SET recovery_s = 1 WHERE deployment_id = $1",
+            "DELETE FROM deployment_outcomes WHERE deployment_id = $1",
+            "SELECT relman_refresh_outcomes(ARRAY[$1::uuid])",
+        ):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await connection.execute(attack, one)
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await connection.execute(
+                "INSERT INTO deployment_outcomes SELECT * FROM deployment_outcomes_derived LIMIT 0"
+            )
+    finally:
+        await connection.close()

@@ -391,6 +391,61 @@ class Deployment(Base):
     )
 
 
+# What GetDoraMetrics aggregates, in each of its indexes: the rows are read from them alone.
+_OUTCOME_FIGURES = ["lead_time_s", "recovery_s", "succeeded", "rework"]
+
+
+class DeploymentOutcome(Base):
+    """An ended deployment's DORA facts (deploy_svc.dora), derived by the view
+    deployment_outcomes_derived and kept equal to it by triggers at commit (migration 012):
+    never written by the services, whose role may only read it."""
+
+    __tablename__ = "deployment_outcomes"
+    __table_args__ = (
+        Index(
+            "ix_deployment_outcomes_environment_id_completed_at",
+            "environment_id",
+            "completed_at",
+            postgresql_include=_OUTCOME_FIGURES,
+        ),
+        Index(
+            "ix_deployment_outcomes_production_completed_at",
+            "completed_at",
+            postgresql_include=_OUTCOME_FIGURES,
+            postgresql_where=text("production"),
+        ),
+        Index(
+            "ix_deployment_outcomes_service_id_completed_at",
+            "service_id",
+            "completed_at",
+            postgresql_include=[*_OUTCOME_FIGURES, "environment_id", "production"],
+        ),
+        # A success's pair's failures still to recover, or recovered after it.
+        Index(
+            "ix_deployment_outcomes_failures",
+            "service_id",
+            "environment_id",
+            "recovered_at",
+            postgresql_where=text("NOT succeeded"),
+        ),
+    )
+
+    deployment_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("deployments.id", ondelete="CASCADE"), primary_key=True
+    )
+    service_id: Mapped[uuid.UUID]
+    environment_id: Mapped[uuid.UUID]
+    production: Mapped[bool]  # its environment is of type production
+    completed_at: Mapped[datetime]
+    succeeded: Mapped[bool]  # else FAILED or ROLLED_BACK
+    # completed_at - its release's created_at; a succeeded one not a rollback's only
+    lead_time_s: Mapped[float | None] = mapped_column(Double)
+    rework: Mapped[bool]  # succeeded, and a rollback's redeployment or a hotfix release
+    failed_at: Mapped[datetime | None]  # FAILED: completed_at; ROLLED_BACK: its rollback's
+    recovered_at: Mapped[datetime | None]  # the next success of its service in its environment
+    recovery_s: Mapped[float | None] = mapped_column(Double)
+
+
 def _deployment_child_fk() -> Mapped[uuid.UUID]:
     """Children of a deployment go with it."""
     return mapped_column(ForeignKey("deployments.id", ondelete="CASCADE"), index=True)

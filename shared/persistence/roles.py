@@ -129,6 +129,9 @@ def grant_statements(runtime_role: str, database: str) -> list[str]:
         # Seals are written once and never changed, like the rows they seal.
         f"REVOKE ALL ON audit_seals FROM {role}",
         f"GRANT SELECT, INSERT ON audit_seals TO {role}",
+        # The DORA facts follow the deployments (migration 012's triggers), nothing else.
+        f"REVOKE ALL ON deployment_outcomes, deployment_outcomes_derived FROM {role}",
+        f"GRANT SELECT ON deployment_outcomes, deployment_outcomes_derived TO {role}",
         f"REVOKE ALL ON alembic_version FROM {role}",
         f"GRANT SELECT ON alembic_version TO {role}",
     ]
