@@ -9,8 +9,11 @@ nothing cites a file outside the repository.
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import re
 import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -93,6 +96,29 @@ def test_imports_respect_the_boundaries(package, forbidden):
     offending.discard("shared/persistence/db.py imports shared.devtools")
     offending.discard("shared/persistence/db.py imports shared.devtools.embedded_pg")
     assert offending == set()
+
+
+def test_what_the_services_import_is_a_runtime_dependency():
+    """A container installs the project without its test extras: every third-party module
+    the three packages import must come from a distribution [project] dependencies name."""
+    declared = {
+        re.split(r"[<>=~!\[; ]", requirement)[0].lower().replace("_", "-")
+        for requirement in tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"][
+            "dependencies"
+        ]
+    }
+    distributions = importlib.metadata.packages_distributions()
+    undeclared = set()
+    for package in PACKAGES:
+        for path in (PROJECT_ROOT / package).rglob("*.py"):
+            for name in _imports(path):
+                top = name.split(".")[0]
+                if top in sys.stdlib_module_names or top in (*PACKAGES, "relman"):
+                    continue
+                found = {d.lower().replace("_", "-") for d in distributions.get(top, ())}
+                if not found & declared:
+                    undeclared.add(f"{path.relative_to(PROJECT_ROOT)} imports {top}")
+    assert undeclared == set()
 
 
 @pytest.mark.parametrize("servicer", TRANSPORT)
