@@ -16,6 +16,7 @@ from deploy_svc import (
     catalog,
     convert,
     deployments,
+    dispatcher,
     dora,
     freezes,
     gates,
@@ -26,7 +27,8 @@ from deploy_svc import (
 )
 from deploy_svc.auth_servicer import AUTH_SERVICE, AuthServicer
 from deploy_svc.watch import DeploymentWatcher
-from relman.v1 import auth_pb2_grpc, common_pb2, deploy_pb2, deploy_pb2_grpc
+from deploy_svc.webhook_servicer import WEBHOOK_SERVICE, WebhookServicer
+from relman.v1 import auth_pb2_grpc, common_pb2, deploy_pb2, deploy_pb2_grpc, webhook_pb2_grpc
 from shared.framework.errors import InvalidArgument
 from shared.framework.server import Resources
 from shared.framework.validation import (
@@ -567,6 +569,8 @@ class DeployServicer(deploy_pb2_grpc.DeployServiceServicer):
 
 def register(server: grpc.aio.Server, resources: Resources) -> list[str]:
     resources.on_stop.append(sweeper.start(resources.database))
+    resources.on_stop.append(dispatcher.start(resources.database, resources.settings))
     deploy_pb2_grpc.add_DeployServiceServicer_to_server(DeployServicer(resources), server)
     auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(resources), server)
-    return [DEPLOY_SERVICE.full_name, AUTH_SERVICE.full_name]
+    webhook_pb2_grpc.add_WebhookServiceServicer_to_server(WebhookServicer(resources), server)
+    return [DEPLOY_SERVICE.full_name, AUTH_SERVICE.full_name, WEBHOOK_SERVICE.full_name]

@@ -19,6 +19,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Under the project's .data/, as the embedded database is (relative to the working
 # directory: the project root for `make run`, a volume in a container).
 DEFAULT_SIGNING_KEY_FILE = Path(".data/audit-signing-key.pem")
+DEFAULT_WEBHOOK_SECRET_KEY_FILE = Path(".data/webhook-secret-key")
 
 
 class ConfigError(ValueError):
@@ -75,6 +76,11 @@ class Settings:
     # how often the sealer runs (every replica tries; one at a time seals).
     audit_signing_key_file: Path = DEFAULT_SIGNING_KEY_FILE
     audit_seal_interval_s: float = 0.5
+    # Webhooks: the key that encrypts their secrets in the database (made at first start
+    # when missing), and the networks a receiver may be in (empty: any but link-local and
+    # cloud metadata addresses, which are always refused).
+    webhook_secret_key_file: Path = DEFAULT_WEBHOOK_SECRET_KEY_FILE
+    webhook_allowed_networks: tuple[Network, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -128,6 +134,10 @@ class Settings:
             audit_seal_interval_s=reader.number(
                 "AUDIT_SEAL_INTERVAL_S", 0.5, minimum=0.05, maximum=1.0
             ),
+            webhook_secret_key_file=Path(
+                reader.raw("WEBHOOK_SECRET_KEY_FILE") or DEFAULT_WEBHOOK_SECRET_KEY_FILE
+            ),
+            webhook_allowed_networks=reader.networks("WEBHOOK_ALLOWED_NETWORKS"),
         )
 
 

@@ -13,9 +13,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 def rpc_methods():
     """The MethodDescriptor of every relman RPC, from the generated code."""
-    from relman.v1 import audit_pb2, auth_pb2, deploy_pb2
+    from relman.v1 import audit_pb2, auth_pb2, deploy_pb2, webhook_pb2
 
-    for module in (deploy_pb2, auth_pb2, audit_pb2):
+    for module in (deploy_pb2, auth_pb2, webhook_pb2, audit_pb2):
         for service in module.DESCRIPTOR.services_by_name.values():
             yield from service.methods
 

@@ -91,6 +91,13 @@ RPC_PERMISSIONS: dict[str, str] = {
     "relman.v1.DeployService/DeleteFreezeWindow": "freezes.delete",
     "relman.v1.DeployService/CheckPromotion": "deployments.read",
     "relman.v1.DeployService/GetDoraMetrics": "deployments.read",
+    # WebhookService: leads and admins (a webhook sees every event it subscribes to)
+    "relman.v1.WebhookService/CreateWebhook": "webhooks.admin",
+    "relman.v1.WebhookService/ListWebhooks": "webhooks.admin",
+    "relman.v1.WebhookService/UpdateWebhook": "webhooks.admin",
+    "relman.v1.WebhookService/DeleteWebhook": "webhooks.admin",
+    "relman.v1.WebhookService/ListWebhookDeliveries": "webhooks.admin",
+    "relman.v1.WebhookService/RedeliverWebhookDelivery": "webhooks.admin",
     # AuthService
     "relman.v1.AuthService/Login": PUBLIC,
     "relman.v1.AuthService/Logout": SELF,
@@ -127,6 +134,7 @@ _LEAD = _DEVELOPER | {
     "freezes.write",
     "catalog.write",
     "audit.read",
+    "webhooks.admin",
     USER_NAMES,
 }
 ROLE_PERMISSIONS: dict[Role, frozenset[str]] = {

@@ -717,6 +717,115 @@ class EnvironmentPolicy(Base):
     updated_at: Mapped[datetime] = _updated_at()
 
 
+class WebhookFormat(StrEnum):
+    JSON = "json"
+    SLACK = "slack"
+
+
+class WebhookDeliveryStatus(StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    DEAD = "dead"
+
+
+class Webhook(Base):
+    """A receiver of relman's events (migration 013): its URL, the event types it takes
+    (optionally one service's or one team's), its format, its secret (encrypted with the
+    key file, deploy_svc.webhook_secrets), whether it is active, its failures in a row,
+    and audit_cursor, the last audit sequence handed to it for `audit.logged`."""
+
+    __tablename__ = "webhooks"
+    __table_args__ = (
+        _one_of("format", WebhookFormat),
+        CheckConstraint("cardinality(event_types) BETWEEN 1 AND 50", name="event_types"),
+        CheckConstraint("char_length(url) <= 2048", name="url_length"),
+        Index("ix_webhooks_created_at_id", "created_at", "id"),
+    )
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    url: Mapped[str] = mapped_column(Text)
+    event_types: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    service_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("services.id", ondelete="RESTRICT"), index=True
+    )
+    team_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("teams.id", ondelete="RESTRICT"), index=True
+    )
+    format: Mapped[str] = mapped_column(String(10))
+    secret_encrypted: Mapped[bytes]
+    active: Mapped[bool] = mapped_column(server_default=true())
+    consecutive_failures: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    audit_cursor: Mapped[int | None] = mapped_column(BigInteger)
+    created_by: Mapped[uuid.UUID] = _user_fk()
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _updated_at()
+    version: Mapped[int] = _version()
+
+
+class WebhookEvent(Base):
+    """The outbox: an event written in the transaction of its change, turned into one
+    delivery per matching webhook by the dispatcher (then `dispatched`)."""
+
+    __tablename__ = "webhook_events"
+    __table_args__ = (
+        Index(
+            "ix_webhook_events_undispatched",
+            "occurred_at",
+            postgresql_where=text("NOT dispatched"),
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    event_type: Mapped[str] = mapped_column(String(50))
+    occurred_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    service_id: Mapped[uuid.UUID | None]
+    team_id: Mapped[uuid.UUID | None]
+    data: Mapped[dict] = mapped_column(JSONB)
+    dispatched: Mapped[bool] = mapped_column(server_default=false())
+
+
+class WebhookDelivery(Base):
+    """One event for one webhook: the body sent on every attempt under this id (the
+    X-Relman-Delivery header), its status and attempts. A due delivery (pending,
+    next_attempt_at passed) is claimed by moving next_attempt_at past a lease first."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        _one_of("status", WebhookDeliveryStatus),
+        UniqueConstraint("webhook_id", "event_id"),
+        UniqueConstraint("webhook_id", "audit_sequence"),
+        CheckConstraint(
+            "(event_type = 'audit.logged') = (audit_sequence IS NOT NULL)", name="audit_sequence"
+        ),
+        Index(
+            "ix_webhook_deliveries_due",
+            "next_attempt_at",
+            postgresql_where=text("status = 'pending'"),
+        ),
+        Index("ix_webhook_deliveries_webhook_id_created_at_id", "webhook_id", "created_at", "id"),
+    )
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    webhook_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("webhooks.id", ondelete="CASCADE"))
+    event_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("webhook_events.id", ondelete="SET NULL"), index=True
+    )
+    audit_sequence: Mapped[int | None] = mapped_column(BigInteger)
+    event_type: Mapped[str] = mapped_column(String(50))
+    body: Mapped[bytes]
+    status: Mapped[str] = mapped_column(
+        String(10), server_default=WebhookDeliveryStatus.PENDING.value
+    )
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    delivered_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _updated_at()
+
+
 class FreezeWindow(Base):
     """A time in which deployments into its scope (an environment or all, a service or
     all) are refused: one-off (start_time, end_time) or recurring (cron in time_zone, each
