@@ -18,9 +18,12 @@ covering indexes, where those facts are already worked out:
   bulk load): a deployment that ends or changes after it ended, a rollback written or
   moved, a release's created_at or hotfix changed. A success (or a success undone)
   re-derives the failures of its service and environment it may recover, those still
-  unrecovered or recovered at or after it. Each change takes a transaction lock on its
-  service and environment first, so two commits of one pair cannot each miss the other's
-  row. An environment's type never changes (migration 010's trigger).
+  unrecovered or recovered at or after it; TRUNCATE rollbacks re-derives every
+  rolled-back deployment. Each change first takes a transaction lock on the service and
+  environment of every row it re-derives (in one order), so two commits of one pair cannot
+  each miss the other's row; a REPEATABLE READ transaction, whose snapshot predates the
+  lock, may not change them (the services run in READ COMMITTED). An environment's type
+  never changes (migration 010's trigger).
 - The services' role may only read the table: its rows follow the deployments and
   nothing else (shared.persistence.roles).
 """
@@ -119,22 +122,43 @@ BEGIN
     ));
 END $$
 """
-LOCK_PAIR = """
-CREATE FUNCTION relman_lock_outcomes(service uuid, environment uuid) RETURNS void
-LANGUAGE sql AS $$
-    SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('relman_deployment_outcomes'),
-                                            pg_catalog.hashtext(service::text || environment::text))
-$$
+# The lock of each (service, environment) whose rows a change re-derives, taken in one
+# order (no two commits wait on each other). REPEATABLE READ is refused: its snapshot,
+# taken before the lock was granted, would miss the commit the lock waited for.
+LOCK_PAIRS = """
+CREATE FUNCTION relman_lock_outcomes(services uuid[], environments uuid[]) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF current_setting('transaction_isolation') = 'repeatable read' THEN
+        RAISE EXCEPTION 'deployments, rollbacks and releases change only in READ COMMITTED'
+                        ' or SERIALIZABLE transactions (deployment_outcomes follows them)'
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    PERFORM pg_advisory_xact_lock(hashtext('relman_deployment_outcomes'),
+                                  hashtext(pair.service::text || pair.environment::text))
+    FROM (SELECT DISTINCT service, environment
+          FROM unnest(services, environments) AS given (service, environment)
+          WHERE service IS NOT NULL AND environment IS NOT NULL
+          ORDER BY service, environment) pair;
+END $$
 """
 DEPLOYMENT_CHANGED = """
 CREATE FUNCTION relman_deployment_outcome() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    services uuid[] := ARRAY[]::uuid[];
+    environments uuid[] := ARRAY[]::uuid[];
 BEGIN
     IF TG_OP <> 'INSERT' THEN
-        PERFORM public.relman_lock_outcomes(OLD.service_id, OLD.environment_id);
+        services := services || OLD.service_id;
+        environments := environments || OLD.environment_id;
     END IF;
     IF TG_OP <> 'DELETE' THEN
-        PERFORM public.relman_lock_outcomes(NEW.service_id, NEW.environment_id);
+        services := services || NEW.service_id;
+        environments := environments || NEW.environment_id;
+    END IF;
+    PERFORM public.relman_lock_outcomes(services, environments);
+    IF TG_OP <> 'DELETE' THEN
         PERFORM public.relman_refresh_outcomes(ARRAY[NEW.id]);
         IF NEW.status = 'succeeded' THEN
             PERFORM public.relman_refresh_recoveries(
@@ -150,6 +174,16 @@ BEGIN
     RETURN NULL;
 END $$
 """
+# The deployments given, their pairs locked first (their rows as they are now).
+REFRESH_LOCKED = """
+CREATE FUNCTION relman_refresh_outcomes_locked(deployment_ids uuid[]) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM public.relman_lock_outcomes(array_agg(d.service_id), array_agg(d.environment_id))
+    FROM public.deployments d WHERE d.id = ANY (deployment_ids);
+    PERFORM public.relman_refresh_outcomes(deployment_ids);
+END $$
+"""
 ROLLBACK_CHANGED = """
 CREATE FUNCTION relman_rollback_outcome() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -162,9 +196,18 @@ BEGIN
     IF TG_OP <> 'DELETE' THEN
         rolled_back := rolled_back || NEW.deployment_id;
     END IF;
-    PERFORM public.relman_lock_outcomes(d.service_id, d.environment_id)
-    FROM public.deployments d WHERE d.id = ANY (rolled_back);
-    PERFORM public.relman_refresh_outcomes(rolled_back);
+    PERFORM public.relman_refresh_outcomes_locked(rolled_back);
+    RETURN NULL;
+END $$
+"""
+# TRUNCATE rollbacks: every rolled-back deployment loses the time it failed.
+ROLLBACKS_TRUNCATED = """
+CREATE FUNCTION relman_rollbacks_truncated() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM public.relman_refresh_outcomes_locked(ARRAY(
+        SELECT id FROM public.deployments WHERE status = 'rolled_back'
+    ));
     RETURN NULL;
 END $$
 """
@@ -172,7 +215,7 @@ RELEASE_CHANGED = """
 CREATE FUNCTION relman_release_outcome() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    PERFORM public.relman_refresh_outcomes(ARRAY(
+    PERFORM public.relman_refresh_outcomes_locked(ARRAY(
         SELECT id FROM public.deployments WHERE release_id = NEW.id
     ));
     RETURN NULL;
@@ -216,11 +259,16 @@ TRIGGERS = {
         "relman_release_outcome",
     ),
 }
-FUNCTIONS = (
+TRIGGER_FUNCTIONS = (
     "relman_release_outcome()",
+    "relman_rollbacks_truncated()",
     "relman_rollback_outcome()",
     "relman_deployment_outcome()",
-    "relman_lock_outcomes(uuid, uuid)",
+)
+# Only through the triggers, as their owner: the services' role calls none of these.
+HELPERS = (
+    "relman_refresh_outcomes_locked(uuid[])",
+    "relman_lock_outcomes(uuid[], uuid[])",
     "relman_refresh_recoveries(uuid, uuid, timestamptz)",
     "relman_refresh_outcomes(uuid[])",
 )
@@ -286,9 +334,11 @@ def upgrade() -> None:
     for function in (
         REFRESH,
         RECOVERIES,
-        LOCK_PAIR,
+        LOCK_PAIRS,
         DEPLOYMENT_CHANGED,
+        REFRESH_LOCKED,
         ROLLBACK_CHANGED,
+        ROLLBACKS_TRUNCATED,
         RELEASE_CHANGED,
     ):
         op.execute(function)
@@ -298,15 +348,19 @@ def upgrade() -> None:
             f" DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN ({condition})"
             f" EXECUTE FUNCTION {function}()"
         )
-    # Only through the triggers, as their owner: the services' role calls none of these.
-    for function in FUNCTIONS[3:]:
+    op.execute(
+        "CREATE TRIGGER rollbacks_truncated AFTER TRUNCATE ON rollbacks"
+        " FOR EACH STATEMENT EXECUTE FUNCTION relman_rollbacks_truncated()"
+    )
+    for function in HELPERS:
         op.execute(f"REVOKE EXECUTE ON FUNCTION {function} FROM PUBLIC")
 
 
 def downgrade() -> None:
+    op.execute("DROP TRIGGER rollbacks_truncated ON rollbacks")
     for name, (table, *_) in TRIGGERS.items():
         op.execute(f"DROP TRIGGER {name} ON {table}")
-    for function in FUNCTIONS:
+    for function in (*TRIGGER_FUNCTIONS, *HELPERS):
         op.execute(f"DROP FUNCTION {function}")
     op.execute("DROP VIEW deployment_outcomes_derived")
     op.drop_table("deployment_outcomes")
