@@ -34,7 +34,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
-from deploy_svc import freezes, gates
+from deploy_svc import events, freezes, gates
+from deploy_svc.events import EventType
 from deploy_svc.policies import Policy, check_stage_list
 from deploy_svc.releases import refresh_status
 from shared.framework.errors import (
@@ -337,6 +338,13 @@ async def _deploy(database: Database, actor: Actor, request: DeployRequest) -> D
                     "release_id": str(release.id),
                 },
             )
+        await events.deployment_event(session, EventType.DEPLOYMENT_CREATED, deployment)
+        if deployment.status == DeploymentStatus.AWAITING_APPROVAL:
+            await events.deployment_event(
+                session, EventType.DEPLOYMENT_AWAITING_APPROVAL, deployment
+            )
+        if passed_freeze:
+            await events.deployment_event(session, EventType.FREEZE_OVERRIDE, deployment)
         await remember(session, request.key, "deployment", deployment.id)
         return deployment
 
@@ -493,6 +501,14 @@ async def vote(
         )
         await remember(session, key, "approval", approval.id)
         await session.refresh(approval)
+        await events.resource_event(
+            session,
+            EventType.APPROVAL_APPROVED if approve else EventType.APPROVAL_REJECTED,
+            deployment.service_id,
+            "approval",
+            approval,
+        )
+        await events.deployment_ended(session, deployment)
         return approval
 
 
@@ -651,6 +667,8 @@ async def update_pipeline_stage(
                 "deployment_status": deployment.status,
             },
         )
+        if deployment.status != status_before:
+            await events.deployment_ended(session, deployment)
         await remember(session, key, "pipeline_stage", moved.id)
         return moved
 
@@ -803,6 +821,7 @@ async def cancel_deployment(
         await audit_log.append(
             session, actor, "cancel", "deployment", deployment_id, {"reason": reason}
         )
+        await events.deployment_ended(session, deployment)
         await remember(session, key, "deployment", deployment_id)
         return await _with_stages(session, deployment_id)
 
@@ -1079,5 +1098,6 @@ async def fail_timed_out_stages(session: AsyncSession, limit: int = 100) -> int:
                 "timeout_seconds": stage.timeout_seconds,
             },
         )
+        await events.deployment_ended(session, deployment)
         failed += 1
     return failed

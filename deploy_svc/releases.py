@@ -10,6 +10,8 @@ import uuid
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from deploy_svc import events
+from deploy_svc.events import EventType
 from shared.framework.errors import AlreadyExists, FailedPrecondition
 from shared.framework.validation import text as text_field
 from shared.identity.actor import Actor
@@ -136,6 +138,7 @@ async def _create(
         release.id,
         {"service_id": str(service_id), "version": version},
     )
+    await events.resource_event(session, EventType.RELEASE_CREATED, service_id, "release", release)
     return release
 
 

@@ -25,13 +25,14 @@ from datetime import UTC, datetime
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from deploy_svc import freezes
+from deploy_svc import events, freezes
 from deploy_svc.deployments import (
     end_deployment,
     lock_deployment_for_change,
     lock_slot,
     new_deployment,
 )
+from deploy_svc.events import EventType
 from deploy_svc.freezes import timestamp_text
 from deploy_svc.gates import hold_environment, inactive_refusal
 from deploy_svc.policies import Policy
@@ -125,6 +126,7 @@ async def _cancel_not_started(session: AsyncSession, actor: Actor, deployment: D
         active.id,
         {"reason": f"cancelled to roll back deployment {deployment.id}"},
     )
+    await events.deployment_ended(session, active)
 
 
 def _check_rollbackable(deployment: Deployment) -> None:
@@ -227,6 +229,9 @@ async def _redeploy(
         details["freeze_ends_at"] = timestamp_text(frozen[0].ends_at)
     await audit_log.append(session, actor, "rollback", "deployment", deployment.id, details)
     await session.refresh(rollback)
+    await events.resource_event(
+        session, EventType.ROLLBACK_STARTED, deployment.service_id, "rollback", rollback
+    )
     return rollback
 
 

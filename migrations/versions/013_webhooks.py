@@ -94,8 +94,12 @@ def upgrade() -> None:
         "webhook_events",
         sa.Column("id", sa.Uuid(), server_default=sa.text("gen_random_uuid()"), nullable=False),
         sa.Column("event_type", sa.String(50), nullable=False),
+        # The clock's time, not the transaction's: one change's events keep their order.
         sa.Column(
-            "occurred_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False
+            "occurred_at",
+            sa.DateTime(timezone=True),
+            server_default=sa.func.clock_timestamp(),
+            nullable=False,
         ),
         sa.Column("service_id", sa.Uuid()),
         sa.Column("team_id", sa.Uuid()),

@@ -778,7 +778,8 @@ class WebhookEvent(Base):
 
     id: Mapped[uuid.UUID] = _uuid_pk()
     event_type: Mapped[str] = mapped_column(String(50))
-    occurred_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    # The clock's time, not the transaction's: one change's events keep their order.
+    occurred_at: Mapped[datetime] = mapped_column(server_default=func.clock_timestamp())
     service_id: Mapped[uuid.UUID | None]
     team_id: Mapped[uuid.UUID | None]
     data: Mapped[dict] = mapped_column(JSONB)

@@ -1,0 +1,131 @@
+"""Webhook events (domain layer): the outbox a change writes in its own transaction.
+
+An event row exists exactly when its change committed, so a receiver is never told of a
+deployment that rolled back, nor left without one that happened; deploy_svc.dispatcher
+turns each into a delivery per matching webhook. `data` is the resource as the API
+returns it (deploy_svc.convert's message as JSON, with the proto's field names), taken
+at the moment of the change. An event carries its service and that service's team, which
+a webhook's service_id or team_id filter matches. One INSERT per event, whether or not a
+webhook takes it: the change pays the same with or without subscribers.
+
+`audit.logged` has no event row: the dispatcher reads the audit trail itself, so that
+writing an audit row costs nothing more.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from enum import StrEnum
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+
+class EventType(StrEnum):
+    """DESIGN §12's event types, the names receivers match (X-Relman-Event)."""
+
+    RELEASE_CREATED = "release.created"
+    DEPLOYMENT_CREATED = "deployment.created"
+    DEPLOYMENT_AWAITING_APPROVAL = "deployment.awaiting_approval"
+    DEPLOYMENT_SUCCEEDED = "deployment.succeeded"
+    DEPLOYMENT_FAILED = "deployment.failed"
+    DEPLOYMENT_CANCELLED = "deployment.cancelled"
+    DEPLOYMENT_REJECTED = "deployment.rejected"
+    APPROVAL_APPROVED = "approval.approved"
+    APPROVAL_REJECTED = "approval.rejected"
+    ROLLBACK_STARTED = "rollback.started"
+    ROLLBACK_COMPLETED = "rollback.completed"
+    ROLLBACK_FAILED = "rollback.failed"
+    FREEZE_OVERRIDE = "freeze.override"
+    AUDIT_LOGGED = "audit.logged"
+    POLICY_UPDATED = "policy.updated"
+    FREEZE_WINDOW_CREATED = "freeze_window.created"
+    FREEZE_WINDOW_DELETED = "freeze_window.deleted"
+    WEBHOOK_DEACTIVATED = "webhook.deactivated"
+
+
+# A deployment's end, as the event that tells of it.
+ENDED = {
+    "succeeded": EventType.DEPLOYMENT_SUCCEEDED,
+    "failed": EventType.DEPLOYMENT_FAILED,
+    "cancelled": EventType.DEPLOYMENT_CANCELLED,
+    "rejected": EventType.DEPLOYMENT_REJECTED,
+}
+
+_INSERT = text(
+    "INSERT INTO webhook_events (event_type, service_id, team_id, data)"
+    " VALUES (:event_type, CAST(:service_id AS uuid),"
+    " (SELECT team_id FROM services WHERE id = CAST(:service_id AS uuid)),"
+    " CAST(:data AS jsonb))"
+)
+
+
+def as_data(**resources: Message) -> dict[str, Any]:
+    """{"deployment": {...}}: each message as the API's JSON, with the proto's names."""
+    return {
+        name: json_format.MessageToDict(message, preserving_proto_field_name=True)
+        for name, message in resources.items()
+    }
+
+
+async def publish(
+    session: AsyncSession,
+    event_type: EventType,
+    service_id: uuid.UUID | None,
+    data: dict[str, Any],
+) -> None:
+    """Writes the event in the session's transaction (after the change it tells of)."""
+    await session.execute(
+        _INSERT,
+        {
+            "event_type": event_type.value,
+            "service_id": None if service_id is None else str(service_id),
+            "data": json.dumps(data, separators=(",", ":")),
+        },
+    )
+
+
+async def resource_event(
+    session: AsyncSession, event_type: EventType, service_id: uuid.UUID | None, kind: str, row
+) -> None:
+    """`row` as the API returns it (deploy_svc.convert.<kind>; a deployment in its BASIC
+    view) under `kind`, as `event_type`. convert is imported here, not at the top: it
+    imports the domain modules that publish."""
+    from deploy_svc import convert
+
+    await publish(session, event_type, service_id, as_data(**{kind: getattr(convert, kind)(row)}))
+
+
+async def deployment_event(session: AsyncSession, event_type: EventType, deployment) -> None:
+    await resource_event(session, event_type, deployment.service_id, "deployment", deployment)
+
+
+async def deployment_ended(session: AsyncSession, deployment) -> None:
+    """deployment.<status> for a deployment that just ended (flushed), and for a rollback's
+    redeployment, rollback.completed or rollback.failed with it."""
+    from shared.persistence.models import Rollback
+
+    event = ENDED.get(deployment.status)
+    if event is None:
+        return
+    await deployment_event(session, event, deployment)
+    if not deployment.is_rollback:
+        return
+    row = (
+        await session.execute(
+            Rollback.__table__.select().where(Rollback.redeployment_id == deployment.id)
+        )
+    ).one_or_none()
+    if row is None or row.status not in ("completed", "failed"):
+        return
+    await resource_event(
+        session,
+        EventType.ROLLBACK_COMPLETED if row.status == "completed" else EventType.ROLLBACK_FAILED,
+        deployment.service_id,
+        "rollback",
+        row,
+    )

@@ -1,0 +1,151 @@
+"""The webhook outbox: every change through the API writes its event in its own
+transaction, with the resource as the API returns it, and a refused change writes none.
+
+One service's history in a production environment of the test's own: a release, a
+deployment awaiting approval, a vote for it, its stages, a rollback and its redeployment,
+a failed one, a rejected one, a cancelled one, and an admin's deploy past a freeze.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import asyncpg
+import grpc
+from google.protobuf import json_format
+
+from relman.v1 import common_pb2
+from shared.persistence.db import libpq_dsn
+from tests.deploying import DEV, S, run_all_stages
+from tests.harness import fails, owner_url
+from tests.test_freezes import freeze, one_off
+
+
+async def outbox(db_url, service_id: str) -> list[tuple[str, dict]]:
+    """The service's events, oldest first: (type, data)."""
+    connection = await asyncpg.connect(libpq_dsn(owner_url(db_url)))
+    try:
+        rows = await connection.fetch(
+            "SELECT event_type, data::text AS data, team_id FROM webhook_events"
+            " WHERE service_id = $1 ORDER BY occurred_at, id",
+            uuid.UUID(service_id),
+        )
+    finally:
+        await connection.close()
+    return [(row["event_type"], json.loads(row["data"]), row["team_id"]) for row in rows]
+
+
+def api_json(message) -> dict:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+async def test_each_change_writes_its_event(clients, db_url):
+    admin, lead, reviewer = clients["admin"], clients["lead"], clients["reviewer"]
+    suffix = uuid.uuid4().hex[:8]
+    team = await admin.CreateTeam(name=f"events-{suffix}")
+    service = await lead.CreateService(name=f"events-{suffix}", team_id=team.id)
+    staging = await admin.CreateEnvironment(
+        name=f"events-staging-{suffix}", environment_type=S.ENVIRONMENT_TYPE_STAGING
+    )
+    production = await admin.CreateEnvironment(
+        name=f"events-prod-{suffix}", environment_type=S.ENVIRONMENT_TYPE_PRODUCTION
+    )
+    expected: list[tuple[str, str, str]] = []  # (type, kind, id)
+
+    async def through_staging(version: str):
+        release = await lead.CreateRelease(service_id=service.id, version=version)
+        expected.append(("release.created", "release", release.id))
+        for environment, stages in ((DEV, ["deploy"]), (staging.id, [])):
+            earlier = await lead.CreateDeployment(
+                release_id=release.id, environment_id=environment, stage_names=stages
+            )
+            expected.append(("deployment.created", "deployment", earlier.id))
+            await run_all_stages(lead, earlier)
+            expected.append(("deployment.succeeded", "deployment", earlier.id))
+        return release
+
+    async def to_production(release):
+        deployment = await lead.CreateDeployment(
+            release_id=release.id, environment_id=production.id
+        )
+        expected.append(("deployment.created", "deployment", deployment.id))
+        expected.append(("deployment.awaiting_approval", "deployment", deployment.id))
+        return deployment
+
+    first = await through_staging("1.0.0")
+    deployment = await to_production(first)
+    approval = await reviewer.ApproveDeployment(deployment_id=deployment.id)
+    expected.append(("approval.approved", "approval", approval.id))
+    await run_all_stages(lead, deployment)
+    expected.append(("deployment.succeeded", "deployment", deployment.id))
+
+    second = await through_staging("1.1.0")
+    shipped = await to_production(second)
+    await reviewer.ApproveDeployment(deployment_id=shipped.id)
+    expected.append(("approval.approved", "approval", None))
+    await run_all_stages(lead, shipped)
+    expected.append(("deployment.succeeded", "deployment", shipped.id))
+    rollback = await lead.RollbackDeployment(deployment_id=shipped.id, reason="errors")
+    expected.append(("rollback.started", "rollback", rollback.id))
+    redeployment = await lead.GetDeployment(
+        deployment_id=rollback.redeployment_id, view=S.DEPLOYMENT_VIEW_WITH_STAGES
+    )
+    await run_all_stages(lead, redeployment)
+    expected.append(("deployment.succeeded", "deployment", redeployment.id))
+    expected.append(("rollback.completed", "rollback", rollback.id))
+
+    third = await through_staging("1.2.0")
+    failing = await to_production(third)
+    refusal = await reviewer.RejectDeployment(deployment_id=failing.id, notes="not now")
+    expected.append(("approval.rejected", "approval", refusal.id))
+    expected.append(("deployment.rejected", "deployment", failing.id))
+    again = await to_production(third)
+    await reviewer.ApproveDeployment(deployment_id=again.id)
+    expected.append(("approval.approved", "approval", None))
+    stage = again.stages[0]
+    await lead.UpdatePipelineStage(stage_id=stage.id, status=S.STAGE_STATUS_RUNNING)
+    await lead.UpdatePipelineStage(stage_id=stage.id, status=S.STAGE_STATUS_FAILED)
+    expected.append(("deployment.failed", "deployment", again.id))
+
+    # Refused changes write nothing: a stage moved backwards, a vote by the deployer.
+    await fails(
+        lead.UpdatePipelineStage(stage_id=stage.id, status=S.STAGE_STATUS_RUNNING),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+
+    fourth = await lead.CreateRelease(service_id=service.id, version="1.3.0")
+    expected.append(("release.created", "release", fourth.id))
+    cancelled = await lead.CreateDeployment(
+        release_id=fourth.id, environment_id=DEV, stage_names=["deploy"]
+    )
+    expected.append(("deployment.created", "deployment", cancelled.id))
+    await lead.CancelDeployment(deployment_id=cancelled.id, reason="wrong build")
+    expected.append(("deployment.cancelled", "deployment", cancelled.id))
+
+    window = one_off(environment_id=DEV, service_id=service.id)
+    async with freeze(clients, "quiet week", **window):
+        overridden = await admin.CreateDeployment(
+            release_id=fourth.id,
+            environment_id=DEV,
+            stage_names=["deploy"],
+            freeze_override_reason="security fix",
+        )
+    expected.append(("deployment.created", "deployment", overridden.id))
+    expected.append(("freeze.override", "deployment", overridden.id))
+
+    found = await outbox(db_url, service.id)
+    assert [event_type for event_type, _, _ in found] == [t for t, _, _ in expected]
+    for (event_type, data, team_id), (_, kind, resource_id) in zip(found, expected, strict=True):
+        assert list(data) == [kind], event_type
+        assert team_id == uuid.UUID(team.id), event_type
+        if resource_id is not None:
+            assert data[kind]["id"] == resource_id, event_type
+    # The data is the resource as the API returned it at that moment.
+    created = next(d for t, d, _ in found if t == "release.created")
+    assert created["release"] == api_json(first)
+    succeeded = [d["deployment"] for t, d, _ in found if t == "deployment.succeeded"]
+    final = await lead.GetDeployment(deployment_id=deployment.id)
+    assert api_json(final) in succeeded
+    assert {d["status"] for d in succeeded} == {"DEPLOYMENT_STATUS_SUCCEEDED"}
+    assert common_pb2.DeploymentStatus.Name(final.status) == "DEPLOYMENT_STATUS_SUCCEEDED"
