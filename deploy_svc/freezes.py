@@ -23,6 +23,8 @@ from cronsim import CronSim, CronSimError
 from sqlalchemy import and_, or_, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from deploy_svc import events
+from deploy_svc.events import EventType
 from shared.framework.errors import FailedPrecondition, InvalidArgument
 from shared.framework.validation import text as text_field
 from shared.identity.actor import Actor
@@ -278,6 +280,9 @@ async def create_window(database: Database, actor: Actor, request: WindowRequest
         )
         await remember(session, request.key, "freeze_window", window.id)
         await session.refresh(window)
+        await events.resource_event(
+            session, EventType.FREEZE_WINDOW_CREATED, window.service_id, "freeze_window", window
+        )
         return window
 
 
@@ -299,6 +304,9 @@ async def delete_window(database: Database, actor: Actor, window_id: uuid.UUID) 
     async with database.transaction() as session:
         window = await load(session, FreezeWindow, window_id, for_update=True)
         details = _described(window)
+        await events.resource_event(
+            session, EventType.FREEZE_WINDOW_DELETED, window.service_id, "freeze_window", window
+        )
         await session.delete(window)
         await session.flush()
         await audit_log.append(session, actor, "freeze.delete", "freeze_window", window_id, details)

@@ -25,6 +25,8 @@ from sqlalchemy import Text, bindparam, select, text
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from deploy_svc import events
+from deploy_svc.events import EventType
 from deploy_svc.releases import refresh_status
 from shared.framework.errors import InvalidArgument
 from shared.framework.validation import text as text_field
@@ -268,6 +270,10 @@ async def _apply_if_due(session: AsyncSession, row: EnvironmentPolicy, now: date
             "effective_at": effective_at.isoformat(),
         },
     )
+    await session.refresh(row)
+    await events.resource_event(
+        session, EventType.POLICY_UPDATED, None, "policy", in_force(row, effective_at)
+    )
 
 
 async def update_policy(
@@ -330,7 +336,9 @@ async def update_policy(
             },
         )
         await session.refresh(row)
-        return in_force(row, now)
+        result = in_force(row, now)
+        await events.resource_event(session, EventType.POLICY_UPDATED, None, "policy", result)
+        return result
 
 
 # Deployments there that have not started and lack the votes the policy now asks for.

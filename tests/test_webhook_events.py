@@ -13,7 +13,7 @@ import uuid
 
 import asyncpg
 import grpc
-from google.protobuf import json_format
+from google.protobuf import field_mask_pb2, json_format
 
 from relman.v1 import common_pb2
 from shared.persistence.db import libpq_dsn
@@ -124,15 +124,17 @@ async def test_each_change_writes_its_event(clients, db_url):
     expected.append(("deployment.cancelled", "deployment", cancelled.id))
 
     window = one_off(environment_id=DEV, service_id=service.id)
-    async with freeze(clients, "quiet week", **window):
+    async with freeze(clients, "quiet week", **window) as frozen:
+        expected.append(("freeze_window.created", "freeze_window", frozen.id))
         overridden = await admin.CreateDeployment(
             release_id=fourth.id,
             environment_id=DEV,
             stage_names=["deploy"],
             freeze_override_reason="security fix",
         )
-    expected.append(("deployment.created", "deployment", overridden.id))
-    expected.append(("freeze.override", "deployment", overridden.id))
+        expected.append(("deployment.created", "deployment", overridden.id))
+        expected.append(("freeze.override", "deployment", overridden.id))
+    expected.append(("freeze_window.deleted", "freeze_window", frozen.id))
 
     found = await outbox(db_url, service.id)
     assert [event_type for event_type, _, _ in found] == [t for t, _, _ in expected]
@@ -149,3 +151,43 @@ async def test_each_change_writes_its_event(clients, db_url):
     assert api_json(final) in succeeded
     assert {d["status"] for d in succeeded} == {"DEPLOYMENT_STATUS_SUCCEEDED"}
     assert common_pb2.DeploymentStatus.Name(final.status) == "DEPLOYMENT_STATUS_SUCCEEDED"
+
+
+async def test_policies_and_freeze_windows_write_their_events(clients, db_url):
+    """policy.updated (of no service: a webhook filtered by service or team never gets
+    it), freeze_window.created and freeze_window.deleted with the window's service."""
+    admin, lead = clients["admin"], clients["lead"]
+    suffix = uuid.uuid4().hex[:8]
+    team = await admin.CreateTeam(name=f"events-policy-{suffix}")
+    service = await lead.CreateService(name=f"events-policy-{suffix}", team_id=team.id)
+    environment = await admin.CreateEnvironment(
+        name=f"events-policy-{suffix}", environment_type=S.ENVIRONMENT_TYPE_STAGING
+    )
+    policy = await admin.UpdateEnvironmentPolicy(
+        policy=common_pb2.EnvironmentPolicy(environment_id=environment.id, bake_minutes=5),
+        update_mask=field_mask_pb2.FieldMask(paths=["bake_minutes"]),
+    )
+    window_fields = one_off(environment_id=environment.id, service_id=service.id)
+    async with freeze(clients, "audit week", **window_fields) as window:
+        pass
+    connection = await asyncpg.connect(libpq_dsn(owner_url(db_url)))
+    try:
+        rows = await connection.fetch(
+            "SELECT event_type, service_id, team_id, data::text AS data FROM webhook_events"
+            " WHERE data->'policy'->>'environment_id' = $1"
+            " OR data->'freeze_window'->>'id' = $2 ORDER BY occurred_at",
+            environment.id,
+            window.id,
+        )
+    finally:
+        await connection.close()
+    assert [row["event_type"] for row in rows] == [
+        "policy.updated",
+        "freeze_window.created",
+        "freeze_window.deleted",
+    ]
+    assert json.loads(rows[0]["data"])["policy"] == api_json(policy)
+    assert (rows[0]["service_id"], rows[0]["team_id"]) == (None, None)
+    for row in rows[1:]:
+        assert json.loads(row["data"])["freeze_window"] == api_json(window)
+        assert (row["service_id"], row["team_id"]) == (uuid.UUID(service.id), uuid.UUID(team.id))
