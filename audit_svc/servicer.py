@@ -11,7 +11,6 @@ import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
 
 import grpc
-from google.protobuf import struct_pb2
 
 from audit_svc import export, sealer, seals, trail
 from audit_svc.group_commit import GroupCommit
@@ -21,7 +20,11 @@ from relman.v1 import audit_pb2, audit_pb2_grpc
 from shared.framework.config import Settings
 from shared.framework.errors import Aborted, InvalidArgument, ResourceExhausted
 from shared.framework.observability import counter
-from shared.framework.protos import enum_to_proto, id_text, struct_to_dict, timestamp
+from shared.framework.protos import (
+    audit_log_message,
+    struct_to_dict,
+    timestamp,
+)
 from shared.framework.server import Resources, StartupError
 from shared.framework.validation import enum_word, optional_uuid, parse_timestamp
 from shared.identity.actor import current_actor
@@ -103,24 +106,7 @@ def _seal(seal: Seal) -> audit_pb2.AuditSeal:
 def _audit_log(
     row: AuditLog | trail.Stored, username: str | None, recorded_by_username: str | None
 ) -> audit_pb2.AuditLog:
-    details = struct_pb2.Struct()
-    details.update(row.details or {})
-    return audit_pb2.AuditLog(
-        id=str(row.id),
-        created_at=timestamp(row.created_at),
-        user_id=id_text(row.user_id),
-        username=username or "",
-        action=row.action,
-        resource_type=row.resource_type,
-        resource_id=row.resource_id or "",
-        details=details,
-        ip_address=row.ip_address or "",
-        user_agent=row.user_agent or "",
-        recorded_by=id_text(row.recorded_by),
-        recorded_by_username=recorded_by_username or "",
-        origin=enum_to_proto(audit_pb2.AuditOrigin, row.origin),
-        sequence=row.sequence,
-    )
+    return audit_log_message(row, username, recorded_by_username)
 
 
 class StreamSlots:

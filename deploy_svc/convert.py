@@ -12,7 +12,7 @@ from deploy_svc.deployments import FullDeployment, LiveDeployment, StageRecord
 from deploy_svc.dora import Bucket
 from deploy_svc.gates import Gate
 from deploy_svc.policies import Policy
-from relman.v1 import auth_pb2, common_pb2, deploy_pb2
+from relman.v1 import auth_pb2, common_pb2, deploy_pb2, webhook_pb2
 from shared.framework.protos import enum_to_proto, id_text, timestamp
 from shared.persistence import models
 from shared.persistence import resource_names as names
@@ -275,4 +275,40 @@ def dora_bucket(bucket: Bucket) -> deploy_pb2.DoraBucket:
         failed_deployment_recovery_time_seconds=bucket.recovery_time_s,
         rework_deployments=bucket.rework,
         deployment_rework_rate=bucket.rework_rate,
+    )
+
+
+def webhook(row: models.Webhook) -> webhook_pb2.Webhook:
+    """A webhook, without its secret (shown once, by CreateWebhook); its owner is who
+    made it."""
+    return webhook_pb2.Webhook(
+        id=str(row.id),
+        resource_name=names.webhook_name(row.id),
+        url=row.url,
+        event_types=row.event_types,
+        service_id=id_text(row.service_id),
+        team_id=id_text(row.team_id),
+        format=enum_to_proto(webhook_pb2.WebhookFormat, row.format),
+        active=row.active,
+        owner_id=str(row.created_by),
+        consecutive_failures=row.consecutive_failures,
+        created_at=timestamp(row.created_at),
+        updated_at=timestamp(row.updated_at),
+        etag=str(row.version),
+    )
+
+
+def webhook_delivery(row: models.WebhookDelivery) -> webhook_pb2.WebhookDelivery:
+    """A delivery, without the body it sends."""
+    return webhook_pb2.WebhookDelivery(
+        id=str(row.id),
+        webhook_id=str(row.webhook_id),
+        event_type=row.event_type,
+        status=enum_to_proto(webhook_pb2.WebhookDeliveryStatus, row.status),
+        attempts=row.attempts,
+        last_status_code=row.last_status_code or 0,
+        last_error=row.last_error or "",
+        next_attempt_at=timestamp(row.next_attempt_at),
+        delivered_at=timestamp(row.delivered_at),
+        created_at=timestamp(row.created_at),
     )

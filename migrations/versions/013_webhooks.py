@@ -85,8 +85,11 @@ def upgrade() -> None:
     for column in ("service_id", "team_id", "created_by"):
         op.create_index(op.f(f"ix_webhooks_{column}"), "webhooks", [column])
     op.create_index("ix_webhooks_created_at_id", "webhooks", ["created_at", "id"])
+    # The etag moves with what UpdateWebhook changes (and deactivation), not with the
+    # dispatcher's counters (consecutive_failures, audit_cursor), which move all the time.
     op.execute(
-        "CREATE TRIGGER bump_version BEFORE UPDATE ON webhooks "
+        "CREATE TRIGGER bump_version BEFORE UPDATE OF url, event_types, service_id, team_id,"
+        " format, secret_encrypted, active ON webhooks "
         "FOR EACH ROW EXECUTE FUNCTION relman_bump_version()"
     )
 

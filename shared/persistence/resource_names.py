@@ -110,6 +110,13 @@ KINDS: dict[str, Kind] = {
             "runbooks/{id}",
             "SELECT id FROM runbooks WHERE id = :p0",
         ),
+        _kind(
+            "webhook",
+            "webhooks",
+            _UUID,
+            "webhooks/{id}",
+            "SELECT id FROM webhooks WHERE id = :p0",
+        ),
     )
 }
 
@@ -127,6 +134,7 @@ ID_FIELDS: dict[str, Kind] = {
     "deployment_id": KINDS["deployment"],
     "rollback_id": KINDS["rollback"],
     "runbook_id": KINDS["runbook"],
+    "webhook_id": KINDS["webhook"],
 }
 
 # The resource messages an update request carries (UpdateServiceRequest.service): their
@@ -140,6 +148,7 @@ RESOURCE_MESSAGES: dict[str, Kind] = {
     "relman.v1.Deployment": KINDS["deployment"],
     "relman.v1.Rollback": KINDS["rollback"],
     "relman.v1.Runbook": KINDS["runbook"],
+    "relman.v1.Webhook": KINDS["webhook"],
 }
 
 
@@ -198,3 +207,7 @@ def rollback_name(rollback_id: uuid.UUID) -> str:
 
 def runbook_name(runbook_id: uuid.UUID) -> str:
     return f"runbooks/{runbook_id}"
+
+
+def webhook_name(webhook_id: uuid.UUID) -> str:
+    return f"webhooks/{webhook_id}"
