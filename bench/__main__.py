@@ -17,6 +17,7 @@ from bench.pooler import log_action_through_pgbouncer
 from bench.report import table, write_json
 from bench.sealing import verify_audit_log
 from bench.stack import running
+from bench.webhooks import lifecycles_with_webhook, webhook_deliveries
 from shared.persistence.db import describe
 from tests.harness import server_url
 
@@ -25,6 +26,8 @@ DEFAULT_OUTPUT = Path(__file__).parent / "results.json"
 # scenarios last: each starts processes of its own beside the stack.
 SCENARIOS = (
     *scenarios.SCENARIOS,
+    webhook_deliveries,
+    lifecycles_with_webhook,
     verify_audit_log,
     log_action_through_pgbouncer,
     log_action_through_nginx,

@@ -27,6 +27,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.framework.protos import audit_log_message
 
+
+def slack_escape(line: str) -> str:
+    """What Slack asks of text: &, < and > as entities."""
+    return line.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 BATCH = 1_000  # rows per webhook and step
 WEBHOOKS_PER_STEP = 10
 
@@ -74,7 +80,9 @@ def body(row, webhook_format: str, channel: str | None) -> bytes:
     if webhook_format == "slack":
         who = row.username or row.recorded_by_username or "relman"
         target = f"{row.resource_type} {row.resource_id}" if row.resource_id else row.resource_type
-        message = {"text": f"audit: {who} {row.action} {target}", "channel": channel or ""}
+        message = {"text": slack_escape(f"audit: {who} {row.action} {target}")}
+        if channel:  # as the dispatcher's Slack bodies: no channel, the hook's own
+            message["channel"] = channel
     else:
         audit_log = audit_log_message(row, row.username, row.recorded_by_username)
         message = {

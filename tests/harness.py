@@ -128,8 +128,15 @@ def env_for(url: URL, **settings: str) -> dict[str, str]:
         "MIGRATION_DATABASE_URL": libpq_dsn(owner_url(url)),
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "AUDIT_SIGNING_KEY_FILE": signing_key_file(url),
+        "WEBHOOK_SECRET_KEY_FILE": webhook_key_file(url),
         **settings,
     }
+
+
+def webhook_key_file(url: URL) -> str:
+    """The webhook secret key file of the services of `url`'s database (outside the
+    project's .data/, like the signing key)."""
+    return os.path.join(KEYS_DIR, f"{url.database}.webhook-key")
 
 
 def signing_key_file(url: URL) -> str:

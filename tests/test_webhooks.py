@@ -10,10 +10,12 @@ listens on, and is deleted at the end.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import asyncpg
 import grpc
@@ -22,12 +24,10 @@ from google.protobuf import field_mask_pb2
 
 from deploy_svc.webhook_secrets import SecretBox
 from relman.v1 import webhook_pb2, webhook_pb2_grpc
-from shared import PROJECT_ROOT
 from shared.devtools.seed import seed_id
-from shared.framework.config import DEFAULT_WEBHOOK_SECRET_KEY_FILE
 from shared.persistence.db import libpq_dsn
 from shared.persistence.models import Role
-from tests.harness import bearer, error_details, fails, owner_url
+from tests.harness import bearer, error_details, fails, owner_url, webhook_key_file
 
 JSON = webhook_pb2.WEBHOOK_FORMAT_JSON
 SLACK = webhook_pb2.WEBHOOK_FORMAT_SLACK
@@ -152,7 +152,7 @@ async def counts(owner: asyncpg.Connection) -> tuple[int, int]:
 # -- creating -------------------------------------------------------------------------------
 
 
-async def test_the_secret_is_shown_once_and_stored_sealed(hooks, make, owner, service_id):
+async def test_the_secret_is_shown_once_and_stored_sealed(hooks, make, owner, service_id, db_url):
     request_id = str(uuid.uuid4())
     url = nowhere()
     created = await make(url=url, request_id=request_id)
@@ -179,8 +179,8 @@ async def test_the_secret_is_shown_once_and_stored_sealed(hooks, make, owner, se
         "SELECT secret_encrypted FROM webhooks WHERE id = $1", uuid.UUID(webhook.id)
     )
     assert secret.encode() not in sealed
-    key = (PROJECT_ROOT / DEFAULT_WEBHOOK_SECRET_KEY_FILE).read_bytes().strip()
-    assert SecretBox(key).open(sealed) == secret  # the key file's key opens it
+    key = (await asyncio.to_thread(Path(webhook_key_file(db_url)).read_bytes)).strip()
+    assert SecretBox(key).open(sealed) == secret  # the services' key file's key opens it
 
     # The audit row says what was made and where it sends, never the secret nor the path.
     (row,) = await audit_rows(owner, webhook.id)
