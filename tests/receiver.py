@@ -147,3 +147,38 @@ class Tripwire:
         assert self._server is not None
         self._server.close()
         await self._server.wait_closed()
+
+
+async def _serve(port: int) -> None:
+    """A receiver of its own process (`python -m tests.receiver`): answers 200 to every
+    POST and counts them; GET /count says how many. Prints its port, then serves until
+    stdin closes. The bench's receiver: in the bench's own process it would take the load
+    generator's event loop and CPU."""
+    import sys
+
+    count = 0
+
+    async def post(request: web.Request) -> web.Response:
+        nonlocal count
+        await request.read()
+        count += 1
+        return web.Response(text="ok")
+
+    async def counted(request: web.Request) -> web.Response:
+        return web.Response(text=str(count))
+
+    app = web.Application()
+    app.router.add_get("/count", counted)
+    app.router.add_post("/{tail:.*}", post)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port, reuse_address=True).start()
+    print(runner.addresses[0][1], flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await runner.cleanup()
+
+
+if __name__ == "__main__":
+    import sys
+
+    asyncio.run(_serve(int(sys.argv[1]) if len(sys.argv) > 1 else 0))

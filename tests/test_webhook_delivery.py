@@ -577,7 +577,10 @@ async def test_two_processes_deliver_200_events_exactly_once(world: World):
     assert len({r.delivery for r in receiver.requests}) == 200
     assert sorted(r.json()["data"]["n"] for r in receiver.requests) == list(range(200))
     sent = [await delivered_by(p) - b for p, b in zip(world.processes, before, strict=True)]
-    assert sum(sent) == 200 and min(sent) > 0, sent  # both took part, no one sent twice
+    # Both took part (the counts may hold a success of an earlier test written after
+    # `before` was read: successes are written in batches); the receiver above saw each
+    # delivery once.
+    assert min(sent) > 0, sent
 
 
 async def test_a_delivery_cut_short_by_a_crash_is_resumed_after_a_restart(world: World):
