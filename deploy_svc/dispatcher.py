@@ -5,7 +5,9 @@ Two steps, both safe with any number of replicas at once:
 
 - **Fan-out** (`fan_out`, one transaction): claims undispatched `webhook_events`, oldest
   first, FANOUT_BATCH at a time, FOR UPDATE SKIP LOCKED; inserts one `webhook_deliveries`
-  row per active webhook whose event types hold the event's and whose service or team
+  row per webhook (active or not: an inactive one's wait, unclaimed, so that once
+  re-activated it gets what happened meanwhile) whose event types hold the event's and
+  whose service or team
   (when set) is the event's (ON CONFLICT DO NOTHING on (webhook_id, event_id)); marks the
   events dispatched. The body is rendered there, once, and every attempt and redelivery
   sends those bytes: JSON `{"id", "type", "occurred_at" (RFC 3339, as the API writes
@@ -49,8 +51,7 @@ Outcomes (`Dispatcher._record`; counted in `relman_webhook_attempts_total{outcom
   the delivery was made; a failure once those 24 h have passed makes it DEAD.
 - 3xx (redirects are not followed: a receiver that moved is updated through the API),
   the other 4xx, a refused address (`last_error` "refused: ..." with the reason), a URL
-  aiohttp cannot use, a secret that does not open with the key file: FAILED at once, no
-  retry (none of these mends itself in 24 h; a
+  aiohttp cannot use: FAILED at once, no retry (none of these mends itself in 24 h; a
   name that resolves to a refused address is an attack or a mistake to fix).
 - Every failure adds one to the webhook's consecutive_failures; the one that reaches
   DEACTIVATE_AFTER (100) deactivates an active webhook in the same transaction, with its
@@ -106,9 +107,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
+import yarl
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -117,7 +118,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from deploy_svc import audit_stream, convert
 from deploy_svc.events import as_data
-from deploy_svc.webhook_addresses import refusal
+from deploy_svc.webhook_addresses import origin, refusal
 from deploy_svc.webhook_secrets import SecretBox, SecretKeyError, load_box
 from shared.framework.config import Network, Settings
 from shared.framework.observability import counter
@@ -214,9 +215,12 @@ def literal_refusal(url: str, allowed: tuple[Network, ...]) -> str | None:
     canonical address (2852039166, 0251.0376.0251.0376, a trailing dot), which the
     system's resolver would still map to one, is refused here whatever aiohttp makes of it.
     """
-    host = urlsplit(url).hostname
-    if host is None:
+    try:  # the host as aiohttp's URL parser reads it (IDNA dots and all), not urlsplit's
+        host = yarl.URL(url).host
+    except ValueError:
         return None  # aiohttp refuses the URL itself
+    if host is None:
+        return None
     address = _address(host)
     if address is not None:
         return refusal(address, allowed)
@@ -295,7 +299,7 @@ _CLAIM_EVENTS = text("""
     FROM claimed c, LATERAL (
         SELECT array_agg(w.id) AS webhook_ids, array_agg(w.format) AS formats
         FROM webhooks w
-        WHERE w.active AND c.event_type = ANY (w.event_types)
+        WHERE c.event_type = ANY (w.event_types)
           AND (w.service_id IS NULL OR w.service_id = c.service_id)
           AND (w.team_id IS NULL OR w.team_id = c.team_id)) s
     ORDER BY c.occurred_at
@@ -559,6 +563,8 @@ _DELIVERED = """
     WHERE w.id IN (SELECT webhook_id FROM delivered) AND w.consecutive_failures <> 0
 """
 
+_LOCK_WEBHOOK = text("SELECT 1 FROM webhooks WHERE id = :id FOR NO KEY UPDATE")
+
 _FAILED = text(f"""
     UPDATE webhook_deliveries SET
         attempts = attempts + 1,
@@ -788,7 +794,11 @@ class Dispatcher:
 
     async def _deliver(self, row) -> None:
         try:
-            outcome = await self._attempt(row)
+            try:
+                outcome = await self._attempt(row)
+            except SecretKeyError as error:
+                log.error("webhook delivery %s not sent: %s", row["id"], error)
+                return
             if outcome.delivered:
                 await self._record_delivered(row, outcome.status_code)
                 return
@@ -809,10 +819,10 @@ class Dispatcher:
         reason = literal_refusal(url, self.allowed)
         if reason is not None:
             return Outcome(False, error=f"refused: {reason}")
-        try:
-            secret = self._secret_box().open(bytes(row["secret_encrypted"]))
-        except SecretKeyError as error:
-            return Outcome(False, error=_error_text(error))
+        # A secret this process cannot open (its key file is not the one it was sealed
+        # with) is this replica's fault, not the receiver's: SecretKeyError goes up to
+        # _deliver, nothing is recorded, and the lease ends for a replica that can.
+        secret = self._secret_box().open(bytes(row["secret_encrypted"]))
         timestamp = str(int(time.time()))
         headers = {
             "Content-Type": "application/json",
@@ -889,6 +899,9 @@ class Dispatcher:
     async def _record(self, row, outcome: Outcome) -> None:
         delay_s = backoff(row["attempts"] + 1, self.base_s)
         async with self.database.transaction(deadline_s=10) as session:
+            # The webhook first, then its delivery: DeleteWebhook's order (its row, then
+            # the deliveries its key cascades to), so the two never wait on each other.
+            await session.execute(_LOCK_WEBHOOK, {"id": row["webhook_id"]})
             recorded = (
                 await session.execute(
                     _FAILED,
@@ -926,7 +939,7 @@ async def count_failure(session: AsyncSession, webhook_id: uuid.UUID, outcome: O
         "webhook",
         webhook.id,
         {
-            "url": webhook.url,
+            "url": origin(webhook.url),
             "consecutive_failures": webhook.consecutive_failures,
             "last_status_code": outcome.status_code,
             "last_error": outcome.error,
@@ -943,14 +956,18 @@ async def count_failure(session: AsyncSession, webhook_id: uuid.UUID, outcome: O
     log.warning(
         "webhook %s (%s) deactivated after %d failed attempts in a row",
         webhook.id,
-        webhook.url,
+        origin(webhook.url),
         webhook.consecutive_failures,
     )
 
 
 def webhook_data(webhook) -> dict[str, Any]:
-    """{"webhook": ...} as WebhookService shows it (never its secret)."""
-    return as_data(webhook=convert.webhook(webhook))
+    """{"webhook": ...} as WebhookService shows it, but its URL cut to its origin (the
+    event may go to a Slack channel or a SIEM; a URL's path is often a credential), and
+    never its secret."""
+    data = as_data(webhook=convert.webhook(webhook))
+    data["webhook"]["url"] = origin(webhook.url)
+    return data
 
 
 async def dispatch_forever(database: Database, settings: Settings) -> None:

@@ -35,6 +35,7 @@ from shared.persistence import audit_log
 from shared.persistence.db import Database, check_etag, load
 from shared.persistence.models import (
     STANDARD_STAGES,
+    Deployment,
     Environment,
     EnvironmentPolicy,
     Role,
@@ -384,6 +385,8 @@ async def _await_votes_again(
             deployment_id,
             {"reason": f"the policy now requires {rules.required_approvals} approval(s)"},
         )
+        deployment = await session.get(Deployment, deployment_id, populate_existing=True)
+        await events.deployment_event(session, EventType.DEPLOYMENT_AWAITING_APPROVAL, deployment)
 
 
 async def apply_due_changes(session: AsyncSession, limit: int = 100) -> int:

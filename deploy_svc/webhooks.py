@@ -37,7 +37,6 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from urllib.parse import urlsplit
 
 from sqlalchemy import Select, func, select, text, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -78,6 +77,13 @@ _LAST_AUDIT_SEQUENCE = text(
 # -- field checks ---------------------------------------------------------------------------
 
 
+# audit.logged is the whole trail, not one service's or team's: a scoped webhook (a
+# team's Slack channel) must not receive the organisation's audit rows.
+_AUDIT_UNSCOPED = (
+    "audit.logged is the whole audit trail: only for a webhook without service_id or team_id"
+)
+
+
 def check_event_types(values: Sequence[str], field: str = "event_types") -> list[str]:
     """The event types as sent: at least one, at most MAX_EVENT_TYPES, each of
     EVENT_TYPES and listed once; else INVALID_ARGUMENT naming the entry."""
@@ -110,23 +116,10 @@ async def check_url(url: str, allowed: tuple[Network, ...], field: str = "url") 
     return url
 
 
-def _origin(url: str) -> str:
-    """Where a URL sends, without its path, query or credentials: what audit rows keep."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    try:
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        port = ""
-    return f"{parts.scheme}://{host}{port}"
-
-
 def _described(row: Webhook) -> dict:
     """A webhook as its audit rows record it: no secret, no URL path."""
     return {
-        "url": _origin(row.url),
+        "url": webhook_addresses.origin(row.url),
         "event_types": list(row.event_types),
         "service_id": str(row.service_id) if row.service_id else None,
         "team_id": str(row.team_id) if row.team_id else None,
@@ -173,6 +166,10 @@ def _check_form(request: WebhookRequest) -> tuple[list[str], WebhookFormat]:
             "team_id",
             "give service_id or team_id, not both (a service's events are its team's too)",
         )
+    if AUDIT_LOGGED in event_types and (
+        request.service_id is not None or request.team_id is not None
+    ):
+        raise InvalidArgument.field("event_types", _AUDIT_UNSCOPED)
     if (
         webhook_format == WebhookFormat.SLACK
         and request.service_id is None
@@ -261,7 +258,7 @@ FIXED = {
 def _shown(field: str, value) -> object:
     """A value as an update's audit row records it."""
     if field == "url":
-        return _origin(value)
+        return webhook_addresses.origin(value)
     if field == "event_types":
         return list(value)
     return value
@@ -295,6 +292,8 @@ async def update_webhook(
             changed["consecutive_failures"] = [webhook.consecutive_failures, 0]
             webhook.consecutive_failures = 0
         has_audit = AUDIT_LOGGED in webhook.event_types
+        if has_audit and (webhook.service_id is not None or webhook.team_id is not None):
+            raise InvalidArgument.field("webhook.event_types", _AUDIT_UNSCOPED)
         if has_audit and not had_audit:
             webhook.audit_cursor = await _last_audit_sequence(session)
         elif not has_audit and webhook.audit_cursor is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import re
 import socket
 import time
 import uuid
@@ -30,6 +31,7 @@ from sqlalchemy import URL
 
 from deploy_svc.dispatcher import AddressRefused, CheckedResolver
 from deploy_svc.webhook_secrets import SecretBox, load_box, new_secret
+from shared import PROJECT_ROOT
 from shared.persistence.db import libpq_dsn
 from tests.harness import (
     RelmanProcess,
@@ -249,6 +251,16 @@ async def test_an_event_reaches_its_subscribers_once_and_no_one_else(world: Worl
         assert other_type.requests == other_service.requests == other_team.requests == []
 
 
+def readme_verify():
+    """The `verify` function of the README's Webhooks section."""
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    [block] = [b for b in blocks if "def verify" in b]
+    namespace: dict = {}
+    exec(block, namespace)
+    return namespace["verify"]
+
+
 async def test_the_receiver_verifies_the_signature_and_reads_the_event(world: World):
     mine = await new_service(world)
     data = {"release": {"id": str(uuid.uuid4()), "version": "1.2.3", "release_notes": "ünïcode"}}
@@ -261,6 +273,11 @@ async def test_the_receiver_verifies_the_signature_and_reads_the_event(world: Wo
         (row,) = await settled(world, hook)
     assert received.signed_with(secret)
     assert not received.signed_with(new_secret())
+    # The README's receiver code, as written, agrees.
+    verify = readme_verify()
+    assert verify(secret, received.headers, received.body)
+    assert not verify(new_secret(), received.headers, received.body)
+    assert not verify(secret, received.headers, received.body + b" ")
     assert abs(int(received.headers["X-Relman-Timestamp"]) - time.time()) < 60
     assert received.method == "POST" and received.path == "/relman"
     assert received.headers["Content-Type"] == "application/json"
@@ -411,9 +428,10 @@ async def test_aiohttp_does_not_ask_the_resolver_about_an_ip_literal():
 async def test_100_failures_in_a_row_deactivate_the_webhook_audited(world: World):
     mine = await new_service(world)
     async with Receiver([404]) as failing, Receiver() as watcher:
+        # A path that is a credential (as Slack's are) is never shown past the API.
         hook, secret = await create_webhook(
             world,
-            failing.url(),
+            failing.url("/services/T0/B0/token-in-the-path"),
             ["deployment.cancelled"],
             service_id=mine.service_id,
             consecutive_failures=99,
@@ -434,17 +452,19 @@ async def test_100_failures_in_a_row_deactivate_the_webhook_audited(world: World
         assert len(audit) == 1
         assert audit[0]["resource_type"] == "webhook" and audit[0]["user_id"] is None
         details = json.loads(audit[0]["details"])
-        assert details["url"] == failing.url() and details["consecutive_failures"] == 100
+        where = f"http://127.0.0.1:{failing.port}"
+        assert details["url"] == where and details["consecutive_failures"] == 100
         assert details["last_status_code"] == 404
         # Subscribers hear of it, without the secret.
         (told,) = await watcher.wait_for(1)
         assert told.headers["X-Relman-Event"] == "webhook.deactivated"
         shown = told.json()["data"]["webhook"]
-        assert shown["id"] == str(hook) and shown["url"] == failing.url()
+        assert shown["id"] == str(hook) and shown["url"] == where
+        assert b"token-in-the-path" not in told.body
         assert shown["event_types"] == ["deployment.cancelled"]
         assert "active" not in shown or shown["active"] is False
         assert secret.encode() not in told.body and b"secret" not in told.body
-        # An inactive webhook takes no more events.
+        # An inactive webhook's deliveries are made and wait, unsent ...
         later = await publish(world, "deployment.cancelled", mine.service_id, data)
         await poll(
             lambda: world.owner.fetchval(
@@ -453,8 +473,14 @@ async def test_100_failures_in_a_row_deactivate_the_webhook_audited(world: World
             10,
             "the later event dispatched",
         )
-        assert len(await deliveries(world, hook)) == 1
-        assert len(failing.requests) == 1
+        waiting = [r for r in await deliveries(world, hook) if r["status"] == "pending"]
+        assert len(waiting) == 1 and len(failing.requests) == 1
+        # ... until it is re-activated: then the receiver gets what happened meanwhile.
+        await world.owner.execute(
+            "UPDATE webhooks SET active = true, consecutive_failures = 0 WHERE id = $1", hook
+        )
+        _, sent = await failing.wait_for(2)
+        assert sent.delivery == str(waiting[0]["id"])
 
 
 async def test_a_delivery_older_than_24_hours_dies_on_its_next_failure(world: World):

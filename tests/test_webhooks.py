@@ -200,8 +200,19 @@ async def test_the_secret_is_shown_once_and_stored_sealed(hooks, make, owner, se
         ({"url": "http://[fe80::1]/hook"}, "url"),
         ({"url": "http://[::ffff:169.254.169.254]/hook"}, "url"),
         ({"url": "http://[fd00:ec2::254]/hook"}, "url"),
+        ({"url": "http://[64:ff9b:1::a9fe:a9fe]/hook"}, "url"),  # NAT64, local use
+        # Malformed: INVALID_ARGUMENT, never INTERNAL; and what the client could not send.
+        ({"url": "http://[::1"}, "url"),
+        ({"url": "http://[zz]/"}, "url"),
+        ({"url": "http://a]b/"}, "url"),
+        ({"url": "http://[::1]x/"}, "url"),
+        ({"url": "http://127.0.0.1:0/hook"}, "url"),
+        # Dots a URL parser reads as 127.0.0.1 (IDNA): the host must be ASCII.
+        ({"url": "http://127\u30020\u30020\u30021/hook"}, "url"),
+        ({"url": "http://127\uff0e0\uff0e0\uff0e1/hook"}, "url"),
         ({"event_types": ["deployment.exploded"]}, "event_types[0]"),
         ({"event_types": []}, "event_types"),
+        ({"event_types": ["audit.logged"]}, "event_types"),  # the whole trail: unscoped only
         ({"event_types": ["release.created", "release.created"]}, "event_types[1]"),
         ({"format": webhook_pb2.WEBHOOK_FORMAT_UNSPECIFIED}, "format"),
         ({"format": 7}, "format"),
@@ -261,7 +272,7 @@ async def test_audit_logged_streams_from_the_moment_a_webhook_is_made(hooks, mak
     """Its cursor is the trail's last sequence when it was made: its own creation's row is
     the first it is sent; a webhook without the type has no cursor."""
     committed = await owner.fetchval("SELECT max(sequence) FROM audit_logs")
-    streaming = (await make(event_types=["audit.logged", "release.created"])).webhook
+    streaming = (await make(event_types=["audit.logged", "release.created"], service_id="")).webhook
     cursor = await owner.fetchval(
         "SELECT audit_cursor FROM webhooks WHERE id = $1", uuid.UUID(streaming.id)
     )
@@ -274,7 +285,18 @@ async def test_audit_logged_streams_from_the_moment_a_webhook_is_made(hooks, mak
             created["sequence"],
         )
 
-    plain = (await make()).webhook
+    # A scoped webhook may not take the whole trail.
+    scoped = (await make()).webhook
+    error = await fails(
+        hooks["lead"].UpdateWebhook(
+            webhook={"id": scoped.id, "event_types": ["audit.logged"]},
+            update_mask=mask("event_types"),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert violated_fields(error) == ["webhook.event_types"]
+
+    plain = (await make(service_id="")).webhook
     cursor_of = "SELECT audit_cursor FROM webhooks WHERE id = $1"
     assert await owner.fetchval(cursor_of, uuid.UUID(plain.id)) is None
     await hooks["lead"].UpdateWebhook(
