@@ -15,10 +15,13 @@ import asyncpg
 import grpc
 from google.protobuf import field_mask_pb2, json_format
 
-from relman.v1 import common_pb2
+from deploy_svc.events import EventType
+from relman.v1 import common_pb2, webhook_pb2, webhook_pb2_grpc
 from shared.persistence.db import libpq_dsn
+from shared.persistence.models import Role
 from tests.deploying import DEV, S, run_all_stages
-from tests.harness import fails, owner_url
+from tests.harness import bearer, fails, owner_url
+from tests.receiver import Receiver
 from tests.test_freezes import freeze, one_off
 
 
@@ -40,11 +43,44 @@ def api_json(message) -> dict:
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
-async def test_each_change_writes_its_event(clients, db_url):
-    admin, lead, reviewer = clients["admin"], clients["lead"], clients["reviewer"]
+async def test_each_change_writes_its_event(clients, db_url, deploy_channel, tokens):
+    """... and each reaches a webhook of the service taking every event type, once, signed;
+    a webhook of another service, taking them all too, gets none."""
+    admin, lead = clients["admin"], clients["lead"]
     suffix = uuid.uuid4().hex[:8]
     team = await admin.CreateTeam(name=f"events-{suffix}")
     service = await lead.CreateService(name=f"events-{suffix}", team_id=team.id)
+    other = await lead.CreateService(name=f"events-other-{suffix}", team_id=team.id)
+    async with Receiver() as receiver, Receiver() as bystander:
+        webhooks = webhook_pb2_grpc.WebhookServiceStub(deploy_channel)
+        every = [e.value for e in EventType if e != EventType.AUDIT_LOGGED]
+        made = []
+        for scope, url in ((service.id, receiver.url()), (other.id, bystander.url())):
+            made.append(
+                await webhooks.CreateWebhook(
+                    webhook_pb2.CreateWebhookRequest(
+                        url=url,
+                        event_types=every,
+                        service_id=scope,
+                        format=webhook_pb2.WEBHOOK_FORMAT_JSON,
+                    ),
+                    metadata=bearer(tokens[Role.LEAD]),
+                )
+            )
+        try:
+            await _history(clients, db_url, team, service, made[0].secret, receiver)
+        finally:
+            for response in made:
+                await webhooks.DeleteWebhook(
+                    webhook_pb2.DeleteWebhookRequest(webhook_id=response.webhook.id),
+                    metadata=bearer(tokens[Role.LEAD]),
+                )
+    assert bystander.requests == []
+
+
+async def _history(clients, db_url, team, service, secret, receiver):
+    admin, lead, reviewer = clients["admin"], clients["lead"], clients["reviewer"]
+    suffix = uuid.uuid4().hex[:8]
     staging = await admin.CreateEnvironment(
         name=f"events-staging-{suffix}", environment_type=S.ENVIRONMENT_TYPE_STAGING
     )
@@ -151,6 +187,16 @@ async def test_each_change_writes_its_event(clients, db_url):
     assert api_json(final) in succeeded
     assert {d["status"] for d in succeeded} == {"DEPLOYMENT_STATUS_SUCCEEDED"}
     assert common_pb2.DeploymentStatus.Name(final.status) == "DEPLOYMENT_STATUS_SUCCEEDED"
+
+    # Delivered: each event once (its own delivery id), signed, with the outbox's data.
+    await receiver.wait_for(len(expected), within_s=30)
+    got = receiver.requests
+    assert len(got) == len(expected) and len({r.delivery for r in got}) == len(expected)
+    assert all(r.signed_with(secret) for r in got)
+    assert sorted(r.headers["X-Relman-Event"] for r in got) == sorted(t for t, _, _ in expected)
+    assert sorted(json.dumps(r.json()["data"], sort_keys=True) for r in got) == sorted(
+        json.dumps(data, sort_keys=True) for _, data, _ in found
+    )
 
 
 async def test_policies_and_freeze_windows_write_their_events(clients, db_url):
