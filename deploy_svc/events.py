@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -62,6 +63,24 @@ _INSERT = text(
     " (SELECT team_id FROM services WHERE id = CAST(:service_id AS uuid)),"
     " CAST(:data AS jsonb))"
 )
+
+
+# How long a dispatched event is kept (its deliveries keep their own body): the sweeper
+# deletes older ones, a batch at a time, so the outbox holds about a day of changes.
+KEPT_FOR = timedelta(days=1)
+_PURGE = text(
+    "DELETE FROM webhook_events WHERE id IN ("
+    " SELECT id FROM webhook_events"
+    " WHERE dispatched AND occurred_at < now() - make_interval(secs => :kept_s)"
+    " ORDER BY occurred_at LIMIT :batch FOR UPDATE SKIP LOCKED)"
+)
+
+
+async def purge(session: AsyncSession, batch: int) -> int:
+    """Deletes up to `batch` events dispatched more than KEPT_FOR ago; returns how many
+    (replicas sweeping at once each take other rows: SKIP LOCKED)."""
+    result = await session.execute(_PURGE, {"kept_s": KEPT_FOR.total_seconds(), "batch": batch})
+    return result.rowcount
 
 
 def as_data(**resources: Message) -> dict[str, Any]:

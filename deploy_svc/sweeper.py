@@ -4,7 +4,8 @@ case of its own that opens its own units of work.
 Every SWEEP_INTERVAL_S it fails running stages past their timeout_seconds
 (deploy_svc.deployments.fail_timed_out_stages) and writes down the weakening policy
 changes whose time has come (deploy_svc.policies.apply_due_changes; the rules already
-read them as in force), deletes request ids past their lifetime (purge_request_ids),
+read them as in force), deletes request ids past their lifetime (purge_request_ids) and
+webhook events dispatched a day ago (purge_webhook_events),
 all safe with several replicas sweeping at once, and, when the process serves metrics,
 refreshes the `relman_deployments` gauge (how many deployments the database holds in
 each status).
@@ -18,6 +19,7 @@ import logging
 
 from sqlalchemy import func, select
 
+from deploy_svc import events
 from deploy_svc.deployments import fail_timed_out_stages
 from deploy_svc.policies import apply_due_changes
 from shared.framework.observability import gauge, serving_metrics
@@ -48,6 +50,7 @@ async def sweep_forever(database: Database) -> None:
             if applied:
                 log.info("%d environment policy change(s) took effect", applied)
             await purge_request_ids(database)
+            await purge_webhook_events(database)
             if serving_metrics():
                 await count_deployments(database)
         except Exception:  # the database may be away; the next sweep tries again
@@ -62,6 +65,19 @@ async def purge_request_ids(database: Database) -> int:
     for _ in range(PURGE_BATCHES_PER_SWEEP):
         async with database.transaction(deadline_s=30) as session:
             batch = await idempotency.purge(session, PURGE_BATCH)
+        purged += batch
+        if batch < PURGE_BATCH:
+            break
+    return purged
+
+
+async def purge_webhook_events(database: Database) -> int:
+    """Deletes webhook events dispatched more than a day ago (events.KEPT_FOR), a batch per
+    transaction; returns how many."""
+    purged = 0
+    for _ in range(PURGE_BATCHES_PER_SWEEP):
+        async with database.transaction(deadline_s=30) as session:
+            batch = await events.purge(session, PURGE_BATCH)
         purged += batch
         if batch < PURGE_BATCH:
             break

@@ -20,7 +20,7 @@ from relman.v1 import common_pb2, webhook_pb2, webhook_pb2_grpc
 from shared.persistence.db import libpq_dsn
 from shared.persistence.models import Role
 from tests.deploying import DEV, S, run_all_stages
-from tests.harness import bearer, fails, owner_url
+from tests.harness import bearer, fails, owner_url, poll
 from tests.receiver import Receiver
 from tests.test_freezes import freeze, one_off
 
@@ -237,3 +237,24 @@ async def test_policies_and_freeze_windows_write_their_events(clients, db_url):
     for row in rows[1:]:
         assert json.loads(row["data"])["freeze_window"] == api_json(window)
         assert (row["service_id"], row["team_id"]) == (uuid.UUID(service.id), uuid.UUID(team.id))
+
+
+async def test_dispatched_events_are_kept_a_day(db_url):
+    """The sweeper deletes events dispatched more than a day ago, and no others."""
+    connection = await asyncpg.connect(libpq_dsn(owner_url(db_url)))
+    try:
+        old, recent = await connection.fetch(
+            "INSERT INTO webhook_events (event_type, data, dispatched, occurred_at)"
+            " VALUES ('release.created', '{}', true, now() - interval '25 hours'),"
+            " ('release.created', '{}', true, now() - interval '23 hours') RETURNING id"
+        )
+        kept = "SELECT count(*) FROM webhook_events WHERE id = $1"
+        await poll(lambda: _gone(connection, old["id"]), 30, "the day-old event purged", 0.2)
+        assert await connection.fetchval(kept, recent["id"]) == 1
+    finally:
+        await connection.close()
+
+
+async def _gone(connection, event_id) -> bool:
+    found = "SELECT count(*) FROM webhook_events WHERE id = $1"
+    return await connection.fetchval(found, event_id) == 0

@@ -116,6 +116,12 @@ def upgrade() -> None:
         ["occurred_at"],
         postgresql_where=sa.text("NOT dispatched"),
     )
+    op.create_index(
+        "ix_webhook_events_dispatched",
+        "webhook_events",
+        ["occurred_at"],
+        postgresql_where=sa.text("dispatched"),
+    )
 
     op.create_table(
         "webhook_deliveries",

@@ -774,6 +774,8 @@ class WebhookEvent(Base):
             "occurred_at",
             postgresql_where=text("NOT dispatched"),
         ),
+        # The sweeper's purge of those dispatched a day ago (deploy_svc.events.purge).
+        Index("ix_webhook_events_dispatched", "occurred_at", postgresql_where=text("dispatched")),
     )
 
     id: Mapped[uuid.UUID] = _uuid_pk()
