@@ -23,7 +23,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from audit_svc.sealing import key_id, time_text
 from shared.framework.config import Settings
+from shared.framework.key_files import write_new
 
 log = logging.getLogger("relman.audit_svc")
 ALGORITHM = "Ed25519"
@@ -113,30 +113,10 @@ def _private_file_text(private_key: Ed25519PrivateKey, created_at: datetime) -> 
     return f"key_id: {key_id(private_key.public_key())}\ncreated_at: {time_text(created_at)}\n{pem}"
 
 
-def _write_new(path: Path, text: str) -> bool:
-    """Writes `text` to `path` only if nothing is there (another process may be writing
-    the same key file at the same moment: the first wins, whole); mode 0600."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A name of its own (replicas in containers may all be pid 1), mode 0600.
-    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    temporary = Path(name)
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    try:
-        os.link(temporary, path)
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        temporary.unlink()
-
-
 def make_key_file(key_file: Path) -> str | None:
     """Makes a new signing key at `key_file` unless one is there; its key_id, or None."""
     private_key = Ed25519PrivateKey.generate()
-    if _write_new(key_file, _private_file_text(private_key, datetime.now(UTC))):
+    if write_new(key_file, _private_file_text(private_key, datetime.now(UTC)).encode()):
         return key_id(private_key.public_key())
     return None
 

@@ -51,8 +51,10 @@ async def _delete(stack: Stack, stub, webhook_id: str) -> None:
 async def webhook_deliveries(stack: Stack, size: Size) -> list[Result]:
     """Events written to the outbox at once (as a burst of changes would), one webhook
     taking them: deliveries per second from the commit to the last one received, the
-    dispatcher keeping dispatcher.IN_FLIGHT requests in flight."""
-    events = 20 * size.lifecycles_per_caller * 16  # 4,000 full, fewer quick
+    dispatcher keeping dispatcher.IN_FLIGHT requests in flight; against the same receiver
+    taking as many plain POSTs from the bench, as many at once (the same run's baseline:
+    what the receiver and the machine allow without relman)."""
+    events = 20 * size.lifecycles_per_caller * 16  # 4,800 full, fewer quick
     async with Receiver() as receiver:
         webhook_id, stub = await _webhook(stack, receiver.url(), ["release.created"])
         data = json.dumps({"release": {"id": str(uuid.uuid4()), "version": "1.0.0"}})
@@ -70,16 +72,36 @@ async def webhook_deliveries(stack: Stack, size: Size) -> list[Result]:
         finally:
             await connection.close()
         await _delete(stack, stub, webhook_id)
-    assert len({r.delivery for r in receiver.requests}) == events, "a delivery sent twice"
+        assert len({r.delivery for r in receiver.requests}) == events, "a delivery sent twice"
+        plain = await _plain_posts(receiver, events, dispatcher.IN_FLIGHT)
     name = f"Webhook deliveries of {events:,} events to a local receiver"
     return [
         at_least_figure(
-            f"{name}, {dispatcher.IN_FLIGHT} in flight: deliveries/s",
+            f"{name}, {dispatcher.IN_FLIGHT} in flight: deliveries/s (baseline: plain POSTs)",
             events / elapsed,
             DELIVERIES_TARGET,
             "/s",
+            plain,
         )
     ]
+
+
+async def _plain_posts(receiver: Receiver, count: int, in_flight: int) -> float:
+    """POSTs per second from this process to `receiver`, `in_flight` at once."""
+    body = b'{"id": "plain"}'
+    slots = asyncio.Semaphore(in_flight)
+    before = len(receiver.requests)
+
+    async def post(session: aiohttp.ClientSession) -> None:
+        async with slots, session.post(receiver.url(), data=body) as response:
+            assert response.status == 200
+
+    async with aiohttp.ClientSession() as session:
+        started = time.perf_counter()
+        await asyncio.gather(*(post(session) for _ in range(count)))
+        elapsed = time.perf_counter() - started
+    assert len(receiver.requests) - before == count
+    return count / elapsed
 
 
 class _ReceiverProcess:

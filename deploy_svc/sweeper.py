@@ -59,25 +59,24 @@ async def sweep_forever(database: Database) -> None:
 
 
 async def purge_request_ids(database: Database) -> int:
-    """Deletes request ids older than their lifetime (idempotency.KEPT_FOR), a batch per
-    transaction; returns how many. One replica purges at a time (idempotency.purge)."""
-    purged = 0
-    for _ in range(PURGE_BATCHES_PER_SWEEP):
-        async with database.transaction(deadline_s=30) as session:
-            batch = await idempotency.purge(session, PURGE_BATCH)
-        purged += batch
-        if batch < PURGE_BATCH:
-            break
-    return purged
+    """Deletes request ids older than their lifetime (idempotency.KEPT_FOR); returns how
+    many. One replica purges at a time (idempotency.purge)."""
+    return await _purge_in_batches(database, idempotency.purge)
 
 
 async def purge_webhook_events(database: Database) -> int:
-    """Deletes webhook events dispatched more than a day ago (events.KEPT_FOR), a batch per
-    transaction; returns how many."""
+    """Deletes webhook events dispatched more than a day ago (events.KEPT_FOR); returns how
+    many."""
+    return await _purge_in_batches(database, events.purge)
+
+
+async def _purge_in_batches(database: Database, purge) -> int:
+    """`purge(session, PURGE_BATCH)` a transaction at a time, at most PURGE_BATCHES_PER_SWEEP
+    times: a backlog goes over several sweeps, never in one long transaction."""
     purged = 0
     for _ in range(PURGE_BATCHES_PER_SWEEP):
         async with database.transaction(deadline_s=30) as session:
-            batch = await events.purge(session, PURGE_BATCH)
+            batch = await purge(session, PURGE_BATCH)
         purged += batch
         if batch < PURGE_BATCH:
             break

@@ -11,12 +11,12 @@ deliveries then fail with `last_error` saying so until the webhook is made again
 from __future__ import annotations
 
 import logging
-import os
 import secrets
-import tempfile
 from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
+
+from shared.framework.key_files import write_new
 
 log = logging.getLogger("relman.webhooks")
 
@@ -48,27 +48,9 @@ class SecretBox:
             ) from None
 
 
-def _write_new(path: Path, key: bytes) -> bool:
-    """Writes `key` to `path` only if nothing is there; mode 0600."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    temporary = Path(name)
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(key + b"\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    try:
-        os.link(temporary, path)
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        temporary.unlink()
-
-
 def load_box(path: Path) -> SecretBox:
     """The key file's SecretBox, the file made first when it is missing."""
-    if not path.exists() and _write_new(path, Fernet.generate_key()):
+    if not path.exists() and write_new(path, Fernet.generate_key() + b"\n"):
         log.warning(
             "made a webhook secret key at %s (WEBHOOK_SECRET_KEY_FILE): keep it, and give"
             " every deploy_svc replica the same file",

@@ -39,6 +39,8 @@ SCENARIOS = (
     "Sealer, 20,000 rows written at once: rows sealed/s",
     "VerifyAuditLog, whole trail of ",
     "GetDoraMetrics by month over a year, ",
+    "Webhook deliveries of ",
+    "Promote + 5 x 2 UpdatePipelineStage + GetDeployment(FULL), 16 in flight, a webhook taking",
 )
 # The sealed trail's targets (issue 20): (start, end of the row's name, its target).
 SEALED_TRAIL_TARGETS = (

@@ -124,6 +124,7 @@ async def _history(clients, db_url, team, service, secret, receiver):
     expected.append(("deployment.succeeded", "deployment", shipped.id))
     rollback = await lead.RollbackDeployment(deployment_id=shipped.id, reason="errors")
     expected.append(("rollback.started", "rollback", rollback.id))
+    expected.append(("deployment.created", "deployment", rollback.redeployment_id))
     redeployment = await lead.GetDeployment(
         deployment_id=rollback.redeployment_id, view=S.DEPLOYMENT_VIEW_WITH_STAGES
     )
@@ -143,6 +144,18 @@ async def _history(clients, db_url, team, service, secret, receiver):
     await lead.UpdatePipelineStage(stage_id=stage.id, status=S.STAGE_STATUS_RUNNING)
     await lead.UpdatePipelineStage(stage_id=stage.id, status=S.STAGE_STATUS_FAILED)
     expected.append(("deployment.failed", "deployment", again.id))
+    # The failed one rolled back, and the redeployment failing too.
+    retreat = await lead.RollbackDeployment(deployment_id=again.id, reason="still failing")
+    expected.append(("rollback.started", "rollback", retreat.id))
+    expected.append(("deployment.created", "deployment", retreat.redeployment_id))
+    redeployed = await lead.GetDeployment(
+        deployment_id=retreat.redeployment_id, view=S.DEPLOYMENT_VIEW_WITH_STAGES
+    )
+    first_stage = redeployed.stages[0]
+    await lead.UpdatePipelineStage(stage_id=first_stage.id, status=S.STAGE_STATUS_RUNNING)
+    await lead.UpdatePipelineStage(stage_id=first_stage.id, status=S.STAGE_STATUS_FAILED)
+    expected.append(("deployment.failed", "deployment", retreat.redeployment_id))
+    expected.append(("rollback.failed", "rollback", retreat.id))
 
     # Refused changes write nothing: a stage moved backwards, a vote by the deployer.
     await fails(
@@ -199,9 +212,37 @@ async def _history(clients, db_url, team, service, secret, receiver):
     )
 
 
-async def test_policies_and_freeze_windows_write_their_events(clients, db_url):
+async def test_policies_and_freeze_windows_write_their_events(
+    clients, db_url, deploy_channel, tokens
+):
     """policy.updated (of no service: a webhook filtered by service or team never gets
-    it), freeze_window.created and freeze_window.deleted with the window's service."""
+    it), freeze_window.created and freeze_window.deleted with the window's service; an
+    unscoped webhook receives all three."""
+    async with Receiver() as receiver:
+        webhooks = webhook_pb2_grpc.WebhookServiceStub(deploy_channel)
+        made = await webhooks.CreateWebhook(
+            webhook_pb2.CreateWebhookRequest(
+                url=receiver.url(),
+                event_types=["policy.updated", "freeze_window.created", "freeze_window.deleted"],
+                format=webhook_pb2.WEBHOOK_FORMAT_JSON,
+            ),
+            metadata=bearer(tokens[Role.ADMIN]),
+        )
+        try:
+            rows = await _policy_and_window(clients, db_url)
+            got = await receiver.wait_for(3)
+        finally:
+            await webhooks.DeleteWebhook(
+                webhook_pb2.DeleteWebhookRequest(webhook_id=made.webhook.id),
+                metadata=bearer(tokens[Role.ADMIN]),
+            )
+    assert sorted(r.headers["X-Relman-Event"] for r in got) == sorted(
+        row["event_type"] for row in rows
+    )
+    assert all(r.signed_with(made.secret) for r in got)
+
+
+async def _policy_and_window(clients, db_url):
     admin, lead = clients["admin"], clients["lead"]
     suffix = uuid.uuid4().hex[:8]
     team = await admin.CreateTeam(name=f"events-policy-{suffix}")
@@ -237,6 +278,68 @@ async def test_policies_and_freeze_windows_write_their_events(clients, db_url):
     for row in rows[1:]:
         assert json.loads(row["data"])["freeze_window"] == api_json(window)
         assert (row["service_id"], row["team_id"]) == (uuid.UUID(service.id), uuid.UUID(team.id))
+    return rows
+
+
+async def test_a_redelivery_sends_the_same_delivery_again(clients, deploy_channel, tokens):
+    """RedeliverWebhookDelivery: one more attempt of a delivered event, the same id and
+    body, received again."""
+    lead, auth = clients["lead"], bearer(tokens[Role.LEAD])
+    service = await lead.CreateService(
+        name=f"events-again-{uuid.uuid4().hex[:8]}", team_id="teams/Platform"
+    )
+    webhooks = webhook_pb2_grpc.WebhookServiceStub(deploy_channel)
+    async with Receiver() as receiver:
+        made = await webhooks.CreateWebhook(
+            webhook_pb2.CreateWebhookRequest(
+                url=receiver.url(),
+                event_types=["release.created"],
+                service_id=service.id,
+                format=webhook_pb2.WEBHOOK_FORMAT_JSON,
+            ),
+            metadata=auth,
+        )
+        webhook_id = made.webhook.id
+        try:
+            await lead.CreateRelease(service_id=service.id, version="1.0.0")
+            (first,) = await receiver.wait_for(1)
+
+            async def delivery():
+                listed = await webhooks.ListWebhookDeliveries(
+                    webhook_pb2.ListWebhookDeliveriesRequest(webhook_id=webhook_id),
+                    metadata=auth,
+                )
+                (found,) = listed.deliveries
+                return found
+
+            await poll(
+                lambda: _status_is(delivery(), webhook_pb2.WEBHOOK_DELIVERY_STATUS_DELIVERED),
+                10,
+                "the delivery recorded",
+            )
+            again = await webhooks.RedeliverWebhookDelivery(
+                webhook_pb2.RedeliverWebhookDeliveryRequest(delivery_id=first.delivery),
+                metadata=auth,
+            )
+            assert again.status == webhook_pb2.WEBHOOK_DELIVERY_STATUS_PENDING
+            _, second = await receiver.wait_for(2)
+            await poll(
+                lambda: _status_is(delivery(), webhook_pb2.WEBHOOK_DELIVERY_STATUS_DELIVERED),
+                10,
+                "the redelivery recorded",
+            )
+            done = await delivery()
+        finally:
+            await webhooks.DeleteWebhook(
+                webhook_pb2.DeleteWebhookRequest(webhook_id=webhook_id), metadata=auth
+            )
+    assert second.delivery == first.delivery == done.id
+    assert second.body == first.body and second.signed_with(made.secret)
+    assert done.attempts == 2
+
+
+async def _status_is(found, status) -> bool:
+    return (await found).status == status
 
 
 async def test_dispatched_events_are_kept_a_day(db_url):
