@@ -18,14 +18,17 @@ RUN pip install --no-cache-dir "grpcio-tools==1.85.1" \
 FROM python:3.11-slim
 WORKDIR /app
 COPY --from=build /app /app
-# audit_svc's signing key lives in /var/lib/relman/keys, the non-root user's own directory
-# (0700): mount a volume there (docker-compose.yml: audit_keys), which a new named volume
-# copies, owner and mode included. The key is made there at first start, mode 0600.
+# audit_svc's signing key lives in /var/lib/relman/keys, deploy_svc's webhook secret key
+# in /var/lib/relman/webhook-keys, each the non-root user's own directory (0700): mount a
+# volume on each (docker-compose.yml: audit_keys, webhook_keys), which a new named volume
+# copies, owner and mode included. Each key is made there at first start, mode 0600.
 RUN pip install --no-cache-dir . \
  && useradd --system --uid 10001 --home-dir /app relman \
- && install -d -m 0700 -o relman -g relman /var/lib/relman/keys
+ && install -d -m 0700 -o relman -g relman /var/lib/relman/keys \
+ && install -d -m 0700 -o relman -g relman /var/lib/relman/webhook-keys
 USER relman
 ENV PYTHONUNBUFFERED=1 \
-    AUDIT_SIGNING_KEY_FILE=/var/lib/relman/keys/audit-signing-key.pem
+    AUDIT_SIGNING_KEY_FILE=/var/lib/relman/keys/audit-signing-key.pem \
+    WEBHOOK_SECRET_KEY_FILE=/var/lib/relman/webhook-keys/webhook-secret-key
 EXPOSE 50051 50052 9101 9102
 CMD ["python", "-m", "deploy_svc"]
