@@ -152,54 +152,41 @@ def test_audit_svc_keeps_its_signing_key_on_a_named_volume_its_replicas_share():
     layer it would die with the container, and each replica would sign with a key of its
     own. It lives on a writable named volume (with its retired keys beside it), in a
     directory only the image's user may enter, and no other service mounts it."""
-    audit = SERVICES["audit_svc"]
-    key_file = PurePosixPath(audit["environment"]["AUDIT_SIGNING_KEY_FILE"])
-    assert key_file.is_absolute()
+    key_file = _key_on_a_volume_of_its_own("audit_svc", "AUDIT_SIGNING_KEY_FILE")
     settings = Settings.from_env({"AUDIT_SIGNING_KEY_FILE": str(key_file)})
     assert str(settings.audit_signing_key_file) == str(key_file)
-    mounts = {target: (source, rest) for source, target, *rest in
-              (volume.split(":") for volume in audit["volumes"])}  # fmt: skip
-    source, options = mounts[str(key_file.parent)]
-    assert source in COMPOSE["volumes"] and "ro" not in options
     assert PurePosixPath(retired_dir(key_file)).parent == key_file.parent
-    for name, service in SERVICES.items():
-        if name != "audit_svc":
-            assert not any(v.startswith(f"{source}:") for v in service.get("volumes", [])), name
-    # The image makes that directory its user's, mode 0700 (a new named volume copies
-    # it, owner and mode included), and defaults to the same file.
-    dockerfile = (PROJECT_ROOT / "Dockerfile").read_text()
-    user = re.findall(r"^USER (\S+)", dockerfile, re.M)[-1]
-    assert _made_private(dockerfile, user, key_file.parent)
-    assert f"AUDIT_SIGNING_KEY_FILE={key_file}" in dockerfile
 
 
 def test_deploy_svc_keeps_its_webhook_secret_key_on_a_named_volume_of_its_own():
     """The key that opens webhook secrets is made at first start: on the container's
     layer (the image's /app is not its user's to write) deploy_svc could not start, and
-    replicas would each make their own. It lives on a named volume only deploy_svc
-    mounts, in a directory only the image's user may enter."""
-    deploy = SERVICES["deploy_svc"]
-    key_file = PurePosixPath(deploy["environment"]["WEBHOOK_SECRET_KEY_FILE"])
-    assert key_file.is_absolute()
+    replicas would each make their own."""
+    key_file = _key_on_a_volume_of_its_own("deploy_svc", "WEBHOOK_SECRET_KEY_FILE")
     settings = Settings.from_env({"WEBHOOK_SECRET_KEY_FILE": str(key_file)})
     assert str(settings.webhook_secret_key_file) == str(key_file)
+
+
+def _key_on_a_volume_of_its_own(service_name: str, variable: str) -> PurePosixPath:
+    """The key file `variable` names for the service: an absolute path on a writable named
+    volume no other service mounts, in a directory the image makes its user's, mode 0700
+    (a new named volume copies it, owner and mode included); the image's default too."""
+    own = SERVICES[service_name]
+    key_file = PurePosixPath(own["environment"][variable])
+    assert key_file.is_absolute()
     mounts = {target: (source, rest) for source, target, *rest in
-              (volume.split(":") for volume in deploy["volumes"])}  # fmt: skip
+              (volume.split(":") for volume in own["volumes"])}  # fmt: skip
     source, options = mounts[str(key_file.parent)]
     assert source in COMPOSE["volumes"] and "ro" not in options
     for name, service in SERVICES.items():
-        if name != "deploy_svc":
+        if name != service_name:
             assert not any(v.startswith(f"{source}:") for v in service.get("volumes", [])), name
     dockerfile = (PROJECT_ROOT / "Dockerfile").read_text()
     user = re.findall(r"^USER (\S+)", dockerfile, re.M)[-1]
-    assert _made_private(dockerfile, user, key_file.parent)
-    assert f"WEBHOOK_SECRET_KEY_FILE={key_file}\n" in dockerfile
-
-
-def _made_private(dockerfile: str, user: str, directory: PurePosixPath) -> bool:
-    """Whether the image makes `directory` its user's own, mode 0700."""
-    pattern = rf"install -d -m 0700 -o {user} -g {user} {re.escape(str(directory))}( \\)?\n"
-    return re.search(pattern, dockerfile) is not None
+    pattern = rf"install -d -m 0700 -o {user} -g {user} {re.escape(str(key_file.parent))}( \\)?\n"
+    assert re.search(pattern, dockerfile), key_file.parent
+    assert re.search(rf"{variable}={re.escape(str(key_file))}( \\)?\n", dockerfile), variable
+    return key_file
 
 
 def test_the_image_is_slim_non_root_with_generated_code_and_one_default_command():
