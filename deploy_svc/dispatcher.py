@@ -78,9 +78,9 @@ of sends never takes the pool from the RPCs. The loop
 never ends on an error (the database may be away): it logs the first failure of a streak
 with its traceback, then one line a minute, and once more when it works again.
 
-WEBHOOK_RETRY_BASE_S (read here once at start, not a Settings field): the first retry's
-delay, 1 s by default and never more; tests set it lower (at least 0.01 s) so that a
-retry series takes a second, not minutes. An unusable value is logged and ignored.
+Settings.webhook_retry_base_s (WEBHOOK_RETRY_BASE_S): the first retry's delay, 1 s by
+default and never more; tests set it lower (at least 0.01 s) so that a retry series takes
+a second, not minutes.
 
 `audit.logged` (deploy_svc.audit_stream.enqueue, a transaction of its own in each round
 the probe finds sealed rows a subscribed webhook has not been handed): the audit trail
@@ -97,13 +97,11 @@ import hmac
 import ipaddress
 import json
 import logging
-import math
-import os
 import random
 import socket
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -112,16 +110,16 @@ import aiohttp
 import yarl
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
-from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from deploy_svc import audit_stream, convert
-from deploy_svc.events import as_data
+from deploy_svc import audit_stream, convert, events
+from deploy_svc.events import EventType, as_data
 from deploy_svc.webhook_addresses import origin, refusal
 from deploy_svc.webhook_secrets import SecretBox, SecretKeyError, load_box
 from shared.framework.config import Network, Settings
 from shared.framework.observability import counter
+from shared.framework.protos import timestamp
 from shared.identity.actor import Actor
 from shared.persistence import audit_log
 from shared.persistence.db import Database
@@ -140,7 +138,6 @@ WRITERS = 4
 LEASE_S = 20.0
 REQUEST_TIMEOUT_S = 10.0
 RETRY_BASE_S = 1.0
-RETRY_BASE_MIN_S = 0.01
 RETRY_MAX_S = 3600.0
 GIVE_UP_AFTER_S = 24 * 3600.0
 DEACTIVATE_AFTER = 100
@@ -159,26 +156,6 @@ ATTEMPTS = counter(
 
 # Who deactivates a webhook in the audit trail: relman itself, no user.
 DISPATCHER = Actor(None, "webhook-dispatcher", None, None, "relman-deploy-svc")
-
-
-def retry_base_s(env: Mapping[str, str] | None = None) -> float:
-    """WEBHOOK_RETRY_BASE_S, for tests only: the first retry's delay, at most 1 s."""
-    raw = (os.environ if env is None else env).get("WEBHOOK_RETRY_BASE_S", "").strip()
-    if not raw:
-        return RETRY_BASE_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not RETRY_BASE_MIN_S <= value <= RETRY_BASE_S:
-        log.warning(
-            "WEBHOOK_RETRY_BASE_S=%r ignored: must be from %s to %s seconds",
-            raw,
-            RETRY_BASE_MIN_S,
-            RETRY_BASE_S,
-        )
-        return RETRY_BASE_S
-    return value
 
 
 def backoff(attempts: int, base_s: float = RETRY_BASE_S) -> float:
@@ -332,20 +309,18 @@ _SLACK_NAMES = text("""
 """)
 
 
-def rfc3339(moment: datetime) -> str:
-    """A timestamp as the API's JSON writes one (UTC, Z, 0, 3, 6 or 9 decimals)."""
-    stamp = Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp.ToJsonString()
-
-
 def compact(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def json_body(event_id: uuid.UUID, event_type: str, occurred_at: datetime, data: Any) -> bytes:
     return compact(
-        {"id": str(event_id), "type": event_type, "occurred_at": rfc3339(occurred_at), "data": data}
+        {
+            "id": str(event_id),
+            "type": event_type,
+            "occurred_at": timestamp(occurred_at).ToJsonString(),
+            "data": data,
+        }
     )
 
 
@@ -421,9 +396,6 @@ class SlackNames:
         return names
 
 
-_slack_escape = audit_stream.slack_escape
-
-
 def slack_line(event_type: str, data: Any, service: str | None, names: SlackNames) -> str:
     """One line a person reads in a channel: what happened, to what."""
     deployment, release = _resource(data, "deployment"), _resource(data, "release")
@@ -455,7 +427,7 @@ def slack_line(event_type: str, data: Any, service: str | None, names: SlackName
     else:
         subject = f"relman event {event_type}{' for ' + service if service else ''}"
     outcome = _SLACK_OUTCOME.get(event_type, f"({event_type})")
-    return _slack_escape(f"{subject} {outcome}")
+    return audit_stream.slack_escape(f"{subject} {outcome}")
 
 
 def slack_body(event: Any, names: SlackNames) -> bytes:
@@ -467,7 +439,7 @@ def slack_body(event: Any, names: SlackNames) -> bytes:
         line = slack_line(event.event_type, event.data, service and service[0], names)
     except Exception:  # data of a shape not foreseen: a plain line, never a stuck outbox
         log.warning("event %s: no Slack line from its data", event.id, exc_info=True)
-        line = _slack_escape(f"relman event {event.event_type}")
+        line = audit_stream.slack_escape(f"relman event {event.event_type}")
     body = {"text": line}
     if channel:
         body["channel"] = channel
@@ -507,7 +479,7 @@ async def fan_out(session: AsyncSession, limit: int = FANOUT_BATCH) -> tuple[int
             if form not in rendered:
                 rendered[form] = (
                     slack_body(event, names)
-                    if form == WebhookFormat.SLACK.value and names is not None
+                    if form == WebhookFormat.SLACK.value
                     else json_body(event.id, event.event_type, event.occurred_at, event.data)
                 )
             webhook_ids.append(webhook_id)
@@ -596,14 +568,6 @@ _DEACTIVATE = text("""
               consecutive_failures, created_at, updated_at, version
 """)
 
-_DEACTIVATED_EVENT = text("""
-    INSERT INTO webhook_events (event_type, service_id, team_id, data)
-    VALUES ('webhook.deactivated', CAST(:service_id AS uuid),
-            coalesce(CAST(:team_id AS uuid),
-                     (SELECT team_id FROM services WHERE id = CAST(:service_id AS uuid))),
-            CAST(:data AS jsonb))
-""")
-
 _RELEASE_LEASES = """
     UPDATE webhook_deliveries SET next_attempt_at = now(), updated_at = now()
     FROM unnest($1::uuid[], $2::timestamptz[]) AS l(id, lease)
@@ -649,10 +613,10 @@ def signature(secret: str, timestamp: str, body: bytes) -> str:
 class Dispatcher:
     """One process's dispatcher: the poll loop, the sends in flight, the retry timers."""
 
-    def __init__(self, database: Database, settings: Settings, base_s: float) -> None:
+    def __init__(self, database: Database, settings: Settings) -> None:
         self.database = database
         self.settings = settings
-        self.base_s = base_s
+        self.base_s = settings.webhook_retry_base_s
         self.allowed = settings.webhook_allowed_networks
         self.http: aiohttp.ClientSession | None = None
         self._box: SecretBox | None = None
@@ -668,6 +632,7 @@ class Dispatcher:
         self._delivered: list[tuple[uuid.UUID, datetime, int, asyncio.Future]] = []
         self._delivered_timer: asyncio.TimerHandle | None = None
         self._writes: set[asyncio.Task] = set()
+        self._secrets: dict[bytes, str] = {}  # sealed -> opened
 
     # The loop ---------------------------------------------------------------------------
 
@@ -809,6 +774,12 @@ class Dispatcher:
         except Exception:  # its lease ends and it is tried again
             log.warning("webhook delivery %s: recording its outcome failed", row["id"])
 
+    def _secret(self, sealed: bytes) -> str:
+        """A webhook's secret, opened once per process (not on every attempt)."""
+        if (secret := self._secrets.get(sealed)) is None:
+            secret = self._secrets[sealed] = self._secret_box().open(sealed)
+        return secret
+
     def _secret_box(self) -> SecretBox:
         if self._box is None:
             self._box = load_box(self.settings.webhook_secret_key_file)
@@ -822,7 +793,7 @@ class Dispatcher:
         # A secret this process cannot open (its key file is not the one it was sealed
         # with) is this replica's fault, not the receiver's: SecretKeyError goes up to
         # _deliver, nothing is recorded, and the lease ends for a replica that can.
-        secret = self._secret_box().open(bytes(row["secret_encrypted"]))
+        secret = self._secret(bytes(row["secret_encrypted"]))
         timestamp = str(int(time.time()))
         headers = {
             "Content-Type": "application/json",
@@ -945,13 +916,12 @@ async def count_failure(session: AsyncSession, webhook_id: uuid.UUID, outcome: O
             "last_error": outcome.error,
         },
     )
-    await session.execute(
-        _DEACTIVATED_EVENT,
-        {
-            "service_id": None if webhook.service_id is None else str(webhook.service_id),
-            "team_id": None if webhook.team_id is None else str(webhook.team_id),
-            "data": json.dumps(webhook_data(webhook), separators=(",", ":")),
-        },
+    await events.publish(
+        session,
+        EventType.WEBHOOK_DEACTIVATED,
+        webhook.service_id,
+        webhook_data(webhook),
+        team_id=webhook.team_id,
     )
     log.warning(
         "webhook %s (%s) deactivated after %d failed attempts in a row",
@@ -970,13 +940,9 @@ def webhook_data(webhook) -> dict[str, Any]:
     return data
 
 
-async def dispatch_forever(database: Database, settings: Settings) -> None:
-    await Dispatcher(database, settings, retry_base_s()).run()
-
-
 def start(database: Database, settings: Settings):
     """Starts the dispatcher; returns the coroutine function that stops it."""
-    task = asyncio.create_task(dispatch_forever(database, settings))
+    task = asyncio.create_task(Dispatcher(database, settings).run())
 
     async def stop() -> None:
         task.cancel()

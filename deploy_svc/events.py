@@ -60,7 +60,8 @@ ENDED = {
 _INSERT = text(
     "INSERT INTO webhook_events (event_type, service_id, team_id, data)"
     " VALUES (:event_type, CAST(:service_id AS uuid),"
-    " (SELECT team_id FROM services WHERE id = CAST(:service_id AS uuid)),"
+    " coalesce(CAST(:team_id AS uuid),"
+    " (SELECT team_id FROM services WHERE id = CAST(:service_id AS uuid))),"
     " CAST(:data AS jsonb))"
 )
 
@@ -96,13 +97,16 @@ async def publish(
     event_type: EventType,
     service_id: uuid.UUID | None,
     data: dict[str, Any],
+    team_id: uuid.UUID | None = None,
 ) -> None:
-    """Writes the event in the session's transaction (after the change it tells of)."""
+    """Writes the event in the session's transaction (after the change it tells of); its
+    team is `team_id`, else its service's."""
     await session.execute(
         _INSERT,
         {
             "event_type": event_type.value,
             "service_id": None if service_id is None else str(service_id),
+            "team_id": None if team_id is None else str(team_id),
             "data": json.dumps(data, separators=(",", ":")),
         },
     )

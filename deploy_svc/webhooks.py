@@ -46,12 +46,13 @@ from deploy_svc import webhook_addresses
 from deploy_svc.events import EventType
 from deploy_svc.webhook_secrets import SecretBox, new_secret
 from shared.framework.config import Network
-from shared.framework.errors import FailedPrecondition, InvalidArgument
+from shared.framework.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from shared.identity.actor import Actor
 from shared.persistence import audit_log
 from shared.persistence.db import Database, check_etag, load
 from shared.persistence.idempotency import RequestKey, remember, replay
 from shared.persistence.models import (
+    Role,
     Service,
     Team,
     Webhook,
@@ -202,6 +203,17 @@ async def _check_slack_channel(
     )
 
 
+def _check_may_stream_the_trail(actor: Actor) -> None:
+    """A webhook taking audit.logged is where the audit trail leaves for a SIEM: only an
+    admin makes, changes or deletes one, so that a lead cannot point it elsewhere or
+    switch it off (and the trail stop reaching its auditors) on their own."""
+    if actor.role != Role.ADMIN:
+        raise PermissionDenied(
+            "only an admin may make, change or delete a webhook taking audit.logged",
+            reason="AUDIT_STREAM_ADMIN_ONLY",
+        )
+
+
 async def create_webhook(
     database: Database,
     actor: Actor,
@@ -212,6 +224,8 @@ async def create_webhook(
     """Makes a webhook and its secret (a retried request_id answers with the webhook it
     made, and no secret). The URL is resolved before the transaction opens."""
     event_types, webhook_format = _check_form(request)
+    if AUDIT_LOGGED in event_types:
+        _check_may_stream_the_trail(actor)
     await check_url(request.url, allowed_networks)
     async with database.transaction() as session:
         if earlier := await replay(session, request.key, Webhook):
@@ -282,6 +296,8 @@ async def update_webhook(
         webhook = await load(session, Webhook, webhook_id, for_update=True)
         check_etag(etag, webhook.version, "webhook", {"webhook_id": str(webhook_id)})
         was_active, had_audit = webhook.active, AUDIT_LOGGED in webhook.event_types
+        if had_audit or AUDIT_LOGGED in changes.get("event_types", ()):
+            _check_may_stream_the_trail(actor)
         changed = {}
         for field, value in changes.items():
             before = getattr(webhook, field)
@@ -313,6 +329,8 @@ async def delete_webhook(database: Database, actor: Actor, webhook_id: uuid.UUID
     what it was."""
     async with database.transaction() as session:
         webhook = await load(session, Webhook, webhook_id, for_update=True)
+        if AUDIT_LOGGED in webhook.event_types:
+            _check_may_stream_the_trail(actor)
         details = _described(webhook)
         await session.delete(webhook)
         await session.flush()

@@ -27,19 +27,12 @@ from relman.v1 import webhook_pb2, webhook_pb2_grpc
 from shared.devtools.seed import seed_id
 from shared.persistence.db import libpq_dsn
 from shared.persistence.models import Role
-from tests.harness import bearer, error_details, fails, owner_url, webhook_key_file
+from tests.harness import bearer, error_details, fails, owner_url, poll, webhook_key_file
 
 JSON = webhook_pb2.WEBHOOK_FORMAT_JSON
 SLACK = webhook_pb2.WEBHOOK_FORMAT_SLACK
 LENA = str(seed_id("user", "lena"))  # the `tokens` lead
-RPCS = (
-    "CreateWebhook",
-    "ListWebhooks",
-    "UpdateWebhook",
-    "DeleteWebhook",
-    "ListWebhookDeliveries",
-    "RedeliverWebhookDelivery",
-)
+RPCS = tuple(webhook_pb2.DESCRIPTOR.services_by_name["WebhookService"].methods_by_name)
 
 
 class Hooks:
@@ -95,11 +88,11 @@ async def owner(db_url) -> AsyncIterator[asyncpg.Connection]:
 
 @pytest.fixture
 async def make(hooks, service_id) -> AsyncIterator:
-    """Makes webhooks as the lead (scoped to the test's service unless told otherwise);
-    deletes those still there at the end."""
+    """Makes webhooks as the lead, or as `by` (scoped to the test's service unless told
+    otherwise); deletes those still there at the end."""
     made: list[str] = []
 
-    async def create(**fields) -> webhook_pb2.CreateWebhookResponse:
+    async def create(by: str = "lead", **fields) -> webhook_pb2.CreateWebhookResponse:
         request = {
             "url": nowhere(),
             "event_types": ["deployment.succeeded"],
@@ -107,7 +100,7 @@ async def make(hooks, service_id) -> AsyncIterator:
             "format": JSON,
             **fields,
         }
-        response = await hooks["lead"].CreateWebhook(**request)
+        response = await hooks[by].CreateWebhook(**request)
         made.append(response.webhook.id)
         return response
 
@@ -272,23 +265,28 @@ async def test_audit_logged_streams_from_the_moment_a_webhook_is_made(hooks, mak
     """Its cursor is the trail's last sequence when it was made: its own creation's row is
     the first it is sent; a webhook without the type has no cursor."""
     committed = await owner.fetchval("SELECT max(sequence) FROM audit_logs")
-    streaming = (await make(event_types=["audit.logged", "release.created"], service_id="")).webhook
+    streaming = (
+        await make(by="admin", event_types=["audit.logged", "release.created"], service_id="")
+    ).webhook
     cursor = await owner.fetchval(
         "SELECT audit_cursor FROM webhooks WHERE id = $1", uuid.UUID(streaming.id)
     )
     (created,) = await audit_rows(owner, streaming.id)
-    assert committed <= cursor
-    if cursor >= created["sequence"]:  # the dispatcher has moved on: it was sent that row
-        assert await owner.fetchval(
+    assert committed <= cursor < created["sequence"]
+    await poll(
+        lambda: owner.fetchval(
             "SELECT count(*) FROM webhook_deliveries WHERE webhook_id = $1 AND audit_sequence = $2",
             uuid.UUID(streaming.id),
             created["sequence"],
-        )
+        ),
+        10,
+        "its own creation's row handed to it",
+    )
 
     # A scoped webhook may not take the whole trail.
     scoped = (await make()).webhook
     error = await fails(
-        hooks["lead"].UpdateWebhook(
+        hooks["admin"].UpdateWebhook(
             webhook={"id": scoped.id, "event_types": ["audit.logged"]},
             update_mask=mask("event_types"),
         ),
@@ -299,16 +297,57 @@ async def test_audit_logged_streams_from_the_moment_a_webhook_is_made(hooks, mak
     plain = (await make(service_id="")).webhook
     cursor_of = "SELECT audit_cursor FROM webhooks WHERE id = $1"
     assert await owner.fetchval(cursor_of, uuid.UUID(plain.id)) is None
-    await hooks["lead"].UpdateWebhook(
+    await hooks["admin"].UpdateWebhook(
         webhook={"id": plain.id, "event_types": ["deployment.succeeded", "audit.logged"]},
         update_mask=mask("event_types"),
     )
     assert await owner.fetchval(cursor_of, uuid.UUID(plain.id)) >= cursor
-    await hooks["lead"].UpdateWebhook(
+    await hooks["admin"].UpdateWebhook(
         webhook={"id": plain.id, "event_types": ["deployment.succeeded"]},
         update_mask=mask("event_types"),
     )
     assert await owner.fetchval(cursor_of, uuid.UUID(plain.id)) is None
+
+
+async def test_only_an_admin_touches_a_webhook_streaming_the_trail(hooks, make, owner):
+    """A lead may manage webhooks, but not the one the audit trail leaves by: making one,
+    pointing it elsewhere, switching it off or deleting it is an admin's (the trail must
+    not stop reaching its auditors on a lead's word). Each refusal changes nothing."""
+    lead = hooks["lead"]
+    await fails(
+        make(event_types=["audit.logged"], service_id=""),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "AUDIT_STREAM_ADMIN_ONLY",
+    )
+    siem = (await make(by="admin", event_types=["audit.logged"], service_id="")).webhook
+    plain = (await make(service_id="")).webhook
+    before = await counts(owner)
+    for change, paths in (
+        ({"url": nowhere()}, ["url"]),
+        ({"active": False}, ["active"]),
+        ({"event_types": ["release.created"]}, ["event_types"]),
+    ):
+        await fails(
+            lead.UpdateWebhook(webhook={"id": siem.id, **change}, update_mask=mask(*paths)),
+            grpc.StatusCode.PERMISSION_DENIED,
+            "AUDIT_STREAM_ADMIN_ONLY",
+        )
+    await fails(
+        lead.UpdateWebhook(
+            webhook={"id": plain.id, "event_types": ["audit.logged"]},
+            update_mask=mask("event_types"),
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "AUDIT_STREAM_ADMIN_ONLY",
+    )
+    await fails(
+        lead.DeleteWebhook(webhook_id=siem.id),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "AUDIT_STREAM_ADMIN_ONLY",
+    )
+    assert await counts(owner) == before
+    assert await listed(hooks["admin"], siem.id) == siem
+    await hooks["admin"].DeleteWebhook(webhook_id=siem.id)
 
 
 # -- who may ------------------------------------------------------------------------------------

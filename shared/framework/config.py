@@ -81,6 +81,8 @@ class Settings:
     # cloud metadata addresses, which are always refused).
     webhook_secret_key_file: Path = DEFAULT_WEBHOOK_SECRET_KEY_FILE
     webhook_allowed_networks: tuple[Network, ...] = ()
+    # The first retry's delay of a webhook delivery (it doubles from there); lower in tests.
+    webhook_retry_base_s: float = 1.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -138,6 +140,9 @@ class Settings:
                 reader.raw("WEBHOOK_SECRET_KEY_FILE") or DEFAULT_WEBHOOK_SECRET_KEY_FILE
             ),
             webhook_allowed_networks=reader.networks("WEBHOOK_ALLOWED_NETWORKS"),
+            webhook_retry_base_s=reader.number(
+                "WEBHOOK_RETRY_BASE_S", 1.0, minimum=0.01, maximum=1.0
+            ),
         )
 
 
