@@ -52,8 +52,11 @@ lint: protos
 	$(VENV)/bin/ruff format --check .
 
 # Every scenario against a baseline measured in the same run; QUICK=1: small sizes, under a minute.
+# COMPARE=<git ref>: only the lifecycle and LogAction scenarios, for this tree and a scratch
+# checkout of the ref, taking turns ROUNDS times (default 2) on one PostgreSQL server; prints
+# both and this tree's over the ref's, writes bench/results-compare.json.
 bench: protos
-	$(PY) -m bench $(if $(QUICK),--quick)
+	$(PY) -m bench $(if $(QUICK),--quick) $(if $(COMPARE),--compare $(COMPARE)) $(if $(ROUNDS),--rounds $(ROUNDS))
 
 # The audit trail at scale: 10,000,000 rows over 12 monthly partitions, loaded as the owner
 # (several minutes); SCALE_ROWS=N: fewer rows; QUICK=1: short loads. Writes bench/results-scale.json.

@@ -1,5 +1,6 @@
 """`python -m bench [--quick] [--only NAME ...] [--output FILE]`: run every scenario (or the
-ones named), print the table, write JSON."""
+ones named), print the table, write JSON. `--compare REF [--rounds N]`: only the lifecycle
+and LogAction scenarios (or those named), this tree's against REF's (bench.compare)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import scenarios
+from bench import compare, scenarios
 from bench.balancer import log_action_through_nginx
 from bench.pooler import log_action_through_pgbouncer
 from bench.report import table, write_json
@@ -75,9 +76,38 @@ def main() -> int:
         help="run this scenario only (repeatable): "
         + ", ".join(scenario.__name__ for scenario in SCENARIOS),
     )
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help=f"default {DEFAULT_OUTPUT}, with --compare {compare.DEFAULT_OUTPUT}",
+    )
+    parser.add_argument(
+        "--compare",
+        metavar="REF",
+        help="run only the scenarios of "
+        + ", ".join(compare.COMPARED)
+        + " (or those of --only), for this tree and for a scratch checkout of git ref REF",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help=f"with --compare: turns each tree takes (default {compare.DEFAULT_ROUNDS})",
+    )
     args = parser.parse_args()
-    return asyncio.run(run(args.quick, args.output, args.only))
+    if args.compare is None:
+        if args.rounds is not None:
+            parser.error("--rounds goes with --compare")
+        return asyncio.run(run(args.quick, args.output or DEFAULT_OUTPUT, args.only))
+    rounds = compare.DEFAULT_ROUNDS if args.rounds is None else args.rounds
+    if rounds < 1:
+        parser.error("--rounds must be at least 1")
+    try:
+        return compare.run(args.compare, rounds, args.quick, args.output, args.only)
+    except compare.CompareError as error:
+        print(error, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

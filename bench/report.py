@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -52,6 +53,37 @@ def at_least_figure(
 def info(scenario: str, figure: float, baseline: float | None = None) -> Result:
     ratio = figure / baseline if baseline else None
     return Result(scenario, figure, baseline, ratio, "", None)
+
+
+TARGET = re.compile(r"^(?P<side>>=|<=) (?P<limit>[\d,.]+)(?P<unit>x| .+)$")
+
+
+def meets(target: str, figure: float, ratio: float | None) -> bool | None:
+    """Whether a figure (its ratio, for a target in x) meets a target as the functions
+    above write it; None for no target."""
+    if not target:
+        return None
+    match = TARGET.match(target)
+    if match is None:
+        raise ValueError(f"a target of unknown form: {target!r}")
+    value = ratio if match["unit"] == "x" else figure
+    if value is None:
+        return False
+    limit = float(match["limit"].replace(",", ""))
+    return value >= limit if match["side"] == ">=" else value <= limit
+
+
+def mean_of(rows: list[Result]) -> Result:
+    """Rows of one figure from several rounds as one: the mean figure over the mean
+    baseline, held to the first row's target."""
+    first = rows[0]
+    figure = sum(r.figure for r in rows) / len(rows)
+    baselines = [r.baseline for r in rows]
+    baseline = None if None in baselines else sum(baselines) / len(baselines)
+    ratio = None if first.ratio is None or not baseline else figure / baseline
+    return Result(
+        first.scenario, figure, baseline, ratio, first.target, meets(first.target, figure, ratio)
+    )
 
 
 def _number(value: float | None) -> str:

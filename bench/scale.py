@@ -12,12 +12,13 @@ against 19 s). Each measure has its baseline from the same run:
 
 - ListAuditLogs, page of 50, for each filter (none, user_id, action, resource_type with
   resource_id, a time range, origin), the first page and a page token from the middle
-  of the trail (six months deep): p99 <= 15 ms;
+  of the trail (six months deep): p99 <= 15 ms each, and <= 10 ms over every case;
 - ExportAuditLogs of one month against psql's \\copy of the same query (>= 1.0x), and
   the same export gzip-compressed (`x-relman-compression`) for its cost and its bytes;
 - retention of the oldest month, its archive aside (audit_svc.retention's detach and
   drop) <= 2 s, beside a DELETE of the same rows from an unpartitioned copy;
-- LogAction against a health Check (>= 0.6x), on the partitioned trail.
+- LogAction against a health Check (make bench's target, LOG_ACTION_TARGET), on the
+  partitioned trail.
 
 The sealer is held off throughout (hold_sealer_off): make bench measures sealing.
 Writes bench/results-scale.json in bench/results.json's format.
@@ -68,6 +69,7 @@ MONTHS = 12
 OLDEST_SHARE = 10  # the oldest month holds rows // OLDEST_SHARE
 LOADERS = 2  # months loaded at once: one per core of the machine the bench was made on
 LIST_TARGET_MS = 15
+LIST_EVERY_CASE_TARGET_MS = 10  # the p99 of every case's calls together
 RETENTION_TARGET_S = 2
 COMPRESSION = (("x-relman-compression", "gzip"),)
 
@@ -381,6 +383,14 @@ async def list_audit_logs(stack: Stack, size: Size, months: list[Month]) -> list
         info(
             f"ListAuditLogs, {size.rows:,} rows, every case above: p50 ms",
             percentile(everything, 0.5) * 1000,
+        )
+    )
+    results.append(
+        at_most(
+            f"ListAuditLogs at {size.rows:,} rows, every case: p99 ms",
+            percentile(everything, 0.99) * 1000,
+            LIST_EVERY_CASE_TARGET_MS,
+            "ms",
         )
     )
     return results

@@ -44,7 +44,7 @@ SCENARIOS = (
 )
 # The sealed trail's targets (issue 20): (start, end of the row's name, its target).
 SEALED_TRAIL_TARGETS = (
-    ("LogAction, 64 in flight: calls/s, sealing on", "", ">= 0.6x"),
+    ("LogAction, 64 in flight: calls/s, sealing on", "", ">= 0.75x"),
     ("LogAction, 64 in flight: seal lag (commit to sealed) of its ", "p99 s", "<= 2 s"),
     (
         "VerifyAuditLog, whole trail of ",
