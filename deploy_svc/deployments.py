@@ -25,8 +25,9 @@ from __future__ import annotations
 import math
 import re
 import uuid
+from collections import namedtuple
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 
 from sqlalchemy import Row, bindparam, func, select, text, true, tuple_, update
@@ -48,7 +49,7 @@ from shared.framework.errors import (
 from shared.framework.validation import text as text_field
 from shared.identity.actor import Actor
 from shared.persistence import audit_log, pagination
-from shared.persistence.db import Database, load
+from shared.persistence.db import Database, load, missing, read_connection
 from shared.persistence.idempotency import RequestKey, remember, replay
 from shared.persistence.models import (
     ACTIVE_DEPLOYMENT_STATUSES,
@@ -114,6 +115,11 @@ class StageRecord:
     updated_at: datetime
 
 
+# An approval and a metric as stored, plain records of their tables' columns.
+ApprovalRow = namedtuple("ApprovalRow", [c.name for c in Approval.__table__.columns])
+MetricRow = namedtuple("MetricRow", [c.name for c in DeploymentMetric.__table__.columns])
+
+
 @dataclass(frozen=True, slots=True)
 class FullDeployment:
     """A deployment with its stages, approvals and metrics (the full view, and what
@@ -131,9 +137,9 @@ class FullDeployment:
     updated_at: datetime
     freeze_override_reason: str | None
     is_rollback: bool
-    stages: Sequence[Row]
-    approvals: Sequence[Row]
-    metrics: Sequence[Row]
+    stages: Sequence[StageRecord]
+    approvals: Sequence[ApprovalRow]
+    metrics: Sequence[MetricRow]
 
 
 def _now() -> datetime:
@@ -844,33 +850,43 @@ async def get_full_deployment(database: Database, deployment_id: uuid.UUID) -> F
         return await load_full_deployment(session, deployment_id)
 
 
-# Read with Core, as plain rows: the ORM's loading (one query and three selectin
-# loads) cost about 2 ms of CPU per call, four Core queries about a third of it.
-_DEPLOYMENTS = Deployment.__table__
-_DEPLOYMENT_ROW = select(_DEPLOYMENTS).where(_DEPLOYMENTS.c.id == bindparam("deployment_id"))
-_CHILD_ROWS = {
-    name: select(table).where(table.c.deployment_id == bindparam("deployment_id")).order_by(order)
-    for name, table, order in (
-        ("stages", PipelineStage.__table__, PipelineStage.__table__.c.order),
-        ("approvals", Approval.__table__, Approval.__table__.c.created_at),
-        ("metrics", DeploymentMetric.__table__, DeploymentMetric.__table__.c.metric_name),
-    )
-}
+def _record_of(alias: str, columns: Sequence[str]) -> str:
+    return "ROW(" + ", ".join(f'{alias}."{name}"' for name in columns) + ")"
+
+
+_STAGE_FIELDS = tuple(field.name for field in fields(StageRecord))
+_DEPLOYMENT_FIELDS = tuple(field.name for field in fields(FullDeployment))[:-3]
+# The full view in one statement, its children as arrays of anonymous records (asyncpg
+# decodes them as tuples, with no type to look up, behind PgBouncer too), on the
+# asyncpg connection itself: four Core queries through SQLAlchemy cost about 1.3 ms of
+# the service's CPU per call at 16 in flight (python -m bench --only lifecycles).
+_FULL_DEPLOYMENT = f"""
+SELECT {", ".join(f'd."{name}"' for name in _DEPLOYMENT_FIELDS)},
+    ARRAY(SELECT {_record_of("s", _STAGE_FIELDS)} FROM pipeline_stages s
+          WHERE s.deployment_id = d.id ORDER BY s."order") AS stages,
+    ARRAY(SELECT {_record_of("a", ApprovalRow._fields)} FROM approvals a
+          WHERE a.deployment_id = d.id ORDER BY a.created_at) AS approvals,
+    ARRAY(SELECT {_record_of("m", MetricRow._fields)} FROM deployment_metrics m
+          WHERE m.deployment_id = d.id ORDER BY m.metric_name) AS metrics
+FROM deployments d WHERE d.id = $1
+"""
 
 
 async def load_full_deployment(session: AsyncSession, deployment_id: uuid.UUID) -> FullDeployment:
     """The deployment with its stages, approvals and metrics (a step of GetDeployment's
-    full view, and of the watcher's reads, which have a unit of work of their own)."""
-    connection = await session.connection()
-    parameters = {"deployment_id": deployment_id}
-    found = (await connection.execute(_DEPLOYMENT_ROW, parameters)).one_or_none()
+    full view, and of the watcher's reads, which have a unit of work of their own: a
+    session of `read` or `replica_read`, whose statements are their own transactions)."""
+    async with read_connection(session) as connection:
+        found = await connection.fetchrow(_FULL_DEPLOYMENT, deployment_id)
     if found is None:
-        await load(session, Deployment, deployment_id)  # NOT_FOUND, naming the deployment
-    children = {
-        name: (await connection.execute(query, parameters)).all()
-        for name, query in _CHILD_ROWS.items()
-    }
-    return FullDeployment(**found._mapping, **children)
+        raise missing(Deployment, deployment_id)
+    *columns, stages, approvals, metrics = found
+    return FullDeployment(
+        *columns,
+        stages=[StageRecord(*stage) for stage in stages],
+        approvals=[ApprovalRow(*approval) for approval in approvals],
+        metrics=[MetricRow(*metric) for metric in metrics],
+    )
 
 
 async def list_deployments(

@@ -762,6 +762,32 @@ def statement_error(exc: BaseException) -> bool:
     }
 
 
+@asynccontextmanager
+async def read_connection(session: AsyncSession) -> AsyncIterator[asyncpg.Connection]:
+    """The asyncpg connection under a session of `read` or `replica_read` (autocommit:
+    no transaction of SQLAlchemy's to stay inside), for the hottest reads, where
+    SQLAlchemy's work per statement showed in the profile. A failure that leaves the
+    connection unusable invalidates it, as `autocommit_connection` does."""
+    connection = await session.connection()
+    raw = (await connection.get_raw_connection()).driver_connection
+    try:
+        yield raw
+    except BaseException as exc:
+        if raw.is_closed() or not statement_error(exc):
+            await connection.invalidate()
+        raise
+
+
+def missing(model: type, row_id) -> NotFound:
+    """NOT_FOUND naming the resource of `model` and the id."""
+    resource = re.sub(r"(?<!^)(?=[A-Z])", "_", model.__name__).lower()  # ApiToken -> api_token
+    return NotFound(
+        f"{resource.replace('_', ' ')} {row_id} does not exist",
+        reason=f"{resource.upper()}_NOT_FOUND",
+        metadata={f"{resource}_id": str(row_id)},
+    )
+
+
 async def load(session: AsyncSession, model: type[T], row_id, *, for_update: bool = False) -> T:
     """The row of `model` with this id, or NOT_FOUND naming the resource and the id.
 
@@ -769,12 +795,7 @@ async def load(session: AsyncSession, model: type[T], row_id, *, for_update: boo
     """
     row = await session.get(model, row_id, with_for_update=for_update)
     if row is None:
-        resource = re.sub(r"(?<!^)(?=[A-Z])", "_", model.__name__).lower()  # ApiToken -> api_token
-        raise NotFound(
-            f"{resource.replace('_', ' ')} {row_id} does not exist",
-            reason=f"{resource.upper()}_NOT_FOUND",
-            metadata={f"{resource}_id": str(row_id)},
-        )
+        raise missing(model, row_id)
     return row
 
 
