@@ -823,12 +823,16 @@ def check_etag(etag: str, version: int, what: str, metadata: dict) -> None:
 async def driver_connection(session: AsyncSession):
     """The asyncpg connection under `session`, inside the session's transaction.
 
-    For what SQLAlchemy cannot do (COPY). Its asyncpg adapter begins the database
-    transaction lazily, on the first statement it runs itself: without one, a COPY
-    sent straight to the driver would run, and commit, on its own.
+    For what SQLAlchemy cannot do (COPY), and for the hottest writes, where its work per
+    statement showed in the profile (UpdatePipelineStage). Its asyncpg adapter begins
+    the database transaction lazily, on the first statement it runs itself: without one,
+    a statement sent straight to the driver would run, and commit, on its own. So the
+    adapter's transaction is begun here (BEGIN, and nothing else) unless it was already;
+    `_start_transaction` is the adapter's own, what it runs before its first statement
+    (the dependency range holds SQLAlchemy to the 2.1 series it was read in).
     """
-    if not session.info.get("driver_transaction_begun"):
-        await session.execute(text("SELECT 1"))
-        session.info["driver_transaction_begun"] = True
     connection = await session.connection()
-    return (await connection.get_raw_connection()).driver_connection
+    adapter = (await connection.get_raw_connection()).dbapi_connection
+    if adapter._transaction is None:
+        await adapter._start_transaction()
+    return adapter.driver_connection
