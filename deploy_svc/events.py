@@ -18,12 +18,16 @@ import json
 import uuid
 from datetime import timedelta
 from enum import StrEnum
+from types import SimpleNamespace
 from typing import Any
 
+import asyncpg
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
+
+from shared.persistence.db import driver_connection
 
 
 class EventType(StrEnum):
@@ -57,13 +61,14 @@ ENDED = {
     "rejected": EventType.DEPLOYMENT_REJECTED,
 }
 
-_INSERT = text(
+_INSERT = (
     "INSERT INTO webhook_events (event_type, service_id, team_id, data)"
-    " VALUES (:event_type, CAST(:service_id AS uuid),"
-    " coalesce(CAST(:team_id AS uuid),"
-    " (SELECT team_id FROM services WHERE id = CAST(:service_id AS uuid))),"
-    " CAST(:data AS jsonb))"
+    " VALUES ($1, $2::text::uuid,"
+    " coalesce($3::text::uuid, (SELECT team_id FROM services WHERE id = $2::text::uuid)),"
+    " $4::text::jsonb)"
 )
+# A rollback by its redeployment (deployment_ended), its columns by name.
+_ROLLBACK_OF = "SELECT * FROM rollbacks WHERE redeployment_id = $1"
 
 
 # How long a dispatched event is kept (its deliveries keep their own body): the sweeper
@@ -101,26 +106,47 @@ async def publish(
 ) -> None:
     """Writes the event in the session's transaction (after the change it tells of); its
     team is `team_id`, else its service's."""
-    await session.execute(
+    await publish_on(await driver_connection(session), event_type, service_id, data, team_id)
+
+
+async def publish_on(
+    connection: asyncpg.Connection,
+    event_type: EventType,
+    service_id: uuid.UUID | None,
+    data: dict[str, Any],
+    team_id: uuid.UUID | None = None,
+) -> None:
+    """`publish` on the asyncpg connection of a unit of work (Database.driver_transaction,
+    or a session's through driver_connection)."""
+    await connection.execute(
         _INSERT,
-        {
-            "event_type": event_type.value,
-            "service_id": None if service_id is None else str(service_id),
-            "team_id": None if team_id is None else str(team_id),
-            "data": json.dumps(data, separators=(",", ":")),
-        },
+        event_type.value,
+        None if service_id is None else str(service_id),
+        None if team_id is None else str(team_id),
+        json.dumps(data, separators=(",", ":")),
     )
 
 
 async def resource_event(
     session: AsyncSession, event_type: EventType, service_id: uuid.UUID | None, kind: str, row
 ) -> None:
+    await resource_event_on(await driver_connection(session), event_type, service_id, kind, row)
+
+
+async def resource_event_on(
+    connection: asyncpg.Connection,
+    event_type: EventType,
+    service_id: uuid.UUID | None,
+    kind: str,
+    row,
+) -> None:
     """`row` as the API returns it (deploy_svc.convert.<kind>; a deployment in its BASIC
     view) under `kind`, as `event_type`. convert is imported here, not at the top: it
     imports the domain modules that publish."""
     from deploy_svc import convert
 
-    await publish(session, event_type, service_id, as_data(**{kind: getattr(convert, kind)(row)}))
+    data = as_data(**{kind: getattr(convert, kind)(row)})
+    await publish_on(connection, event_type, service_id, data)
 
 
 async def deployment_event(session: AsyncSession, event_type: EventType, deployment) -> None:
@@ -128,27 +154,27 @@ async def deployment_event(session: AsyncSession, event_type: EventType, deploym
 
 
 async def deployment_ended(session: AsyncSession, deployment) -> None:
-    """deployment.<status> for a deployment that just ended (flushed), and for a rollback's
-    redeployment, rollback.completed or rollback.failed with it."""
-    from shared.persistence.models import Rollback
+    await deployment_ended_on(await driver_connection(session), deployment)
 
+
+async def deployment_ended_on(connection: asyncpg.Connection, deployment) -> None:
+    """deployment.<status> for a deployment that just ended (written), and for a rollback's
+    redeployment, rollback.completed or rollback.failed with it."""
     event = ENDED.get(deployment.status)
     if event is None:
         return
-    await deployment_event(session, event, deployment)
+    await resource_event_on(connection, event, deployment.service_id, "deployment", deployment)
     if not deployment.is_rollback:
         return
-    row = (
-        await session.execute(
-            Rollback.__table__.select().where(Rollback.redeployment_id == deployment.id)
-        )
-    ).one_or_none()
-    if row is None or row.status not in ("completed", "failed"):
+    found = await connection.fetchrow(_ROLLBACK_OF, deployment.id)
+    if found is None or found["status"] not in ("completed", "failed"):
         return
-    await resource_event(
-        session,
-        EventType.ROLLBACK_COMPLETED if row.status == "completed" else EventType.ROLLBACK_FAILED,
+    await resource_event_on(
+        connection,
+        EventType.ROLLBACK_COMPLETED
+        if found["status"] == "completed"
+        else EventType.ROLLBACK_FAILED,
         deployment.service_id,
         "rollback",
-        row,
+        SimpleNamespace(**found),
     )

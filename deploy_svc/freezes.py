@@ -17,8 +17,10 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cache
+from types import SimpleNamespace
 from zoneinfo import ZoneInfo, available_timezones
 
+import asyncpg
 from cronsim import CronSim, CronSimError
 from sqlalchemy import and_, or_, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -29,7 +31,7 @@ from shared.framework.errors import FailedPrecondition, InvalidArgument
 from shared.framework.validation import text as text_field
 from shared.identity.actor import Actor
 from shared.persistence import audit_log
-from shared.persistence.db import Database, load
+from shared.persistence.db import Database, driver_connection, load
 from shared.persistence.idempotency import RequestKey, remember, replay
 from shared.persistence.models import Environment, FreezeWindow, Service
 from shared.persistence.pagination import decode_token, encode_token, page_size
@@ -142,18 +144,32 @@ def _maybe_in_force(at: datetime):
     )
 
 
+# The windows that may be in force at $3 over (environment $1, service $2): one-off
+# windows around it, and every recurring one (decided in Python), as _scope and
+# _maybe_in_force say for the listing.
+_MAYBE_IN_FORCE = """
+SELECT * FROM freeze_windows
+WHERE (environment_id IS NULL OR environment_id = $1)
+  AND (service_id IS NULL OR service_id = $2)
+  AND (cron IS NOT NULL OR (start_time <= $3 AND end_time > $3))
+"""
+
+
 async def in_force(
     session: AsyncSession, environment_id: uuid.UUID, service_id: uuid.UUID, at: datetime
 ) -> list[Frozen]:
     """The windows covering (environment, service) at `at`, the one ending last first."""
-    connection = await session.connection()  # plain rows: no ORM loading on every deploy
-    windows = await connection.execute(
-        select(FreezeWindow.__table__).where(
-            *_scope(environment_id, service_id), _maybe_in_force(at)
-        )
-    )
+    return await in_force_on(await driver_connection(session), environment_id, service_id, at)
+
+
+async def in_force_on(
+    connection: asyncpg.Connection, environment_id: uuid.UUID, service_id: uuid.UUID, at: datetime
+) -> list[Frozen]:
+    """`in_force` on the asyncpg connection of a unit of work: plain rows, no ORM loading
+    on every deploy."""
     found = []
-    for window in windows:
+    for row in await connection.fetch(_MAYBE_IN_FORCE, environment_id, service_id, at):
+        window = SimpleNamespace(**row)
         if (occurrence := occurrence_at(window, at)) is not None:
             found.append(Frozen(window, occurrence[1]))
     found.sort(key=lambda frozen: (frozen.ends_at, str(frozen.window.id)), reverse=True)

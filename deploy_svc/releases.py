@@ -7,7 +7,8 @@ from __future__ import annotations
 import re
 import uuid
 
-from sqlalchemy import select, text
+import asyncpg
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from deploy_svc import events
@@ -16,7 +17,7 @@ from shared.framework.errors import AlreadyExists, FailedPrecondition
 from shared.framework.validation import text as text_field
 from shared.identity.actor import Actor
 from shared.persistence import audit_log
-from shared.persistence.db import Database, load
+from shared.persistence.db import Database, driver_connection, load
 from shared.persistence.idempotency import RequestKey, remember, replay
 from shared.persistence.models import Release, ReleaseStatus, Service
 from shared.persistence.pagination import Page, list_page
@@ -31,9 +32,8 @@ GIT_COMMIT = re.compile(r"[0-9a-f]{7,40}")
 
 # A release's status from its deployments, first match wins: rolled back in production,
 # succeeded there (completed), one running (in progress), one waiting to run (promoted),
-# one succeeded elsewhere (testing), else draft.
-_DERIVE_STATUS = text(
-    """
+# one succeeded elsewhere (testing), else draft; written only when it changes.
+_DERIVE_STATUS = """
     UPDATE releases r SET status = derived.status, updated_at = now()
     FROM (
         SELECT CASE
@@ -46,16 +46,20 @@ _DERIVE_STATUS = text(
             WHEN bool_or(d.status = 'succeeded') THEN 'testing'
             ELSE 'draft' END AS status
         FROM deployments d JOIN environments e ON e.id = d.environment_id
-        WHERE d.release_id = :release_id
+        WHERE d.release_id = $1
     ) AS derived
-    WHERE r.id = :release_id AND r.status IS DISTINCT FROM derived.status
+    WHERE r.id = $1 AND r.status IS DISTINCT FROM derived.status
     """
-)
 
 
 async def refresh_status(session: AsyncSession, release_id: uuid.UUID) -> None:
     """Sets the release's status from its deployments; called after every change to them."""
-    await session.execute(_DERIVE_STATUS, {"release_id": release_id})
+    await refresh_status_on(await driver_connection(session), release_id)
+
+
+async def refresh_status_on(connection: asyncpg.Connection, release_id: uuid.UUID) -> None:
+    """`refresh_status` on the asyncpg connection of a unit of work."""
+    await connection.execute(_DERIVE_STATUS, release_id)
 
 
 async def create_release(

@@ -18,43 +18,31 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeVar
 
-from sqlalchemy import bindparam, select, text, update
-from sqlalchemy.dialects.postgresql import insert
+import asyncpg
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.framework.errors import InvalidArgument
-from shared.persistence.db import load
-from shared.persistence.models import IdempotencyKey
+from shared.persistence.db import driver_connection, load
 
 T = TypeVar("T")
 
 KEPT_FOR = timedelta(hours=24)
 
-_KEYS = IdempotencyKey.__table__
-# Parameters are named apart from the columns, as INSERT and UPDATE want them.
-_THIS_KEY = (
-    _KEYS.c.caller_id == bindparam("key_caller"),
-    _KEYS.c.method == bindparam("key_method"),
-    _KEYS.c.request_id == bindparam("key_request"),
-)
-# A key in flight in another transaction makes this wait until that one ends: then it
-# inserts (the other rolled back) or does nothing (the other committed its answer).
+# A key in flight in another transaction makes the claim wait until that one ends: then
+# it inserts (the other rolled back) or does nothing (the other committed its answer).
 _CLAIM = (
-    insert(_KEYS)
-    .values(
-        caller_id=bindparam("key_caller"),
-        method=bindparam("key_method"),
-        request_id=bindparam("key_request"),
-        request_hash=bindparam("key_hash"),
-    )
-    .on_conflict_do_nothing(index_elements=["caller_id", "method", "request_id"])
-    .returning(_KEYS.c.request_id)
+    "INSERT INTO idempotency_keys (caller_id, method, request_id, request_hash)"
+    " VALUES ($1, $2, $3, $4)"
+    " ON CONFLICT (caller_id, method, request_id) DO NOTHING RETURNING request_id"
 )
-_EARLIER = select(_KEYS.c.request_hash, _KEYS.c.resource_id).where(*_THIS_KEY)
+_EARLIER = (
+    "SELECT request_hash, resource_id FROM idempotency_keys"
+    " WHERE caller_id = $1 AND method = $2 AND request_id = $3"
+)
 _ANSWER = (
-    update(_KEYS)
-    .where(*_THIS_KEY)
-    .values(resource_type=bindparam("answer_type"), resource_id=bindparam("answer_id"))
+    "UPDATE idempotency_keys SET resource_type = $4, resource_id = $5"
+    " WHERE caller_id = $1 AND method = $2 AND request_id = $3"
 )
 # One replica purges at a time, the others skip their turn: FOR UPDATE SKIP LOCKED would
 # need the UPDATE the runtime role does not hold on the table.
@@ -90,17 +78,24 @@ async def replay(session: AsyncSession, key: RequestKey | None, model: type[T]) 
     since is NOT_FOUND."""
     if key is None:
         return None
-    where = _where(key)
-    if await session.scalar(_CLAIM, {**where, "key_hash": key.request_hash}) is not None:
+    answered = await claim(await driver_connection(session), key)
+    return None if answered is None else await load(session, model, answered)
+
+
+async def claim(connection: asyncpg.Connection, key: RequestKey | None) -> uuid.UUID | None:
+    """`replay` on the asyncpg connection of a unit of work: the id of the resource the
+    first call with `key` answered with (its caller reads it), None for a first call."""
+    if key is None:
         return None
-    earlier = (await session.execute(_EARLIER, where)).one()
-    if earlier.request_hash != key.request_hash:
+    where = (key.caller_id, key.method, key.request_id)
+    if await connection.fetchval(_CLAIM, *where, key.request_hash) is not None:
+        return None
+    earlier = await connection.fetchrow(_EARLIER, *where)
+    if earlier["request_hash"] != key.request_hash:
         raise InvalidArgument.field(
             "request_id", "was already used for a different request", reason="REQUEST_ID_REUSED"
         )
-    if earlier.resource_id is None:  # claimed and committed unanswered: no answer to give
-        return None
-    return await load(session, model, earlier.resource_id)
+    return earlier["resource_id"]  # None: claimed and committed unanswered, no answer to give
 
 
 async def remember(
@@ -108,15 +103,17 @@ async def remember(
 ) -> None:
     """Records that the call with `key` answered with this resource, in the transaction of
     the change itself (no key: nothing)."""
-    if key is None:
-        return
-    await session.execute(
-        _ANSWER, {**_where(key), "answer_type": resource_type, "answer_id": resource_id}
-    )
+    if key is not None:
+        await answer(await driver_connection(session), key, resource_type, resource_id)
 
 
-def _where(key: RequestKey) -> dict:
-    return {"key_caller": key.caller_id, "key_method": key.method, "key_request": key.request_id}
+async def answer(
+    connection: asyncpg.Connection, key: RequestKey | None, resource_type: str, resource_id
+) -> None:
+    """`remember` on the asyncpg connection of a unit of work."""
+    if key is not None:
+        where = (key.caller_id, key.method, key.request_id)
+        await connection.execute(_ANSWER, *where, resource_type, resource_id)
 
 
 async def purge(session: AsyncSession, batch: int) -> int:
