@@ -232,7 +232,6 @@ async def _redeploy(
     await events.resource_event(
         session, EventType.ROLLBACK_STARTED, deployment.service_id, "rollback", rollback
     )
-    await session.refresh(redeployment)
     await events.deployment_event(session, EventType.DEPLOYMENT_CREATED, redeployment)
     return rollback
 
