@@ -116,8 +116,8 @@ async def publish_on(
     data: dict[str, Any],
     team_id: uuid.UUID | None = None,
 ) -> None:
-    """`publish` on the asyncpg connection of a unit of work (Database.driver_transaction,
-    or a session's through driver_connection)."""
+    """`publish` on the asyncpg connection of a unit of work (UpdatePipelineStage's, or a
+    session's through driver_connection)."""
     await connection.execute(
         _INSERT,
         event_type.value,

@@ -413,6 +413,58 @@ async def test_cancel_an_active_deployment(clients, service_id):
     assert again.status == S.DEPLOYMENT_STATUS_PENDING  # the slot is free again
 
 
+async def test_racing_moves_of_one_stage_write_once(clients, service_id, database):
+    """UpdatePipelineStage takes no lock on its read: the write holds only if the stage
+    is still as read. Ten callers starting the same stage at once: one moves it, nine
+    find it running (INVALID_STAGE_TRANSITION), one audit row; ten failing the running
+    stage while ten cancel the deployment: it ends once, as one of them."""
+    developer = clients["developer"]
+    release = await developer.CreateRelease(service_id=service_id, version="1.0.0")
+    deployment = await developer.PromoteRelease(release_id=release.id, target_environment_id=DEV)
+    build = deployment.stages[0]
+    started = await asyncio.gather(
+        *(
+            developer.UpdatePipelineStage(stage_id=build.id, status=S.STAGE_STATUS_RUNNING)
+            for _ in range(10)
+        ),
+        return_exceptions=True,
+    )
+    refused = [r for r in started if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(refused) == 9, started
+    assert {error_details(r)[0].reason for r in refused} == {"INVALID_STAGE_TRANSITION"}
+    async with database.transaction() as session:
+        rows = await session.scalar(
+            select(func.count())
+            .select_from(AuditLog)
+            .where(AuditLog.resource_id == build.id, AuditLog.action == "update")
+        )
+    assert rows == 1
+
+    ended = await asyncio.gather(
+        *(
+            call
+            for _ in range(10)
+            for call in (
+                developer.UpdatePipelineStage(stage_id=build.id, status=S.STAGE_STATUS_FAILED),
+                developer.CancelDeployment(deployment_id=deployment.id),
+            )
+        ),
+        return_exceptions=True,
+    )
+    assert len([r for r in ended if not isinstance(r, grpc.aio.AioRpcError)]) == 1, ended
+    assert {error_details(r)[0].reason for r in ended if isinstance(r, grpc.aio.AioRpcError)} <= {
+        "DEPLOYMENT_ENDED",
+        "DEPLOYMENT_NOT_ACTIVE",
+        "INVALID_STAGE_TRANSITION",
+    }
+    final = await developer.GetDeployment(
+        deployment_id=deployment.id, view=S.DEPLOYMENT_VIEW_WITH_STAGES
+    )
+    assert final.status in (S.DEPLOYMENT_STATUS_FAILED, S.DEPLOYMENT_STATUS_CANCELLED)
+    assert final.stages[0].status in (S.STAGE_STATUS_FAILED, S.STAGE_STATUS_SKIPPED)
+    assert {s.status for s in final.stages[1:]} == {S.STAGE_STATUS_SKIPPED}
+
+
 # -- idempotency and atomicity --------------------------------------------------------------------
 
 

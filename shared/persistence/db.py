@@ -724,21 +724,6 @@ class Database:
                     await connection.invalidate()
                 raise
 
-    @asynccontextmanager
-    async def driver_transaction(
-        self, deadline_s: float | None = None
-    ) -> AsyncIterator[asyncpg.Connection]:
-        """`transaction` on the pooled asyncpg connection itself, with asyncpg's BEGIN and
-        COMMIT, for the hottest write (UpdatePipelineStage), where the ORM session's own
-        work per unit of work (its begin, commit and close) was about a third of the call.
-        Its steps take the connection; a step shared with the session's use cases has a
-        form that takes a session and runs the same SQL on `driver_connection(session)`.
-        Bounded like `transaction`; a connection left unusable is closed, not reused
-        (`autocommit_connection`)."""
-        async with self.autocommit_connection(deadline_s) as connection:
-            async with connection.transaction():
-                yield connection
-
     async def ping(self, timeout_s: float) -> None:
         """Raises unless the database answers `SELECT 1` within `timeout_s`.
 
