@@ -40,7 +40,7 @@ from sqlalchemy.orm import selectinload
 from deploy_svc import events, freezes, gates
 from deploy_svc.events import EventType
 from deploy_svc.policies import Policy, check_stage_list
-from deploy_svc.releases import refresh_status, refresh_status_on
+from deploy_svc.releases import refresh_status, status_update
 from shared.framework.errors import (
     CONSTRAINT_ERRORS,
     Aborted,
@@ -656,15 +656,20 @@ async def end_deployment(
 
 
 # UpdatePipelineStage reads its stage's deployment, the environment's id and name, its
-# policy in table order (gates.policy_in_row) and the deployment's stages in one
-# statement, without a lock; it writes the move in one more, which changes nothing unless
+# policy in table order (gates.policy_in_row), the deployment's stages and, before it
+# starts, the freeze windows that may be in force now ($2) in one statement, without a
+# lock; it writes the move in one more, which changes nothing unless
 # the stage is still as read (the stage's row decides races, see update_pipeline_stage).
 # Before, a transaction of five statements (BEGIN, the deployment locked, the stages, the
 # move, COMMIT); through the ORM session, about 1.6 ms of the service's CPU per call.
 _MOVE_READ = f"""
 SELECT {_columns("d", _DEPLOYMENT_RECORD_FIELDS)}, e.id, e.name, {_columns("p", _POLICY_NAMES)},
     ARRAY(SELECT ROW({_columns("s", _STAGE_FIELDS)}) FROM pipeline_stages s
-          WHERE s.deployment_id = d.id ORDER BY s."order") AS stages
+          WHERE s.deployment_id = d.id ORDER BY s."order") AS stages,
+    CASE WHEN d.status = 'pending' AND NOT d.is_rollback AND d.freeze_override_reason IS NULL
+        THEN ARRAY(SELECT ROW({_columns("w", freezes.WINDOW_COLUMNS)}) FROM (
+            {freezes.maybe_in_force("d.environment_id", "d.service_id", "$2")}) AS w)
+    END AS windows
 FROM pipeline_stages target
 JOIN deployments d ON d.id = target.deployment_id
 JOIN environments e ON e.id = d.environment_id
@@ -672,40 +677,67 @@ JOIN environment_policies p ON p.environment_id = d.environment_id
 WHERE target.id = $1
 """
 _STAGE_BY_ID = f"SELECT {_columns('s', _STAGE_FIELDS)} FROM pipeline_stages s WHERE s.id = $1"
-_AUDIT_VALUES = ", ".join(
-    f"${n}::text::{kind}"
-    for n, kind in enumerate(
-        ("uuid", "uuid", "text", "text", "text", "jsonb", "inet", "text", "text", "uuid"), 11
-    )
-)
-# A stage's move ($1-$5) if the stage is still as read ($21: its status then), and only
-# then its deployment's change when it has one ($6: whether; $7-$10), the deployment's
-# other stages skipped when it failed, and the audit row ($11-$20), in one statement;
-# back: the stage's updated_at (NULL: it had changed, nothing written) and the
-# deployment's. A concurrent writer of the stage's row makes this wait, then find the
-# row as that one left it (READ COMMITTED), so one of two racing moves writes. A move
-# that changes its deployment takes the deployment's row first (`held`), in the order
-# of every other change of a deployment and its stages (cancel, the sweeper).
-_WRITE_STAGE_MOVE = f"""
-WITH held AS (
-    SELECT FROM deployments WHERE id = $7 AND $6 FOR NO KEY UPDATE
-), moved AS (
+
+
+def _audit_values(first: int) -> str:
+    """The audit row's values (audit_log.COLUMNS) as parameters from $`first` on, sent
+    as text (asyncpg then needs no codec for inet or jsonb)."""
+    kinds = ("uuid", "uuid", "text", "text", "text", "jsonb", "inet", "text", "text", "uuid")
+    return ", ".join(f"${n}::text::{kind}" for n, kind in enumerate(kinds, first))
+
+
+# A stage's move ($1-$5) if its status is still as read ($6), and only then its audit row
+# ($7-$16); back: the stage's updated_at, NULL if it had changed (nothing written). A
+# concurrent writer of the stage's row makes this wait, then find the row as that one
+# left it (READ COMMITTED), so one of two racing moves writes. `status || ''` keeps the
+# planner on the primary key (on `status`, it chose the status index for rare statuses).
+_MOVED = f"""
+moved AS (
     UPDATE pipeline_stages
     SET status = $2, output = $3, started_at = $4, completed_at = $5, updated_at = now()
-    WHERE id = $1 AND status = $21 AND (NOT $6 OR EXISTS (SELECT FROM held))
+    WHERE id = $1 AND status || '' = $6 {{held}}
     RETURNING updated_at
-), changed AS (
-    UPDATE deployments
-    SET status = $8, deployed_at = $9, completed_at = $10, updated_at = now()
-    WHERE id = $7 AND $6 AND EXISTS (SELECT FROM moved)
-    RETURNING updated_at
-), skipped AS (
-    UPDATE pipeline_stages SET status = 'skipped', completed_at = $10, updated_at = now()
-    WHERE deployment_id = $7 AND id <> $1 AND status IN ('pending', 'running')
-      AND $6 AND $8 = 'failed' AND EXISTS (SELECT FROM moved)
 ), audited AS (
     INSERT INTO audit_logs ({", ".join(audit_log.COLUMNS)})
-    SELECT {_AUDIT_VALUES} WHERE EXISTS (SELECT FROM moved)
+    SELECT {_audit_values(7)} WHERE EXISTS (SELECT FROM moved)
+)"""
+_WRITE_STAGE_MOVE = f"""
+WITH {_MOVED.format(held="")}
+SELECT (SELECT updated_at FROM moved), NULL::timestamptz
+"""
+# The release's status (releases.status_update) with the deployment's new status ($18):
+# the statement that changes the deployment cannot see its own change.
+_RELEASE_WITH_MOVE = status_update(
+    """(SELECT CASE WHEN d.id = $17 THEN $18 ELSE d.status END AS status, e.environment_type
+        FROM deployments d JOIN environments e ON e.id = d.environment_id
+        WHERE d.release_id = $21) AS d""",
+    "$21",
+)
+# The same for a move that changes its deployment ($17-$20), and only if the stage moved:
+# its other stages skipped when it failed, the rollback it settles when it ends, its
+# release's status ($21). It takes the deployment's row first (`held`), in the order of
+# every other change of a deployment and its stages (cancel, the sweeper). A statement of
+# its own, not the first with flags: with flags PostgreSQL planned it anew on every call
+# (a plan for the flags' values is cheaper than one for any), about 1 ms each time.
+_WRITE_DEPLOYMENT_MOVE = f"""
+WITH held AS (
+    SELECT FROM deployments WHERE id = $17 FOR NO KEY UPDATE
+), {_MOVED.format(held="AND EXISTS (SELECT FROM held)")}, changed AS (
+    UPDATE deployments
+    SET status = $18, deployed_at = $19, completed_at = $20, updated_at = now()
+    WHERE id = $17 AND EXISTS (SELECT FROM moved)
+    RETURNING updated_at
+), skipped AS (
+    UPDATE pipeline_stages SET status = 'skipped', completed_at = $20, updated_at = now()
+    WHERE deployment_id = $17 AND id <> $1 AND status IN ('pending', 'running')
+      AND $18 = 'failed' AND EXISTS (SELECT FROM moved)
+), settled AS (
+    UPDATE rollbacks
+    SET status = CASE WHEN $18 = 'succeeded' THEN 'completed' ELSE 'failed' END,
+        completed_at = $20, updated_at = now()
+    WHERE redeployment_id = $17 AND status = 'in_progress'
+      AND $18 IN ('succeeded', 'failed') AND EXISTS (SELECT FROM moved)
+), released AS ({_RELEASE_WITH_MOVE} AND EXISTS (SELECT FROM moved)
 )
 SELECT (SELECT updated_at FROM moved), (SELECT updated_at FROM changed)
 """
@@ -794,7 +826,7 @@ async def _move(
         if (answered := await claim(connection, key)) is not None:
             return await _stage_record(connection, answered)
     now = _now()
-    found = await connection.fetchrow(_MOVE_READ, stage_id)
+    found = await connection.fetchrow(_MOVE_READ, stage_id, now)
     if found is None:
         raise missing(PipelineStage, stage_id)
     width = len(_DEPLOYMENT_RECORD_FIELDS)
@@ -805,7 +837,10 @@ async def _move(
     stage = next(s for s in stages if s.id == stage_id)
     check_deployer(actor, environment, policy)
     _check_stage_move(deployment, stages, stage, status)
-    await _check_not_frozen(connection, deployment, status, now)
+    if found["windows"] and (frozen := freezes.in_force_of(found["windows"], now)):
+        # Not started, not a rollback's, no freeze passed (_MOVE_READ): its first move,
+        # running or skipped (skipping every stage would succeed it), waits for the end.
+        raise frozen[0].refusal(deployment_id=str(deployment.id))
 
     status_before = deployment.status
     moved = _stage_moved(stage, status, output, now)
@@ -814,7 +849,7 @@ async def _move(
         deployment.completed_at = now
     else:
         _advance_deployment(deployment, stages, moved, now)
-    if deployment.status != status_before:  # what follows commits with the move
+    if deployment.status in TERMINAL:  # its events commit with the move
         await unit.begin()
     details = {
         "deployment_id": str(deployment.id),
@@ -844,34 +879,38 @@ async def _write_move(
     status_before: str,
     audit: dict,
 ) -> StageRecord:
-    """Writes a stage's move if the stage's status is still `status_read`, with its
-    deployment's change (a failed deployment's other stages skipped) and its audit row
-    (`audit`, its details as JSON text); then what follows a deployment's change of
-    status: the rollback it settles, its release's status, the events. Returns the
+    """Writes a stage's move if the stage's status is still `status_read`, with what
+    follows (_WRITE_DEPLOYMENT_MOVE) and its audit row (`audit`, its details as JSON text),
+    then the events of a deployment it ended (in the caller's transaction). Returns the
     stage as stored; raises _StageChanged, having written nothing, if it had changed."""
     changed = deployment.status != status_before
-    stage_updated_at, deployment_updated_at = await connection.fetchrow(
-        _WRITE_STAGE_MOVE,
+    stage_move = (
         moved.id,
         moved.status,
         moved.output,
         moved.started_at,
         moved.completed_at,
-        changed,
-        deployment.id,
-        deployment.status,
-        deployment.deployed_at,
-        deployment.completed_at,
-        *(None if value is None else str(value) for value in audit.values()),
         status_read,
+        *(None if value is None else str(value) for value in audit.values()),
     )
+    if changed:
+        stage_updated_at, deployment_updated_at = await connection.fetchrow(
+            _WRITE_DEPLOYMENT_MOVE,
+            *stage_move,
+            deployment.id,
+            deployment.status,
+            deployment.deployed_at,
+            deployment.completed_at,
+            deployment.release_id,
+        )
+    else:
+        stage_updated_at, deployment_updated_at = await connection.fetchrow(
+            _WRITE_STAGE_MOVE, *stage_move
+        )
     if stage_updated_at is None:
         raise _StageChanged
-    if changed:  # a release's status follows its deployments'
+    if changed:
         deployment.updated_at = deployment_updated_at
-        if deployment.status in TERMINAL:
-            await _settle_rollback_on(connection, deployment)
-        await refresh_status_on(connection, deployment.release_id)
         await events.deployment_ended_on(connection, deployment)
     return replace(moved, updated_at=stage_updated_at)
 
@@ -889,28 +928,6 @@ def _stage_output(output: str) -> str | None:
     if output is not None and len(output.encode()) > STAGE_OUTPUT_MAX:
         raise InvalidArgument.field("output", f"is larger than {STAGE_OUTPUT_MAX} bytes")
     return output
-
-
-async def _check_not_frozen(
-    connection: asyncpg.Connection,
-    deployment: DeploymentRecord,
-    status: StageStatus,
-    now: datetime,
-) -> None:
-    """A deployment that has not started (pending) moves its first stage (running, or
-    skipped: skipping every stage would succeed it) only outside freeze windows, unless an
-    admin passed the freeze or it restores service (a rollback)."""
-    if (
-        deployment.status != DeploymentStatus.PENDING
-        or deployment.is_rollback
-        or deployment.freeze_override_reason is not None
-    ):
-        return
-    frozen = await freezes.in_force_on(
-        connection, deployment.environment_id, deployment.service_id, now
-    )
-    if frozen:
-        raise frozen[0].refusal(deployment_id=str(deployment.id))
 
 
 def _check_stage_move(

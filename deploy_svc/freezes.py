@@ -144,15 +144,37 @@ def _maybe_in_force(at: datetime):
     )
 
 
-# The windows that may be in force at $3 over (environment $1, service $2): one-off
-# windows around it, and every recurring one (decided in Python), as _scope and
-# _maybe_in_force say for the listing.
-_MAYBE_IN_FORCE = """
-SELECT * FROM freeze_windows
-WHERE (environment_id IS NULL OR environment_id = $1)
-  AND (service_id IS NULL OR service_id = $2)
-  AND (cron IS NOT NULL OR (start_time <= $3 AND end_time > $3))
-"""
+def maybe_in_force(environment: str, service: str, at: str) -> str:
+    """The query of the windows that may be in force at `at` over (`environment`,
+    `service`), SQL expressions: one-off windows around it, and every recurring one
+    (decided in Python, in_force_of), as _scope and _maybe_in_force say for the listing."""
+    return f"""
+    SELECT * FROM freeze_windows
+    WHERE (environment_id IS NULL OR environment_id = {environment})
+      AND (service_id IS NULL OR service_id = {service})
+      AND (cron IS NOT NULL OR (start_time <= {at} AND end_time > {at}))"""
+
+
+_MAYBE_IN_FORCE = maybe_in_force("$1", "$2", "$3")
+WINDOW_COLUMNS = tuple(column.name for column in FreezeWindow.__table__.columns)
+
+
+def in_force_of(windows, at: datetime) -> list[Frozen]:
+    """Of `windows` (rows of maybe_in_force, or tuples of WINDOW_COLUMNS), those in force
+    at `at`, the one ending last first."""
+    found = []
+    for row in windows:
+        window = SimpleNamespace(
+            **(
+                row
+                if isinstance(row, asyncpg.Record)
+                else dict(zip(WINDOW_COLUMNS, row, strict=True))
+            )
+        )
+        if (occurrence := occurrence_at(window, at)) is not None:
+            found.append(Frozen(window, occurrence[1]))
+    found.sort(key=lambda frozen: (frozen.ends_at, str(frozen.window.id)), reverse=True)
+    return found
 
 
 async def in_force(
@@ -167,13 +189,7 @@ async def in_force_on(
 ) -> list[Frozen]:
     """`in_force` on the asyncpg connection of a unit of work: plain rows, no ORM loading
     on every deploy."""
-    found = []
-    for row in await connection.fetch(_MAYBE_IN_FORCE, environment_id, service_id, at):
-        window = SimpleNamespace(**row)
-        if (occurrence := occurrence_at(window, at)) is not None:
-            found.append(Frozen(window, occurrence[1]))
-    found.sort(key=lambda frozen: (frozen.ends_at, str(frozen.window.id)), reverse=True)
-    return found
+    return in_force_of(await connection.fetch(_MAYBE_IN_FORCE, environment_id, service_id, at), at)
 
 
 # -- creating, listing, deleting --------------------------------------------------------------

@@ -30,26 +30,37 @@ SEMVER = re.compile(
 )
 GIT_COMMIT = re.compile(r"[0-9a-f]{7,40}")
 
-# A release's status from its deployments, first match wins: rolled back in production,
-# succeeded there (completed), one running (in progress), one waiting to run (promoted),
-# one succeeded elsewhere (testing), else draft; written only when it changes.
-_DERIVE_STATUS = """
+
+def status_update(deployments: str, release: str) -> str:
+    """The UPDATE that sets release `release`'s status from `deployments` (a FROM item
+    `d` giving the status and environment_type of each of its deployments), first match
+    wins: rolled back in production, succeeded there (completed), one running (in
+    progress), one waiting to run (promoted), one succeeded elsewhere (testing), else
+    draft; written only when it changes. One text for refresh_status and for a stage's
+    move, which derives it in the statement that changes its deployment."""
+    return f"""
     UPDATE releases r SET status = derived.status, updated_at = now()
     FROM (
         SELECT CASE
-            WHEN bool_or(d.status = 'rolled_back' AND e.environment_type = 'production')
+            WHEN bool_or(d.status = 'rolled_back' AND d.environment_type = 'production')
                 THEN 'rolled_back'
-            WHEN bool_or(d.status = 'succeeded' AND e.environment_type = 'production')
+            WHEN bool_or(d.status = 'succeeded' AND d.environment_type = 'production')
                 THEN 'completed'
             WHEN bool_or(d.status = 'in_progress') THEN 'in_progress'
             WHEN bool_or(d.status IN ('pending', 'awaiting_approval')) THEN 'promoted'
             WHEN bool_or(d.status = 'succeeded') THEN 'testing'
             ELSE 'draft' END AS status
-        FROM deployments d JOIN environments e ON e.id = d.environment_id
-        WHERE d.release_id = $1
+        FROM {deployments}
     ) AS derived
-    WHERE r.id = $1 AND r.status IS DISTINCT FROM derived.status
-    """
+    WHERE r.id = {release} AND r.status IS DISTINCT FROM derived.status"""
+
+
+_DERIVE_STATUS = status_update(
+    """(SELECT d.status, e.environment_type
+        FROM deployments d JOIN environments e ON e.id = d.environment_id
+        WHERE d.release_id = $1) AS d""",
+    "$1",
+)
 
 
 async def refresh_status(session: AsyncSession, release_id: uuid.UUID) -> None:
