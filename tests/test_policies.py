@@ -441,6 +441,32 @@ async def test_a_weakening_applies_once_it_is_due(
     assert not written.HasField("pending_change") and not written.HasField("pending_effective_at")
 
 
+async def test_stages_move_under_a_policy_with_a_pending_change(clients, service_id, database):
+    """A stage's move reads its policy as a plain row on the asyncpg connection, pending
+    change (JSONB) included: the pending rules are read as rules, and the moves pass."""
+    admin, developer = clients["admin"], clients["developer"]
+    environment = await new_environment(admin, "development")
+    async with database.transaction() as session:
+        await session.execute(
+            text(
+                "UPDATE environment_policies SET pending = CAST(:pending AS jsonb),"
+                " pending_effective_at = now() + interval '1 day' WHERE environment_id = :id"
+            ),
+            {
+                "id": uuid.UUID(environment.id),
+                "pending": '{"required_approvals": 0, "approver_roles": ["admin"],'
+                ' "deployer_roles": ["admin"], "required_stages": [], "bake_minutes": 0}',
+            },
+        )
+    release = await developer.CreateRelease(service_id=service_id, version="1.0.0")
+    deployment = await developer.PromoteRelease(
+        release_id=release.id, target_environment_id=environment.id
+    )
+    await run_all_stages(developer, deployment)
+    done = await developer.GetDeployment(deployment_id=deployment.id)
+    assert done.status == S.DEPLOYMENT_STATUS_SUCCEEDED
+
+
 # -- what a policy decides -------------------------------------------------------------------------
 
 
