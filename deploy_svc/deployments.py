@@ -32,7 +32,7 @@ from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 
 import asyncpg
-from sqlalchemy import bindparam, func, select, text, true, tuple_
+from sqlalchemy import bindparam, func, select, true, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
@@ -317,13 +317,16 @@ async def _deploy(
         if earlier := await replay(session, request.key, Deployment):
             return await _with_stages(session, earlier.id)
         now = _now()
+        connection = await driver_connection(session)  # plain SQL on the hot path
         target = await gates.read_target(
-            session, request.release_id, request.environment_id, now, lock=True
+            connection, request.release_id, request.environment_id, now, lock=True
         )
         release, environment, policy = target.release, target.environment, target.policy
         stage_names = _stages_for(named_stages, environment, policy)
-        await lock_slot(session, release.service_id, environment.id)
-        verdicts = await gates.evaluate(session, actor, target, now, request.freeze_override_reason)
+        await lock_slot_on(connection, release.service_id, environment.id)
+        verdicts = await gates.evaluate(
+            connection, actor, target, now, request.freeze_override_reason
+        )
         if (refusal := gates.first_refusal(verdicts)) is not None:
             raise refusal
         reviewers = await _reviewers(session, actor, request.reviewer_ids, policy)
@@ -390,13 +393,19 @@ async def _deploy(
         return deployment
 
 
+_LOCK_SLOT = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"
+
+
 async def lock_slot(session: AsyncSession, service_id: uuid.UUID, environment_id: uuid.UUID):
+    await lock_slot_on(await driver_connection(session), service_id, environment_id)
+
+
+async def lock_slot_on(
+    connection: asyncpg.Connection, service_id: uuid.UUID, environment_id: uuid.UUID
+) -> None:
     """Serializes every change of what runs for a service in an environment (transaction
     scoped): the active_deployment gate and a rollback's checks are read under it."""
-    await session.execute(
-        text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
-        {"key": f"deploy:{service_id}:{environment_id}"},
-    )
+    await connection.execute(_LOCK_SLOT, f"deploy:{service_id}:{environment_id}")
 
 
 # A deployment and its stages in one statement (stage order from 0, as listed), both as
@@ -679,13 +688,6 @@ WHERE target.id = $1
 _STAGE_BY_ID = f"SELECT {_columns('s', _STAGE_FIELDS)} FROM pipeline_stages s WHERE s.id = $1"
 
 
-def _audit_values(first: int) -> str:
-    """The audit row's values (audit_log.COLUMNS) as parameters from $`first` on, sent
-    as text (asyncpg then needs no codec for inet or jsonb)."""
-    kinds = ("uuid", "uuid", "text", "text", "text", "jsonb", "inet", "text", "text", "uuid")
-    return ", ".join(f"${n}::text::{kind}" for n, kind in enumerate(kinds, first))
-
-
 # A stage's move ($1-$5) if its status is still as read ($6), and only then its audit row
 # ($7-$16); back: the stage's updated_at, NULL if it had changed (nothing written). A
 # concurrent writer of the stage's row makes this wait, then find the row as that one
@@ -699,7 +701,7 @@ moved AS (
     RETURNING updated_at
 ), audited AS (
     INSERT INTO audit_logs ({", ".join(audit_log.COLUMNS)})
-    SELECT {_audit_values(7)} WHERE EXISTS (SELECT FROM moved)
+    SELECT {audit_log.text_values(7)} WHERE EXISTS (SELECT FROM moved)
 )"""
 _WRITE_STAGE_MOVE = f"""
 WITH {_MOVED.format(held="")}
@@ -891,7 +893,7 @@ async def _write_move(
         moved.started_at,
         moved.completed_at,
         status_read,
-        *(None if value is None else str(value) for value in audit.values()),
+        *audit_log.as_text(audit),
     )
     if changed:
         stage_updated_at, deployment_updated_at = await connection.fetchrow(

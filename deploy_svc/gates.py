@@ -21,27 +21,24 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import bindparam, func, select
+import asyncpg
+from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from deploy_svc import freezes
 from deploy_svc.freezes import timestamp_text
-from deploy_svc.policies import Policy, in_force, policy_of
+from deploy_svc.policies import Policy, in_force
 from shared.framework.errors import DomainError, FailedPrecondition, PermissionDenied
 from shared.identity.actor import Actor
 from shared.identity.auth import may
-from shared.persistence.db import Database, load
+from shared.persistence.db import Database, driver_connection, missing
 from shared.persistence.models import (
     ACTIVE_DEPLOYMENT_STATUSES,
-    Deployment,
-    DeploymentStatus,
     Environment,
     EnvironmentPolicy,
     EnvironmentType,
-    PipelineStage,
     Release,
     Service,
-    StageStatus,
 )
 
 PROMOTION_ORDER = list(EnvironmentType)
@@ -76,44 +73,47 @@ def _words(roles) -> str:
 # its environment's policy and the names of its stages that succeeded.
 POLICY_COLUMNS = EnvironmentPolicy.__table__.c
 _POLICIES = EnvironmentPolicy.__table__
-_SUCCEEDED_BEFORE = (
-    select(
-        Deployment.id,
-        Deployment.completed_at,
-        func.array_agg(PipelineStage.name).filter(PipelineStage.status == StageStatus.SUCCEEDED),
-        *_POLICIES.c,
-    )
-    .join(Environment, Environment.id == Deployment.environment_id)
-    .join(_POLICIES, _POLICIES.c.environment_id == Deployment.environment_id)
-    .outerjoin(PipelineStage, PipelineStage.deployment_id == Deployment.id)
-    .where(
-        Deployment.release_id == bindparam("release_id"),
-        Deployment.status == DeploymentStatus.SUCCEEDED,
-        Environment.environment_type == bindparam("environment_type"),
-        Environment.is_active,  # a deactivated environment is no evidence
-    )
-    .group_by(Deployment.id, _POLICIES.c.id)
-    .order_by(Deployment.completed_at.desc(), Deployment.id.desc())
-)
-_ACTIVE_IN_SLOT = select(Deployment.id).where(
-    Deployment.service_id == bindparam("service_id"),
-    Deployment.environment_id == bindparam("environment_id"),
-    Deployment.status.in_(ACTIVE_DEPLOYMENT_STATUSES),
-)
+
+
+def _columns(alias: str, table) -> str:
+    return ", ".join(f'{alias}."{column.name}"' for column in table.c)
+
+
+# The release's succeeded deployments in environments of one type (the one before the
+# target's), newest first: id, completed_at, the stages that succeeded, then the policy
+# of its environment (POLICY_COLUMNS, in table order). Plain SQL on the asyncpg
+# connection, as every statement of the deploy path.
+_SUCCEEDED_BEFORE = f"""
+SELECT d.id, d.completed_at, array_agg(s.name) FILTER (WHERE s.status = 'succeeded'),
+    {_columns("p", _POLICIES)}
+FROM deployments d
+JOIN environments e ON e.id = d.environment_id
+JOIN environment_policies p ON p.environment_id = d.environment_id
+LEFT JOIN pipeline_stages s ON s.deployment_id = d.id
+WHERE d.release_id = $1 AND d.status = 'succeeded' AND e.environment_type = $2 AND e.is_active
+GROUP BY d.id, p.id
+ORDER BY d.completed_at DESC, d.id DESC
+"""
+_ACTIVE_IN_SLOT = f"""
+SELECT id FROM deployments WHERE service_id = $1 AND environment_id = $2
+  AND status IN ({", ".join(f"'{status}'" for status in ACTIVE_DEPLOYMENT_STATUSES)})
+LIMIT 1
+"""
 
 
 async def evaluate(
-    session: AsyncSession,
+    connection: asyncpg.Connection,
     actor: Actor,
     target: Target,
     now: datetime,
     freeze_override_reason: str | None,
 ) -> list[Gate]:
-    """Every gate, in the module docstring's order, for `actor` deploying `target` at `now`."""
-    gates = await _earlier_environment_gates(session, target, now)
-    gates.append(await _freeze_gate(session, actor, target, now, freeze_override_reason))
+    """Every gate, in the module docstring's order, for `actor` deploying `target` at `now`
+    (on the asyncpg connection of the deploy's unit of work, or of CheckPromotion's read)."""
+    gates = await _earlier_environment_gates(connection, target, now)
+    gates.append(await _freeze_gate(connection, actor, target, now, freeze_override_reason))
     gates.append(_deployer_gate(actor, target))
-    gates.append(await _active_gate(session, target))
+    gates.append(await _active_gate(connection, target))
     gates.append(_approvals_gate(target))
     return gates
 
@@ -123,7 +123,7 @@ def first_refusal(gates: list[Gate]) -> DomainError | None:
 
 
 async def _earlier_environment_gates(
-    session: AsyncSession, target: Target, now: datetime
+    connection: asyncpg.Connection, target: Target, now: datetime
 ) -> list[Gate]:
     """promotion_order, required_stages and bake_time, from the release's deployments in
     the previous environment type."""
@@ -144,12 +144,9 @@ async def _earlier_environment_gates(
             Gate("bake_time", True, first),
         ]
     previous = PROMOTION_ORDER[position - 1]
-    connection = await session.connection()  # plain rows, as on every deploy
     succeeded = [
         (row[0], row[1], policy_in_row(row, 3, now), row[2])
-        for row in await connection.execute(
-            _SUCCEEDED_BEFORE, {"release_id": release.id, "environment_type": previous}
-        )
+        for row in await connection.fetch(_SUCCEEDED_BEFORE, release.id, previous.value)
     ]
     if not succeeded:
         return [
@@ -243,13 +240,13 @@ def _inactive(target: Target) -> Gate | None:
 
 
 async def _freeze_gate(
-    session: AsyncSession,
+    connection: asyncpg.Connection,
     actor: Actor,
     target: Target,
     now: datetime,
     override_reason: str | None,
 ) -> Gate:
-    frozen = await freezes.in_force(session, target.environment.id, target.service.id, now)
+    frozen = await freezes.in_force_on(connection, target.environment.id, target.service.id, now)
     if not frozen:
         return Gate("freeze", True, "no freeze window is in force")
     window = frozen[0].window
@@ -299,11 +296,8 @@ def _deployer_gate(actor: Actor, target: Target) -> Gate:
     return Gate("deployer_role", False, refusal.message, refusal)
 
 
-async def _active_gate(session: AsyncSession, target: Target) -> Gate:
-    blocking = await session.scalar(
-        _ACTIVE_IN_SLOT,
-        {"service_id": target.service.id, "environment_id": target.environment.id},
-    )
+async def _active_gate(connection: asyncpg.Connection, target: Target) -> Gate:
+    blocking = await connection.fetchval(_ACTIVE_IN_SLOT, target.service.id, target.environment.id)
     if blocking is None:
         return Gate("active_deployment", True, "no other deployment is active here")
     message = f"deployment {blocking} is still active in {target.environment.name}"
@@ -364,21 +358,27 @@ def _positions(table) -> dict[str, int]:
 
 _POLICY_COLUMNS = _positions(_POLICIES)
 _PARTS = (Release.__table__, Service.__table__, Environment.__table__, _POLICIES)
-_TARGET = (
-    select(*(column for table in _PARTS for column in table.c))
-    .select_from(Release.__table__)
-    .join(Service.__table__, Service.__table__.c.id == Release.__table__.c.service_id)
-    .join(Environment.__table__, Environment.__table__.c.id == bindparam("environment_id"))
-    .join(_POLICIES, _POLICIES.c.environment_id == Environment.__table__.c.id)
-    .where(Release.__table__.c.id == bindparam("release_id"))
-)
+# The release, its service, the environment and its policy, each table's columns in
+# table order; $1 the release, $2 the environment.
+_TARGET = f"""
+SELECT {_columns("r", Release.__table__)}, {_columns("s", Service.__table__)},
+    {_columns("e", Environment.__table__)}, {_columns("p", _POLICIES)}
+FROM releases r
+JOIN services s ON s.id = r.service_id
+JOIN environments e ON e.id = $2
+JOIN environment_policies p ON p.environment_id = e.id
+WHERE r.id = $1
+"""
 # The deploy path's read: the environment's and the service's rows KEY SHARE locked (as
 # the deployment's foreign keys will lock them anyway), so an UpdateEnvironment or
 # UpdateService that deactivates one (FOR UPDATE) either commits first and is seen here,
 # or waits for this deployment.
-_TARGET_LOCKED = _TARGET.with_for_update(
-    read=True, key_share=True, of=[Environment.__table__, Service.__table__]
-)
+_TARGET_LOCKED = _TARGET + "FOR KEY SHARE OF e, s\n"
+# Which of a target's parts exist, when the read found none.
+_PARTS_FOUND = """
+SELECT EXISTS (SELECT FROM releases WHERE id = $1),
+    EXISTS (SELECT FROM environments WHERE id = $2)
+"""
 _HELD_ENVIRONMENT = (
     select(Environment.id, Environment.name, Environment.is_active)
     .where(Environment.id == bindparam("environment_id"))
@@ -396,7 +396,7 @@ async def hold_environment(session: AsyncSession, environment_id: uuid.UUID):
 
 
 async def read_target(
-    session: AsyncSession,
+    connection: asyncpg.Connection,
     release_id: uuid.UUID,
     environment_id: uuid.UUID,
     now: datetime,
@@ -405,18 +405,19 @@ async def read_target(
 ) -> Target:
     """The release, its service, the environment and its policy in force, in one round trip
     (`lock`: for a deploy, with the environment held against a change of is_active)."""
-    connection = await session.connection()
-    found = (
-        await connection.execute(
-            _TARGET_LOCKED if lock else _TARGET,
-            {"release_id": release_id, "environment_id": environment_id},
-        )
-    ).one_or_none()
+    found = await connection.fetchrow(
+        _TARGET_LOCKED if lock else _TARGET, release_id, environment_id
+    )
     if found is None:  # NOT_FOUND naming whichever is missing
-        await load(session, Release, release_id)
-        await load(session, Environment, environment_id)
-        await policy_of(session, environment_id, now)  # every environment has one (007)
-        raise LookupError(f"release {release_id} has no service")  # a foreign key holds it
+        release_found, environment_found = await connection.fetchrow(
+            _PARTS_FOUND, release_id, environment_id
+        )
+        if not release_found:
+            raise missing(Release, release_id)
+        if not environment_found:
+            raise missing(Environment, environment_id)
+        # Every environment has a policy (007) and every release a service (a foreign key).
+        raise LookupError(f"release {release_id} or environment {environment_id} is incomplete")
     release, service, environment = (
         _Columns(found, start, names) for start, names in zip(_OFFSETS[:3], _NAMES, strict=True)
     )
@@ -428,6 +429,7 @@ async def check_promotion(
 ) -> list[Gate]:
     """Every gate as PromoteRelease would find it for `actor` now; writes nothing."""
     async with database.read() as session:
+        connection = await driver_connection(session)  # a read's: no transaction
         now = datetime.now(UTC)
-        target = await read_target(session, release_id, environment_id, now)
-        return await evaluate(session, actor, target, now, None)
+        target = await read_target(connection, release_id, environment_id, now)
+        return await evaluate(connection, actor, target, now, None)

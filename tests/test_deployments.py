@@ -433,12 +433,15 @@ async def test_racing_moves_of_one_stage_write_once(clients, service_id, databas
     assert len(refused) == 9, started
     assert {error_details(r)[0].reason for r in refused} == {"INVALID_STAGE_TRANSITION"}
     async with database.transaction() as session:
-        rows = await session.scalar(
-            select(func.count())
-            .select_from(AuditLog)
-            .where(AuditLog.resource_id == build.id, AuditLog.action == "update")
-        )
-    assert rows == 1
+        rows = (
+            await session.execute(
+                select(AuditLog.ip_address, AuditLog.origin).where(
+                    AuditLog.resource_id == build.id, AuditLog.action == "update"
+                )
+            )
+        ).all()
+    # One row, the caller's address as it came (no netmask), relman's own record.
+    assert [(row.ip_address, row.origin) for row in rows] == [("127.0.0.1", "relman")]
 
     ended = await asyncio.gather(
         *(
