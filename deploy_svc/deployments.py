@@ -318,12 +318,11 @@ async def _deploy(
             return await _with_stages(session, earlier.id)
         now = _now()
         connection = await driver_connection(session)  # plain SQL on the hot path
-        target = await gates.read_target(
+        target = await gates.read_target(  # and the slot's lock
             connection, request.release_id, request.environment_id, now, lock=True
         )
         release, environment, policy = target.release, target.environment, target.policy
         stage_names = _stages_for(named_stages, environment, policy)
-        await lock_slot_on(connection, release.service_id, environment.id)
         verdicts = await gates.evaluate(
             connection, actor, target, now, request.freeze_override_reason
         )
@@ -393,7 +392,7 @@ async def _deploy(
         return deployment
 
 
-_LOCK_SLOT = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"
+_LOCK_SLOT = f"SELECT {gates.slot_lock('$1::text', '$2::text')}"
 
 
 async def lock_slot(session: AsyncSession, service_id: uuid.UUID, environment_id: uuid.UUID):
@@ -405,7 +404,7 @@ async def lock_slot_on(
 ) -> None:
     """Serializes every change of what runs for a service in an environment (transaction
     scoped): the active_deployment gate and a rollback's checks are read under it."""
-    await connection.execute(_LOCK_SLOT, f"deploy:{service_id}:{environment_id}")
+    await connection.execute(_LOCK_SLOT, str(service_id), str(environment_id))
 
 
 # A deployment and its stages in one statement (stage order from 0, as listed), both as

@@ -79,10 +79,21 @@ def _columns(alias: str, table) -> str:
     return ", ".join(f'{alias}."{column.name}"' for column in table.c)
 
 
-# The release's succeeded deployments in environments of one type (the one before the
-# target's), newest first: id, completed_at, the stages that succeeded, then the policy
-# of its environment (POLICY_COLUMNS, in table order). Plain SQL on the asyncpg
-# connection, as every statement of the deploy path.
+# What the gates decide from, in one statement (after the slot's lock, taken by the
+# target's read): the deployment active in the slot ($1 service, $2 environment) and the
+# freeze windows that may be in force at $3.
+_GATE_FACTS = f"""
+SELECT
+    (SELECT id FROM deployments WHERE service_id = $1 AND environment_id = $2
+       AND status IN ({", ".join(f"'{status}'" for status in ACTIVE_DEPLOYMENT_STATUSES)})
+     LIMIT 1) AS active,
+    ARRAY(SELECT ROW({", ".join(f'w."{name}"' for name in freezes.WINDOW_COLUMNS)})
+          FROM ({freezes.maybe_in_force("$2", "$1", "$3")}) AS w) AS windows
+"""
+# The release's ($1) succeeded deployments in active environments of one type ($2, the
+# one before the target's), newest first: id, completed_at, the stages that succeeded,
+# then the policy of its environment (POLICY_COLUMNS, in table order). A statement of its
+# own: asyncpg decodes no array inside an anonymous record.
 _SUCCEEDED_BEFORE = f"""
 SELECT d.id, d.completed_at, array_agg(s.name) FILTER (WHERE s.status = 'succeeded'),
     {_columns("p", _POLICIES)}
@@ -94,11 +105,6 @@ WHERE d.release_id = $1 AND d.status = 'succeeded' AND e.environment_type = $2 A
 GROUP BY d.id, p.id
 ORDER BY d.completed_at DESC, d.id DESC
 """
-_ACTIVE_IN_SLOT = f"""
-SELECT id FROM deployments WHERE service_id = $1 AND environment_id = $2
-  AND status IN ({", ".join(f"'{status}'" for status in ACTIVE_DEPLOYMENT_STATUSES)})
-LIMIT 1
-"""
 
 
 async def evaluate(
@@ -109,21 +115,40 @@ async def evaluate(
     freeze_override_reason: str | None,
 ) -> list[Gate]:
     """Every gate, in the module docstring's order, for `actor` deploying `target` at `now`
-    (on the asyncpg connection of the deploy's unit of work, or of CheckPromotion's read)."""
-    gates = await _earlier_environment_gates(connection, target, now)
-    gates.append(await _freeze_gate(connection, actor, target, now, freeze_override_reason))
+    (on the asyncpg connection of the deploy's unit of work, after its target's read, or
+    of CheckPromotion's read): their facts in one round trip (_GATE_FACTS), and one more
+    past the first environment type (_SUCCEEDED_BEFORE)."""
+    previous = _previous_type(target)
+    facts = await connection.fetchrow(_GATE_FACTS, target.service.id, target.environment.id, now)
+    succeeded = (
+        []
+        if previous is None
+        else await connection.fetch(_SUCCEEDED_BEFORE, target.release.id, previous.value)
+    )
+    gates = _earlier_environment_gates(target, now, previous, succeeded)
+    frozen = freezes.in_force_of(facts["windows"], now)
+    gates.append(_freeze_gate(actor, frozen, freeze_override_reason))
     gates.append(_deployer_gate(actor, target))
-    gates.append(await _active_gate(connection, target))
+    gates.append(_active_gate(target, facts["active"]))
     gates.append(_approvals_gate(target))
     return gates
+
+
+def _previous_type(target: Target) -> EnvironmentType | None:
+    """The environment type a release must have succeeded in before the target's; None
+    for the first, and for a deactivated environment or service (no gate is read then)."""
+    if _inactive(target) is not None:
+        return None
+    position = PROMOTION_ORDER.index(EnvironmentType(target.environment.environment_type))
+    return PROMOTION_ORDER[position - 1] if position else None
 
 
 def first_refusal(gates: list[Gate]) -> DomainError | None:
     return next((gate.refusal for gate in gates if not gate.passed), None)
 
 
-async def _earlier_environment_gates(
-    connection: asyncpg.Connection, target: Target, now: datetime
+def _earlier_environment_gates(
+    target: Target, now: datetime, previous: EnvironmentType | None, succeeded_rows
 ) -> list[Gate]:
     """promotion_order, required_stages and bake_time, from the release's deployments in
     the previous environment type."""
@@ -135,19 +160,14 @@ async def _earlier_environment_gates(
             Gate("required_stages", False, "not checked: the promotion order gate failed"),
             Gate("bake_time", False, "not checked: the promotion order gate failed"),
         ]
-    position = PROMOTION_ORDER.index(EnvironmentType(environment.environment_type))
-    if position == 0:
+    if previous is None:
         first = f"{environment.environment_type} comes first: nothing is required before it"
         return [
             Gate("promotion_order", True, first),
             Gate("required_stages", True, first),
             Gate("bake_time", True, first),
         ]
-    previous = PROMOTION_ORDER[position - 1]
-    succeeded = [
-        (row[0], row[1], policy_in_row(row, 3, now), row[2])
-        for row in await connection.fetch(_SUCCEEDED_BEFORE, release.id, previous.value)
-    ]
+    succeeded = [(row[0], row[1], policy_in_row(row, 3, now), row[2]) for row in succeeded_rows]
     if not succeeded:
         return [
             Gate(
@@ -239,14 +259,7 @@ def _inactive(target: Target) -> Gate | None:
     return None
 
 
-async def _freeze_gate(
-    connection: asyncpg.Connection,
-    actor: Actor,
-    target: Target,
-    now: datetime,
-    override_reason: str | None,
-) -> Gate:
-    frozen = await freezes.in_force_on(connection, target.environment.id, target.service.id, now)
+def _freeze_gate(actor: Actor, frozen: list[freezes.Frozen], override_reason: str | None) -> Gate:
     if not frozen:
         return Gate("freeze", True, "no freeze window is in force")
     window = frozen[0].window
@@ -296,8 +309,7 @@ def _deployer_gate(actor: Actor, target: Target) -> Gate:
     return Gate("deployer_role", False, refusal.message, refusal)
 
 
-async def _active_gate(connection: asyncpg.Connection, target: Target) -> Gate:
-    blocking = await connection.fetchval(_ACTIVE_IN_SLOT, target.service.id, target.environment.id)
+def _active_gate(target: Target, blocking: uuid.UUID | None) -> Gate:
     if blocking is None:
         return Gate("active_deployment", True, "no other deployment is active here")
     message = f"deployment {blocking} is still active in {target.environment.name}"
@@ -357,6 +369,16 @@ def _positions(table) -> dict[str, int]:
 
 
 _POLICY_COLUMNS = _positions(_POLICIES)
+
+
+def slot_lock(service: str, environment: str) -> str:
+    """The call that takes a slot's lock (a service in an environment) until the end of
+    the transaction, from SQL text expressions of the two ids: every change of what runs
+    in a slot holds it (deploy_svc.deployments.lock_slot)."""
+    key = f"'deploy:' || {service} || ':' || {environment}"
+    return f"pg_advisory_xact_lock(hashtextextended({key}, 0))"
+
+
 _PARTS = (Release.__table__, Service.__table__, Environment.__table__, _POLICIES)
 # The release, its service, the environment and its policy, each table's columns in
 # table order; $1 the release, $2 the environment.
@@ -372,8 +394,16 @@ WHERE r.id = $1
 # The deploy path's read: the environment's and the service's rows KEY SHARE locked (as
 # the deployment's foreign keys will lock them anyway), so an UpdateEnvironment or
 # UpdateService that deactivates one (FOR UPDATE) either commits first and is seen here,
-# or waits for this deployment.
-_TARGET_LOCKED = _TARGET + "FOR KEY SHARE OF e, s\n"
+# or waits for this deployment; and the slot's lock taken (its last column), so that
+# the gates' facts, read by the next statement, are read under it.
+_TARGET_LOCKED = (
+    _TARGET.replace(
+        "\nFROM releases r",
+        f", {slot_lock('r.service_id::text', 'e.id::text')}\nFROM releases r",
+        1,
+    )
+    + "FOR KEY SHARE OF e, s\n"
+)
 # Which of a target's parts exist, when the read found none.
 _PARTS_FOUND = """
 SELECT EXISTS (SELECT FROM releases WHERE id = $1),
