@@ -330,43 +330,38 @@ async def _deploy(
             raise refusal
         reviewers = await _reviewers(session, actor, request.reviewer_ids, policy)
         passed_freeze = next(g for g in verdicts if g.name == "freeze").freeze_window_id
-        deployment = await new_deployment(
-            session,
-            actor,
-            release,
-            environment,
-            stage_names,
-            status=(
-                DeploymentStatus.AWAITING_APPROVAL
-                if policy.rules.required_approvals
-                else DeploymentStatus.PENDING
-            ),
-            freeze_override_reason=request.freeze_override_reason if passed_freeze else None,
+        status = (
+            DeploymentStatus.AWAITING_APPROVAL
+            if policy.rules.required_approvals
+            else DeploymentStatus.PENDING
         )
-        session.add_all(
-            Approval(
-                deployment_id=deployment.id,
-                approver_id=reviewer.id,
-                status=ApprovalStatus.PENDING.value,
-            )
-            for reviewer in reviewers
+        deployment_id = uuid.uuid4()
+        details = {
+            "release_id": str(release.id),
+            "version": release.version,
+            "environment": environment.name,
+            "stages": stage_names,
+            "reviewer_ids": [str(r.id) for r in reviewers],
+        }
+        audit = audit_log.relman_row(
+            actor, request.action, "deployment", deployment_id, json.dumps(details)
         )
-        await session.flush()
-        await refresh_status(session, release.id)
-        await audit_log.append(
-            session,
-            actor,
-            request.action,
-            "deployment",
-            deployment.id,
-            {
-                "release_id": str(release.id),
-                "version": release.version,
-                "environment": environment.name,
-                "stages": stage_names,
-                "reviewer_ids": [str(r.id) for r in reviewers],
-            },
+        *columns, stages = await connection.fetchrow(
+            _DEPLOYED,
+            deployment_id,
+            release.id,
+            release.service_id,
+            environment.id,
+            status.value,
+            actor.user_id,
+            request.freeze_override_reason if passed_freeze else None,
+            False,
+            list(stage_names),
+            [reviewer.id for reviewer in reviewers],
+            environment.environment_type,
+            *audit_log.as_text(audit),
         )
+        deployment = DeploymentRecord(*columns, stages=[StageRecord(*stage) for stage in stages])
         if passed_freeze:
             await audit_log.append(
                 session,
@@ -407,10 +402,10 @@ async def lock_slot_on(
     await connection.execute(_LOCK_SLOT, str(service_id), str(environment_id))
 
 
-# A deployment and its stages in one statement (stage order from 0, as listed), both as
-# stored: through the ORM's flush it was most of PromoteRelease's CPU.
-_NEW_DEPLOYMENT = f"""
-WITH made AS (
+# A deployment ($1-$8) and its stages ($9, in order from 0), both as stored: through the
+# ORM's flush it was most of PromoteRelease's CPU.
+_MADE = f"""
+made AS (
     INSERT INTO deployments (id, release_id, service_id, environment_id, status, deployed_by,
         freeze_override_reason, is_rollback)
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
@@ -420,8 +415,31 @@ WITH made AS (
     SELECT gen_random_uuid(), $1, stage.name, stage.position - 1, 'pending'
     FROM unnest($9::text[]) WITH ORDINALITY AS stage(name, position)
     RETURNING {_columns("pipeline_stages", _STAGE_FIELDS)}
+)"""
+_MADE_AND_STAGED = (
+    'SELECT made.*, ARRAY(SELECT ROW(staged.*) FROM staged ORDER BY staged."order") FROM made'
 )
-SELECT made.*, ARRAY(SELECT ROW(staged.*) FROM staged ORDER BY staged."order") FROM made
+_NEW_DEPLOYMENT = f"WITH {_MADE}\n{_MADE_AND_STAGED}"
+# The release's status (releases.status_update) with the new deployment, in environment
+# type $11: the statement that inserts it cannot see it.
+_RELEASE_WITH_NEW = status_update(
+    """(SELECT d.status, e.environment_type
+        FROM deployments d JOIN environments e ON e.id = d.environment_id
+        WHERE d.release_id = $2
+        UNION ALL SELECT $5, $11) AS d""",
+    "$2",
+)
+# A deploy's writes in one statement: the deployment and its stages, the votes asked of
+# its reviewers ($10), its release's status, and its audit row ($12-$21).
+_DEPLOYED = f"""
+WITH {_MADE}, asked AS (
+    INSERT INTO approvals (id, deployment_id, approver_id, status)
+    SELECT gen_random_uuid(), $1, reviewer, 'pending' FROM unnest($10::uuid[]) AS reviewer
+), released AS ({_RELEASE_WITH_NEW}
+), audited AS (
+    INSERT INTO audit_logs ({", ".join(audit_log.COLUMNS)}) VALUES ({audit_log.text_values(12)})
+)
+{_MADE_AND_STAGED}
 """
 
 
