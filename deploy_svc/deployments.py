@@ -52,7 +52,7 @@ from shared.framework.errors import (
 from shared.framework.validation import text as text_field
 from shared.identity.actor import Actor
 from shared.persistence import audit_log, pagination
-from shared.persistence.db import Database, driver_connection, load, missing, read_connection
+from shared.persistence.db import Database, driver_connection, load, missing
 from shared.persistence.idempotency import RequestKey, answer, claim, remember, replay
 from shared.persistence.models import (
     ACTIVE_DEPLOYMENT_STATUSES,
@@ -1055,8 +1055,8 @@ async def get_deployment_with_stages(database: Database, deployment_id: uuid.UUI
 
 
 async def get_full_deployment(database: Database, deployment_id: uuid.UUID) -> FullDeployment:
-    async with database.replica_read() as session:
-        return await load_full_deployment(session, deployment_id)
+    async with database.replica_read_connection() as connection:
+        return await load_full_deployment(connection, deployment_id)
 
 
 def _record_of(alias: str, columns: Sequence[str]) -> str:
@@ -1080,12 +1080,13 @@ FROM deployments d WHERE d.id = $1
 """
 
 
-async def load_full_deployment(session: AsyncSession, deployment_id: uuid.UUID) -> FullDeployment:
+async def load_full_deployment(
+    connection: asyncpg.Connection, deployment_id: uuid.UUID
+) -> FullDeployment:
     """The deployment with its stages, approvals and metrics (a step of GetDeployment's
-    full view, and of the watcher's reads, which have a unit of work of their own: a
-    session of `read` or `replica_read`, whose statements are their own transactions)."""
-    async with read_connection(session) as connection:
-        found = await connection.fetchrow(_FULL_DEPLOYMENT, deployment_id)
+    full view, and of the watcher's reads, which have a unit of work of their own), on
+    an asyncpg connection outside any transaction."""
+    found = await connection.fetchrow(_FULL_DEPLOYMENT, deployment_id)
     if found is None:
         raise missing(Deployment, deployment_id)
     *columns, stages, approvals, metrics = found

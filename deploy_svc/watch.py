@@ -91,8 +91,8 @@ class DeploymentWatcher:
     async def read(self, deployment_id: uuid.UUID) -> FullDeployment:
         """The deployment in full, within 10 s: a fan-out runs outside any call, where no
         caller's deadline would bound it."""
-        async with self.database.read(deadline_s=10) as session:
-            return await load_full_deployment(session, deployment_id)
+        async with self.database.autocommit_connection(10) as connection:
+            return await load_full_deployment(connection, deployment_id)
 
     def _notified(self, connection, pid, channel, payload: str) -> None:
         try:

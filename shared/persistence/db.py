@@ -696,6 +696,32 @@ class Database:
                 return connection
         return await self.engine.connect()
 
+    @asynccontextmanager
+    async def replica_read_connection(
+        self, deadline_s: float | None = None
+    ) -> AsyncIterator[asyncpg.Connection]:
+        """`replica_read` on the pooled asyncpg connection itself, without a session: for
+        the hottest read (GetDeployment's full view), where the session's own work showed
+        in the profile. Each statement is its own transaction. A connection left unusable
+        is closed, not reused (`autocommit_connection`); a replica lost in the middle of
+        the read is held down, as `replica_read` holds it."""
+        async with asyncio.timeout(time_left(deadline_s)):
+            connection = await self.replica_connection()
+            try:
+                raw = (await connection.get_raw_connection()).driver_connection
+                try:
+                    yield raw
+                except BaseException as exc:
+                    if raw.is_closed() or not statement_error(exc):
+                        await connection.invalidate()
+                    replica = self.replica
+                    if replica is not None and connection.engine is replica.engine:
+                        if isinstance(exc, Exception) and lost_connection(exc):
+                            await replica.unreachable(exc)
+                    raise
+            finally:
+                await connection.close()
+
     def start_replica_checks(self) -> None:
         """Starts the read replica's periodic checks (ReadReplica.watch), if there is one;
         `dispose` ends them. A server's, not a command line's: it needs a running loop."""
@@ -762,22 +788,6 @@ def statement_error(exc: BaseException) -> bool:
         "57",  # operator intervention: shutdown, cancel, cannot connect now
         "XX",  # internal error
     }
-
-
-@asynccontextmanager
-async def read_connection(session: AsyncSession) -> AsyncIterator[asyncpg.Connection]:
-    """The asyncpg connection under a session of `read` or `replica_read` (autocommit:
-    no transaction of SQLAlchemy's to stay inside), for the hottest reads, where
-    SQLAlchemy's work per statement showed in the profile. A failure that leaves the
-    connection unusable invalidates it, as `autocommit_connection` does."""
-    connection = await session.connection()
-    raw = (await connection.get_raw_connection()).driver_connection
-    try:
-        yield raw
-    except BaseException as exc:
-        if raw.is_closed() or not statement_error(exc):
-            await connection.invalidate()
-        raise
 
 
 def missing(model: type, row_id) -> NotFound:
