@@ -623,6 +623,7 @@ async def lifecycles(stack: Stack, size: Size) -> list[Result]:
     return [
         info(f"{name}: lifecycles/s", plain.rate),
         at_most(f"{name}: p99 ms per call", plain.p99_ms, LIFECYCLE_P99_TARGET_MS, "ms"),
+        info(f"{name}: deploy_svc CPU ms per lifecycle", plain.cpu_ms),
         info(f"{keyed_name}: lifecycles/s", keyed.rate, plain.rate),
         info(f"{keyed_name}: p99 ms per call", keyed.p99_ms, plain.p99_ms),
         at_least(
@@ -645,6 +646,7 @@ async def lifecycles(stack: Stack, size: Size) -> list[Result]:
 @dataclass(frozen=True)
 class _LifecyclesRun:
     rate: float  # lifecycles/s
+    cpu_ms: float  # deploy_svc's CPU per lifecycle (user and system)
     calls_rate: float  # their deploy calls/s
     p99_ms: float  # of their calls
     last_deployment: str  # the id of one they ran to success (5 stages)
@@ -672,6 +674,7 @@ async def _timed_lifecycles(stack: Stack, size: Size, request_ids: bool) -> _Lif
     }
     timed = _Deploy(stack)
     timed_from: list[float] = []
+    cpu_from: list[float] = []  # deploy_svc's, when the first caller's timed part starts
     deployments: list[str] = []
 
     async def lifecycle(service: str) -> None:
@@ -680,14 +683,17 @@ async def _timed_lifecycles(stack: Stack, size: Size, request_ids: bool) -> _Lif
             if n == WARM_UP_LIFECYCLES:
                 deploy = timed
                 timed_from.append(time.perf_counter())
+                cpu_from.append(stack.cpu_seconds(stack.deploy))
             deployments.append(await _lifecycle(deploy, release_id, DEV, request_ids))
 
     await asyncio.gather(*(lifecycle(service) for service in services))
     elapsed = time.perf_counter() - min(timed_from)
+    cpu_s = stack.cpu_seconds(stack.deploy) - cpu_from[0]
     # They are scoped to these services alone, but no later scenario should meet them.
     await _delete_freeze_windows(setup, windows)
     return _LifecyclesRun(
         rate=callers * size.lifecycles_per_caller / elapsed,
+        cpu_ms=_ms(cpu_s) / (callers * size.lifecycles_per_caller),
         calls_rate=len(timed.latencies) / elapsed,
         p99_ms=_ms(percentile(timed.latencies, 0.99)),
         last_deployment=deployments[-1],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -31,6 +32,12 @@ class Stack:
     audit_channel: grpc.aio.Channel
     service_token: str  # ci-bot, a service user: may log on behalf of others
     admin_token: str
+
+    def cpu_seconds(self, process: RelmanProcess) -> float:
+        """The CPU time (user and system) a service process has used so far."""
+        with open(f"/proc/{process.process.pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def rss_bytes(self, process: RelmanProcess) -> int:
         """The resident memory of a service process now."""
