@@ -46,7 +46,13 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from shared.framework.errors import Aborted, DeadlineExceeded, InvalidArgument, NotFound
+from shared.framework.errors import (
+    Aborted,
+    DeadlineExceeded,
+    DomainError,
+    InvalidArgument,
+    NotFound,
+)
 from shared.persistence.roles import OWNER_ROLE, RUNTIME_ROLE, SESSION_BOUNDS
 
 ASYNC_DRIVER = "postgresql+asyncpg"
@@ -733,20 +739,24 @@ class Database:
         self, deadline_s: float | None
     ) -> AsyncIterator[asyncpg.Connection]:
         """A pooled asyncpg connection, bounded by `deadline_s`; each statement is its own
-        transaction. For hot paths where SQLAlchemy's per-statement work shows in the
-        profile (the audit group commit).
+        transaction unless the caller opens one (and ends it). For hot paths where
+        SQLAlchemy's per-statement work shows in the profile (the audit group commit,
+        UpdatePipelineStage).
 
         SQLAlchemy never sees what fails here, so this decides what it would: a
         connection interrupted mid-statement or told by the server that the session
-        is over (a restart) is closed, not reused; handed to the next caller it would
-        fail with "another operation is in progress" (seen in tests/faults).
+        is over (a restart), or left inside a transaction, is closed, not reused; handed
+        to the next caller it would fail with "another operation is in progress" (seen
+        in tests/faults). A refusal of the domain's own, raised between statements (a
+        FAILED_PRECONDITION), leaves it as good as a statement's error does.
         """
         async with asyncio.timeout(time_left(deadline_s)), self.engine.connect() as connection:
             raw = (await connection.get_raw_connection()).driver_connection
             try:
                 yield raw
             except BaseException as exc:
-                if raw.is_closed() or not statement_error(exc):
+                reusable = statement_error(exc) or isinstance(exc, DomainError)
+                if raw.is_closed() or raw.is_in_transaction() or not reusable:
                     await connection.invalidate()
                 raise
 
