@@ -22,6 +22,7 @@ database where it can be (migrations 003 and 007):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -705,57 +706,61 @@ WHERE target.id = $1
 _STAGE_BY_ID = f"SELECT {_columns('s', _STAGE_FIELDS)} FROM pipeline_stages s WHERE s.id = $1"
 
 
-# A stage's move ($1-$5) if its status is still as read ($6), and only then its audit row
-# ($7-$16); back: the stage's updated_at, NULL if it had changed (nothing written). A
-# concurrent writer of the stage's row makes this wait, then find the row as that one
-# left it (READ COMMITTED), so one of two racing moves writes. `status || ''` keeps the
-# planner on the primary key (on `status`, it chose the status index for rare statuses).
+# A stage's move ($1-$5) if its status is still as read ($6) and its deployment's too
+# ($18), and only then its audit row ($7-$16); back: the stage's updated_at, NULL if either
+# had changed (nothing written). The deployment's row is held first (`held`: FOR SHARE for
+# a plain move, which leaves other moves alone but waits for a cancel, a rejection or a
+# policy that makes it wait for votes again; FOR NO KEY UPDATE for a move that changes
+# it), in the order of every other change of a deployment and its stages; a concurrent
+# writer of either row makes this wait, then find the row as that one left it (READ
+# COMMITTED), so of two racing changes one writes and the other finds its read stale.
+# `status || ''` keeps the planner on the stage's key (on `status`, it chose the status
+# index for rare statuses).
 _MOVED = f"""
-moved AS (
+held AS (
+    SELECT FROM deployments WHERE id = $17 AND status = $18 FOR {{lock}}
+), moved AS (
     UPDATE pipeline_stages
     SET status = $2, output = $3, started_at = $4, completed_at = $5, updated_at = now()
-    WHERE id = $1 AND status || '' = $6 {{held}}
+    WHERE id = $1 AND status || '' = $6 AND EXISTS (SELECT FROM held)
     RETURNING updated_at
 ), audited AS (
     INSERT INTO audit_logs ({", ".join(audit_log.COLUMNS)})
     SELECT {audit_log.text_values(7)} WHERE EXISTS (SELECT FROM moved)
 )"""
 _WRITE_STAGE_MOVE = f"""
-WITH {_MOVED.format(held="")}
+WITH {_MOVED.format(lock="SHARE")}
 SELECT (SELECT updated_at FROM moved), NULL::timestamptz
 """
-# The release's status (releases.status_update) with the deployment's new status ($18):
+# The release's status (releases.status_update) with the deployment's new status ($19):
 # the statement that changes the deployment cannot see its own change.
 _RELEASE_WITH_MOVE = status_update(
-    """(SELECT CASE WHEN d.id = $17 THEN $18 ELSE d.status END AS status, e.environment_type
+    """(SELECT CASE WHEN d.id = $17 THEN $19 ELSE d.status END AS status, e.environment_type
         FROM deployments d JOIN environments e ON e.id = d.environment_id
-        WHERE d.release_id = $21) AS d""",
-    "$21",
+        WHERE d.release_id = $22) AS d""",
+    "$22",
 )
-# The same for a move that changes its deployment ($17-$20), and only if the stage moved:
+# The same for a move that changes its deployment ($19-$21), and only if the stage moved:
 # its other stages skipped when it failed, the rollback it settles when it ends, its
-# release's status ($21). It takes the deployment's row first (`held`), in the order of
-# every other change of a deployment and its stages (cancel, the sweeper). A statement of
-# its own, not the first with flags: with flags PostgreSQL planned it anew on every call
-# (a plan for the flags' values is cheaper than one for any), about 1 ms each time.
+# release's status ($22). A statement of its own, not the first with flags: with flags
+# PostgreSQL planned it anew on every call (a plan for the flags' values is cheaper than
+# one for any), about 1 ms each time.
 _WRITE_DEPLOYMENT_MOVE = f"""
-WITH held AS (
-    SELECT FROM deployments WHERE id = $17 FOR NO KEY UPDATE
-), {_MOVED.format(held="AND EXISTS (SELECT FROM held)")}, changed AS (
+WITH {_MOVED.format(lock="NO KEY UPDATE")}, changed AS (
     UPDATE deployments
-    SET status = $18, deployed_at = $19, completed_at = $20, updated_at = now()
+    SET status = $19, deployed_at = $20, completed_at = $21, updated_at = now()
     WHERE id = $17 AND EXISTS (SELECT FROM moved)
     RETURNING updated_at
 ), skipped AS (
-    UPDATE pipeline_stages SET status = 'skipped', completed_at = $20, updated_at = now()
+    UPDATE pipeline_stages SET status = 'skipped', completed_at = $21, updated_at = now()
     WHERE deployment_id = $17 AND id <> $1 AND status IN ('pending', 'running')
-      AND $18 = 'failed' AND EXISTS (SELECT FROM moved)
+      AND $19 = 'failed' AND EXISTS (SELECT FROM moved)
 ), settled AS (
     UPDATE rollbacks
-    SET status = CASE WHEN $18 = 'succeeded' THEN 'completed' ELSE 'failed' END,
-        completed_at = $20, updated_at = now()
+    SET status = CASE WHEN $19 = 'succeeded' THEN 'completed' ELSE 'failed' END,
+        completed_at = $21, updated_at = now()
     WHERE redeployment_id = $17 AND status = 'in_progress'
-      AND $18 IN ('succeeded', 'failed') AND EXISTS (SELECT FROM moved)
+      AND $19 IN ('succeeded', 'failed') AND EXISTS (SELECT FROM moved)
 ), released AS ({_RELEASE_WITH_MOVE} AND EXISTS (SELECT FROM moved)
 )
 SELECT (SELECT updated_at FROM moved), (SELECT updated_at FROM changed)
@@ -777,16 +782,21 @@ class _Unit:
 
     async def begin(self) -> None:
         if self._transaction is None:
-            self._transaction = self.connection.transaction()
-            await self._transaction.start()
+            transaction = self.connection.transaction()
+            await transaction.start()
+            self._transaction = transaction  # once BEGIN is through: nothing to undo before
 
     async def commit(self) -> None:
         if self._transaction is not None:
             await self._transaction.commit()
 
     async def roll_back(self) -> None:
+        """Undoes the transaction, if any, while an error is on its way up: one that
+        cannot be undone (a lost connection) leaves the connection to be closed
+        (autocommit_connection) and the first error to be reported."""
         if self._transaction is not None:
-            await self._transaction.rollback()
+            with contextlib.suppress(Exception):
+                await self._transaction.rollback()
 
 
 async def update_pipeline_stage(
@@ -799,15 +809,16 @@ async def update_pipeline_stage(
 ) -> StageRecord:
     """Moves a stage on, and its deployment with it; returns the stage as stored.
 
-    The hottest write, on the pooled asyncpg connection: one read, then one write that
-    holds only if the stage is still as read. A move that changes nothing else commits
-    on its own (two round trips in all); one that starts or ends its deployment, or has
-    a request id (whose claim must commit with it), runs in a transaction with what
-    follows. No lock is needed for the rules the read decides: a stage's row changes
-    whenever its move stops being valid (another move of it, a cancel, a rejection, a
-    failed stage or a timeout skip or end it; earlier stages only ever become done),
-    so a write that finds it changed writes nothing, and the move is decided again
-    from a new read, at most MOVE_ATTEMPTS times (then ABORTED, STAGE_CHANGED)."""
+    The hottest write, on the pooled asyncpg connection: one read without a lock, then
+    one write that holds only if the stage and its deployment are still as read. A move
+    that changes nothing else commits on its own (two round trips in all); one that ends
+    its deployment, or has a request id (whose claim must commit with it), runs in a
+    transaction with what follows. What the read decides stays true while both rows
+    are as read: the deployment's row changes with every change that ends it or makes it
+    wait for votes, the stage's with every other move of it, and earlier stages only
+    ever become done. A write that finds either changed writes nothing, and the move is
+    decided again from a new read, at most MOVE_ATTEMPTS times (then ABORTED,
+    STAGE_CHANGED: in practice the new read refuses the move first)."""
     output = _stage_output(output)
     for _ in range(MOVE_ATTEMPTS):
         async with database.autocommit_connection(None) as connection:
@@ -898,8 +909,9 @@ async def _write_move(
     status_before: str,
     audit: dict,
 ) -> StageRecord:
-    """Writes a stage's move if the stage's status is still `status_read`, with what
-    follows (_WRITE_DEPLOYMENT_MOVE) and its audit row (`audit`, its details as JSON text),
+    """Writes a stage's move if the stage's status is still `status_read` and its
+    deployment's still `status_before`, with what follows (_WRITE_DEPLOYMENT_MOVE) and
+    its audit row (`audit`, its details as JSON text),
     then the events of a deployment it ended (in the caller's transaction). Returns the
     stage as stored; raises _StageChanged, having written nothing, if it had changed."""
     changed = deployment.status != status_before
@@ -917,6 +929,7 @@ async def _write_move(
             _WRITE_DEPLOYMENT_MOVE,
             *stage_move,
             deployment.id,
+            status_before,
             deployment.status,
             deployment.deployed_at,
             deployment.completed_at,
@@ -924,7 +937,7 @@ async def _write_move(
         )
     else:
         stage_updated_at, deployment_updated_at = await connection.fetchrow(
-            _WRITE_STAGE_MOVE, *stage_move
+            _WRITE_STAGE_MOVE, *stage_move, deployment.id, status_before
         )
     if stage_updated_at is None:
         raise _StageChanged

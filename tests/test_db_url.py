@@ -85,3 +85,28 @@ async def test_without_statement_cache_no_connection_prepares_named_statements(d
     assert Settings.from_env({"DB_STATEMENT_CACHE": "off"}).db_statement_cache is False
     with pytest.raises(ConfigError, match="DB_STATEMENT_CACHE"):
         Settings.from_env({"DB_STATEMENT_CACHE": "sometimes"})
+
+
+async def test_the_driver_transaction_begins_through_sqlalchemys_own_adapter(db_url):
+    """driver_connection begins a session's transaction with the asyncpg adapter's own
+    (private) `_start_transaction`, as SQLAlchemy does before its first statement; a
+    release of SQLAlchemy that renames it fails here, not in production. A raw statement
+    then commits or rolls back with the session."""
+    from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_connection
+
+    from shared.persistence.db import Database, driver_connection
+
+    assert callable(AsyncAdapt_asyncpg_connection._start_transaction)
+    database = Database(db_url, pool_size=1)
+    try:
+        with pytest.raises(RuntimeError):
+            async with database.transaction() as session:
+                connection = await driver_connection(session)
+                await connection.execute("CREATE TEMP TABLE undone (n int)")
+                raise RuntimeError("roll back")
+        async with database.transaction() as session:
+            connection = await driver_connection(session)
+            assert connection.is_in_transaction()
+            assert await connection.fetchval("SELECT to_regclass('undone')") is None
+    finally:
+        await database.dispose()

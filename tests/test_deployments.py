@@ -8,10 +8,14 @@ import uuid
 import asyncpg
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2
 from sqlalchemy import func, select
 
+from deploy_svc import deployments
+from relman.v1 import common_pb2
 from shared.devtools.seed import seed_id
-from shared.persistence.db import libpq_dsn
+from shared.framework.errors import NotFound
+from shared.persistence.db import Database, libpq_dsn
 from shared.persistence.models import AuditLog, Deployment, Release
 from tests.deploying import (
     DEV,
@@ -27,6 +31,8 @@ from tests.harness import (
     RELEASE_STATUS_MISMATCHES,
     error_details,
     fails,
+    poll,
+    runtime_url,
 )
 
 # -- the whole life ------------------------------------------------------------------------
@@ -466,6 +472,126 @@ async def test_racing_moves_of_one_stage_write_once(clients, service_id, databas
     assert final.status in (S.DEPLOYMENT_STATUS_FAILED, S.DEPLOYMENT_STATUS_CANCELLED)
     assert final.stages[0].status in (S.STAGE_STATUS_FAILED, S.STAGE_STATUS_SKIPPED)
     assert {s.status for s in final.stages[1:]} == {S.STAGE_STATUS_SKIPPED}
+
+
+async def _waiting_on_locks(watcher: asyncpg.Connection, count: int) -> None:
+    """Until `count` other sessions of this database wait on a lock."""
+
+    async def waiting() -> bool:
+        return count <= await watcher.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+        )
+
+    await poll(waiting, 10, f"{count} sessions waiting on a lock")
+
+
+async def _stage_row_held(db_url, stage_id: str):
+    """A session of the owner holding a stage's row (FOR UPDATE) in an open transaction,
+    so that a move of that stage waits at its write, after its read."""
+    blocker = await asyncpg.connect(libpq_dsn(db_url))
+    transaction = blocker.transaction()
+    await transaction.start()
+    await blocker.execute(
+        "SELECT FROM pipeline_stages WHERE id = $1 FOR UPDATE", uuid.UUID(stage_id)
+    )
+    return blocker, transaction
+
+
+async def test_a_cancel_never_overwrites_a_stage_that_moved_meanwhile(clients, service_id, db_url):
+    """A stage move read before a cancel and written after it started: the cancel waits
+    for the move (its deployment's row, held by the move's write), then skips what is
+    left; the stage the caller was told succeeded stays succeeded."""
+    developer = clients["developer"]
+    release = await developer.CreateRelease(service_id=service_id, version="1.0.0")
+    deployment = await developer.PromoteRelease(release_id=release.id, target_environment_id=DEV)
+    build = deployment.stages[0]
+    await developer.UpdatePipelineStage(stage_id=build.id, status=S.STAGE_STATUS_RUNNING)
+    blocker, held = await _stage_row_held(db_url, build.id)
+    try:
+        succeed = asyncio.create_task(
+            developer.UpdatePipelineStage(stage_id=build.id, status=S.STAGE_STATUS_SUCCEEDED)
+        )
+        await _waiting_on_locks(blocker, 1)
+        cancel = asyncio.create_task(developer.CancelDeployment(deployment_id=deployment.id))
+        await _waiting_on_locks(blocker, 2)
+        await held.rollback()
+        moved, cancelled = await asyncio.gather(succeed, cancel)
+    finally:
+        await blocker.close()
+    assert moved.status == S.STAGE_STATUS_SUCCEEDED
+    assert cancelled.status == S.DEPLOYMENT_STATUS_CANCELLED
+    final = await developer.GetDeployment(
+        deployment_id=deployment.id, view=S.DEPLOYMENT_VIEW_WITH_STAGES
+    )
+    assert final.stages[0].status == S.STAGE_STATUS_SUCCEEDED
+    assert {s.status for s in final.stages[1:]} == {S.STAGE_STATUS_SKIPPED}
+
+
+async def test_a_policy_that_makes_deployments_wait_waits_for_a_move_in_flight(
+    clients, service_id, db_url
+):
+    """A policy that comes to require approvals sends pending deployments back to
+    awaiting_approval, their stages untouched. A stage move written meanwhile holds its
+    deployment's row from before its stage's: the policy's change waits for it, and the
+    two land in one order (the move, then the wait for votes), never a stage moving
+    under a deployment that waits. (Before, the policy passed the move by, and the move
+    then skipped a stage of a deployment waiting for votes.)"""
+    developer, admin = clients["developer"], clients["admin"]
+    staging = await admin.CreateEnvironment(
+        name=f"stg-{uuid.uuid4().hex[:8]}", environment_type=S.ENVIRONMENT_TYPE_STAGING
+    )
+    release = await deployed(developer, service_id, "1.0.0", DEV)
+    deployment = await developer.PromoteRelease(
+        release_id=release.id, target_environment_id=staging.id
+    )
+    assert deployment.status == S.DEPLOYMENT_STATUS_PENDING
+    first = deployment.stages[0]
+    blocker, held = await _stage_row_held(db_url, first.id)
+    try:
+        skip = asyncio.create_task(
+            developer.UpdatePipelineStage(stage_id=first.id, status=S.STAGE_STATUS_SKIPPED)
+        )
+        await _waiting_on_locks(blocker, 1)
+        tighten = asyncio.create_task(
+            admin.UpdateEnvironmentPolicy(
+                policy=common_pb2.EnvironmentPolicy(
+                    environment_id=staging.id, required_approvals=1
+                ),
+                update_mask=field_mask_pb2.FieldMask(paths=["required_approvals"]),
+            )
+        )
+        await _waiting_on_locks(blocker, 2)  # the policy waits for the move
+        await held.rollback()
+        skipped, _ = await asyncio.gather(skip, tighten)
+    finally:
+        await blocker.close()
+    assert skipped.status == S.STAGE_STATUS_SKIPPED
+    final = await developer.GetDeployment(
+        deployment_id=deployment.id, view=S.DEPLOYMENT_VIEW_WITH_STAGES
+    )
+    assert final.status == S.DEPLOYMENT_STATUS_AWAITING_APPROVAL
+    await fails(
+        developer.UpdatePipelineStage(stage_id=final.stages[1].id, status=S.STAGE_STATUS_RUNNING),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "AWAITING_APPROVAL",
+    )
+
+
+async def test_a_deployment_not_found_keeps_its_pooled_connection(db_url):
+    """GetDeployment(FULL) of an unknown id is NOT_FOUND, and the pooled connection that
+    answered it serves the next read (no reconnection per refused read)."""
+    database = Database(runtime_url(db_url), pool_size=1)
+    try:
+        async with database.autocommit_connection(None) as connection:
+            before = await connection.fetchval("SELECT pg_backend_pid()")
+        for _ in range(3):
+            with pytest.raises(NotFound):
+                await deployments.get_full_deployment(database, uuid.uuid4())
+        async with database.autocommit_connection(None) as connection:
+            assert await connection.fetchval("SELECT pg_backend_pid()") == before
+    finally:
+        await database.dispose()
 
 
 # -- idempotency and atomicity --------------------------------------------------------------------

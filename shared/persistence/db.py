@@ -718,7 +718,8 @@ class Database:
                 try:
                     yield raw
                 except BaseException as exc:
-                    if raw.is_closed() or not statement_error(exc):
+                    reusable = statement_error(exc) or isinstance(exc, DomainError)
+                    if raw.is_closed() or not reusable:
                         await connection.invalidate()
                     replica = self.replica
                     if replica is not None and connection.engine is replica.engine:
