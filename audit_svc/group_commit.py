@@ -5,8 +5,9 @@ of its time there. Here a caller queues its row and waits; one flusher task take
 everything queued, writes it with one statement (one round trip, one commit), and
 answers each caller only after that commit (so an answer still means "stored").
 While a flush runs the next callers queue up, and under concurrent load the flusher
-waits GATHER_S more for the calls under way, so batches grow with the load; a lone
-call is written at once. A row the database refuses fails only its own caller: if the
+waits for the calls under way as long as their rows keep coming (a row at least every
+GATHER_GAP_S, for at most GATHER_S), so batches grow with the load; a lone call is
+written at once. A row the database refuses fails only its own caller: if the
 database refuses a whole batch, its rows are written again one by one; if the
 connection fails, every caller of the batch gets that error (UNAVAILABLE).
 """
@@ -31,7 +32,8 @@ Row = TypeVar("Row")
 Writer = Callable[[asyncpg.Connection, Sequence[Any]], Awaitable[list[Any]]]
 
 MAX_ROWS_PER_FLUSH = 1_000
-GATHER_S = 0.004
+GATHER_S = 0.006
+GATHER_GAP_S = 0.001
 FLUSH_DEADLINE_S = 10.0  # a flush serves many calls, so no single call's deadline bounds it
 
 
@@ -56,11 +58,11 @@ class GroupCommit(Generic[Row]):
         try:
             while self._queued:
                 if self._concurrent and len(self._queued) < MAX_ROWS_PER_FLUSH:
-                    # Under concurrent load, wait a moment for the calls under way to queue
-                    # their rows too: a flush costs about the same for 5 rows as for 50
-                    # (make bench: 3,600 -> 5,600 LogAction calls/s with 4 ms). A lone
+                    # Under concurrent load, wait for the calls under way to queue their
+                    # rows too: a flush costs about the same for 5 rows as for 50 (make
+                    # bench: 3,600 -> 5,600 LogAction calls/s with a 4 ms wait). A lone
                     # call is written at once.
-                    await asyncio.sleep(GATHER_S)
+                    await self._gather()
                 batch = self._queued[:MAX_ROWS_PER_FLUSH]
                 del self._queued[:MAX_ROWS_PER_FLUSH]
                 # A caller that gave up (cancelled, past its deadline) before its row was
@@ -71,6 +73,23 @@ class GroupCommit(Generic[Row]):
                     await self._flush(batch)
         finally:
             self._flusher = None
+
+    async def _gather(self) -> None:
+        """Waits while rows keep coming: until GATHER_GAP_S passes without a new one, or
+        GATHER_S in all, or MAX_ROWS_PER_FLUSH are queued. Against the flat 4 ms wait
+        before: at 64 calls in flight, whose rows never pause, batches grow from 26 to 31
+        rows and a LogAction costs audit_svc 191 us of CPU instead of 207; at 16 in
+        flight the calls/s stay as they were (about 2,400)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + GATHER_S
+        while len(self._queued) < MAX_ROWS_PER_FLUSH:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            queued = len(self._queued)
+            await asyncio.sleep(min(GATHER_GAP_S, remaining))
+            if len(self._queued) == queued:
+                return
 
     async def _flush(self, batch: list[tuple[Row, asyncio.Future]]) -> None:
         try:

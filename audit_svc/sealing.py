@@ -20,9 +20,11 @@ verifier in another language:
 from __future__ import annotations
 
 import hashlib
+import operator
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -190,11 +192,15 @@ def make_seal(
     )
 
 
-@dataclass(frozen=True)
-class SealableRow:
+class SealableRow(NamedTuple):
+    """A row as a seal takes it. A named tuple: the sealer makes one per row sealed."""
+
     sequence: int
     created_at: datetime
     leaf: bytes
+
+
+_SEQUENCE = operator.attrgetter("sequence")
 
 
 def choose_rows(
@@ -207,10 +213,11 @@ def choose_rows(
     kept: list[SealableRow] = []
     left_out: list[tuple[SealableRow, str]] = []
     taken: set[int] = set()
-    for row in sorted(rows, key=lambda r: r.sequence):
+    backdated_before = None if newest_sealed is None else newest_sealed - BACKDATED_BY
+    for row in sorted(rows, key=_SEQUENCE):
         if row.sequence in taken:
             left_out.append((row, "a second row with a sequence already sealed"))
-        elif newest_sealed is not None and row.created_at < newest_sealed - BACKDATED_BY:
+        elif backdated_before is not None and row.created_at < backdated_before:
             left_out.append((row, f"backdated: created before {time_text(newest_sealed)}"))
         else:
             kept.append(row)
@@ -223,6 +230,13 @@ def _month(moment: datetime) -> tuple[int, int]:
     return moment.year, moment.month
 
 
+def _month_span(moment: datetime) -> tuple[datetime, datetime]:
+    """The UTC month of `moment` as [its first instant, the next month's first instant)."""
+    year, month = _month(moment)
+    start = datetime(year, month, 1, tzinfo=UTC)
+    return start, datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
+
+
 def first_month(
     kept: list[SealableRow], left_out: list[tuple[SealableRow, str]]
 ) -> tuple[list[SealableRow], list[tuple[SealableRow, str]], int | None]:
@@ -231,8 +245,11 @@ def first_month(
     retention removes a month's rows with their partition, and its seals go with them
     whole (the rest of the chain still verifies, and a month's archive verifies against
     its own seals offline)."""
+    if not kept:
+        return kept, left_out, None
+    start, end = _month_span(kept[0].created_at)
     for index, row in enumerate(kept):
-        if _month(row.created_at) != _month(kept[0].created_at):
+        if not start <= row.created_at < end:
             cut = row.sequence
             return kept[:index], [(r, why) for r, why in left_out if r.sequence < cut], cut
     return kept, left_out, None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import operator
+import os
 import re
 import uuid
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Sequence
@@ -22,6 +23,7 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 import asyncpg
+from asyncpg.pgproto.pgproto import UUID as DriverUUID
 from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -44,9 +46,27 @@ NUMBER_MIN, NUMBER_MAX = 1e-40, 1e40
 _COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One audit row to append, as a request gave it (already decoded from protobuf)."""
+def _details_encoder() -> Callable[[Any], str]:
+    """_COMPACT_JSON.encode for a row's details, its C encoder made once: encode() makes
+    one per call, which was two thirds of the 1.3 us a small details object took. No
+    check for circular references: details come from a Struct, a tree."""
+    make = json.encoder.c_make_encoder
+    if make is None:  # no C accelerator: the encoder as it is
+        return _COMPACT_JSON.encode
+    encode = make(
+        None, _COMPACT_JSON.default, json.encoder.c_encode_basestring, None, ":", ",",
+        False, False, False,
+    )  # fmt: skip
+    return lambda details: "".join(encode(details, 0))
+
+
+_encode_details = _details_encoder()
+
+
+class Entry(NamedTuple):
+    """One audit row to append, as a request gave it (already decoded from protobuf). A
+    named tuple, not a frozen dataclass: a LogActions stream makes one per row, and a
+    frozen dataclass took three times as long to make."""
 
     action: str
     resource_type: str
@@ -117,12 +137,20 @@ def conditions(f: Filter) -> dict[str, Any]:
 
 
 def _numbers_in_range(value: Any) -> bool:
+    """Every number of a details value is 0 or of a magnitude within NUMBER_MIN and
+    NUMBER_MAX (bools are not numbers)."""
     if isinstance(value, float):
         return value == 0 or NUMBER_MIN <= abs(value) < NUMBER_MAX
     if isinstance(value, dict):
-        return all(_numbers_in_range(v) for v in value.values())
-    if isinstance(value, list):
-        return all(_numbers_in_range(v) for v in value)
+        value = value.values()
+    elif not isinstance(value, list):
+        return True
+    for item in value:
+        if isinstance(item, float):
+            if not (item == 0 or NUMBER_MIN <= abs(item) < NUMBER_MAX):
+                return False
+        elif isinstance(item, (dict, list)) and not _numbers_in_range(item):
+            return False
     return True
 
 
@@ -140,6 +168,21 @@ def check_on_behalf(actor: Actor, entry: Entry, field: str = "") -> None:
 
 _USER = resource_names.KINDS["user"]
 
+# uuid.uuid4()'s version (4) and variant (RFC 4122) bits, set in a byte of a random id.
+_VERSION_4 = bytes(b & 0x0F | 0x40 for b in range(256))
+_VARIANT_RFC_4122 = bytes(b & 0x3F | 0x80 for b in range(256))
+
+
+def new_ids(count: int) -> list[uuid.UUID]:
+    """`count` random UUIDs as uuid.uuid4() makes them, from one read of the system's
+    random source: 0.1 us an id against uuid4()'s 1.3. Of asyncpg's own UUID type (a
+    uuid.UUID), which it sends as it is."""
+    data = bytearray(os.urandom(16 * count))
+    data[6::16] = data[6::16].translate(_VERSION_4)
+    data[8::16] = data[8::16].translate(_VARIANT_RFC_4122)
+    raw = bytes(data)
+    return [DriverUUID(raw[start : start + 16]) for start in range(0, len(raw), 16)]
+
 
 def checked_row(
     actor: Actor, entry: Entry, field: str = "", *, names: bool = False
@@ -151,86 +194,172 @@ def checked_row(
     With `names` (LogActions, whose names the server's interceptor leaves to it) user_id
     may be `users/{username}`: the row then holds `user_name` for check_users to resolve.
     """
-    text(f"{field}action", entry.action, 50, pattern=ACTION)
-    if entry.user_id or entry.ip_address or entry.user_agent:
-        check_on_behalf(actor, entry, field)
-    user_id, user_name = actor.user_id, None
-    if entry.user_id:
+    return RowChecker(actor, field.replace("{", "{{").replace("}", "}}"), names=names).row(entry)
+
+
+def _plain(value: str, max_length: int) -> bool:
+    """Whether text() would return `value` as it is: set, not blank, short enough, no NUL."""
+    return bool(value) and len(value) <= max_length and "\x00" not in value and not value.isspace()
+
+
+# Actions and resource types found valid, and user ids parsed, whoever sent them: most
+# rows repeat a few of each. At most _REMEMBERED of each kind, then that kind starts over.
+_REMEMBERED = 4096
+_valid_actions: set[str] = set()
+_valid_resource_types: set[str] = set()
+_parsed_user_ids: dict[str, uuid.UUID] = {}
+
+
+def _remember(seen: set[str], value: str) -> None:
+    if len(seen) >= _REMEMBERED:
+        seen.clear()
+    seen.add(value)
+
+
+class RowChecker:
+    """checked_row for the entries of one caller (a LogAction, or each row of a LogActions
+    stream), in the same order of checks with the same errors. The caller's right to write
+    on behalf of others is worked out once, and an action, resource type or user id that
+    passed before is not checked again (_REMEMBERED). `fields` is the prefix of the
+    fields' names in errors, with `{}` for the row's index (`actions[{}].`)."""
+
+    def __init__(self, actor: Actor, fields: str = "", *, names: bool = False) -> None:
+        self.actor = actor
+        self.fields = fields
+        self.names = names
+        self.on_behalf = may(actor, "audit.write.on_behalf")
+
+    def row(self, entry: Entry, index: int = 0) -> dict[str, Any]:
+        actor = self.actor
+        action = entry.action
+        if action not in _valid_actions:
+            text(f"{self._field(index)}action", action, 50, pattern=ACTION)
+            _remember(_valid_actions, action)
+        given_user, given_ip, given_agent = entry.user_id, entry.ip_address, entry.user_agent
+        if (given_user or given_ip or given_agent) and not self.on_behalf:
+            check_on_behalf(actor, entry, self._field(index))
+        user_id, user_name = actor.user_id, None
+        if given_user:
+            user_id = _parsed_user_ids.get(given_user)
+            if user_id is None:
+                user_id, user_name = self._user(given_user, index)
+        ip = actor.peer
+        if given_ip:
+            ip = canonical_ip(given_ip)
+            if ip is None:
+                raise InvalidArgument.field(
+                    f"{self._field(index)}ip_address", "is not an IPv4 or IPv6 address"
+                )
+        details = entry.details
         try:
-            user_id = uuid.UUID(entry.user_id)
-        except ValueError:
-            segments = _USER.parse(entry.user_id) if names else None
-            if segments is None:
-                raise resource_names.not_an_id(f"{field}user_id", entry.user_id, _USER) from None
-            user_id, (user_name,) = None, segments
-    ip = actor.peer
-    if entry.ip_address:
-        ip = canonical_ip(entry.ip_address)
-        if ip is None:
-            raise InvalidArgument.field(f"{field}ip_address", "is not an IPv4 or IPv6 address")
-    try:
-        serialized = _COMPACT_JSON.encode(entry.details)
-    except ValueError:  # NaN or infinity: not JSON
-        raise InvalidArgument.field(f"{field}details", "numbers must be finite") from None
-    if len(serialized.encode()) > DETAILS_MAX_BYTES:
-        raise InvalidArgument.field(f"{field}details", f"is larger than {DETAILS_MAX_BYTES} bytes")
-    if "\\u0000" in serialized or "\x00" in serialized:
-        raise InvalidArgument.field(f"{field}details", "must not contain NUL characters")
-    if not _numbers_in_range(entry.details):
-        raise InvalidArgument.field(
-            f"{field}details",
-            f"numbers must be 0 or between {NUMBER_MIN:g} and {NUMBER_MAX:g} in magnitude",
+            serialized = _encode_details(details)
+        except ValueError:  # NaN or infinity: not JSON
+            raise self._bad_details(index, "numbers must be finite") from None
+        # A character is at most 4 bytes: only a long text needs encoding to be measured.
+        if (
+            len(serialized) > DETAILS_MAX_BYTES // 4
+            and len(serialized.encode()) > DETAILS_MAX_BYTES
+        ):
+            raise self._bad_details(index, f"is larger than {DETAILS_MAX_BYTES} bytes")
+        if "\\u0000" in serialized or "\x00" in serialized:
+            raise self._bad_details(index, "must not contain NUL characters")
+        # Only a number printed with an exponent (1e-05, 1e+16) can be out of range.
+        if ("e-" in serialized or "e+" in serialized) and not _numbers_in_range(details):
+            raise self._bad_details(
+                index,
+                f"numbers must be 0 or between {NUMBER_MIN:g} and {NUMBER_MAX:g} in magnitude",
+            )
+        request_id = None
+        if entry.request_id:
+            try:
+                request_id = uuid.UUID(entry.request_id)
+            except ValueError:
+                raise InvalidArgument.field(
+                    f"{self._field(index)}request_id", "is not a UUID"
+                ) from None
+        resource_type = entry.resource_type
+        if resource_type not in _valid_resource_types:
+            text(f"{self._field(index)}resource_type", resource_type, 50)
+            _remember(_valid_resource_types, resource_type)
+        resource_id = entry.resource_id
+        if not _plain(resource_id, 100):
+            resource_id = text(f"{self._field(index)}resource_id", resource_id, 100, required=False)
+        user_agent = actor.user_agent
+        if given_agent:
+            user_agent = given_agent
+            if not _plain(given_agent, USER_AGENT_MAX):
+                user_agent = text(
+                    f"{self._field(index)}user_agent", given_agent, USER_AGENT_MAX, required=False
+                )
+        row = audit_log.client_row(
+            actor,
+            request_id,
+            user_id,
+            action,
+            resource_type,
+            resource_id,
+            serialized,
+            ip,
+            user_agent,
         )
-    request_id = None
-    if entry.request_id:
+        if user_name is not None:
+            row["user_name"] = user_name
+        return row
+
+    def _field(self, index: int) -> str:
+        """The prefix of the row's fields' names (made only for an error or a new value)."""
+        return self.fields.format(index)
+
+    def _bad_details(self, index: int, why: str) -> InvalidArgument:
+        return InvalidArgument.field(f"{self._field(index)}details", why)
+
+    def _user(self, given: str, index: int) -> tuple[uuid.UUID | None, str | None]:
+        """(user id, None) for an id, (None, username) for a user's name (with `names`)."""
         try:
-            request_id = uuid.UUID(entry.request_id)
+            user_id = uuid.UUID(given)
         except ValueError:
-            raise InvalidArgument.field(f"{field}request_id", "is not a UUID") from None
-    row = audit_log.client_row(
-        actor,
-        request_id,
-        user_id,
-        entry.action,
-        text(f"{field}resource_type", entry.resource_type, 50),
-        text(f"{field}resource_id", entry.resource_id, 100, required=False),
-        serialized,
-        ip,
-        (
-            text(f"{field}user_agent", entry.user_agent, USER_AGENT_MAX, required=False)
-            if entry.user_agent
-            else actor.user_agent
-        ),
-    )
-    if user_name is not None:
-        row["user_name"] = user_name
-    return row
+            segments = _USER.parse(given) if self.names else None
+            if segments is None:
+                raise resource_names.not_an_id(
+                    f"{self._field(index)}user_id", given, _USER
+                ) from None
+            (user_name,) = segments
+            return None, user_name
+        if len(_parsed_user_ids) >= _REMEMBERED:
+            _parsed_user_ids.clear()
+        _parsed_user_ids[given] = user_id
+        return user_id, None
 
 
-async def check_users(session: AsyncSession, rows: list[tuple[str, dict]]) -> None:
+async def check_users(
+    session: AsyncSession, rows: list[dict], field_of: Callable[[int], str]
+) -> None:
     """Every named user exists (a failed COPY could not say which row was wrong); a row
     naming its user by username gets the user's id (one query for the batch). Only a
-    caller who may write on others' behalf names users, and may learn which exist."""
-    named = {row["user_name"]: field for field, row in rows if "user_name" in row}
+    caller who may write on others' behalf names users, and may learn which exist.
+    An error names the fields of the last row naming that user (`field_of(index)`)."""
+    named = {row["user_name"]: index for index, row in enumerate(rows) if "user_name" in row}
     if named:
         ids = dict(
             (await session.execute(select(User.username, User.id).where(User.username.in_(named))))
             .tuples()
             .all()
         )
-        for username, field in named.items():
+        for username, index in named.items():
             if username not in ids:
-                raise resource_names.not_found(f"{field}user_id", f"users/{username}", _USER)
-        for _, row in rows:
+                raise resource_names.not_found(
+                    f"{field_of(index)}user_id", f"users/{username}", _USER
+                )
+        for row in rows:
             if "user_name" in row:
                 row["user_id"] = ids[row.pop("user_name")]
-    wanted = {row["user_id"]: field for field, row in rows if row["user_id"] is not None}
+    wanted = {row["user_id"]: index for index, row in enumerate(rows) if row["user_id"] is not None}
     if not wanted:
         return
     found = set(await session.scalars(select(User.id).where(User.id.in_(wanted))))
-    for user_id, field in wanted.items():
+    for user_id, index in wanted.items():
         if user_id not in found:
-            raise InvalidArgument.field(f"{field}user_id", f"no user {user_id}")
+            raise InvalidArgument.field(f"{field_of(index)}user_id", f"no user {user_id}")
 
 
 # The type each column's values are sent as by write_rows, one array per column.
@@ -248,6 +377,7 @@ _SENT_AS = {
     "request_id": "uuid",
 }
 _SENT = (*audit_log.COLUMNS, "request_id")
+_COLUMN_VALUES = operator.itemgetter(*audit_log.COLUMNS)
 _COLUMN_LIST = ", ".join(audit_log.COLUMNS)
 _ARRAYS = ", ".join(f"${n}::{_SENT_AS[c]}[]" for n, c in enumerate(_SENT, 1))
 _ROW_ARRAYS = _ARRAYS.rsplit(", ", 1)[0]  # the columns alone, without request_id
@@ -327,18 +457,26 @@ async def write_rows(connection: asyncpg.Connection, rows: Sequence[dict]) -> li
     caller gets: a user that does not exist, or a request_id reused for another request.
     A row whose request_id is already claimed is a retry: it gets the stored row.
     """
-    for row in rows:
-        if row["id"] is None:
-            row["id"] = uuid.uuid4()
+    if not rows:
+        return []
+    missing = [row for row in rows if row["id"] is None]
+    for row, row_id in zip(missing, new_ids(len(missing)), strict=True):
+        row["id"] = row_id
+    keys = [row.get("request_id") or row["id"] for row in rows]
     first_of_request: dict[Any, int] = {}
-    for index, row in enumerate(rows):
-        first_of_request.setdefault(row.get("request_id") or row["id"], index)
-    new = [rows[index] for index in first_of_request.values()]
-    arrays = [[row.get(c) for row in new] for c in _SENT]
-    if any(arrays[-1]):
+    for index, key in enumerate(keys):
+        first_of_request.setdefault(key, index)
+    new = (
+        rows if len(first_of_request) == len(rows) else [rows[i] for i in first_of_request.values()]
+    )
+    # One array per column (the rows' values turned around), then the request ids.
+    arrays = list(zip(*map(_COLUMN_VALUES, new), strict=True))
+    request_ids = [row.get("request_id") for row in new]
+    if any(request_ids):
         statement = INSERT_NEW_ROWS
+        arrays.append(request_ids)
     else:
-        statement, arrays = INSERT_ROWS, arrays[:-1]
+        statement = INSERT_ROWS
     try:
         records = await connection.fetch(statement, *arrays)
     except asyncpg.CheckViolationError as error:
@@ -355,19 +493,18 @@ async def write_rows(connection: asyncpg.Connection, rows: Sequence[dict]) -> li
     created = {record[0]: record for record in records}
     outcomes: list[Any] = [None] * len(rows)
     left_out = {}
-    for index, row in enumerate(rows):
-        key = row.get("request_id") or row["id"]
-        if first_of_request[key] == index and row["id"] in created:
-            _, created_at, username, recorded_by_username, sequence = created[row["id"]]
-            details = json.loads(row["details"])
-            columns = {c: row[c] for c in audit_log.COLUMNS}
-            outcomes[index] = (
-                Stored(**{**columns, "details": details}, created_at=created_at, sequence=sequence),
-                username,
-                recorded_by_username,
-            )
-        else:
+    for index, (row, key) in enumerate(zip(rows, keys, strict=True)):
+        record = created.get(row["id"]) if first_of_request[key] == index else None
+        if record is None:
             left_out[index] = row
+            continue
+        _, created_at, username, recorded_by_username, sequence = record
+        stored = Stored(
+            row["id"], created_at, row["user_id"], row["action"], row["resource_type"],
+            row["resource_id"], json.loads(row["details"]), row["ip_address"],
+            row["user_agent"], row["origin"], row["recorded_by"], sequence,
+        )  # fmt: skip
+        outcomes[index] = (stored, username, recorded_by_username)
     if left_out:
         asked = list({row["request_id"] for row in left_out.values() if row.get("request_id")})
         stored = (
@@ -423,21 +560,22 @@ async def append_batch(session: AsyncSession, rows: list[dict]) -> None:
     transaction (LogActions).
 
     Apart from audit_log.append for speed: a COPY on the driver connection takes a
-    batch of thousands of rows in one message (make bench: LogActions at about 0.7x
-    of a bare COPY of the same rows). Rows with request ids go in with their claims
+    batch of thousands of rows in one message. The ids are made here, all at once
+    (new_ids): made by PostgreSQL (gen_random_uuid()) they cost it 3.3 us a row, a
+    quarter of its COPY. Rows with request ids go in with their claims
     (INSERT_CLAIMED_ROWS)."""
     driver = await driver_connection(session)
+    for row, row_id in zip(rows, new_ids(len(rows)), strict=True):
+        row["id"] = row_id
     asked = [row for row in rows if row["request_id"] is not None]
     new = [row for row in rows if row["request_id"] is None] if asked else rows
     if new:
-        # Without an id column PostgreSQL makes the ids (gen_random_uuid()): no uuid4() per row.
-        values = operator.itemgetter(*audit_log.COLUMNS[1:])
+        # Each record made as the COPY takes it: gone before the next, not thousands
+        # for the collector to walk until the COPY ends.
         await driver.copy_records_to_table(
-            "audit_logs", columns=audit_log.COLUMNS[1:], records=[values(row) for row in new]
+            "audit_logs", columns=audit_log.COLUMNS, records=map(_COLUMN_VALUES, new)
         )
     if asked:
-        for row in asked:
-            row["id"] = uuid.uuid4()
         await driver.execute(INSERT_CLAIMED_ROWS, *([row.get(c) for row in asked] for c in _SENT))
 
 
@@ -454,15 +592,16 @@ async def log_actions(
     cancelled by then is rolled back). A bad row fails the stream naming its position.
     """
     count = 0
+    fields = "actions[{}]."
+    check = RowChecker(actor, fields, names=True).row
     async with database.transaction() as session:
         async for entries in batches:
-            rows = []
-            for entry in entries:
-                field = f"actions[{count + len(rows)}]."
-                rows.append((field, checked_row(actor, entry, field, names=True)))
-            await check_users(session, rows)
+            rows = [check(entry, index) for index, entry in enumerate(entries, count)]
+            await check_users(
+                session, rows, lambda index, first=count: fields.format(first + index)
+            )
             if rows:
-                await append_batch(session, [row for _, row in rows])
+                await append_batch(session, rows)
             count += len(rows)
         await before_commit()
     return count
