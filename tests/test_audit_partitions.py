@@ -427,3 +427,26 @@ async def test_a_claimed_request_id_stays_claimed_and_its_claim_cannot_be_dated(
     finally:
         await owner.close()
         await runtime.close()
+
+
+async def test_a_partition_belongs_to_the_trails_owner_whoever_makes_it(db_url: URL):
+    """A month made by a superuser (the seed, in the tests and the bench) belongs to the
+    owner of audit_logs like the others: the owner reads and loads it. It did not, and
+    on the first day of a month the owner's load of the trail at scale was refused."""
+    superuser = await asyncpg.connect(libpq_dsn(db_url))
+    try:
+        assert await superuser.fetchval("SELECT relman_audit_make_partition('2001-01-01')")
+        owners = await superuser.fetch(
+            "SELECT c.relname, pg_get_userbyid(c.relowner) AS owner FROM pg_inherits i"
+            " JOIN pg_class c ON c.oid = i.inhrelid"
+            " WHERE i.inhparent = 'public.audit_logs'::regclass"
+        )
+    finally:
+        await superuser.close()
+    assert {row["owner"] for row in owners} == {OWNER_ROLE}
+    assert "audit_logs_y2001m01" in {row["relname"] for row in owners}
+    owner = await asyncpg.connect(libpq_dsn(owner_url(db_url)))
+    try:
+        assert await owner.fetchval("SELECT count(*) FROM public.audit_logs_y2001m01") == 0
+    finally:
+        await owner.close()
