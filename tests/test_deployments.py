@@ -528,15 +528,14 @@ async def test_a_cancel_never_overwrites_a_stage_that_moved_meanwhile(clients, s
     assert {s.status for s in final.stages[1:]} == {S.STAGE_STATUS_SKIPPED}
 
 
-async def test_a_policy_that_makes_deployments_wait_waits_for_a_move_in_flight(
+async def test_a_policy_that_makes_deployments_wait_waits_for_a_start_in_flight(
     clients, service_id, db_url
 ):
-    """A policy that comes to require approvals sends pending deployments back to
-    awaiting_approval, their stages untouched. A stage move written meanwhile holds its
-    deployment's row from before its stage's: the policy's change waits for it, and the
-    two land in one order (the move, then the wait for votes), never a stage moving
-    under a deployment that waits. (Before, the policy passed the move by, and the move
-    then skipped a stage of a deployment waiting for votes.)"""
+    """A policy that comes to require approvals sends deployments that have not started
+    back to awaiting_approval. A first stage's start written meanwhile holds its
+    deployment's row from before its stage's: the policy's change waits for it and then
+    finds the deployment started, so it runs on; never a stage running under a
+    deployment that waits for votes."""
     developer, admin = clients["developer"], clients["admin"]
     staging = await admin.CreateEnvironment(
         name=f"stg-{uuid.uuid4().hex[:8]}", environment_type=S.ENVIRONMENT_TYPE_STAGING
@@ -549,8 +548,8 @@ async def test_a_policy_that_makes_deployments_wait_waits_for_a_move_in_flight(
     first = deployment.stages[0]
     blocker, held = await _stage_row_held(db_url, first.id)
     try:
-        skip = asyncio.create_task(
-            developer.UpdatePipelineStage(stage_id=first.id, status=S.STAGE_STATUS_SKIPPED)
+        start = asyncio.create_task(
+            developer.UpdatePipelineStage(stage_id=first.id, status=S.STAGE_STATUS_RUNNING)
         )
         await _waiting_on_locks(blocker, 1)
         tighten = asyncio.create_task(
@@ -561,21 +560,15 @@ async def test_a_policy_that_makes_deployments_wait_waits_for_a_move_in_flight(
                 update_mask=field_mask_pb2.FieldMask(paths=["required_approvals"]),
             )
         )
-        await _waiting_on_locks(blocker, 2)  # the policy waits for the move
+        await _waiting_on_locks(blocker, 2)  # the policy waits for the start
         await held.rollback()
-        skipped, _ = await asyncio.gather(skip, tighten)
+        started, _ = await asyncio.gather(start, tighten)
     finally:
         await blocker.close()
-    assert skipped.status == S.STAGE_STATUS_SKIPPED
-    final = await developer.GetDeployment(
-        deployment_id=deployment.id, view=S.DEPLOYMENT_VIEW_WITH_STAGES
-    )
-    assert final.status == S.DEPLOYMENT_STATUS_AWAITING_APPROVAL
-    await fails(
-        developer.UpdatePipelineStage(stage_id=final.stages[1].id, status=S.STAGE_STATUS_RUNNING),
-        grpc.StatusCode.FAILED_PRECONDITION,
-        "AWAITING_APPROVAL",
-    )
+    assert started.status == S.STAGE_STATUS_RUNNING
+    final = await developer.GetDeployment(deployment_id=deployment.id)
+    assert final.status == S.DEPLOYMENT_STATUS_IN_PROGRESS
+    await developer.UpdatePipelineStage(stage_id=first.id, status=S.STAGE_STATUS_SUCCEEDED)
 
 
 async def test_a_deployment_not_found_keeps_its_pooled_connection(db_url):
