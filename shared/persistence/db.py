@@ -718,13 +718,13 @@ class Database:
                 try:
                     yield raw
                 except BaseException as exc:
-                    reusable = statement_error(exc) or isinstance(exc, DomainError)
-                    if raw.is_closed() or not reusable:
-                        await connection.invalidate()
                     replica = self.replica
                     if replica is not None and connection.engine is replica.engine:
+                        await connection.invalidate()
                         if isinstance(exc, Exception) and lost_connection(exc):
-                            await replica.unreachable(exc)
+                            await replica.unreachable(exc)  # its pool goes with it
+                    else:
+                        await _after_failure(connection, raw, exc)
                     raise
             finally:
                 await connection.close()
@@ -744,21 +744,16 @@ class Database:
         SQLAlchemy's per-statement work shows in the profile (the audit group commit,
         UpdatePipelineStage).
 
-        SQLAlchemy never sees what fails here, so this decides what it would: a
-        connection interrupted mid-statement or told by the server that the session
-        is over (a restart), or left inside a transaction, is closed, not reused; handed
-        to the next caller it would fail with "another operation is in progress" (seen
-        in tests/faults). A refusal of the domain's own, raised between statements (a
-        FAILED_PRECONDITION), leaves it as good as a statement's error does.
+        SQLAlchemy never sees what fails here, so `_after_failure` decides what it
+        would: handed to the next caller, a connection interrupted mid-statement would
+        fail with "another operation is in progress" (seen in tests/faults).
         """
         async with asyncio.timeout(time_left(deadline_s)), self.engine.connect() as connection:
             raw = (await connection.get_raw_connection()).driver_connection
             try:
                 yield raw
             except BaseException as exc:
-                reusable = statement_error(exc) or isinstance(exc, DomainError)
-                if raw.is_closed() or raw.is_in_transaction() or not reusable:
-                    await connection.invalidate()
+                await _after_failure(connection, raw, exc)
                 raise
 
     async def ping(self, timeout_s: float) -> None:
@@ -789,6 +784,20 @@ class Database:
         if self.replica is not None:
             await self.replica.close()
         await self.engine.dispose()
+
+
+async def _after_failure(connection: AsyncConnection, raw: asyncpg.Connection, exc) -> None:
+    """What SQLAlchemy decides when a statement of its own fails, for the work done on
+    the asyncpg connection itself: a connection interrupted mid-statement, lost, or left
+    inside a transaction is closed, not reused (a refusal of the domain's own, raised
+    between statements, leaves it as good as a statement's error does); and when the
+    server went away (a restart), every pooled connection made before is dropped too,
+    dead alike, so that the calls after the return do not meet them one by one."""
+    reusable = statement_error(exc) or isinstance(exc, DomainError)
+    if raw.is_closed() or raw.is_in_transaction() or not reusable:
+        await connection.invalidate()
+    if isinstance(exc, Exception) and lost_connection(exc):
+        await connection.engine.dispose()
 
 
 def statement_error(exc: BaseException) -> bool:
