@@ -378,15 +378,13 @@ async def _deploy(
 _LOCK_SLOT = f"SELECT {gates.slot_lock('$1::text', '$2::text')}"
 
 
-async def lock_slot(session: AsyncSession, service_id: uuid.UUID, environment_id: uuid.UUID):
-    await lock_slot_on(await driver_connection(session), service_id, environment_id)
-
-
-async def lock_slot_on(
-    connection: asyncpg.Connection, service_id: uuid.UUID, environment_id: uuid.UUID
+async def lock_slot(
+    session: AsyncSession, service_id: uuid.UUID, environment_id: uuid.UUID
 ) -> None:
     """Serializes every change of what runs for a service in an environment (transaction
-    scoped): the active_deployment gate and a rollback's checks are read under it."""
+    scoped): the active_deployment gate and a rollback's checks are read under it (a
+    deploy takes it with its target's read, gates.slot_lock)."""
+    connection = await driver_connection(session)
     await connection.execute(_LOCK_SLOT, str(service_id), str(environment_id))
 
 
@@ -635,11 +633,9 @@ WHERE redeployment_id = $1 AND status = 'in_progress'
 
 
 async def _settle_rollback(session: AsyncSession, deployment) -> None:
-    await _settle_rollback_on(await driver_connection(session), deployment)
-
-
-async def _settle_rollback_on(connection: asyncpg.Connection, deployment) -> None:
-    """A rollback completes or fails with the redeployment it created."""
+    """A rollback completes or fails with the redeployment it created (a stage's move
+    settles it in its own statement, _WRITE_DEPLOYMENT_MOVE)."""
+    connection = await driver_connection(session)
     outcome = (
         RollbackStatus.COMPLETED
         if deployment.status == DeploymentStatus.SUCCEEDED

@@ -180,15 +180,9 @@ def in_force_of(windows, at: datetime) -> list[Frozen]:
 async def in_force(
     session: AsyncSession, environment_id: uuid.UUID, service_id: uuid.UUID, at: datetime
 ) -> list[Frozen]:
-    """The windows covering (environment, service) at `at`, the one ending last first."""
-    return await in_force_on(await driver_connection(session), environment_id, service_id, at)
-
-
-async def in_force_on(
-    connection: asyncpg.Connection, environment_id: uuid.UUID, service_id: uuid.UUID, at: datetime
-) -> list[Frozen]:
-    """`in_force` on the asyncpg connection of a unit of work: plain rows, no ORM loading
-    on every deploy."""
+    """The windows covering (environment, service) at `at`, the one ending last first
+    (plain rows on the unit of work's asyncpg connection)."""
+    connection = await driver_connection(session)
     return in_force_of(await connection.fetch(_MAYBE_IN_FORCE, environment_id, service_id, at), at)
 
 

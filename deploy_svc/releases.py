@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 import uuid
 
-import asyncpg
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -65,11 +64,7 @@ _DERIVE_STATUS = status_update(
 
 async def refresh_status(session: AsyncSession, release_id: uuid.UUID) -> None:
     """Sets the release's status from its deployments; called after every change to them."""
-    await refresh_status_on(await driver_connection(session), release_id)
-
-
-async def refresh_status_on(connection: asyncpg.Connection, release_id: uuid.UUID) -> None:
-    """`refresh_status` on the asyncpg connection of a unit of work."""
+    connection = await driver_connection(session)
     await connection.execute(_DERIVE_STATUS, release_id)
 
 

@@ -161,21 +161,8 @@ async def append(
     details: dict[str, Any] | None = None,
 ) -> uuid.UUID:
     """Appends relman's record that `actor` did `action` to a resource, in the session's
-    transaction; returns its id."""
-    return await append_on(
-        await driver_connection(session), actor, action, resource_type, resource_id, details
-    )
-
-
-async def append_on(
-    connection: asyncpg.Connection,
-    actor: Actor,
-    action: str,
-    resource_type: str,
-    resource_id: uuid.UUID | str | None = None,
-    details: dict[str, Any] | None = None,
-) -> uuid.UUID:
-    """`append` on the asyncpg connection of a unit of work."""
+    transaction, as plain SQL on its asyncpg connection; returns its id."""
+    connection = await driver_connection(session)
     details_text = json.dumps(details or {}, separators=(",", ":"))
     row = relman_row(actor, action, resource_type, resource_id, details_text)
     return await connection.fetchval(_APPEND, *as_text(row))
