@@ -334,20 +334,37 @@ async def _deploy(
         audit = audit_log.relman_row(
             actor, request.action, "deployment", deployment_id, json.dumps(details)
         )
-        *columns, stages = await connection.fetchrow(
-            _DEPLOYED,
+        # As the statement will store it, but for its times (the statement's).
+        deployment = DeploymentRecord(
             deployment_id,
             release.id,
             release.service_id,
             environment.id,
             status.value,
             actor.user_id,
+            None,
+            None,
+            None,
+            None,
             request.freeze_override_reason if passed_freeze else None,
             False,
+        )
+        *columns, stages = await connection.fetchrow(
+            _DEPLOYED,
+            deployment.id,
+            deployment.release_id,
+            deployment.service_id,
+            deployment.environment_id,
+            deployment.status,
+            deployment.deployed_by,
+            deployment.freeze_override_reason,
+            deployment.is_rollback,
             list(stage_names),
             [reviewer.id for reviewer in reviewers],
             environment.environment_type,
             *audit_log.as_text(audit),
+            EventType.DEPLOYMENT_CREATED.value,
+            events.deployment_data(deployment),
         )
         deployment = DeploymentRecord(*columns, stages=[StageRecord(*stage) for stage in stages])
         if passed_freeze:
@@ -364,7 +381,6 @@ async def _deploy(
                     "release_id": str(release.id),
                 },
             )
-        await events.deployment_event(session, EventType.DEPLOYMENT_CREATED, deployment)
         if deployment.status == DeploymentStatus.AWAITING_APPROVAL:
             await events.deployment_event(
                 session, EventType.DEPLOYMENT_AWAITING_APPROVAL, deployment
@@ -416,7 +432,11 @@ _RELEASE_WITH_NEW = status_update(
     "$2",
 )
 # A deploy's writes in one statement: the deployment and its stages, the votes asked of
-# its reviewers ($10), its release's status, and its audit row ($12-$21).
+# its reviewers ($10), its release's status, its audit row ($12-$21) and its event ($22, its data
+# the deployment as the API returns it, $23).
+_CREATED_EVENT = events.written_with(
+    "$22", "made", "$23", "deployment", ("created_at", "updated_at")
+)
 _DEPLOYED = f"""
 WITH {_MADE}, asked AS (
     INSERT INTO approvals (id, deployment_id, approver_id, status)
@@ -424,6 +444,7 @@ WITH {_MADE}, asked AS (
 ), released AS ({_RELEASE_WITH_NEW}
 ), audited AS (
     INSERT INTO audit_logs ({", ".join(audit_log.COLUMNS)}) VALUES ({audit_log.text_values(12)})
+), evented AS ({_CREATED_EVENT}
 )
 {_MADE_AND_STAGED}
 """
@@ -725,7 +746,8 @@ _RELEASE_WITH_MOVE = status_update(
 )
 # The same for a move that changes its deployment ($19-$21), and only if the stage moved:
 # its other stages skipped when it failed, the rollback it settles when it ends, its
-# release's status ($22). A statement of its own, not the first with flags: with flags
+# release's status ($22), the event of its end ($23, NULL otherwise; the deployment as
+# the API returns it, $24). A statement of its own, not the first with flags: with flags
 # PostgreSQL planned it anew on every call (a plan for the flags' values is cheaper than
 # one for any), about 1 ms each time.
 _WRITE_DEPLOYMENT_MOVE = f"""
@@ -733,7 +755,7 @@ WITH {_MOVED.format(lock="NO KEY UPDATE")}, changed AS (
     UPDATE deployments
     SET status = $19, deployed_at = $20, completed_at = $21, updated_at = now()
     WHERE id = $17 AND EXISTS (SELECT FROM moved)
-    RETURNING updated_at
+    RETURNING service_id, updated_at
 ), skipped AS (
     UPDATE pipeline_stages SET status = 'skipped', completed_at = $21, updated_at = now()
     WHERE deployment_id = $17 AND id <> $1 AND status IN ('pending', 'running')
@@ -745,6 +767,7 @@ WITH {_MOVED.format(lock="NO KEY UPDATE")}, changed AS (
     WHERE redeployment_id = $17 AND status = 'in_progress'
       AND $19 IN ('succeeded', 'failed') AND EXISTS (SELECT FROM moved)
 ), released AS ({_RELEASE_WITH_MOVE} AND EXISTS (SELECT FROM moved)
+), evented AS ({events.written_with("$23", "changed", "$24", "deployment", ("updated_at",))}
 )
 SELECT (SELECT updated_at FROM moved), (SELECT updated_at FROM changed)
 """
@@ -793,10 +816,11 @@ async def update_pipeline_stage(
     """Moves a stage on, and its deployment with it; returns the stage as stored.
 
     The hottest write, on the pooled asyncpg connection: one read without a lock, then
-    one write that holds only if the stage and its deployment are still as read. A move
-    that changes nothing else commits on its own (two round trips in all); one that ends
-    its deployment, or has a request id (whose claim must commit with it), runs in a
-    transaction with what follows. What the read decides stays true while both rows
+    one write that holds only if the stage and its deployment are still as read. That
+    write is one statement with all that follows, its deployment's end and the event of
+    it included, and commits on its own: two round trips in all. One that ends a
+    rollback's redeployment (whose rollback's event follows), or has a request id (whose
+    claim must commit with it), runs in a transaction. What the read decides stays true while both rows
     are as read: the deployment's row changes with every change that ends it or makes it
     wait for votes, the stage's with every other move of it, and earlier stages only
     ever become done. A write that finds either changed writes nothing, and the move is
@@ -862,7 +886,7 @@ async def _move(
         deployment.completed_at = now
     else:
         _advance_deployment(deployment, stages, moved, now)
-    if deployment.status in TERMINAL:  # its events commit with the move
+    if deployment.status in TERMINAL and deployment.is_rollback:  # settled with the move
         await unit.begin()
     details = {
         "deployment_id": str(deployment.id),
@@ -893,10 +917,11 @@ async def _write_move(
     audit: dict,
 ) -> StageRecord:
     """Writes a stage's move if the stage's status is still `status_read` and its
-    deployment's still `status_before`, with what follows (_WRITE_DEPLOYMENT_MOVE) and
-    its audit row (`audit`, its details as JSON text),
-    then the events of a deployment it ended (in the caller's transaction). Returns the
-    stage as stored; raises _StageChanged, having written nothing, if it had changed."""
+    deployment's still `status_before`, with what follows (_WRITE_DEPLOYMENT_MOVE: the
+    events of a deployment it ended among it) and its audit row (`audit`, its details as
+    JSON text), then a rollback's events if it ended a rollback's redeployment (in the
+    caller's transaction). Returns the stage as stored; raises _StageChanged, having
+    written nothing, if it had changed."""
     changed = deployment.status != status_before
     stage_move = (
         moved.id,
@@ -908,6 +933,7 @@ async def _write_move(
         *audit_log.as_text(audit),
     )
     if changed:
+        ended = events.ENDED.get(deployment.status)
         stage_updated_at, deployment_updated_at = await connection.fetchrow(
             _WRITE_DEPLOYMENT_MOVE,
             *stage_move,
@@ -917,6 +943,8 @@ async def _write_move(
             deployment.deployed_at,
             deployment.completed_at,
             deployment.release_id,
+            None if ended is None else ended.value,
+            None if ended is None else events.deployment_data(deployment),
         )
     else:
         stage_updated_at, deployment_updated_at = await connection.fetchrow(
@@ -926,7 +954,7 @@ async def _write_move(
         raise _StageChanged
     if changed:
         deployment.updated_at = deployment_updated_at
-        await events.deployment_ended_on(connection, deployment)
+        await events.rollback_ended_on(connection, deployment)
     return replace(moved, updated_at=stage_updated_at)
 
 

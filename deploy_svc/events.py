@@ -67,6 +67,42 @@ _INSERT = (
     " coalesce($3::text::uuid, (SELECT team_id FROM services WHERE id = $2::text::uuid)),"
     " $4::text::jsonb)"
 )
+
+
+def api_time(column: str) -> str:
+    """SQL for a timestamptz as the API's JSON prints it (protobuf's Timestamp: UTC, then
+    0, 3 or 6 fractional digits as needed, then Z), for an event written in the statement
+    of its change, whose times Python does not know yet (`written_with`)."""
+    utc = f"({column} AT TIME ZONE 'UTC')"
+    micros = f"(extract(microseconds FROM {utc})::bigint % 1000000)"
+    return (
+        f"to_char({utc}, 'YYYY-MM-DD\"T\"HH24:MI:SS') || CASE WHEN {micros} = 0 THEN ''"
+        f" WHEN {micros} % 1000 = 0 THEN to_char({utc}, '.MS') ELSE to_char({utc}, '.US') END"
+        " || 'Z'"
+    )
+
+
+def written_with(
+    event_type: str, row: str, data: str, resource: str, times: tuple[str, ...]
+) -> str:
+    """The INSERT (a CTE's body) of an event written in the statement of its change, so
+    that the change needs no transaction and no round trip of its own: of type
+    `event_type` (a text parameter; NULL: none), for each row of `row` (a CTE returning
+    service_id and `times`), its data the JSON text `data` (as_data's) with `resource`'s
+    fields `times` set from that row as the API prints them. As `publish`, its team is
+    the service's. One event: a change's further events follow in statements of their
+    own, so that each has a later clock time (occurred_at) than the one before."""
+    stamped = f"{data}::text::jsonb"
+    for name in times:
+        value = api_time(f"r.{name}")
+        stamped = f"jsonb_set({stamped}, '{{{resource},{name}}}', to_jsonb({value}))"
+    return f"""
+    INSERT INTO webhook_events (event_type, service_id, team_id, data)
+    SELECT {event_type}::text, r.service_id,
+        (SELECT team_id FROM services WHERE id = r.service_id), {stamped}
+    FROM {row} AS r WHERE {event_type}::text IS NOT NULL"""
+
+
 # A rollback by its redeployment (deployment_ended), its columns by name.
 _ROLLBACK_OF = "SELECT * FROM rollbacks WHERE redeployment_id = $1"
 
@@ -123,7 +159,7 @@ async def publish_on(
         event_type.value,
         None if service_id is None else str(service_id),
         None if team_id is None else str(team_id),
-        json.dumps(data, separators=(",", ":")),
+        _json(data),
     )
 
 
@@ -140,13 +176,26 @@ async def resource_event_on(
     kind: str,
     row,
 ) -> None:
-    """`row` as the API returns it (deploy_svc.convert.<kind>; a deployment in its BASIC
-    view) under `kind`, as `event_type`. convert is imported here, not at the top: it
-    imports the domain modules that publish."""
+    """`row` as the API returns it (resource_data) under `kind`, as `event_type`."""
+    await publish_on(connection, event_type, service_id, resource_data(kind, row))
+
+
+def resource_data(kind: str, row) -> dict[str, Any]:
+    """An event's data: `row` as the API returns it (deploy_svc.convert.<kind>; a
+    deployment in its BASIC view) under `kind`. convert is imported here, not at the top:
+    it imports the domain modules that publish."""
     from deploy_svc import convert
 
-    data = as_data(**{kind: getattr(convert, kind)(row)})
-    await publish_on(connection, event_type, service_id, data)
+    return as_data(**{kind: getattr(convert, kind)(row)})
+
+
+def deployment_data(deployment) -> str:
+    """A deployment event's data as JSON text, for `written_with`."""
+    return _json(resource_data("deployment", deployment))
+
+
+def _json(data: dict[str, Any]) -> str:
+    return json.dumps(data, separators=(",", ":"))
 
 
 async def deployment_event(session: AsyncSession, event_type: EventType, deployment) -> None:
@@ -164,7 +213,13 @@ async def deployment_ended_on(connection: asyncpg.Connection, deployment) -> Non
     if event is None:
         return
     await resource_event_on(connection, event, deployment.service_id, "deployment", deployment)
-    if not deployment.is_rollback:
+    await rollback_ended_on(connection, deployment)
+
+
+async def rollback_ended_on(connection: asyncpg.Connection, deployment) -> None:
+    """rollback.completed or rollback.failed for a rollback's redeployment that just ended
+    (written, its rollback settled); nothing for any other deployment."""
+    if not deployment.is_rollback or deployment.status not in ENDED:
         return
     found = await connection.fetchrow(_ROLLBACK_OF, deployment.id)
     if found is None or found["status"] not in ("completed", "failed"):

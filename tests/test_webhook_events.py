@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import UTC, datetime, timedelta, timezone
 
 import asyncpg
 import grpc
-from google.protobuf import field_mask_pb2, json_format
+from google.protobuf import field_mask_pb2, json_format, timestamp_pb2
 
-from deploy_svc.events import EventType
+from deploy_svc.events import EventType, api_time
 from relman.v1 import common_pb2, webhook_pb2, webhook_pb2_grpc
 from shared.persistence.db import libpq_dsn
 from shared.persistence.models import Role
@@ -169,6 +170,7 @@ async def _history(clients, db_url, team, service, secret, receiver):
         release_id=fourth.id, environment_id=DEV, stage_names=["deploy"]
     )
     expected.append(("deployment.created", "deployment", cancelled.id))
+    made = await lead.GetDeployment(deployment_id=cancelled.id)
     await lead.CancelDeployment(deployment_id=cancelled.id, reason="wrong build")
     expected.append(("deployment.cancelled", "deployment", cancelled.id))
 
@@ -199,6 +201,10 @@ async def _history(clients, db_url, team, service, secret, receiver):
     final = await lead.GetDeployment(deployment_id=deployment.id)
     assert api_json(final) in succeeded
     assert {d["status"] for d in succeeded} == {"DEPLOYMENT_STATUS_SUCCEEDED"}
+    created = [d["deployment"] for t, d, _ in found if t == "deployment.created"]
+    assert api_json(made) in created
+    cancelled_data = [d["deployment"] for t, d, _ in found if t == "deployment.cancelled"]
+    assert api_json(await lead.GetDeployment(deployment_id=cancelled.id)) in cancelled_data
     assert common_pb2.DeploymentStatus.Name(final.status) == "DEPLOYMENT_STATUS_SUCCEEDED"
 
     # Delivered: each event once (its own delivery id), signed, with the outbox's data.
@@ -210,6 +216,39 @@ async def _history(clients, db_url, team, service, secret, receiver):
     assert sorted(json.dumps(r.json()["data"], sort_keys=True) for r in got) == sorted(
         json.dumps(data, sort_keys=True) for _, data, _ in found
     )
+
+
+async def test_times_written_by_the_database_print_as_the_api_prints_them(db_url):
+    """A stage move and a deploy write their event in their own statement, its times set
+    there (api_time): each prints as protobuf's JSON prints it, in any session time zone."""
+    moments = [
+        datetime(2026, 12, 1, 2, 40, 44, tzinfo=UTC),
+        datetime(2026, 12, 1, 2, 40, 44, 500_000, tzinfo=UTC),
+        datetime(2026, 12, 1, 2, 40, 44, 1_000, tzinfo=UTC),
+        datetime(2026, 12, 1, 2, 40, 44, 123_456, tzinfo=UTC),
+        datetime(2026, 12, 1, 2, 40, 44, 999_999, tzinfo=UTC),
+        datetime(2026, 12, 31, 23, 59, 59, 10, tzinfo=UTC),
+        datetime(2027, 1, 1, 5, 29, 0, 120_000, tzinfo=timezone(timedelta(hours=5, minutes=30))),
+    ]
+    connection = await asyncpg.connect(libpq_dsn(owner_url(db_url)))
+    try:
+        await connection.execute("SET TIME ZONE 'Asia/Kolkata'")
+        printed = [
+            await connection.fetchval(f"SELECT {api_time('$1::timestamptz')}", m) for m in moments
+        ]
+    finally:
+        await connection.close()
+    expected = []
+    for moment in moments:
+        stamp = timestamp_pb2.Timestamp()
+        stamp.FromDatetime(moment)
+        expected.append(stamp.ToJsonString())
+    assert printed == expected
+    assert expected[:3] == [
+        "2026-12-01T02:40:44Z",
+        "2026-12-01T02:40:44.500Z",
+        "2026-12-01T02:40:44.001Z",
+    ]
 
 
 async def test_policies_and_freeze_windows_write_their_events(
