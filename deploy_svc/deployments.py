@@ -27,7 +27,7 @@ import json
 import math
 import re
 import uuid
-from collections import namedtuple
+from collections import OrderedDict, namedtuple
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
@@ -46,6 +46,7 @@ from shared.framework.errors import (
     CONSTRAINT_ERRORS,
     Aborted,
     AlreadyExists,
+    DomainError,
     FailedPrecondition,
     InvalidArgument,
     PermissionDenied,
@@ -710,9 +711,10 @@ WHERE target.id = $1
 _STAGE_BY_ID = f"SELECT {_columns('s', _STAGE_FIELDS)} FROM pipeline_stages s WHERE s.id = $1"
 
 
-# A stage's move ($1-$5) if its status is still as read ($6) and its deployment's too
-# ($18), and only then its audit row ($7-$16); back: the stage's updated_at, NULL if either
-# had changed (nothing written). The deployment's row is held first (`held`: FOR SHARE for
+# A stage's move ($1-$5) if its status is still as read ($6), its deployment's too ($18)
+# and its environment's policy still at the version read ($19), and only then its audit
+# row ($7-$16); back: the stage's updated_at, NULL if any had changed (nothing
+# written). The deployment's row is held first (`held`: FOR SHARE for
 # a plain move, which leaves other moves alone but waits for a cancel, a rejection or a
 # policy that makes it wait for votes again; FOR NO KEY UPDATE for a move that changes
 # it), in the order of every other change of a deployment and its stages; a concurrent
@@ -722,7 +724,10 @@ _STAGE_BY_ID = f"SELECT {_columns('s', _STAGE_FIELDS)} FROM pipeline_stages s WH
 # index for rare statuses).
 _MOVED = f"""
 held AS (
-    SELECT FROM deployments WHERE id = $17 AND status = $18 FOR {{lock}}
+    SELECT FROM deployments d WHERE d.id = $17 AND d.status = $18 AND EXISTS (
+        SELECT FROM environment_policies p
+        WHERE p.environment_id = d.environment_id AND p.version = $19
+    ) FOR {{lock}} OF d
 ), moved AS (
     UPDATE pipeline_stages
     SET status = $2, output = $3, started_at = $4, completed_at = $5, updated_at = now()
@@ -736,38 +741,38 @@ _WRITE_STAGE_MOVE = f"""
 WITH {_MOVED.format(lock="SHARE")}
 SELECT (SELECT updated_at FROM moved), NULL::timestamptz
 """
-# The release's status (releases.status_update) with the deployment's new status ($19):
+# The release's status (releases.status_update) with the deployment's new status ($20):
 # the statement that changes the deployment cannot see its own change.
 _RELEASE_WITH_MOVE = status_update(
-    """(SELECT CASE WHEN d.id = $17 THEN $19 ELSE d.status END AS status, e.environment_type
+    """(SELECT CASE WHEN d.id = $17 THEN $20 ELSE d.status END AS status, e.environment_type
         FROM deployments d JOIN environments e ON e.id = d.environment_id
-        WHERE d.release_id = $22) AS d""",
-    "$22",
+        WHERE d.release_id = $23) AS d""",
+    "$23",
 )
-# The same for a move that changes its deployment ($19-$21), and only if the stage moved:
+# The same for a move that changes its deployment ($20-$22), and only if the stage moved:
 # its other stages skipped when it failed, the rollback it settles when it ends, its
-# release's status ($22), the event of its end ($23, NULL otherwise; the deployment as
-# the API returns it, $24). A statement of its own, not the first with flags: with flags
+# release's status ($23), the event of its end ($24, NULL otherwise; the deployment as
+# the API returns it, $25). A statement of its own, not the first with flags: with flags
 # PostgreSQL planned it anew on every call (a plan for the flags' values is cheaper than
 # one for any), about 1 ms each time.
 _WRITE_DEPLOYMENT_MOVE = f"""
 WITH {_MOVED.format(lock="NO KEY UPDATE")}, changed AS (
     UPDATE deployments
-    SET status = $19, deployed_at = $20, completed_at = $21, updated_at = now()
+    SET status = $20, deployed_at = $21, completed_at = $22, updated_at = now()
     WHERE id = $17 AND EXISTS (SELECT FROM moved)
     RETURNING service_id, updated_at
 ), skipped AS (
-    UPDATE pipeline_stages SET status = 'skipped', completed_at = $21, updated_at = now()
+    UPDATE pipeline_stages SET status = 'skipped', completed_at = $22, updated_at = now()
     WHERE deployment_id = $17 AND id <> $1 AND status IN ('pending', 'running')
-      AND $19 = 'failed' AND EXISTS (SELECT FROM moved)
+      AND $20 = 'failed' AND EXISTS (SELECT FROM moved)
 ), settled AS (
     UPDATE rollbacks
-    SET status = CASE WHEN $19 = 'succeeded' THEN 'completed' ELSE 'failed' END,
-        completed_at = $21, updated_at = now()
+    SET status = CASE WHEN $20 = 'succeeded' THEN 'completed' ELSE 'failed' END,
+        completed_at = $22, updated_at = now()
     WHERE redeployment_id = $17 AND status = 'in_progress'
-      AND $19 IN ('succeeded', 'failed') AND EXISTS (SELECT FROM moved)
+      AND $20 IN ('succeeded', 'failed') AND EXISTS (SELECT FROM moved)
 ), released AS ({_RELEASE_WITH_MOVE} AND EXISTS (SELECT FROM moved)
-), evented AS ({events.written_with("$23", "changed", "$24", "deployment", ("updated_at",))}
+), evented AS ({events.written_with("$24", "changed", "$25", "deployment", ("updated_at",))}
 )
 SELECT (SELECT updated_at FROM moved), (SELECT updated_at FROM changed)
 """
@@ -816,35 +821,105 @@ async def update_pipeline_stage(
     """Moves a stage on, and its deployment with it; returns the stage as stored.
 
     The hottest write, on the pooled asyncpg connection: one read without a lock, then
-    one write that holds only if the stage and its deployment are still as read. That
-    write is one statement with all that follows, its deployment's end and the event of
-    it included, and commits on its own: two round trips in all. One that ends a
-    rollback's redeployment (whose rollback's event follows), or has a request id (whose
-    claim must commit with it), runs in a transaction. What the read decides stays true while both rows
-    are as read: the deployment's row changes with every change that ends it or makes it
-    wait for votes, the stage's with every other move of it, and earlier stages only
-    ever become done. A write that finds either changed writes nothing, and the move is
-    decided again from a new read, at most MOVE_ATTEMPTS times (then ABORTED,
-    STAGE_CHANGED: in practice the new read refuses the move first)."""
+    one write that holds only if the stage, its deployment and the environment's policy
+    are still as read. That write is one statement with all that follows, its
+    deployment's end and the event of it included, and commits on its own: two round
+    trips in all. One that ends a rollback's redeployment (whose rollback's event
+    follows), or has a request id (whose claim must commit with it), runs in a
+    transaction. What the read decides stays true while those rows are as read: the
+    deployment's row changes with every change that ends it or makes it wait for votes,
+    the stage's with every other move of it, the policy's version with every change of
+    it, and earlier stages only ever become done. A write that finds any changed writes
+    nothing, and the move is decided again from a new read, at most MOVE_ATTEMPTS times
+    (then ABORTED, STAGE_CHANGED: in practice the new read refuses the move first).
+
+    A move of a deployment in progress that this process moved last is decided from
+    what it wrote then (_KNOWN_MOVES), without the read: one round trip. The write's
+    guard makes that as safe as a read; only a move can come of it, and a refusal or a
+    write that finds the rows changed is decided again from a read."""
     output = _stage_output(output)
+    known = _KNOWN_MOVES.get(stage_id)
     for _ in range(MOVE_ATTEMPTS):
         async with database.autocommit_connection(None) as connection:
             unit = _Unit(connection)
             try:
-                moved = await _move(unit, actor, stage_id, status, output, key)
+                moved, after = await _move(unit, actor, stage_id, status, output, key, known)
             except _StageChanged:
                 await unit.roll_back()
+                known = None
                 continue
             except BaseException:
                 await unit.roll_back()
                 raise
             await unit.commit()
+            _KNOWN_MOVES.remember(after)
             return moved
     raise Aborted(
         "the stage kept changing while this call ran; read it again and retry",
         reason="STAGE_CHANGED",
         metadata={"stage_id": str(stage_id)},
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _MoveFacts:
+    """What a stage's move is decided from (_MOVE_READ's row, or what a move wrote)."""
+
+    deployment: DeploymentRecord
+    environment: EnvironmentRef
+    policy_row: tuple  # POLICY_COLUMNS' values in table order (gates.policy_in_row)
+    stages: tuple[StageRecord, ...]
+    windows: Sequence | None  # freeze windows maybe in force, before the deployment starts
+
+    @property
+    def policy_version(self) -> int:
+        return self.policy_row[_POLICY_VERSION]
+
+
+_POLICY_VERSION = _POLICY_NAMES.index("version")
+
+
+class _KnownMoves:
+    """The facts of the deployments in progress that this process moved last, by the
+    ids of their stages: the next move of one of them is decided from them, and holds
+    only if its write finds the stage, the deployment and the policy's version as they
+    were (update_pipeline_stage). At most SIZE deployments, the least recently moved
+    forgotten first."""
+
+    SIZE = 4_096
+
+    def __init__(self) -> None:
+        self._by_deployment: OrderedDict[uuid.UUID, _MoveFacts] = OrderedDict()
+        self._deployment_of: dict[uuid.UUID, uuid.UUID] = {}
+
+    def get(self, stage_id: uuid.UUID) -> _MoveFacts | None:
+        deployment_id = self._deployment_of.get(stage_id)
+        return None if deployment_id is None else self._by_deployment.get(deployment_id)
+
+    def remember(self, facts: _MoveFacts | None) -> None:
+        """Keeps `facts` of a deployment in progress; forgets one that is not (a
+        pending one's first move needs the freeze windows read now)."""
+        if facts is None:
+            return
+        deployment_id = facts.deployment.id
+        self.forget(deployment_id)
+        if facts.deployment.status != DeploymentStatus.IN_PROGRESS:
+            return
+        self._by_deployment[deployment_id] = facts
+        for stage in facts.stages:
+            self._deployment_of[stage.id] = deployment_id
+        while len(self._by_deployment) > self.SIZE:
+            self.forget(next(iter(self._by_deployment)))
+
+    def forget(self, deployment_id: uuid.UUID) -> None:
+        facts = self._by_deployment.pop(deployment_id, None)
+        if facts is not None:
+            for stage in facts.stages:
+                self._deployment_of.pop(stage.id, None)
+
+
+# One per process: its entries are only ever a guess that the write checks.
+_KNOWN_MOVES = _KnownMoves()
 
 
 async def _move(
@@ -854,27 +929,65 @@ async def _move(
     status: StageStatus,
     output: str | None,
     key: RequestKey | None,
-) -> StageRecord:
-    """One attempt of update_pipeline_stage; raises _StageChanged when its write finds
-    the stage changed since its read."""
+    known: _MoveFacts | None,
+) -> tuple[StageRecord, _MoveFacts | None]:
+    """One attempt of update_pipeline_stage: the stage as stored, and the facts after
+    the move (None for a retried request). Decided from `known` if given, and if that
+    refuses the move or its write finds the rows changed, again from a read; raises
+    _StageChanged when the write after a read finds them changed."""
     connection = unit.connection
     if key is not None:
         await unit.begin()
         if (answered := await claim(connection, key)) is not None:
-            return await _stage_record(connection, answered)
+            return await _stage_record(connection, answered), None
     now = _now()
+    written = None
+    if known is not None:
+        try:
+            written = await _decide_and_write(unit, actor, known, stage_id, status, output, now)
+        except (DomainError, _StageChanged):  # nothing written: decided from a read
+            _KNOWN_MOVES.forget(known.deployment.id)
+    if written is None:
+        facts = await _read_facts(connection, stage_id, now)
+        written = await _decide_and_write(unit, actor, facts, stage_id, status, output, now)
+    await answer(connection, key, "pipeline_stage", written[0].id)
+    return written
+
+
+async def _read_facts(
+    connection: asyncpg.Connection, stage_id: uuid.UUID, now: datetime
+) -> _MoveFacts:
     found = await connection.fetchrow(_MOVE_READ, stage_id, now)
     if found is None:
         raise missing(PipelineStage, stage_id)
     width = len(_DEPLOYMENT_RECORD_FIELDS)
-    deployment = DeploymentRecord(*found[:width])
-    environment = EnvironmentRef(found[width], found[width + 1])
-    policy = gates.policy_in_row(found, width + 2, now)
-    stages = [StageRecord(*row) for row in found["stages"]]
+    return _MoveFacts(
+        DeploymentRecord(*found[:width]),
+        EnvironmentRef(found[width], found[width + 1]),
+        tuple(found[width + 2 : width + 2 + len(_POLICY_NAMES)]),
+        tuple(StageRecord(*row) for row in found["stages"]),
+        found["windows"],
+    )
+
+
+async def _decide_and_write(
+    unit: _Unit,
+    actor: Actor,
+    facts: _MoveFacts,
+    stage_id: uuid.UUID,
+    status: StageStatus,
+    output: str | None,
+    now: datetime,
+) -> tuple[StageRecord, _MoveFacts]:
+    """The move's rules applied to `facts`, then its write (_write_move); raises the
+    refusal, having written nothing, or _StageChanged if the rows changed since."""
+    deployment = replace(facts.deployment)  # changed below: `facts` stay as they were
+    stages = list(facts.stages)
     stage = next(s for s in stages if s.id == stage_id)
-    check_deployer(actor, environment, policy)
+    policy = gates.policy_in_row(facts.policy_row, 0, now)
+    check_deployer(actor, facts.environment, policy)
     _check_stage_move(deployment, stages, stage, status)
-    if found["windows"] and (frozen := freezes.in_force_of(found["windows"], now)):
+    if facts.windows and (frozen := freezes.in_force_of(facts.windows, now)):
         # Not started, not a rollback's, no freeze passed (_MOVE_READ): its first move,
         # running or skipped (skipping every stage would succeed it), waits for the end.
         raise frozen[0].refusal(deployment_id=str(deployment.id))
@@ -896,9 +1009,16 @@ async def _move(
         "deployment_status": deployment.status,
     }
     audit = audit_log.relman_row(actor, "update", "pipeline_stage", stage.id, json.dumps(details))
-    moved = await _write_move(connection, moved, stage.status, deployment, status_before, audit)
-    await answer(connection, key, "pipeline_stage", moved.id)
-    return moved
+    moved = await _write_move(
+        unit.connection, moved, stage.status, deployment, status_before, facts.policy_version, audit
+    )
+    after = replace(
+        facts,
+        deployment=deployment,
+        stages=tuple(moved if s.id == moved.id else s for s in stages),
+        windows=None,
+    )
+    return moved, after
 
 
 async def _stage_record(connection: asyncpg.Connection, stage_id: uuid.UUID) -> StageRecord:
@@ -914,14 +1034,16 @@ async def _write_move(
     status_read: str,
     deployment: DeploymentRecord,
     status_before: str,
+    policy_version: int,
     audit: dict,
 ) -> StageRecord:
-    """Writes a stage's move if the stage's status is still `status_read` and its
-    deployment's still `status_before`, with what follows (_WRITE_DEPLOYMENT_MOVE: the
-    events of a deployment it ended among it) and its audit row (`audit`, its details as
-    JSON text), then a rollback's events if it ended a rollback's redeployment (in the
-    caller's transaction). Returns the stage as stored; raises _StageChanged, having
-    written nothing, if it had changed."""
+    """Writes a stage's move if the stage's status is still `status_read`, its
+    deployment's still `status_before` and its environment's policy still at
+    `policy_version`, with what follows (_WRITE_DEPLOYMENT_MOVE: the event of a
+    deployment it ended among it) and its audit row (`audit`, its details as JSON text),
+    then a rollback's events if it ended a rollback's redeployment (in the caller's
+    transaction). Returns the stage as stored; raises _StageChanged, having written
+    nothing, if any had changed."""
     changed = deployment.status != status_before
     stage_move = (
         moved.id,
@@ -931,14 +1053,15 @@ async def _write_move(
         moved.completed_at,
         status_read,
         *audit_log.as_text(audit),
+        deployment.id,
+        status_before,
+        policy_version,
     )
     if changed:
         ended = events.ENDED.get(deployment.status)
         stage_updated_at, deployment_updated_at = await connection.fetchrow(
             _WRITE_DEPLOYMENT_MOVE,
             *stage_move,
-            deployment.id,
-            status_before,
             deployment.status,
             deployment.deployed_at,
             deployment.completed_at,
@@ -948,7 +1071,7 @@ async def _write_move(
         )
     else:
         stage_updated_at, deployment_updated_at = await connection.fetchrow(
-            _WRITE_STAGE_MOVE, *stage_move, deployment.id, status_before
+            _WRITE_STAGE_MOVE, *stage_move
         )
     if stage_updated_at is None:
         raise _StageChanged
@@ -1302,11 +1425,14 @@ _OVERDUE = (
 )
 
 
-# The deployment of an overdue stage, if no other change holds it (the sweeper's turn);
-# then the stage, still overdue under that lock.
+# The deployment of an overdue stage, if no other change holds it (the sweeper's turn),
+# and its environment's policy version (_write_move's guard); then the stage, still
+# overdue under that lock.
 _LOCK_IF_FREE = f"""
-SELECT {_columns("d", _DEPLOYMENT_RECORD_FIELDS)} FROM deployments d WHERE d.id = $1
-FOR UPDATE SKIP LOCKED
+SELECT {_columns("d", _DEPLOYMENT_RECORD_FIELDS)},
+    (SELECT p.version FROM environment_policies p WHERE p.environment_id = d.environment_id)
+FROM deployments d WHERE d.id = $1
+FOR UPDATE OF d SKIP LOCKED
 """
 _STILL_OVERDUE = f"""
 SELECT {_columns("s", _STAGE_FIELDS)} FROM pipeline_stages s
@@ -1337,7 +1463,8 @@ async def fail_timed_out_stages(session: AsyncSession, limit: int = 100) -> int:
         row = await connection.fetchrow(_STILL_OVERDUE, stage_id)
         if row is None:
             continue
-        deployment, stage, now = DeploymentRecord(*found), StageRecord(*row), _now()
+        *columns, policy_version = found
+        deployment, stage, now = DeploymentRecord(*columns), StageRecord(*row), _now()
         status_before = deployment.status
         deployment.status, deployment.completed_at = DeploymentStatus.FAILED.value, now
         details = {
@@ -1350,7 +1477,9 @@ async def fail_timed_out_stages(session: AsyncSession, limit: int = 100) -> int:
         )
         moved = _stage_moved(stage, StageStatus.FAILED, "timed out", now)
         try:
-            await _write_move(connection, moved, stage.status, deployment, status_before, audit)
+            await _write_move(
+                connection, moved, stage.status, deployment, status_before, policy_version, audit
+            )
         except _StageChanged:  # moved on (its move takes no deployment lock): not overdue
             continue
         failed += 1

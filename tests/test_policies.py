@@ -639,6 +639,32 @@ async def test_a_staging_policy_can_keep_developers_out(clients, service_id):
     assert status_of(await lead.GetDeployment(deployment_id=deployment.id)) == "SUCCEEDED"
 
 
+async def test_keeping_developers_out_holds_from_the_next_move_of_a_running_deployment(
+    clients, service_id
+):
+    """A developer starts a deployment's first stage; an admin then takes developers out
+    of the environment's deployers: the developer's next move of it is refused at once,
+    although the process that made the first move decides the next from what it wrote
+    (its write holds only at the policy version it was decided under), and a lead's goes
+    through."""
+    admin, developer, lead = clients["admin"], clients["developer"], clients["lead"]
+    environment = await new_environment(admin, "development")
+    release = await developer.CreateRelease(service_id=service_id, version="1.0.0")
+    deployment = await promote(developer, release.id, environment.id)
+    first = deployment.stages[0]
+    await developer.UpdatePipelineStage(stage_id=first.id, status=S.STAGE_STATUS_RUNNING)
+    await update(admin, environment.id, deployer_roles=[S.ROLE_LEAD, S.ROLE_ADMIN])
+    await fails(
+        developer.UpdatePipelineStage(stage_id=first.id, status=S.STAGE_STATUS_SUCCEEDED),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "DEPLOYER_ROLE_NOT_ALLOWED",
+    )
+    now = await lead.GetDeployment(deployment_id=deployment.id, view=S.DEPLOYMENT_VIEW_WITH_STAGES)
+    assert now.stages[0].status == S.STAGE_STATUS_RUNNING
+    moved = await lead.UpdatePipelineStage(stage_id=first.id, status=S.STAGE_STATUS_SUCCEEDED)
+    assert moved.status == S.STAGE_STATUS_SUCCEEDED
+
+
 async def test_required_stages_of_staging_gate_production(clients, service_id):
     """Staging requires a canary: deployments there start with the required stages in order,
     and one whose canary was SKIPPED does not open production."""

@@ -25,7 +25,7 @@ from shared.persistence.models import Role
 from shared.persistence.roles import RUNTIME_ROLE
 from tests.deploying import DEV, PROD, STAGING, Client, S
 from tests.faults.invariants import check_invariants
-from tests.harness import bearer, client_address, runtime_url, start_service
+from tests.harness import bearer, client_address, fails, runtime_url, start_service
 from tests.pgbouncer import PgBouncerMissing, running_pgbouncer
 
 
@@ -116,6 +116,45 @@ async def test_a_release_goes_to_production_through_two_replicas(
         assert last.status == S.DEPLOYMENT_STATUS_SUCCEEDED
     final = await lead_b.GetRelease(release_id=release.id)
     assert final.status == S.RELEASE_STATUS_COMPLETED
+
+
+async def test_a_replica_decides_each_move_from_what_the_other_wrote_since(
+    replicas, tokens, service_id
+):
+    """Replica A starts a stage and B finishes it: A, which decides a move of a deployment
+    it moved last from what it wrote then, refuses to finish the stage again (its write
+    finds the stage changed, and a new read refuses) and starts the next one (what it
+    knew said the first was still running: a refusal is always decided again from a
+    read). Once B has ended the deployment, A's move of it is refused as ended."""
+    _, (deploy_a, deploy_b, _, _) = replicas
+    lead_a, lead_b = Client(deploy_a, tokens[Role.LEAD]), Client(deploy_b, tokens[Role.LEAD])
+    release = await lead_a.CreateRelease(service_id=service_id, version="1.5.0")
+    deployment = await lead_a.PromoteRelease(release_id=release.id, target_environment_id=DEV)
+    first, second, *rest = deployment.stages
+    await lead_a.UpdatePipelineStage(stage_id=first.id, status=S.STAGE_STATUS_RUNNING)
+    await lead_b.UpdatePipelineStage(stage_id=first.id, status=S.STAGE_STATUS_SUCCEEDED)
+    await fails(
+        lead_a.UpdatePipelineStage(stage_id=first.id, status=S.STAGE_STATUS_SUCCEEDED),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "INVALID_STAGE_TRANSITION",
+    )
+    started = await lead_a.UpdatePipelineStage(stage_id=second.id, status=S.STAGE_STATUS_RUNNING)
+    assert started.status == S.STAGE_STATUS_RUNNING
+    await lead_b.UpdatePipelineStage(stage_id=second.id, status=S.STAGE_STATUS_FAILED)
+    await fails(
+        lead_a.UpdatePipelineStage(stage_id=second.id, status=S.STAGE_STATUS_SUCCEEDED),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "DEPLOYMENT_ENDED",
+    )
+    final = await lead_a.GetDeployment(
+        deployment_id=deployment.id, view=S.DEPLOYMENT_VIEW_WITH_STAGES
+    )
+    assert final.status == S.DEPLOYMENT_STATUS_FAILED
+    assert [s.status for s in final.stages] == [
+        S.STAGE_STATUS_SUCCEEDED,
+        S.STAGE_STATUS_FAILED,
+        *[S.STAGE_STATUS_SKIPPED] * len(rest),
+    ]
 
 
 async def test_a_timed_out_stage_is_failed_once_with_two_sweepers(
