@@ -234,3 +234,29 @@ def test_readable_lines_on_a_terminal_json_elsewhere():
     first, rpc = (json.loads(line) for line in pipe)
     assert (first["logger"], first["msg"]) == ("relman.test.format", "hello there")
     assert (rpc["caller"], rpc["request_id"], rpc["code"]) == ("marco", "req-7", "OK")
+
+
+async def test_rpc_lines_keep_their_order_with_other_log_records():
+    """RPC lines are written a few milliseconds after their call, together; a log record
+    in between writes them first, so the stream keeps the order of the events."""
+    record = CallRecord("/relman.v1.AuthService/WhoAmI", "unary", "req-9", "ipv4:10.0.0.1:7")
+    record.metrics = _MethodMetrics(record.labels)
+    logger = logging.getLogger("relman.test.order")
+    logger.propagate = False
+    stream = io.StringIO()
+    handler = log_handler(stream)
+    logger.addHandler(handler)
+    try:
+        with contextlib.redirect_stderr(stream):
+            _rpc_lines.configure("INFO", readable=False)
+            call_finished(record, grpc.StatusCode.OK)
+            assert stream.getvalue() == ""  # buffered
+            logger.warning("after the call")
+            call_finished(record, grpc.StatusCode.NOT_FOUND)
+            _rpc_lines.flush()  # as the timer, or exit, would
+    finally:
+        logger.removeHandler(handler)
+        _rpc_lines.configure("INFO", readable=False)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    order = [line.get("code", line["msg"]) for line in lines]
+    assert order == ["OK", "after the call", "NOT_FOUND"]
