@@ -20,7 +20,7 @@ import binascii
 import hashlib
 import json
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -175,14 +175,35 @@ async def total_size(session: AsyncSession, query: Select) -> int:
     EXACT_TOTAL_LIMIT, nothing more is counted (counting the limit's worth of index
     entries was most of a big page's cost).
     """
-    count = await _count_up_to(session, query, PROBE_LIMIT)
-    if count <= PROBE_LIMIT:
-        return count
-    estimate = await _planner_estimate(session, query)
-    if estimate > ESTIMATE_TRUSTED_ABOVE:
-        return estimate
-    count = await _count_up_to(session, query, EXACT_TOTAL_LIMIT)
-    return count if count <= EXACT_TOTAL_LIMIT else max(estimate, count)
+    return await total_after_probe(
+        await _count_up_to(session, query, PROBE_LIMIT),
+        lambda: _planner_estimate(session, query),
+        lambda limit: _count_up_to(session, query, limit),
+    )
+
+
+async def total_after_probe(
+    probe: int,
+    estimate: Callable[[], Awaitable[int]],
+    count_up_to: Callable[[int], Awaitable[int]],
+) -> int:
+    """total_size's rules, from the first count (up to PROBE_LIMIT + 1) however it was
+    made (ListAuditLogs counts in its page's statement): `estimate` gives the planner's
+    estimate, `count_up_to(limit)` the matches or limit + 1, each asked only if needed."""
+    if probe <= PROBE_LIMIT:
+        return probe
+    planned = await estimate()
+    if planned > ESTIMATE_TRUSTED_ABOVE:
+        return planned
+    count = await count_up_to(EXACT_TOTAL_LIMIT)
+    return count if count <= EXACT_TOTAL_LIMIT else max(planned, count)
+
+
+def planned_rows(plan: Any) -> int:
+    """The top node's row estimate of `EXPLAIN (FORMAT JSON)`'s result (text, or decoded)."""
+    if isinstance(plan, str):
+        plan = json.loads(plan)
+    return int(plan[0]["Plan"]["Plan Rows"])
 
 
 async def _count_up_to(session: AsyncSession, query: Select, limit: int) -> int:
@@ -211,10 +232,7 @@ def _compile_explain(element: _Explain, compiler, **kw) -> str:
 
 async def _planner_estimate(session: AsyncSession, query: Select) -> int:
     """The planner's row estimate for `query`, planned with its actual filter values."""
-    plan = await session.scalar(_Explain(query.order_by(None)))
-    if isinstance(plan, str):
-        plan = json.loads(plan)
-    return int(plan[0]["Plan"]["Plan Rows"])
+    return planned_rows(await session.scalar(_Explain(query.order_by(None))))
 
 
 async def list_page(
