@@ -692,18 +692,24 @@ class Database:
         """A pooled connection for a long read that opts in to the replica as `replica_read`
         does (ExportAuditLogs' COPY, which holds it for the stream's life): the replica's
         when it serves reads and answers now, else the primary's. The caller closes it."""
+        connection, _ = await self._replica_or_primary(AsyncEngine.connect)
+        return connection
+
+    async def _replica_or_primary(self, checkout):
+        """`checkout(engine)` on the replica's engine when it serves reads and answers
+        now, else on the primary's; and whether it was the replica's."""
         replica = self.replica
         if replica is not None and replica.serving():
             try:
-                connection = await replica.engine.connect()
+                taken = await checkout(replica.engine)
             except sa_exc.TimeoutError:  # a full pool, not a replica out of reach
                 raise
             except Exception as exc:
                 await replica.unreachable(exc)
             else:
                 replica.answered()
-                return connection
-        return await self.engine.connect()
+                return taken, True
+        return await checkout(self.engine), False
 
     @asynccontextmanager
     async def replica_read_connection(
@@ -715,19 +721,7 @@ class Database:
         is closed, not reused (`autocommit_connection`); a replica lost in the middle of
         the read is held down, as `replica_read` holds it."""
         async with _bounded(deadline_s):
-            replica, pooled = self.replica, None
-            if replica is not None and replica.serving():
-                try:
-                    pooled = await replica.engine.raw_connection()
-                except sa_exc.TimeoutError:  # a full pool, not a replica out of reach
-                    raise
-                except Exception as exc:
-                    await replica.unreachable(exc)
-                else:
-                    replica.answered()
-            on_replica = pooled is not None
-            if pooled is None:
-                pooled = await self.engine.raw_connection()
+            pooled, on_replica = await self._replica_or_primary(AsyncEngine.raw_connection)
             try:
                 yield pooled.driver_connection
             except BaseException as exc:
@@ -736,7 +730,7 @@ class Database:
                     raise
                 await greenlet_spawn(pooled.invalidate, exc)
                 if isinstance(exc, Exception) and lost_connection(exc):
-                    await replica.unreachable(exc)  # its pool goes with it
+                    await self.replica.unreachable(exc)  # its pool goes with it
                 raise
             finally:
                 await greenlet_spawn(pooled.close)
