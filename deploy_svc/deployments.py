@@ -1480,7 +1480,7 @@ async def fail_timed_out_stages(session: AsyncSession, limit: int = 100) -> int:
             await _write_move(
                 connection, moved, stage.status, deployment, status_before, policy_version, audit
             )
-        except _StageChanged:  # moved on (its move takes no deployment lock): not overdue
+        except _StageChanged:  # moved on before the sweeper held it: not overdue
             continue
         failed += 1
     return failed

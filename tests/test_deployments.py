@@ -587,6 +587,24 @@ async def test_a_deployment_not_found_keeps_its_pooled_connection(db_url):
         await database.dispose()
 
 
+async def test_a_deployment_not_found_on_the_replica_keeps_its_pooled_connection(db_url):
+    """The same with reads on a replica (DATABASE_READ_URL, here naming the primary): a
+    refused read does not cost the replica's pool a connection either."""
+    database = Database(runtime_url(db_url), pool_size=1, read_url=runtime_url(db_url))
+    try:
+        await database.replica.refresh()
+        assert database.replica.serving()
+        async with database.replica_read_connection() as connection:
+            before = await connection.fetchval("SELECT pg_backend_pid()")
+        for _ in range(3):
+            with pytest.raises(NotFound):
+                await deployments.get_full_deployment(database, uuid.uuid4())
+        async with database.replica_read_connection() as connection:
+            assert await connection.fetchval("SELECT pg_backend_pid()") == before
+    finally:
+        await database.dispose()
+
+
 # -- idempotency and atomicity --------------------------------------------------------------------
 
 

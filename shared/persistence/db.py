@@ -725,12 +725,12 @@ class Database:
             try:
                 yield pooled.driver_connection
             except BaseException as exc:
-                if not on_replica:
-                    await _after_failure(self.engine, pooled, exc)
-                    raise
-                await greenlet_spawn(pooled.invalidate, exc)
-                if isinstance(exc, Exception) and lost_connection(exc):
-                    await self.replica.unreachable(exc)  # its pool goes with it
+                # As on the primary: a refusal (NOT_FOUND) keeps the replica's connection.
+                await _after_failure(
+                    self.replica.engine if on_replica else self.engine, pooled, exc
+                )
+                if on_replica and isinstance(exc, Exception) and lost_connection(exc):
+                    await self.replica.unreachable(exc)  # held down until it answers again
                 raise
             finally:
                 await greenlet_spawn(pooled.close)
