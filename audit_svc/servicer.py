@@ -9,7 +9,6 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -23,7 +22,7 @@ from relman.v1 import audit_pb2, audit_pb2_grpc
 from shared.framework.config import Settings
 from shared.framework.errors import Aborted, InvalidArgument, ResourceExhausted
 from shared.framework.observability import counter
-from shared.framework.protos import audit_log_message, enum_to_proto, id_text, timestamp
+from shared.framework.protos import audit_log_message, timestamp
 from shared.framework.server import Resources, StartupError
 from shared.framework.validation import enum_word, optional_uuid, parse_timestamp
 from shared.identity.actor import current_actor
@@ -132,42 +131,12 @@ def _audit_log(
     return audit_log_message(row, username, recorded_by_username)
 
 
-_ORIGINS = {
-    None: 0,
-    **{o.value: enum_to_proto(audit_pb2.AuditOrigin, o.value) for o in AuditOrigin},
-}
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
 def _add_audit_logs(listed, rows: list[trail.Stored], usernames: dict[uuid.UUID, str]) -> None:
-    """Each row as audit_log_message makes it (tests/test_audit_list_messages.py), made in
-    the response's repeated field itself: a message made apart is copied in, and its
-    details and time with it (a page of 50 rows: about 0.8 ms -> 0.5)."""
-    add = listed.add
+    """Each row as audit_log_message makes it, made in the response's repeated field."""
     for row in rows:
-        created = row.created_at - _EPOCH
-        message = add(
-            id=str(row.id),
-            created_at={
-                "seconds": created.days * 86_400 + created.seconds,
-                "nanos": created.microseconds * 1000,
-            },
-            user_id=id_text(row.user_id),
-            username=usernames.get(row.user_id) or "",
-            action=row.action,
-            resource_type=row.resource_type,
-            resource_id=row.resource_id or "",
-            ip_address=row.ip_address or "",
-            user_agent=row.user_agent or "",
-            recorded_by=id_text(row.recorded_by),
-            recorded_by_username=usernames.get(row.recorded_by) or "",
-            origin=_ORIGINS[row.origin],
-            sequence=row.sequence,
+        audit_log_message(
+            row, usernames.get(row.user_id), usernames.get(row.recorded_by), into=listed
         )
-        details = message.details
-        details.SetInParent()  # set even when empty, as audit_log_message sets it
-        if row.details:
-            details.update(row.details)
 
 
 class StreamSlots:
