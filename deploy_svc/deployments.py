@@ -16,8 +16,8 @@ database where it can be (migrations 003 and 007):
   window, unless an admin passed the freeze or it is a rollback's redeployment;
 - stages run in order, timestamps are the server's, a failed stage fails the
   deployment and skips the rest, and the deployment follows its stages;
-- the release's status is derived again after every change, and every change
-  writes its audit row in the same transaction.
+- every change writes its audit row in the same transaction; the release's status
+  follows its deployments by the database's own triggers (migration 015).
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from sqlalchemy.orm import selectinload
 from deploy_svc import events, freezes, gates
 from deploy_svc.events import EventType
 from deploy_svc.policies import Policy, check_stage_list
-from deploy_svc.releases import refresh_status, status_update
 from shared.framework.errors import (
     CONSTRAINT_ERRORS,
     Aborted,
@@ -362,7 +361,6 @@ async def _deploy(
             deployment.is_rollback,
             list(stage_names),
             [reviewer.id for reviewer in reviewers],
-            environment.environment_type,
             *audit_log.as_text(audit),
             EventType.DEPLOYMENT_CREATED.value,
             events.deployment_data(deployment),
@@ -423,28 +421,18 @@ _MADE_AND_STAGED = (
     'SELECT made.*, ARRAY(SELECT ROW(staged.*) FROM staged ORDER BY staged."order") FROM made'
 )
 _NEW_DEPLOYMENT = f"WITH {_MADE}\n{_MADE_AND_STAGED}"
-# The release's status (releases.status_update) with the new deployment, in environment
-# type $11: the statement that inserts it cannot see it.
-_RELEASE_WITH_NEW = status_update(
-    """(SELECT d.status, e.environment_type
-        FROM deployments d JOIN environments e ON e.id = d.environment_id
-        WHERE d.release_id = $2
-        UNION ALL SELECT $5, $11) AS d""",
-    "$2",
-)
 # A deploy's writes in one statement: the deployment and its stages, the votes asked of
-# its reviewers ($10), its release's status, its audit row ($12-$21) and its event ($22, its data
-# the deployment as the API returns it, $23).
+# its reviewers ($10), its audit row ($11-$20) and its event ($21, its data the deployment
+# as the API returns it, $22). Its release's status follows (migration 015's trigger).
 _CREATED_EVENT = events.written_with(
-    "$22", "made", "$23", "deployment", ("created_at", "updated_at")
+    "$21", "made", "$22", "deployment", ("created_at", "updated_at")
 )
 _DEPLOYED = f"""
 WITH {_MADE}, asked AS (
     INSERT INTO approvals (id, deployment_id, approver_id, status)
     SELECT gen_random_uuid(), $1, reviewer, 'pending' FROM unnest($10::uuid[]) AS reviewer
-), released AS ({_RELEASE_WITH_NEW}
 ), audited AS (
-    INSERT INTO audit_logs ({", ".join(audit_log.COLUMNS)}) VALUES ({audit_log.text_values(12)})
+    INSERT INTO audit_logs ({", ".join(audit_log.COLUMNS)}) VALUES ({audit_log.text_values(11)})
 ), evented AS ({_CREATED_EVENT}
 )
 {_MADE_AND_STAGED}
@@ -582,7 +570,6 @@ async def vote(
             if len(approvers.all()) >= policy.rules.required_approvals:
                 deployment.status = DeploymentStatus.PENDING.value
         await session.flush()
-        await refresh_status(session, deployment.release_id)
         await audit_log.append(
             session,
             actor,
@@ -741,20 +728,12 @@ _WRITE_STAGE_MOVE = f"""
 WITH {_MOVED.format(lock="SHARE")}
 SELECT (SELECT updated_at FROM moved), NULL::timestamptz
 """
-# The release's status (releases.status_update) with the deployment's new status ($20):
-# the statement that changes the deployment cannot see its own change.
-_RELEASE_WITH_MOVE = status_update(
-    """(SELECT CASE WHEN d.id = $17 THEN $20 ELSE d.status END AS status, e.environment_type
-        FROM deployments d JOIN environments e ON e.id = d.environment_id
-        WHERE d.release_id = $23) AS d""",
-    "$23",
-)
 # The same for a move that changes its deployment ($20-$22), and only if the stage moved:
-# its other stages skipped when it failed, the rollback it settles when it ends, its
-# release's status ($23), the event of its end ($24, NULL otherwise; the deployment as
-# the API returns it, $25). A statement of its own, not the first with flags: with flags
-# PostgreSQL planned it anew on every call (a plan for the flags' values is cheaper than
-# one for any), about 1 ms each time.
+# its other stages skipped when it failed, the rollback it settles when it ends, the
+# event of its end ($23, NULL otherwise; the deployment as the API returns it, $24); its
+# release's status follows (migration 015's trigger, after the statement). A statement
+# of its own, not the first with flags: with flags PostgreSQL planned it anew on every
+# call (a plan for the flags' values is cheaper than one for any), about 1 ms each time.
 _WRITE_DEPLOYMENT_MOVE = f"""
 WITH {_MOVED.format(lock="NO KEY UPDATE")}, changed AS (
     UPDATE deployments
@@ -771,8 +750,7 @@ WITH {_MOVED.format(lock="NO KEY UPDATE")}, changed AS (
         completed_at = $22, updated_at = now()
     WHERE redeployment_id = $17 AND status = 'in_progress'
       AND $20 IN ('succeeded', 'failed') AND EXISTS (SELECT FROM moved)
-), released AS ({_RELEASE_WITH_MOVE} AND EXISTS (SELECT FROM moved)
-), evented AS ({events.written_with("$24", "changed", "$25", "deployment", ("updated_at",))}
+), evented AS ({events.written_with("$23", "changed", "$24", "deployment", ("updated_at",))}
 )
 SELECT (SELECT updated_at FROM moved), (SELECT updated_at FROM changed)
 """
@@ -1065,7 +1043,6 @@ async def _write_move(
             deployment.status,
             deployment.deployed_at,
             deployment.completed_at,
-            deployment.release_id,
             None if ended is None else ended.value,
             None if ended is None else events.deployment_data(deployment),
         )
@@ -1179,7 +1156,6 @@ async def cancel_deployment(
             )
         await end_deployment(session, deployment, DeploymentStatus.CANCELLED)
         await session.flush()
-        await refresh_status(session, deployment.release_id)
         await audit_log.append(
             session, actor, "cancel", "deployment", deployment_id, {"reason": reason}
         )
@@ -1451,12 +1427,17 @@ async def fail_timed_out_stages(session: AsyncSession, limit: int = 100) -> int:
     """
     candidates = (
         await session.execute(
-            select(PipelineStage.id, PipelineStage.deployment_id).where(*_OVERDUE).limit(limit)
+            select(PipelineStage.id, PipelineStage.deployment_id, Deployment.release_id)
+            .join(Deployment, Deployment.id == PipelineStage.deployment_id)
+            .where(*_OVERDUE)
+            .limit(limit)
         )
     ).all()
     connection = await driver_connection(session)
     failed = 0
-    for stage_id, deployment_id in candidates:
+    # In the order of their releases, whose rows each failure locks until this commits
+    # (migration 015), as a rollback locks its releases: no two wait on each other.
+    for stage_id, deployment_id, _ in sorted(candidates, key=lambda row: row.release_id):
         found = await connection.fetchrow(_LOCK_IF_FREE, deployment_id)
         if found is None:
             continue

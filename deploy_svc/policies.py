@@ -27,7 +27,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from deploy_svc import events
 from deploy_svc.events import EventType
-from deploy_svc.releases import refresh_status
 from shared.framework.errors import InvalidArgument
 from shared.framework.validation import text as text_field
 from shared.identity.actor import Actor
@@ -343,6 +342,8 @@ async def update_policy(
 
 
 # Deployments there that have not started and lack the votes the policy now asks for.
+# Their releases' status stays as it is (pending and awaiting_approval count alike), so
+# migration 015's triggers lock none of them: nothing here waits on a release's row.
 _AWAIT_VOTES_AGAIN = text(
     """
     UPDATE deployments d SET status = 'awaiting_approval', updated_at = now()
@@ -350,7 +351,7 @@ _AWAIT_VOTES_AGAIN = text(
       AND (SELECT count(*) FROM approvals a JOIN users u ON u.id = a.approver_id
            WHERE a.deployment_id = d.id AND a.status = 'approved' AND u.is_active
              AND u.role = ANY (:approver_roles) AND u.id <> d.deployed_by) < :required
-    RETURNING d.id, d.release_id
+    RETURNING d.id
     """
 ).bindparams(bindparam("approver_roles", type_=ARRAY(Text)))
 
@@ -366,7 +367,7 @@ async def _await_votes_again(
     ):
         return  # every vote that counted still counts, and no more are asked for
     moved = (
-        await session.execute(
+        await session.scalars(
             _AWAIT_VOTES_AGAIN,
             {
                 "environment_id": environment_id,
@@ -375,8 +376,7 @@ async def _await_votes_again(
             },
         )
     ).all()
-    for deployment_id, release_id in moved:
-        await refresh_status(session, release_id)
+    for deployment_id in moved:
         await audit_log.append(
             session,
             actor,

@@ -1,5 +1,7 @@
 """Releases (domain layer): their use cases (create, get, list), each in its own unit of
-work, and their status, derived again from their deployments after every change to them.
+work. A release's status is derived from its deployments by the database, after every
+change to them (migration 015's triggers): the one place of that rule, which holds for
+every writer and for deployments of one release changing at once.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from shared.framework.errors import AlreadyExists, FailedPrecondition
 from shared.framework.validation import text as text_field
 from shared.identity.actor import Actor
 from shared.persistence import audit_log
-from shared.persistence.db import Database, driver_connection, load
+from shared.persistence.db import Database, load
 from shared.persistence.idempotency import RequestKey, remember, replay
 from shared.persistence.models import Release, ReleaseStatus, Service
 from shared.persistence.pagination import Page, list_page
@@ -28,44 +30,6 @@ SEMVER = re.compile(
     r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?"
 )
 GIT_COMMIT = re.compile(r"[0-9a-f]{7,40}")
-
-
-def status_update(deployments: str, release: str) -> str:
-    """The UPDATE that sets release `release`'s status from `deployments` (a FROM item
-    `d` giving the status and environment_type of each of its deployments), first match
-    wins: rolled back in production, succeeded there (completed), one running (in
-    progress), one waiting to run (promoted), one succeeded elsewhere (testing), else
-    draft; written only when it changes. One text for refresh_status and for a stage's
-    move, which derives it in the statement that changes its deployment."""
-    return f"""
-    UPDATE releases r SET status = derived.status, updated_at = now()
-    FROM (
-        SELECT CASE
-            WHEN bool_or(d.status = 'rolled_back' AND d.environment_type = 'production')
-                THEN 'rolled_back'
-            WHEN bool_or(d.status = 'succeeded' AND d.environment_type = 'production')
-                THEN 'completed'
-            WHEN bool_or(d.status = 'in_progress') THEN 'in_progress'
-            WHEN bool_or(d.status IN ('pending', 'awaiting_approval')) THEN 'promoted'
-            WHEN bool_or(d.status = 'succeeded') THEN 'testing'
-            ELSE 'draft' END AS status
-        FROM {deployments}
-    ) AS derived
-    WHERE r.id = {release} AND r.status IS DISTINCT FROM derived.status"""
-
-
-_DERIVE_STATUS = status_update(
-    """(SELECT d.status, e.environment_type
-        FROM deployments d JOIN environments e ON e.id = d.environment_id
-        WHERE d.release_id = $1) AS d""",
-    "$1",
-)
-
-
-async def refresh_status(session: AsyncSession, release_id: uuid.UUID) -> None:
-    """Sets the release's status from its deployments; called after every change to them."""
-    connection = await driver_connection(session)
-    await connection.execute(_DERIVE_STATUS, release_id)
 
 
 async def create_release(

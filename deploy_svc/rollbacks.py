@@ -36,7 +36,6 @@ from deploy_svc.events import EventType
 from deploy_svc.freezes import timestamp_text
 from deploy_svc.gates import hold_environment, inactive_refusal
 from deploy_svc.policies import Policy
-from deploy_svc.releases import refresh_status
 from shared.framework.errors import FailedPrecondition
 from shared.framework.validation import text
 from shared.identity.actor import Actor
@@ -84,17 +83,20 @@ async def rollback_deployment(
         _check_rollbackable(deployment)
         # Nothing else may start here meanwhile.
         await lock_slot(session, deployment.service_id, environment.id)
-        await _cancel_not_started(session, actor, deployment)
-        await _check_newest(session, deployment)
+        waiting = await _not_started(session, deployment)
+        await _check_newest(session, deployment, waiting)
         target = await _target(session, deployment)
+        await _lock_releases(session, deployment, target, waiting)
+        if waiting is not None:
+            await _cancel(session, actor, deployment, waiting)
         rollback = await _redeploy(session, actor, deployment, environment, policy, target, reason)
         await remember(session, key, "rollback", rollback.id)
         return rollback
 
 
-async def _cancel_not_started(session: AsyncSession, actor: Actor, deployment: Deployment) -> None:
-    """Cancels (audited) the deployment of the service there that has not started its
-    first stage; one that has started blocks the rollback (ACTIVE_DEPLOYMENT_EXISTS)."""
+async def _not_started(session: AsyncSession, deployment: Deployment) -> Deployment | None:
+    """The deployment of the service there that has not started its first stage, locked,
+    to be cancelled; one that has started blocks the rollback (ACTIVE_DEPLOYMENT_EXISTS)."""
     active = await session.scalar(
         select(Deployment)
         .where(
@@ -105,7 +107,7 @@ async def _cancel_not_started(session: AsyncSession, actor: Actor, deployment: D
         .with_for_update()
     )
     if active is None:
-        return
+        return None
     if active.status not in NOT_STARTED:
         raise FailedPrecondition(
             f"deployment {active.id} is running here; cancel it or let it end first",
@@ -115,18 +117,42 @@ async def _cancel_not_started(session: AsyncSession, actor: Actor, deployment: D
                 "environment_id": str(deployment.environment_id),
             },
         )
-    await end_deployment(session, active, DeploymentStatus.CANCELLED)
+    return active
+
+
+async def _lock_releases(
+    session: AsyncSession, deployment: Deployment, target: Release, waiting: Deployment | None
+) -> None:
+    """The rows of the releases whose deployments this rollback changes, locked in the
+    order of their ids before any change: each change's trigger then finds its release
+    held (migration 015), and two rollbacks between the same releases in two
+    environments cannot each hold one the other waits for."""
+    ids = {deployment.release_id, target.id}
+    if waiting is not None:
+        ids.add(waiting.release_id)
+    await session.execute(
+        select(Release.id)
+        .where(Release.id.in_(ids))
+        .order_by(Release.id)
+        .with_for_update(key_share=True)  # FOR NO KEY UPDATE
+    )
+
+
+async def _cancel(
+    session: AsyncSession, actor: Actor, deployment: Deployment, waiting: Deployment
+) -> None:
+    """Cancels (audited) the deployment there that had not started."""
+    await end_deployment(session, waiting, DeploymentStatus.CANCELLED)
     await session.flush()
-    await refresh_status(session, active.release_id)
     await audit_log.append(
         session,
         actor,
         "cancel",
         "deployment",
-        active.id,
+        waiting.id,
         {"reason": f"cancelled to roll back deployment {deployment.id}"},
     )
-    await events.deployment_ended(session, active)
+    await events.deployment_ended(session, waiting)
 
 
 def _check_rollbackable(deployment: Deployment) -> None:
@@ -139,17 +165,19 @@ def _check_rollbackable(deployment: Deployment) -> None:
         )
 
 
-async def _check_newest(session: AsyncSession, deployment: Deployment) -> None:
-    newer = await session.scalar(
-        select(Deployment.id)
-        .where(
-            Deployment.service_id == deployment.service_id,
-            Deployment.environment_id == deployment.environment_id,
-            Deployment.created_at > deployment.created_at,
-            ~(Deployment.status.in_(NEVER_RAN) & Deployment.deployed_at.is_(None)),
-        )
-        .limit(1)
+async def _check_newest(
+    session: AsyncSession, deployment: Deployment, waiting: Deployment | None
+) -> None:
+    """No deployment there that ran is newer (`waiting`, about to be cancelled, never ran)."""
+    query = select(Deployment.id).where(
+        Deployment.service_id == deployment.service_id,
+        Deployment.environment_id == deployment.environment_id,
+        Deployment.created_at > deployment.created_at,
+        ~(Deployment.status.in_(NEVER_RAN) & Deployment.deployed_at.is_(None)),
     )
+    if waiting is not None:
+        query = query.where(Deployment.id != waiting.id)
+    newer = await session.scalar(query.limit(1))
     if newer is not None:
         raise FailedPrecondition(
             "only the newest deployment of a service in an environment can be rolled back",
@@ -213,8 +241,6 @@ async def _redeploy(
     )
     session.add(rollback)
     await session.flush()
-    await refresh_status(session, deployment.release_id)
-    await refresh_status(session, target.id)
     details = {
         "rollback_id": str(rollback.id),
         "target_release_id": str(target.id),

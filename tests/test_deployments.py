@@ -571,6 +571,83 @@ async def test_a_policy_that_makes_deployments_wait_waits_for_a_start_in_flight(
     await developer.UpdatePipelineStage(stage_id=first.id, status=S.STAGE_STATUS_SUCCEEDED)
 
 
+async def test_two_deployments_of_a_release_ending_at_once_both_count_in_its_status(
+    clients, service_id, db_url
+):
+    """Two deployments of one release, in two development environments, end at the same
+    moment: each move's statement starts, then waits for a session holding both
+    deployments' rows, so neither statement's snapshot holds the other's end. The status
+    is derived after the release's row is locked (migration 015): the second to derive
+    sees both ends, testing. Derived from the statements' snapshots it stayed in_progress
+    (and a status each derivation left unchanged never locked the release's row, hence
+    the deployments' rows as the barrier)."""
+    developer, admin = clients["developer"], clients["admin"]
+    other_development = await admin.CreateEnvironment(
+        name=f"dev-{uuid.uuid4().hex[:8]}", environment_type=S.ENVIRONMENT_TYPE_DEVELOPMENT
+    )
+    release = await developer.CreateRelease(service_id=service_id, version="1.0.0")
+    deployment_ids, last_stages = [], []
+    for environment in (DEV, other_development.id):
+        deployment = await developer.CreateDeployment(
+            release_id=release.id, environment_id=environment, stage_names=["deploy"]
+        )
+        stage = deployment.stages[0]
+        await developer.UpdatePipelineStage(stage_id=stage.id, status=S.STAGE_STATUS_RUNNING)
+        deployment_ids.append(uuid.UUID(deployment.id))
+        last_stages.append(stage.id)
+    assert await release_status(developer, release.id) == "in_progress"
+
+    blocker = await asyncpg.connect(libpq_dsn(db_url))
+    try:
+        held = blocker.transaction()
+        await held.start()
+        await blocker.execute(
+            "SELECT FROM deployments WHERE id = ANY ($1::uuid[]) FOR UPDATE", deployment_ids
+        )
+        ends = [
+            asyncio.create_task(
+                developer.UpdatePipelineStage(stage_id=stage_id, status=S.STAGE_STATUS_SUCCEEDED)
+            )
+            for stage_id in last_stages
+        ]
+        await _waiting_on_locks(blocker, 2)
+        await held.commit()
+        await asyncio.gather(*ends)
+        wrong = await blocker.fetch(RELEASE_STATUS_MISMATCHES)
+    finally:
+        await blocker.close()
+    assert [tuple(row) for row in wrong if str(row["id"]) == release.id] == []
+    assert await release_status(developer, release.id) == "testing"
+
+
+async def test_a_release_status_follows_a_deployment_changed_outside_the_domain(
+    clients, service_id, db_url
+):
+    """With the services' own credentials and no domain code, the release's status still
+    follows its deployment (migration 015's trigger); a REPEATABLE READ change, whose
+    snapshot predates the release's lock, is refused whole."""
+    developer = clients["developer"]
+    release = await developer.CreateRelease(service_id=service_id, version="1.0.0")
+    deployment = await developer.CreateDeployment(
+        release_id=release.id, environment_id=DEV, stage_names=["deploy"]
+    )
+    assert await release_status(developer, release.id) == "promoted"
+    cancel = """
+        WITH skipped AS (UPDATE pipeline_stages SET status = 'skipped', completed_at = now()
+                         WHERE deployment_id = $1)
+        UPDATE deployments SET status = 'cancelled', completed_at = now() WHERE id = $1"""
+    connection = await asyncpg.connect(libpq_dsn(runtime_url(db_url)))
+    try:
+        with pytest.raises(asyncpg.ObjectNotInPrerequisiteStateError, match="READ COMMITTED"):
+            async with connection.transaction(isolation="repeatable_read"):
+                await connection.execute(cancel, uuid.UUID(deployment.id))
+        assert await release_status(developer, release.id) == "promoted"
+        await connection.execute(cancel, uuid.UUID(deployment.id))
+    finally:
+        await connection.close()
+    assert await release_status(developer, release.id) == "draft"
+
+
 async def test_a_deployment_not_found_keeps_its_pooled_connection(db_url):
     """GetDeployment(FULL) of an unknown id is NOT_FOUND, and the pooled connection that
     answered it serves the next read (no reconnection per refused read)."""

@@ -14,7 +14,7 @@ from sqlalchemy import URL
 from shared.persistence import schema
 from shared.persistence.db import create_engine, libpq_dsn
 from shared.persistence.models import Base, described_here
-from tests.harness import scratch_database
+from tests.harness import RELEASE_STATUS_MISMATCHES, scratch_database
 
 REVISION_ID = re.compile(r"^(\d{3})_[a-z0-9_]+$")
 
@@ -117,3 +117,53 @@ async def test_database_is_at_the_single_head(db_url: URL):
         )
     finally:
         await connection.close()
+
+
+async def test_migration_015_derives_every_release_status_again(server_url: URL):
+    """A status the services' own derivation left stale is mended by the upgrade; after it
+    the database derives them: both releases' when a deployment moves between them, and
+    after a DELETE or a TRUNCATE of deployments."""
+    async with scratch_database(server_url, revision="014_partition_owner") as url:
+        connection = await asyncpg.connect(libpq_dsn(url))
+        try:
+            await connection.execute(
+                """
+                INSERT INTO teams (name) VALUES ('t');
+                INSERT INTO users (email, username, hashed_password)
+                VALUES ('u@example.com', 'u', 'x');
+                INSERT INTO services (name, team_id) SELECT 's', id FROM teams;
+                INSERT INTO environments (name, environment_type) VALUES ('dev', 'development');
+                INSERT INTO releases (service_id, version, created_by, status)
+                SELECT s.id, v.version, u.id, 'in_progress'
+                FROM services s, users u, unnest(ARRAY['1.0.0', '1.1.0']) AS v (version);
+                INSERT INTO deployments (release_id, service_id, environment_id, status,
+                                         deployed_by, deployed_at, completed_at)
+                SELECT r.id, r.service_id, e.id, 'succeeded', r.created_by, now(), now()
+                FROM releases r, environments e WHERE r.version = '1.0.0';
+                """
+            )
+            statuses = "SELECT version, status FROM releases ORDER BY version"
+            stale = [("1.0.0", "in_progress"), ("1.1.0", "in_progress")]
+            assert [tuple(row) for row in await connection.fetch(statuses)] == stale
+
+            await asyncio.to_thread(schema.upgrade, url, "head")
+            derived = [("1.0.0", "testing"), ("1.1.0", "draft")]
+            assert [tuple(row) for row in await connection.fetch(statuses)] == derived
+
+            await connection.execute(
+                "UPDATE deployments SET release_id = (SELECT id FROM releases"
+                " WHERE version = '1.1.0')"
+            )
+            moved = [("1.0.0", "draft"), ("1.1.0", "testing")]
+            assert [tuple(row) for row in await connection.fetch(statuses)] == moved
+            assert await connection.fetch(RELEASE_STATUS_MISMATCHES) == []
+
+            for removal in ("DELETE FROM deployments", "TRUNCATE deployments CASCADE"):
+                transaction = connection.transaction()
+                await transaction.start()
+                await connection.execute(removal)
+                drafts = [("1.0.0", "draft"), ("1.1.0", "draft")]
+                assert [tuple(row) for row in await connection.fetch(statuses)] == drafts
+                await transaction.rollback()
+        finally:
+            await connection.close()

@@ -17,7 +17,7 @@ from relman.v1 import common_pb2, deploy_pb2
 from shared.persistence.db import libpq_dsn
 from shared.persistence.models import Deployment, Role, Rollback
 from tests.deploying import DEV, PROD, STAGING, Client, S, deployed, release_status, run_all_stages
-from tests.harness import RelmanProcess, client_address, env_for, error_details, fails
+from tests.harness import RelmanProcess, client_address, env_for, error_details, fails, poll
 
 
 async def in_production(clients, service_id: str, version: str, *, succeed: bool = True):
@@ -147,6 +147,56 @@ async def test_concurrent_rollbacks_of_one_deployment_one_wins(clients, service_
         grpc.StatusCode.FAILED_PRECONDITION
     }
     assert len(await rollbacks_of(newest.id)) == 1
+
+
+async def test_opposite_rollbacks_in_two_environments_both_go_through(clients, service_id, db_url):
+    """Two rollbacks at once between the same two releases, one each way, in two
+    environments: each changes deployments of both, whose status follows under their
+    rows' locks (migration 015), so each locks both rows in the order of their ids before
+    its first change. A session holding both rows makes them wait together; once it
+    commits, neither holds a row the other waits for, and both go through."""
+    admin, lead = clients["admin"], clients["lead"]
+    other = await admin.CreateEnvironment(
+        name=f"dev-{uuid.uuid4().hex[:8]}", environment_type=S.ENVIRONMENT_TYPE_DEVELOPMENT
+    )
+    first = await lead.CreateRelease(service_id=service_id, version="1.0.0")
+    second = await lead.CreateRelease(service_id=service_id, version="1.1.0")
+    newest = []
+    for environment, releases in ((DEV, (second, first)), (other.id, (first, second))):
+        for release in releases:
+            deployment = await lead.CreateDeployment(
+                release_id=release.id, environment_id=environment, stage_names=["deploy"]
+            )
+            await run_all_stages(lead, deployment)
+        newest.append(deployment.id)
+
+    blocker = await asyncpg.connect(libpq_dsn(db_url))
+    try:
+        held = blocker.transaction()
+        await held.start()
+        await blocker.execute(
+            "SELECT FROM releases WHERE id = ANY ($1::uuid[]) FOR NO KEY UPDATE",
+            [uuid.UUID(first.id), uuid.UUID(second.id)],
+        )
+        rollbacks = [
+            asyncio.create_task(lead.RollbackDeployment(deployment_id=id_, reason="one each way"))
+            for id_ in newest
+        ]
+
+        async def both_waiting() -> bool:
+            return 2 <= await blocker.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+            )
+
+        await poll(both_waiting, 10, "2 rollbacks waiting on the releases' rows")
+        await held.commit()
+        done = await asyncio.gather(*rollbacks)
+    finally:
+        await blocker.close()
+    assert [r.target_release_id for r in done] == [second.id, first.id]
+    for release in (first, second):
+        assert await release_status(lead, release.id) == "promoted"  # its redeployment
 
 
 async def test_rollback_rules(clients, service_id):
