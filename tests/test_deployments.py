@@ -624,8 +624,8 @@ async def test_a_release_status_follows_a_deployment_changed_outside_the_domain(
     clients, service_id, db_url
 ):
     """With the services' own credentials and no domain code, the release's status still
-    follows its deployment (migration 015's trigger); a REPEATABLE READ change, whose
-    snapshot predates the release's lock, is refused whole."""
+    follows its deployment (migration 015's trigger); a REPEATABLE READ or SERIALIZABLE
+    change, whose snapshot predates the release's lock, is refused whole."""
     developer = clients["developer"]
     release = await developer.CreateRelease(service_id=service_id, version="1.0.0")
     deployment = await developer.CreateDeployment(
@@ -638,9 +638,10 @@ async def test_a_release_status_follows_a_deployment_changed_outside_the_domain(
         UPDATE deployments SET status = 'cancelled', completed_at = now() WHERE id = $1"""
     connection = await asyncpg.connect(libpq_dsn(runtime_url(db_url)))
     try:
-        with pytest.raises(asyncpg.ObjectNotInPrerequisiteStateError, match="READ COMMITTED"):
-            async with connection.transaction(isolation="repeatable_read"):
-                await connection.execute(cancel, uuid.UUID(deployment.id))
+        for isolation in ("repeatable_read", "serializable"):
+            with pytest.raises(asyncpg.ObjectNotInPrerequisiteStateError, match="READ COMMITTED"):
+                async with connection.transaction(isolation=isolation):
+                    await connection.execute(cancel, uuid.UUID(deployment.id))
         assert await release_status(developer, release.id) == "promoted"
         await connection.execute(cancel, uuid.UUID(deployment.id))
     finally:

@@ -21,8 +21,10 @@ derive it after every change that can move it, whatever SQL makes the change:
   sending many deployments back to wait) neither derives nor locks anything.
 - a deployment moved to another release derives both, in the order of their ids; a
   TRUNCATE leaves every release draft.
-- a REPEATABLE READ transaction may not change them: its snapshot predates the lock
-  (the services run in READ COMMITTED).
+- only a READ COMMITTED transaction may change them (the services run in it): a
+  REPEATABLE READ or SERIALIZABLE one keeps the snapshot it began with, older than the
+  lock, and PostgreSQL's serializable checks do not see a READ COMMITTED writer, so
+  beside a stage move it could derive without the move and leave the status stale.
 
 The functions run with the rights of whoever changes the deployments: the services'
 role already reads deployments and environments and writes releases. Every release's
@@ -66,9 +68,9 @@ DECLARE
     release_ids uuid[];
     each_release uuid;
 BEGIN
-    IF current_setting('transaction_isolation') = 'repeatable read' THEN
-        RAISE EXCEPTION 'deployments change only in READ COMMITTED or SERIALIZABLE'
-                        ' transactions (their release''s status follows them)'
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'deployments change only in READ COMMITTED transactions'
+                        ' (their release''s status follows them)'
             USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
     IF TG_OP = 'INSERT' THEN

@@ -1,9 +1,9 @@
 """Faults 2 and 3: a process killed (SIGKILL) mid-call, and stopped (SIGTERM) under load.
 
 To kill a call in the middle of its transaction, the test holds a row lock the call
-needs after its first writes (PromoteRelease inserts the deployment and its stages,
-then updates its release's status) and waits until pg_stat_activity shows the
-service's backend waiting on it.
+needs (PromoteRelease's statement, inserting the deployment, locks its release's row:
+the foreign key's check, then migration 015's trigger deriving its status) and waits
+until pg_stat_activity shows the service's backend waiting on it.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ async def test_sigkill_mid_promote_leaves_no_deployment_without_stages_or_audit(
                     release_id=release.id, target_environment_id=DEV, request_id=request_id
                 )
             )
-            # The deployment and its stages are inserted; the release's status waits.
+            # PromoteRelease's statement waits on the release's row.
             await _wait_for_backends(db, "deploy_svc", 1, wait_event_type="Lock")
             deploy.signal(signal.SIGKILL)
             outcome = await code_of(promote)
