@@ -26,6 +26,10 @@ derive it after every change that can move it, whatever SQL makes the change:
   lock, and PostgreSQL's serializable checks do not see a READ COMMITTED writer, so
   beside a stage move it could derive without the move and leave the status stale.
 
+Migration 012's lock for deployment_outcomes (relman_lock_outcomes) accepted SERIALIZABLE
+for the same reason and had the same gap: it now refuses all but READ COMMITTED too, its
+definition edited where it stands (pg_get_functiondef), not copied here.
+
 The functions run with the rights of whoever changes the deployments: the services'
 role already reads deployments and environments and writes releases. Every release's
 status is derived again here, which also mends any the old derivation left stale.
@@ -115,6 +119,34 @@ def _counted(row: str) -> str:
     )
 
 
+# Migration 012's relman_lock_outcomes: what its isolation check says before -> after.
+OUTCOMES_LOCK = "public.relman_lock_outcomes(uuid[], uuid[])"
+OUTCOMES_READ_COMMITTED_ONLY = (
+    ("= 'repeatable read'", "<> 'read committed'"),
+    ("' or SERIALIZABLE transactions", "' transactions"),
+)
+
+
+def _edit_outcomes_lock(edits: Sequence[tuple[str, str]]) -> None:
+    """Replaces, in the outcomes lock's definition as the database holds it, each text by
+    its replacement; an edit that finds nothing to replace fails the migration."""
+    steps = "\n".join(
+        f"""    IF strpos(definition, $old${old}$old$) = 0 THEN
+        RAISE EXCEPTION 'relman_lock_outcomes: % not found', $old${old}$old$;
+    END IF;
+    definition := replace(definition, $old${old}$old$, $new${new}$new$);"""
+        for old, new in edits
+    )
+    op.execute(
+        f"""DO $edit$
+DECLARE definition text := pg_get_functiondef('{OUTCOMES_LOCK}'::regprocedure);
+BEGIN
+{steps}
+    EXECUTE definition;
+END $edit$"""
+    )
+
+
 # name: (events, WHEN)
 TRIGGERS = {
     "release_status_inserted": ("INSERT", ""),
@@ -141,9 +173,11 @@ def upgrade() -> None:
         "CREATE TRIGGER release_status_truncated AFTER TRUNCATE ON deployments"
         " FOR EACH STATEMENT EXECUTE FUNCTION relman_release_status_truncated()"
     )
+    _edit_outcomes_lock(OUTCOMES_READ_COMMITTED_ONLY)
 
 
 def downgrade() -> None:
+    _edit_outcomes_lock([(new, old) for old, new in OUTCOMES_READ_COMMITTED_ONLY])
     # The services of the revision before derive the status themselves again.
     op.execute("DROP TRIGGER release_status_truncated ON deployments")
     for name in TRIGGERS:
