@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PROTOS := $(wildcard protos/relman/v1/*.proto)
 GENERATED := relman/v1/.generated
 
-.PHONY: install migrate seed test soak lint protos run bench bench-scale clean
+.PHONY: install migrate seed test test-slow soak lint protos run bench bench-scale clean
 
 install: $(STAMP)
 
@@ -39,8 +39,15 @@ seed: migrate
 run: protos
 	$(PY) -m shared.devtools.run
 
+# The fault suite and the bench's end-to-end runs: minutes each on two cores, so `make test`
+# leaves them to `make test-slow` (.ci/run runs both).
+SLOW_TESTS := tests/faults tests/test_bench.py
+
 test: protos
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(foreach path,$(SLOW_TESTS),--ignore=$(path)) $(PYTEST_ARGS)
+
+test-slow: protos
+	$(PY) -m pytest $(SLOW_TESTS) $(PYTEST_ARGS)
 
 # The fault suite with the database stopped and started RESTARTS times under load (default 20).
 soak: protos
