@@ -176,6 +176,19 @@ async def poll(check, within_s: float, what: str, every_s: float = 0.02):
         raise AssertionError(f"no {what} within {within_s} s") from None
 
 
+async def waiting_on_locks(watcher: asyncpg.Connection, count: int) -> None:
+    """Until `count` other sessions of `watcher`'s database wait on a lock (a test holding
+    rows in an open transaction, and the calls it makes wait behind them)."""
+
+    async def waiting() -> bool:
+        return count <= await watcher.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+        )
+
+    await poll(waiting, 10, f"{count} sessions waiting on a lock")
+
+
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
     """Call metadata carrying `token`."""
     return (("authorization", f"Bearer {token}"),)

@@ -31,8 +31,8 @@ from tests.harness import (
     RELEASE_STATUS_MISMATCHES,
     error_details,
     fails,
-    poll,
     runtime_url,
+    waiting_on_locks,
 )
 
 # -- the whole life ------------------------------------------------------------------------
@@ -474,18 +474,6 @@ async def test_racing_moves_of_one_stage_write_once(clients, service_id, databas
     assert {s.status for s in final.stages[1:]} == {S.STAGE_STATUS_SKIPPED}
 
 
-async def _waiting_on_locks(watcher: asyncpg.Connection, count: int) -> None:
-    """Until `count` other sessions of this database wait on a lock."""
-
-    async def waiting() -> bool:
-        return count <= await watcher.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
-        )
-
-    await poll(waiting, 10, f"{count} sessions waiting on a lock")
-
-
 async def _stage_row_held(db_url, stage_id: str):
     """A session of the owner holding a stage's row (FOR UPDATE) in an open transaction,
     so that a move of that stage waits at its write, after its read."""
@@ -512,9 +500,9 @@ async def test_a_cancel_never_overwrites_a_stage_that_moved_meanwhile(clients, s
         succeed = asyncio.create_task(
             developer.UpdatePipelineStage(stage_id=build.id, status=S.STAGE_STATUS_SUCCEEDED)
         )
-        await _waiting_on_locks(blocker, 1)
+        await waiting_on_locks(blocker, 1)
         cancel = asyncio.create_task(developer.CancelDeployment(deployment_id=deployment.id))
-        await _waiting_on_locks(blocker, 2)
+        await waiting_on_locks(blocker, 2)
         await held.rollback()
         moved, cancelled = await asyncio.gather(succeed, cancel)
     finally:
@@ -551,7 +539,7 @@ async def test_a_policy_that_makes_deployments_wait_waits_for_a_start_in_flight(
         start = asyncio.create_task(
             developer.UpdatePipelineStage(stage_id=first.id, status=S.STAGE_STATUS_RUNNING)
         )
-        await _waiting_on_locks(blocker, 1)
+        await waiting_on_locks(blocker, 1)
         tighten = asyncio.create_task(
             admin.UpdateEnvironmentPolicy(
                 policy=common_pb2.EnvironmentPolicy(
@@ -560,7 +548,7 @@ async def test_a_policy_that_makes_deployments_wait_waits_for_a_start_in_flight(
                 update_mask=field_mask_pb2.FieldMask(paths=["required_approvals"]),
             )
         )
-        await _waiting_on_locks(blocker, 2)  # the policy waits for the start
+        await waiting_on_locks(blocker, 2)  # the policy waits for the start
         await held.rollback()
         started, _ = await asyncio.gather(start, tighten)
     finally:
@@ -610,7 +598,7 @@ async def test_two_deployments_of_a_release_ending_at_once_both_count_in_its_sta
             )
             for stage_id in last_stages
         ]
-        await _waiting_on_locks(blocker, 2)
+        await waiting_on_locks(blocker, 2)
         await held.commit()
         await asyncio.gather(*ends)
         wrong = await blocker.fetch(RELEASE_STATUS_MISMATCHES)

@@ -17,7 +17,14 @@ from relman.v1 import common_pb2, deploy_pb2
 from shared.persistence.db import libpq_dsn
 from shared.persistence.models import Deployment, Role, Rollback
 from tests.deploying import DEV, PROD, STAGING, Client, S, deployed, release_status, run_all_stages
-from tests.harness import RelmanProcess, client_address, env_for, error_details, fails, poll
+from tests.harness import (
+    RelmanProcess,
+    client_address,
+    env_for,
+    error_details,
+    fails,
+    waiting_on_locks,
+)
 
 
 async def in_production(clients, service_id: str, version: str, *, succeed: bool = True):
@@ -182,14 +189,7 @@ async def test_opposite_rollbacks_in_two_environments_both_go_through(clients, s
             asyncio.create_task(lead.RollbackDeployment(deployment_id=id_, reason="one each way"))
             for id_ in newest
         ]
-
-        async def both_waiting() -> bool:
-            return 2 <= await blocker.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
-            )
-
-        await poll(both_waiting, 10, "2 rollbacks waiting on the releases' rows")
+        await waiting_on_locks(blocker, 2)  # both rollbacks, on the releases' rows
         await held.commit()
         done = await asyncio.gather(*rollbacks)
     finally:
